@@ -1,0 +1,182 @@
+"""The capture engine: inventory, exact probabilities, chunking, dtypes, and leaving the model untouched."""
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_unchanged, state_snapshot
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+
+import tiny_models
+from textmask.capture import AttentionCapture, attention_probs, find_attention_modules, find_transformer_modules, spatial_size
+from textmask.errors import CaptureError
+
+
+def run(unet, latent=16, batch=2, seed=0, ctx_len=77):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, latent, latent, generator=g)
+    ctx = torch.randn(batch, ctx_len, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([300] * batch), encoder_hidden_states=ctx).sample, (x, ctx)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_models.unet_sd15_topology()
+
+
+def test_inventory_matches_sd15_layout(sd15):
+    with AttentionCapture(find_attention_modules(sd15), (32, 32)) as cap:
+        run(sd15, latent=32, batch=1)
+    layers = cap.layers
+    assert sum(l.kind == "cross" for l in layers) == 16
+    assert sum(l.kind == "self" for l in layers) == 16
+    assert [l.ordinal for l in layers] == list(range(1, 33))
+    assert [l.kind for l in layers] == ["self", "cross"] * 16  # attn1 then attn2 in every block
+    cross = [l for l in layers if l.kind == "cross"]
+    assert [l.kind_ordinal for l in cross] == list(range(1, 17))
+    # down (2 per level at 32, 16, 8), mid (4), up (3 per level at 8, 16, 32)
+    assert [l.size[0] for l in cross] == [32, 32, 16, 16, 8, 8, 4, 8, 8, 8, 16, 16, 16, 32, 32, 32]
+    stages = [l.name.split(".")[0] for l in cross]
+    assert stages == ["down_blocks"] * 6 + ["mid_block"] + ["up_blocks"] * 9
+    assert all(l.name.endswith("attn2") for l in cross)
+
+
+def _reference_probs(unet):
+    """Head-averaged probabilities from diffusers' own eager processor, keyed by module name."""
+    ref = copy.deepcopy(unet)
+    ref.set_attn_processor(AttnProcessor())
+    seen = {}
+    for name, mod in find_attention_modules(ref):
+        original = mod.get_attention_scores
+
+        def record(q, k, mask=None, _orig=original, _name=name, _mod=mod):
+            p = _orig(q, k, mask)
+            seen[_name] = p.reshape(-1, _mod.heads, *p.shape[1:]).mean(1)
+            return p
+
+        mod.get_attention_scores = record
+    run(ref)
+    return seen
+
+
+@pytest.mark.parametrize("processor", [AttnProcessor2_0(), SlicedAttnProcessor(slice_size=2), AttnProcessor()])
+def test_probs_equal_eager_softmax(processor):
+    unet = tiny_models.unet_sd1()
+    reference = _reference_probs(unet)
+    unet.set_attn_processor(processor)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as cap:
+        run(unet)
+    assert set(cap.probs) == set(reference)
+    for name, p in cap.probs.items():
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, reference[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]), atol=1e-5, rtol=0)
+
+
+def test_chunking_does_not_change_probs():
+    q, k = torch.randn(2, 300, 32), torch.randn(2, 77, 32)
+    whole = torch.cat([c for _, c in attention_probs(q, k, 4, 0.35)], dim=1)
+    chunks = list(attention_probs(q, k, 4, 0.35, max_chunk_bytes=4 * 77 * 4 * 2 * 7))
+    assert len(chunks) > 10 and [s for s, _ in chunks][:2] == [0, chunks[0][1].shape[1]]
+    torch.testing.assert_close(torch.cat([c for _, c in chunks], dim=1), whole, atol=0, rtol=0)
+    manual = torch.stack([(q[..., h * 8:(h + 1) * 8] @ k[..., h * 8:(h + 1) * 8].transpose(1, 2) * 0.35).softmax(-1) for h in range(4)]).mean(0)
+    torch.testing.assert_close(whole, manual, atol=1e-6, rtol=0)
+
+
+def test_only_requested_layers_are_computed():
+    unet = tiny_models.unet_sd1()
+    calls = []
+    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: l.kind == "cross" and l.size == (8, 8),
+                          sink=lambda layer, start, p: calls.append((layer.name, p.shape))):
+        run(unet)
+    names = {n for n, _ in calls}
+    assert names and all("attn2" in n for n in names)
+    assert all(shape[1] <= 64 and shape[2] == 77 for _, shape in calls)
+
+
+def test_model_untouched_and_bit_identical(sd15):
+    before = state_snapshot(sd15)
+    out_before, _ = run(sd15, batch=1, seed=3)
+    with AttentionCapture(find_attention_modules(sd15), (16, 16), probs=lambda l: True,
+                          queries=lambda l: True, outputs=find_transformer_modules(sd15)) as cap:
+        out_during, _ = run(sd15, batch=1, seed=3)
+    out_after, _ = run(sd15, batch=1, seed=3)
+    assert torch.equal(out_before, out_during)  # hooks only read activations
+    assert torch.equal(out_before, out_after)
+    assert_unchanged(before, state_snapshot(sd15))
+    assert len(cap.queries) == 32 and len(cap.outputs) == 16
+
+
+def test_hooks_removed_after_exception(sd15):
+    before = state_snapshot(sd15)
+    out_before, _ = run(sd15, batch=1, seed=4)
+
+    class Boom(Exception):
+        pass
+
+    def exploding_sink(layer, start, probs):
+        raise Boom
+
+    with pytest.raises(Boom):
+        with AttentionCapture(find_attention_modules(sd15), (16, 16), probs=lambda l: True, sink=exploding_sink):
+            run(sd15, batch=1, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        with AttentionCapture(find_attention_modules(sd15), (16, 16), probs=lambda l: True):
+            raise KeyboardInterrupt
+    assert_unchanged(before, state_snapshot(sd15))
+    out_after, _ = run(sd15, batch=1, seed=4)
+    assert torch.equal(out_before, out_after)
+
+
+def test_bfloat16_model():
+    unet32 = tiny_models.unet_sd1()
+    unet16 = copy.deepcopy(unet32).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
+    caps = []
+    for unet in (unet32, unet16):
+        with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: l.kind == "cross") as cap:
+            with torch.no_grad():
+                unet(x.to(unet.dtype), torch.tensor([300]), encoder_hidden_states=ctx.to(unet.dtype))
+        caps.append(cap)
+    for name, p16 in caps[1].probs.items():
+        assert p16.dtype == torch.float32 and torch.isfinite(p16).all()
+        torch.testing.assert_close(p16.sum(-1), torch.ones_like(p16[..., 0]), atol=1e-5, rtol=0)
+        assert (p16 - caps[0].probs[name]).abs().max() < 0.05
+
+
+def test_ldm_crossattention_modules():
+    """Stability's ldm CrossAttention (A1111's model code) shares to_q/to_k/heads and is captured the same way."""
+    pytest.importorskip("ldm")
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=16, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                     attention_resolutions=[1, 2], channel_mult=(1, 2), num_heads=4, use_spatial_transformer=True,
+                     transformer_depth=1, context_dim=32, legacy=False).eval()
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = unet(x, torch.tensor([10]), context=ctx)
+        with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as cap:
+            during = unet(x, torch.tensor([10]), context=ctx)
+        after = unet(x, torch.tensor([10]), context=ctx)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    kinds = [l.kind for l in cap.layers]
+    assert kinds == ["self", "cross"] * 7  # 2 down + 1 mid + 4 up transformer blocks
+    for name, p in cap.probs.items():
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]), atol=1e-5, rtol=0)
+    assert all(n.startswith(("input_blocks", "middle_block", "output_blocks")) for n in cap.probs)
+
+
+def test_spatial_size():
+    assert spatial_size(64 * 64, (64, 64)) == (64, 64)
+    assert spatial_size(16 * 24, (64, 96)) == (16, 24)
+    assert spatial_size(4 * 5, (25, 33)) == (4, 5)  # ceil at each downsampling of an odd latent
+    with pytest.raises(CaptureError):
+        spatial_size(7, (64, 64))
+
+
+def test_no_attention_modules():
+    with pytest.raises(CaptureError):
+        AttentionCapture(find_attention_modules(torch.nn.Linear(2, 2)), (8, 8))

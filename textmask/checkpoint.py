@@ -1,0 +1,85 @@
+"""Reading single-file checkpoints and detecting their architecture from the state dict alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+import torch
+
+from .errors import CheckpointError
+
+ArchName = Literal["sd1", "sd2", "sdxl"]
+UNET = "model.diffusion_model."
+_CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a checkpoint is: family, UNet input channels and its prediction type."""
+
+    name: ArchName
+    in_channels: int  # 4, or 9 for inpainting checkpoints
+    prediction_type: Literal["epsilon", "v_prediction"]
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == 9
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a .safetensors file, or a pickle (.ckpt/.pt/.pth/.bin) with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path.name} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle raises many types for a corrupt or hostile file
+            raise CheckpointError(f"cannot read {path.name} as a weights-only checkpoint ({type(e).__name__})") from None
+        if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+            data = data["state_dict"]
+        if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise CheckpointError(f"{path.name} does not hold a state dict of tensors")
+        return dict(data)
+    raise CheckpointError(f"unsupported checkpoint format '{path.suffix}'; use .safetensors (or .ckpt)")
+
+
+def detect_architecture(
+    state_dict: Mapping[str, torch.Tensor],
+    prediction_type: str | None = None,
+    context_dims: Mapping[int, ArchName] = _CONTEXT_DIMS,
+) -> Architecture:
+    """Identify SD1.x, SD2.x or SDXL (and inpainting variants) from key names and shapes."""
+    first_conv = state_dict.get(UNET + "input_blocks.0.0.weight")
+    if first_conv is None:
+        raise CheckpointError("unknown architecture: no SD1/SD2/SDXL UNet weights (model.diffusion_model.*) found")
+    widths = {int(v.shape[1]) for k, v in state_dict.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")}
+    if len(widths) != 1:
+        raise CheckpointError(f"unknown architecture: cross-attention context widths {sorted(widths) or 'none'}")
+    dim = widths.pop()
+    name = context_dims.get(dim)
+    if name is None:
+        hint = " (SDXL refiner checkpoints are not supported)" if dim == 1280 else ""
+        raise CheckpointError(f"unknown architecture: cross-attention context width {dim}{hint}")
+    if name == "sdxl" and UNET + "label_emb.0.0.weight" not in state_dict:
+        raise CheckpointError("unknown architecture: 2048-wide context without SDXL's label embedding")
+    in_channels = int(first_conv.shape[1])
+    if in_channels not in (4, 9):
+        raise CheckpointError(f"unsupported UNet with {in_channels} input channels (4, or 9 for inpainting)")
+    if prediction_type is None:
+        # SD2's flagship 768 model is v-prediction; SDXL v-pred finetunes carry a "v_pred" marker key.
+        v_pred = (name == "sd2" and in_channels == 4) or "v_pred" in state_dict
+        prediction_type = "v_prediction" if v_pred else "epsilon"
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise CheckpointError(f"unknown prediction type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
+    return Architecture(name=name, in_channels=in_channels, prediction_type=prediction_type)

@@ -1,0 +1,190 @@
+"""Command line: ``textmask segment IMAGE|DIR "mask prompt" --checkpoint MODEL --out OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from .errors import TextMaskError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class CliError(TextMaskError):
+    """A usage problem found before any work starts."""
+
+
+def _threshold(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}")
+    return value
+
+
+def add_mask_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every masking command (mirroring TextMasker.mask)."""
+    from .masker import DEFAULT_TIMESTEP
+    from .methods import METHODS
+
+    p.add_argument("--method", choices=METHODS, default="attention", help="how masks are decoded (default: attention)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False, help="refine with self-attention")
+    p.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (Otsu) or a value in [0, 1]")
+    p.add_argument("--soft", action="store_true", help="soft masks instead of binary")
+    p.add_argument("--blur", type=float, default=0.0, metavar="PX", help="Gaussian feather, sigma in pixels")
+    p.add_argument("--grow", type=float, default=0.0, metavar="PX", help="grow by PX pixels (negative shrinks)")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes inside masked regions")
+    p.add_argument("--invert", action="store_true", help="invert the mask")
+    p.add_argument("--negative", default=None, help="mask prompt to subtract")
+    p.add_argument("--prompt", default=None, help="caption to condition on; phrases must occur in it")
+    p.add_argument("--timestep", type=int, default=DEFAULT_TIMESTEP, help=f"noise level 0-999 (default {DEFAULT_TIMESTEP})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=None, help="working resolution in pixels (default: the model's)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="SD1/SD2/SDXL .safetensors (or .ckpt), or a diffusers folder")
+    p.add_argument("--config", default=None, help="diffusers-format config folder overriding the shipped configs")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textmask", description="Text-prompted masks from a Stable Diffusion model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment", help="mask an image or a folder of images")
+    seg.add_argument("input", help="an image file or a folder of images")
+    seg.add_argument("mask_prompt", help='e.g. "red car | truck AND NOT wheels"')
+    seg.add_argument("--out", required=True, help="mask PNG (for one image) or a folder (for a folder)")
+    seg.add_argument("--heatmap", default=None, help="heatmap overlay PNG (or folder, for a folder input)")
+    add_model_options(seg)
+    add_mask_options(seg)
+    return parser
+
+
+def mask_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        method=args.method, refine=args.refine, threshold=args.threshold, soft=args.soft, blur=args.blur,
+        grow=args.grow, fill_holes=args.fill_holes, invert=args.invert, negative=args.negative, prompt=args.prompt,
+        timestep=args.timestep, seed=args.seed, resolution=args.resolution,
+    )
+
+
+def load_masker(args: argparse.Namespace):
+    import torch
+
+    from .hosts.diffusers import DiffusersHost
+    from .masker import TextMasker
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CliError(f"unknown device '{device}'") from None
+    dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    dtype = getattr(torch, DTYPES[dtype_name])
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        host = DiffusersHost.from_pretrained(ckpt, device=device, dtype=dtype, show_progress=True)
+    else:
+        host = DiffusersHost.from_single_file(ckpt, device=device, dtype=dtype, config=args.config, show_progress=True)
+    return TextMasker(host)
+
+
+def _inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise CliError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+        return files
+    if not path.exists():
+        raise CliError(f"input not found: {path}")
+    return [path]
+
+
+def _staging(out: Path) -> Path:
+    """A temporary folder beside ``out``, so finished files move into place atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".textmask-", dir=out.parent))
+
+
+def run_segment(args: argparse.Namespace) -> None:
+    import torch
+
+    from .images import load_image, to_batch
+    from .io import save_mask, save_overlay
+    from .mask_prompt import parse, with_negative
+
+    src, out = Path(args.input), Path(args.out)
+    files = _inputs(src)
+    folder = src.is_dir()
+    if not folder and out.suffix.lower() != ".png":
+        raise CliError(f"--out must be a .png file for a single image, got {out}")
+    if folder and out.suffix:
+        raise CliError(f"--out must be a folder for a folder input, got {out}")
+    with_negative(parse(args.mask_prompt), args.negative)  # fail on syntax before loading a model
+    images = [load_image(f) for f in files]  # fail on an unreadable image before any output exists
+    for f, a in zip(files, images):
+        to_batch(a)
+    masker = load_masker(args)
+
+    stage = _staging(out)
+    try:
+        results = []
+        bar = masker.host.progress(len(files), "images") if folder else None
+        for f, img in zip(files, images):
+            res = masker.mask(img, args.mask_prompt, **mask_kwargs(args))
+            name = f.stem + ".png"
+            save_mask(res.masks[0], stage / ("mask-" + name))
+            if args.heatmap:
+                save_overlay(torch.from_numpy(img), res.heatmaps[0], stage / ("heat-" + name))
+            results.append(name)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        # Everything succeeded: move files into place.
+        heat = Path(args.heatmap) if args.heatmap else None
+        if folder:
+            out.mkdir(parents=True, exist_ok=True)
+            if heat:
+                heat.mkdir(parents=True, exist_ok=True)
+        for name in results:
+            os.replace(stage / ("mask-" + name), out / name if folder else out)
+            if heat:
+                os.replace(stage / ("heat-" + name), heat / name if folder else heat)
+        print(f"wrote {len(results)} mask{'s' if len(results) != 1 else ''} to {out}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+COMMANDS = {"segment": run_segment}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; bad input prints one line and exits 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except TextMaskError as e:
+        print(f"textmask: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("textmask: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

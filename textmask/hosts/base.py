@@ -1,0 +1,95 @@
+"""What the core needs from a host: encode images and prompts, noise a latent, run one forward."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..tokens import TokenMap
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: a batch of cross-attention contexts plus host-specific extras."""
+
+    context: torch.Tensor  # [N, L, D]
+    token_maps: list[TokenMap]  # one per row
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # batched like context (e.g. SDXL pooled)
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def select(self, rows: Sequence[int]) -> "Conditioning":
+        """Rows of this conditioning, in the given order (repeats allowed)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.context.device)
+        return Conditioning(
+            self.context.index_select(0, idx),
+            [self.token_maps[i] for i in rows],
+            {k: v.index_select(0, idx.to(v.device)) for k, v in self.extra.items()},
+        )
+
+
+def pad_contexts(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Repeat each [1, L, D] context to a common length (the lcm), as ComfyUI does.
+
+    Attention over repeated key/value pairs gives the same output as over one copy.
+    """
+    lengths = [c.shape[1] for c in contexts]
+    target = math.lcm(*lengths)
+    return [c.repeat(1, target // c.shape[1], 1) for c in contexts]
+
+
+class Host(Protocol):
+    """A loaded SD-family model that textmask can run on."""
+
+    device: torch.device
+    dtype: torch.dtype
+    resolution: int  # default working resolution in pixels (512 for SD1)
+    size_multiple: int  # working sizes are multiples of this, in pixels
+
+    def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        """The UNet's attention modules, (qualified name, module)."""
+
+    def transformer_modules(self) -> list[tuple[str, nn.Module]]:
+        """The UNet's spatial transformers, (qualified name, module)."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> scaled latents [B, C, H/f, W/f]."""
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Encode prompts (long ones in 75-token windows) with their token maps."""
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        """Forward diffusion q(z_t | z_0) at the integer timestep."""
+
+    def predict_noise(
+        self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
+    ) -> torch.Tensor:
+        """One UNet forward returning ε (v-prediction converted); image_latents feed inpainting UNets."""
+
+    def check_interrupt(self) -> None:
+        """Raise the host's own interrupt exception if the user cancelled."""
+
+    def progress(self, total: int, desc: str) -> Any:
+        """A progress bar with ``update(n)`` used as a context manager."""
+
+
+class NullProgress(contextlib.AbstractContextManager):
+    """A progress bar that shows nothing."""
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
+def iter_chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices covering range(n) in steps of ``size``."""
+    for i in range(0, n, max(1, size)):
+        yield slice(i, min(n, i + size))

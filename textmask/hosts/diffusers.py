@@ -1,0 +1,296 @@
+"""The diffusers host: SD1.x, SD2.x and SDXL from a single file, a diffusers folder, or a built pipeline.
+
+Loading never touches the network: component configs ship in ``textmask/configs`` and the CLIP
+tokenizer is built from the BPE file in ``textmask/assets``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..capture import find_attention_modules, find_transformer_modules
+from ..checkpoint import detect_architecture, read_state_dict
+from ..errors import CheckpointError
+from ..tokenizer import clip_tokenizer, tokenize
+from ..tokens import TokenMap, split_windows
+from .base import Conditioning, pad_contexts
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+BOS, EOS = 49406, 49407
+
+
+def _quiet_diffusers():
+    """Silence diffusers' and transformers' info chatter while loading."""
+    stack = contextlib.ExitStack()
+    for name in ("diffusers", "transformers"):
+        logger = logging.getLogger(name)
+        old = logger.level
+        logger.setLevel(logging.ERROR)
+        stack.callback(logger.setLevel, old)
+    return stack
+
+
+def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """SD's "scaled_linear" training schedule, ᾱ_t for t = 0..steps-1."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def config_family(config: str | Path) -> dict[int, str]:
+    """{context width: family} for a diffusers-format config folder that overrides the shipped ones."""
+    import json
+
+    config = Path(config)
+    try:
+        unet = json.loads((config / "unet" / "config.json").read_text())
+        text = json.loads((config / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"config folder {config} lacks a readable unet/ or text_encoder/ config ({e})") from None
+    if (config / "text_encoder_2").is_dir():
+        family = "sdxl"
+    else:
+        family = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
+    return {int(unet["cross_attention_dim"]): family}
+
+
+class DiffusersHost:
+    """Runs textmask on diffusers components; owns nothing it did not load."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        *,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer: Any = None,
+        alphas_cumprod: torch.Tensor | None = None,
+        prediction_type: str = "epsilon",
+        pad_ids: tuple[int, ...] | None = None,
+        resolution: int | None = None,
+        show_progress: bool = False,
+    ):
+        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
+        self.tokenizer = tokenizer if tokenizer is not None and getattr(tokenizer, "is_fast", False) else clip_tokenizer()
+        self.alphas_cumprod = (alphas_cumprod if alphas_cumprod is not None else ddpm_alphas_cumprod()).double().cpu()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise CheckpointError(f"unsupported prediction type {prediction_type!r}")
+        self.prediction_type = prediction_type
+        self.is_sdxl = text_encoder_2 is not None
+        # SD1 and SDXL's CLIP-L pad with EOS; OpenCLIP encoders (SD2, SDXL's second) pad with "!" (id 0).
+        self.pad_ids = pad_ids or ((EOS, 0) if self.is_sdxl else (EOS,))
+        cfg = unet.config
+        self.in_channels = int(cfg.in_channels)
+        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.size_multiple = self.latent_factor * 2 ** (len(cfg.down_block_types) - 1)
+        self.resolution = resolution or int(cfg.sample_size) * self.latent_factor
+        self.show_progress = show_progress
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pipe(cls, pipe: Any, **kwargs) -> "DiffusersHost":
+        """Wrap an already-built diffusers pipeline (its modules are shared, never modified)."""
+        sched = getattr(pipe, "scheduler", None)
+        alphas = getattr(sched, "alphas_cumprod", None)
+        pred = kwargs.pop("prediction_type", None) or getattr(getattr(sched, "config", None), "prediction_type", "epsilon")
+        return cls(
+            pipe.unet,
+            pipe.vae,
+            pipe.text_encoder,
+            text_encoder_2=getattr(pipe, "text_encoder_2", None),
+            tokenizer=getattr(pipe, "tokenizer", None),
+            alphas_cumprod=alphas,
+            prediction_type=pred,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs
+    ) -> "DiffusersHost":
+        """Load from a diffusers-format folder (unet/, vae/, text_encoder/[, text_encoder_2/], scheduler/)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        directory = Path(directory)
+        if not (directory / "unet").is_dir():
+            raise CheckpointError(f"{directory} is not a diffusers model folder (no unet/ inside)")
+        opts = dict(local_files_only=True, torch_dtype=dtype)
+        try:
+            with _quiet_diffusers():
+                unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet", **opts)
+                vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", **opts)
+                te = CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", **opts)
+                te2 = None
+                if (directory / "text_encoder_2").is_dir():
+                    te2 = CLIPTextModelWithProjection.from_pretrained(directory, subfolder="text_encoder_2", **opts)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot load diffusers folder {directory}: {str(e).splitlines()[0]}") from None
+        pred = kwargs.pop("prediction_type", None)
+        sched_cfg = directory / "scheduler" / "scheduler_config.json"
+        if pred is None and sched_cfg.is_file():
+            import json
+
+            pred = json.loads(sched_cfg.read_text()).get("prediction_type", "epsilon")
+        host = cls(unet, vae, te, text_encoder_2=te2, prediction_type=pred or "epsilon", **kwargs)
+        return host.to(device)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        config: str | Path | None = None,
+        prediction_type: str | None = None,
+        **kwargs,
+    ) -> "DiffusersHost":
+        """Load an original-layout SD1/SD2/SDXL checkpoint; ``config`` overrides the shipped component configs."""
+        state = read_state_dict(path)
+        return cls.from_state_dict(state, device=device, dtype=dtype, config=config, prediction_type=prediction_type, **kwargs)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        config: str | Path | None = None,
+        prediction_type: str | None = None,
+        **kwargs,
+    ) -> "DiffusersHost":
+        """Build from an original-layout state dict (see ``from_single_file``)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        if config is not None:
+            arch = detect_architecture(state, prediction_type, context_dims=config_family(config))
+        else:
+            arch = detect_architecture(state, prediction_type)
+        config_dir = str(Path(config) if config else CONFIGS / arch.name)
+        opts = dict(config=config_dir, local_files_only=True, torch_dtype=dtype)
+        try:
+            with _quiet_diffusers():
+                unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", in_channels=arch.in_channels, **opts)
+                vae = AutoencoderKL.from_single_file(state, subfolder="vae", **opts)
+                te = create_diffusers_clip_model_from_ldm(
+                    CLIPTextModel, state, subfolder="text_encoder", config=config_dir, torch_dtype=dtype, local_files_only=True
+                )
+                te2 = None
+                if arch.name == "sdxl":
+                    te2 = create_diffusers_clip_model_from_ldm(
+                        CLIPTextModelWithProjection,
+                        state,
+                        subfolder="text_encoder_2",
+                        config=config_dir,
+                        torch_dtype=dtype,
+                        local_files_only=True,
+                    )
+        except (KeyError, ValueError, RuntimeError, OSError) as e:
+            raise CheckpointError(f"checkpoint does not match the {arch.name} layout: {str(e).splitlines()[0][:200]}") from None
+        pad = (EOS, 0) if arch.name == "sdxl" else ((0,) if arch.name == "sd2" else (EOS,))
+        host = cls(unet, vae, te, text_encoder_2=te2, prediction_type=arch.prediction_type, pad_ids=pad, **kwargs)
+        host.architecture = arch
+        return host.to(device)
+
+    def to(self, device: str | torch.device) -> "DiffusersHost":
+        """Move the components this host loaded itself."""
+        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if m is not None:
+                m.to(device).eval()
+        return self
+
+    # ---- Host protocol ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        return find_attention_modules(self.unet)
+
+    def transformer_modules(self) -> list[tuple[str, nn.Module]]:
+        return find_transformer_modules(self.unet)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        vdev, vdtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        posterior = vae.encode(pixels.to(vdev, vdtype) * 2 - 1).latent_dist
+        latents = posterior.mean * vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            latents = latents - vae.config.shift_factor * vae.config.scaling_factor
+        if not torch.isfinite(latents).all():
+            raise CheckpointError(f"the VAE produced non-finite latents in {vdtype}; use an fp16-fixed VAE or fp32")
+        return latents.to(self.device, self.dtype)
+
+    def _windows(self, text: str) -> tuple[TokenMap, list[list[int]]]:
+        tokens = tokenize(self.tokenizer, text)
+        windows = split_windows(tokens)
+        return TokenMap(tokens, windows), [[tokens.ids[i] for i in w] for w in windows]
+
+    def _encode_windows(self, encoder: nn.Module, windows: list[list[int]], pad: int, penultimate: bool):
+        ids = torch.tensor([[BOS] + w + [EOS] + [pad] * (75 - len(w)) for w in windows], device=encoder.device)
+        out = encoder(ids, output_hidden_states=penultimate)
+        hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
+        pooled = getattr(out, "text_embeds", None)
+        return hidden.reshape(1, -1, hidden.shape[-1]), (pooled[:1] if pooled is not None else None)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        contexts, maps, pooled = [], [], []
+        for text in prompts:
+            token_map, windows = self._windows(text)
+            ctx, _ = self._encode_windows(self.text_encoder, windows, self.pad_ids[0], penultimate=self.is_sdxl)
+            if self.is_sdxl:
+                ctx2, pool = self._encode_windows(self.text_encoder_2, windows, self.pad_ids[-1], penultimate=True)
+                ctx = torch.cat([ctx.to(ctx2.dtype), ctx2], dim=-1)
+                pooled.append(pool)
+            contexts.append(ctx)
+            maps.append(token_map)
+        context = torch.cat(pad_contexts(contexts)).to(self.device, self.dtype)
+        extra = {"text_embeds": torch.cat(pooled).to(self.device, self.dtype)} if self.is_sdxl else {}
+        return Conditioning(context, maps, extra)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        a = float(self.alphas_cumprod[timestep])
+        return (a**0.5) * latents + ((1 - a) ** 0.5) * noise
+
+    def predict_noise(
+        self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
+    ) -> torch.Tensor:
+        x = noisy
+        if self.in_channels == 9:
+            # Inpainting UNets also see (mask, masked-image latents); an empty mask shows the whole image.
+            mask = torch.zeros_like(noisy[:, :1])
+            x = torch.cat([noisy, mask, image_latents], dim=1)
+        added = None
+        if self.is_sdxl:
+            h, w = noisy.shape[-2] * self.latent_factor, noisy.shape[-1] * self.latent_factor
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
+            added = {"text_embeds": cond.extra["text_embeds"], "time_ids": time_ids}
+        t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+        out = self.unet(x, t, encoder_hidden_states=cond.context, added_cond_kwargs=added, return_dict=False)[0]
+        if self.prediction_type == "v_prediction":
+            a = float(self.alphas_cumprod[timestep])
+            out = (a**0.5) * out + ((1 - a) ** 0.5) * noisy  # ε = √ᾱ·v + √(1−ᾱ)·x_t
+        return out
+
+    def check_interrupt(self) -> None:
+        return None
+
+    def progress(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.show_progress or total <= 1, leave=False)

@@ -1,0 +1,183 @@
+"""TextMasker: text-prompted masks from the host's own UNet, VAE and text encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from . import mask_prompt as mp
+from . import postprocess as pp
+from .capture import AttentionCapture
+from .errors import TextMaskError
+from .hosts.base import Conditioning, Host, iter_chunks
+from .images import ImageInput, to_batch, working_size
+from .methods import METHODS, CrossAttentionMaps, SelfAttentionAggregate, noise_difference, refine_with_self_attention
+
+# t=300 of 1000: ᾱ≈0.52 under SD's schedule, so the latent still shows every object's outline while the
+# UNet must lean on the text to explain the noise; at t≈100 the maps sharpen but small objects fade from
+# them, past t≈500 the layout itself dissolves. The Shapes benchmark (bench/shapes_eval.py) sweeps it.
+DEFAULT_TIMESTEP = 300
+# Refinement settings (see refine_with_self_attention); to be settled on the Shapes benchmark.
+REFINE_MODE = "transpose"
+REFINE_STEPS = 1
+
+
+@dataclass
+class MaskResult:
+    """Masks and heatmaps at the input images' exact size."""
+
+    masks: torch.Tensor  # [B, H, W] in [0, 1], 1 = selected (inpaint)
+    heatmaps: torch.Tensor  # [B, H, W], the combined soft map before thresholding
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # phrase -> [B, H, W] normalised heatmap
+
+
+def attention_prompt(terms: Sequence[str]) -> str:
+    """The AggSD prompt template: "a photo of A, B, and C" (commas separate the words' maps)."""
+    if len(terms) == 1:
+        return f"a photo of {terms[0]}"
+    return "a photo of " + ", ".join(terms[:-1]) + f", and {terms[-1]}"
+
+
+class TextMasker:
+    """Masks from words, made by an already-loaded Stable Diffusion model."""
+
+    def __init__(self, host: Host):
+        self.host = host
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, **kwargs) -> "TextMasker":
+        """Load an SD1/SD2/SDXL .safetensors (or .ckpt) checkpoint through the diffusers host, offline."""
+        from .hosts.diffusers import DiffusersHost
+
+        return cls(DiffusersHost.from_single_file(path, **kwargs))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> "TextMasker":
+        """Load a diffusers-format model folder, offline."""
+        from .hosts.diffusers import DiffusersHost
+
+        return cls(DiffusersHost.from_pretrained(directory, **kwargs))
+
+    @classmethod
+    def from_pipe(cls, pipe, **kwargs) -> "TextMasker":
+        """Reuse the modules of an existing diffusers pipeline."""
+        from .hosts.diffusers import DiffusersHost
+
+        return cls(DiffusersHost.from_pipe(pipe, **kwargs))
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def mask(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        mask_prompt: str,
+        *,
+        negative: str | None = None,
+        prompt: str | None = None,
+        method: Literal["attention", "noise-diff"] = "attention",
+        refine: bool = False,
+        threshold: float | str = "auto",
+        soft: bool = False,
+        blur: float = 0.0,
+        grow: float = 0.0,
+        fill_holes: bool = False,
+        invert: bool = False,
+        timestep: int = DEFAULT_TIMESTEP,
+        seed: int = 0,
+        resolution: int | None = None,
+        batch_size: int = 4,
+    ) -> MaskResult:
+        """Mask what ``mask_prompt`` names in each image; see README for the prompt language."""
+        if method not in METHODS:
+            raise TextMaskError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        if not 0 <= int(timestep) < 1000:
+            raise TextMaskError(f"timestep must be in [0, 999], got {timestep}")
+        if threshold != "auto":
+            try:
+                threshold = float(threshold)
+            except (TypeError, ValueError):
+                raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {threshold!r}") from None
+            if not 0.0 <= threshold <= 1.0:
+                raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {threshold}")
+        expr = mp.with_negative(mp.parse(mask_prompt), negative)
+        terms = mp.phrases(expr)
+        pixels = to_batch(images)
+        height, width = pixels.shape[-2:]
+        size = working_size(height, width, resolution or self.host.resolution, self.host.size_multiple)
+
+        cond = self._conditioning(method, terms, prompt)
+        heat_parts = []
+        with self.host.progress(pixels.shape[0], "textmask") as bar:
+            for rows in iter_chunks(pixels.shape[0], batch_size):
+                self.host.check_interrupt()
+                heat_parts.append(self._heatmaps(pixels[rows], size, method, cond, terms, refine, timestep, seed + rows.start))
+                bar.update(rows.stop - rows.start)
+        low = torch.cat(heat_parts)  # [B, P, h, w] normalised
+        return self._finish(expr, terms, low, (height, width), threshold, soft, blur, grow, fill_holes, invert)
+
+    # ---------------------------------------------------------------------------------------------
+    def _conditioning(self, method: str, terms: list[str], prompt: str | None) -> tuple[Conditioning, list[list[int]]]:
+        if method == "attention":
+            cond = self.host.encode_prompts([prompt if prompt is not None and prompt.strip() else attention_prompt(terms)])
+            groups = [cond.token_maps[0].find(t) for t in terms]
+            return cond, groups
+        if prompt is not None and prompt.strip():
+            token_map = self.host.encode_prompts([prompt]).token_maps[0]
+            for t in terms:
+                token_map.find(t)  # the same "not in the prompt" contract as the attention method
+        return self.host.encode_prompts([""] + list(terms)), []
+
+    def _heatmaps(self, pixels, size, method, cond_groups, terms, refine, timestep, seed) -> torch.Tensor:
+        host = self.host
+        cond, groups = cond_groups
+        x = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+        latents = host.encode_images(x.clamp(0, 1))
+        b = latents.shape[0]
+        # One CPU generator per image (seed + index): masks do not depend on batch_size or the device.
+        noise = torch.stack(
+            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(seed) + i)) for i in range(b)]
+        ).to(latents.device, latents.dtype)
+        noisy = host.add_noise(latents, noise, timestep)
+        latent_size = tuple(latents.shape[-2:])
+
+        if method == "attention":
+            cross = CrossAttentionMaps(groups)
+            selfagg = SelfAttentionAggregate() if refine else None
+
+            def sink(layer, start, probs):
+                (cross if layer.kind == "cross" else selfagg)(layer, start, probs)
+
+            want = (lambda l: True) if refine else (lambda l: l.kind == "cross")
+            with AttentionCapture(host.attention_modules(), latent_size, probs=want, sink=sink):
+                host.predict_noise(noisy, timestep, cond.select([0] * b), latents)
+            maps = cross.aggregate()
+            if selfagg is not None:
+                maps = refine_with_self_attention(maps, selfagg.result(), selfagg.size, REFINE_MODE, REFINE_STEPS)
+            return maps.float().cpu()
+
+        # noise-diff: rows ordered image-major, [∅, phrase 1, …, phrase P] for each image.
+        n = len(cond)
+        rows = [i for _ in range(b) for i in range(n)]
+        eps = host.predict_noise(
+            noisy.repeat_interleave(n, 0), timestep, cond.select(rows), latents.repeat_interleave(n, 0)
+        )
+        eps = eps.reshape(b, n, *eps.shape[1:])
+        return noise_difference(eps[:, 1:], eps[:, 0]).float().cpu()
+
+    def _finish(self, expr, terms, low, size, threshold, soft, blur, grow, fill_holes, invert) -> MaskResult:
+        t = pp.thresholds(low, threshold)  # Otsu on the attention-resolution map, per image and phrase
+        heat = pp.resize(low, size).clamp(0, 1)  # [B, P, H, W]
+        index = {term.lower(): i for i, term in enumerate(terms)}
+        ramps = pp.soft_threshold(heat, t)
+        ramp = mp.evaluate(expr, lambda p: ramps[:, index[p.lower()]])
+        combined = mp.evaluate(expr, lambda p: heat[:, index[p.lower()]])
+        masks = pp.ramp_to_mask(ramp, soft)
+        masks = pp.postprocess(masks, fill=fill_holes, grow_px=grow, invert_mask=invert, blur_px=blur)
+        return MaskResult(
+            masks=masks.contiguous(),
+            heatmaps=combined.contiguous(),
+            terms={term: heat[:, i].contiguous() for i, term in enumerate(terms)},
+        )

@@ -1,0 +1,144 @@
+"""Cross-attention aggregation (DAAM) with optional self-attention refinement (AggSD).
+
+Both collectors are capture sinks: they reduce probability chunks as they arrive, so a
+4096×4096 self-attention map never exists for more than one layer at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..capture import AttentionLayer
+from ..postprocess import normalize
+
+
+class CrossAttentionMaps:
+    """Collects, per cross-attention layer, the mean attention of each phrase's token positions."""
+
+    def __init__(self, token_groups: Sequence[Sequence[int]]):
+        self.groups = [list(g) for g in token_groups]
+        self.maps: dict[str, torch.Tensor] = {}  # layer name -> [B, P, h, w]
+        self.layers: dict[str, AttentionLayer] = {}
+        self._selector: torch.Tensor | None = None
+
+    def _select(self, keys: int, device: torch.device) -> torch.Tensor:
+        # [keys, P] averaging matrix, so a chunk reduces with one matmul.
+        if self._selector is None or self._selector.shape[0] != keys or self._selector.device != device:
+            sel = torch.zeros(keys, len(self.groups), device=device)
+            for p, group in enumerate(self.groups):
+                sel[group, p] = 1.0 / len(group)
+            self._selector = sel
+        return self._selector
+
+    def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
+        b, rows, keys = probs.shape
+        h, w = layer.size
+        out = self.maps.get(layer.name)
+        if out is None:
+            out = self.maps[layer.name] = torch.zeros(b, len(self.groups), h * w, device=probs.device)
+            self.layers[layer.name] = layer
+        out[:, :, start : start + rows] = (probs @ self._select(keys, probs.device)).transpose(1, 2)
+
+    def aggregate(self) -> torch.Tensor:
+        """[B, P, H, W] at the largest layer size: bicubic upsampling, weights ∝ 1/side, min-max normalised."""
+        if not self.maps:
+            raise RuntimeError("no cross-attention was captured")
+        size = max((l.size for l in self.layers.values()), key=lambda s: s[0] * s[1])
+        weights = {n: 1.0 / math.sqrt(l.tokens) for n, l in self.layers.items()}
+        total = sum(weights.values())
+        acc = None
+        for name, flat in self.maps.items():
+            layer = self.layers[name]
+            m = flat.reshape(flat.shape[0], flat.shape[1], *layer.size)
+            if layer.size != size:
+                m = F.interpolate(m, size=size, mode="bicubic", align_corners=False)
+            term = m * (weights[name] / total)
+            acc = term if acc is None else acc + term
+        return normalize(acc.clamp_min(0))
+
+
+class SelfAttentionAggregate:
+    """DiffSeg's multi-layer self-attention aggregate [B, R², R²] at the largest self-attention size R.
+
+    Keys are bilinearly upsampled to R×R and rows renormalised to sum 1; query rows of smaller layers
+    are repeated (nearest) onto the R×R grid; layer weights are proportional to the side length.
+    The first self-attention layer of a UNet forward is the largest, which fixes R.
+    """
+
+    def __init__(self):
+        self.size: tuple[int, int] | None = None
+        self.sum: torch.Tensor | None = None
+        self.weight_total = 0.0
+        self._layer: AttentionLayer | None = None
+        self._buffer: torch.Tensor | None = None  # current layer, [B, n, R²]
+
+    def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
+        if self.size is None:
+            self.size = layer.size
+        if self._layer is None or layer.name != self._layer.name:
+            self._flush()
+            self._layer = layer
+            self._buffer = torch.empty(probs.shape[0], layer.tokens, self.size[0] * self.size[1], device=probs.device)
+        b, rows, _ = probs.shape
+        keys = probs.reshape(b * rows, 1, *layer.size)
+        if layer.size != self.size:
+            keys = F.interpolate(keys, size=self.size, mode="bilinear", align_corners=False)
+        keys = keys.reshape(b, rows, -1)
+        keys = keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
+        self._buffer[:, start : start + rows] = keys
+
+    def _flush(self) -> None:
+        layer, buf = self._layer, self._buffer
+        self._layer, self._buffer = None, None
+        if layer is None:
+            return
+        r_h, r_w = self.size
+        h, w = layer.size
+        if (h, w) != (r_h, r_w):
+            # Nearest-neighbour query upsampling: each R-grid cell takes its coarse cell's row.
+            rows = torch.arange(r_h, device=buf.device) * h // r_h
+            cols = torch.arange(r_w, device=buf.device) * w // r_w
+            index = (rows[:, None] * w + cols[None, :]).reshape(-1)
+            buf = buf.index_select(1, index)
+        weight = float(h)
+        self.sum = buf * weight if self.sum is None else self.sum.add_(buf, alpha=weight)
+        self.weight_total += weight
+
+    def result(self) -> torch.Tensor:
+        """The aggregate [B, R², R²], rows summing to 1."""
+        self._flush()
+        if self.sum is None:
+            raise RuntimeError("no self-attention was captured")
+        return self.sum / self.weight_total
+
+
+RefineMode = Literal["transpose", "forward"]
+
+
+def refine_with_self_attention(
+    cross: torch.Tensor, self_attention: torch.Tensor, size: tuple[int, int], mode: RefineMode = "transpose", steps: int = 1
+) -> torch.Tensor:
+    """Propagate cross-attention maps [B, P, H, W] along self-attention [B, N, N] on an ``size`` grid.
+
+    ``transpose``: AGG = rownorm(SAᵀ)·CA, the mean CA of the pixels attending to each pixel (AggSD, eq. 2).
+    ``forward``: AGG = SA·CA, the mean CA of the pixels each pixel attends to (a random-walk step).
+    """
+    b, p = cross.shape[:2]
+    ca = cross if tuple(cross.shape[-2:]) == tuple(size) else F.interpolate(cross, size=size, mode="bicubic", align_corners=False)
+    ca = ca.reshape(b, p, -1).transpose(1, 2).float()  # [B, N, P]
+    sa = self_attention.float()
+    if mode == "transpose":
+        walk = sa.transpose(1, 2)
+        walk = walk / walk.sum(-1, keepdim=True).clamp_min(1e-12)
+    elif mode == "forward":
+        walk = sa
+    else:
+        raise ValueError(f"unknown refine mode {mode!r}")
+    for _ in range(max(1, steps)):
+        ca = walk @ ca
+    out = ca.transpose(1, 2).reshape(b, p, *size)
+    return normalize(out)

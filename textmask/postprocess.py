@@ -1,0 +1,134 @@
+"""Mask post-processing: small functions over [..., H, W] float tensors in [0, 1].
+
+Morphology and Otsu run through scipy/scikit-image on the CPU; masks are 2-D and cheap to move.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+SOFT_BAND = 0.2  # width of the ramp around a threshold in soft masks, in normalised heatmap units
+
+
+def _per_map(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a numpy function to each 2-D map of a [..., H, W] tensor."""
+    flat = x.detach().float().cpu().reshape(-1, *x.shape[-2:]).numpy()
+    out = np.stack([fn(m) for m in flat]) if len(flat) else flat
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(x.shape).to(x.device)
+
+
+def normalize(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max normalise each [H, W] map to [0, 1]; a constant map becomes all zeros."""
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    hi = maps.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    return torch.where(span > eps, (maps - lo) / span.clamp_min(eps), torch.zeros_like(maps))
+
+
+def otsu_threshold(heatmap: torch.Tensor) -> float:
+    """Otsu's threshold of one map; +inf for a constant map, so that nothing is selected."""
+    values = heatmap.detach().float().cpu().numpy().ravel()
+    if values.size == 0 or values.min() == values.max():
+        return float("inf")
+    return float(threshold_otsu(values, nbins=256))
+
+
+def thresholds(heatmaps: torch.Tensor, threshold: float | str) -> torch.Tensor:
+    """Per-map thresholds of [..., H, W]: Otsu for ``"auto"``, else the fixed value; shape [..., 1, 1]."""
+    if threshold == "auto":
+        flat = heatmaps.reshape(-1, *heatmaps.shape[-2:])
+        values = [otsu_threshold(m) for m in flat]
+        t = torch.tensor(values, dtype=torch.float32, device=heatmaps.device)
+        return t.reshape(*heatmaps.shape[:-2], 1, 1)
+    value = float(threshold)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be 'auto' or a number in [0, 1], got {threshold}")
+    return torch.full((*heatmaps.shape[:-2], 1, 1), value, device=heatmaps.device)
+
+
+def soft_threshold(heatmaps: torch.Tensor, t: torch.Tensor, band: float = SOFT_BAND) -> torch.Tensor:
+    """Map a heatmap to a ramp that crosses 0.5 exactly at the threshold ``t``.
+
+    Fuzzy OR/AND/NOT (max/min/1-x) keep that crossing, so ``ramp > 0.5`` of a combined expression
+    equals the Boolean formula over the per-phrase binary masks.
+    """
+    return (0.5 + (heatmaps - t) / band).clamp(0.0, 1.0)
+
+
+def ramp_to_mask(ramp: torch.Tensor, soft: bool) -> torch.Tensor:
+    """Binary mask (ramp > 0.5) or, when soft, the upper half of the ramp stretched to [0, 1]."""
+    if soft:
+        return (2.0 * ramp - 1.0).clamp(0.0, 1.0)
+    return (ramp > 0.5).float()
+
+
+def gaussian_blur(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur with standard deviation ``sigma`` pixels (feathering)."""
+    if sigma <= 0:
+        return mask
+    return _per_map(lambda m: ndimage.gaussian_filter(m, sigma=sigma, mode="nearest"), mask).clamp(0, 1)
+
+
+def grow(mask: torch.Tensor, pixels: float) -> torch.Tensor:
+    """Grow (positive) or shrink (negative) a mask by a disc of radius ``|pixels|``."""
+    if pixels == 0:
+        return mask
+    r = abs(float(pixels))
+
+    def binary(m: np.ndarray) -> np.ndarray:
+        # Exact disc morphology through the Euclidean distance transform, linear in the image size.
+        on = m > 0.5
+        if pixels > 0:
+            return (ndimage.distance_transform_edt(~on) <= r).astype(np.float32) if on.any() else on.astype(np.float32)
+        return (ndimage.distance_transform_edt(on) > r).astype(np.float32)
+
+    def soft(m: np.ndarray) -> np.ndarray:
+        from skimage.morphology import dilation, disk, erosion
+
+        footprint = disk(int(round(r)), decomposition="sequence")
+        return (dilation if pixels > 0 else erosion)(m, footprint)
+
+    is_binary = bool(((mask == 0) | (mask == 1)).all())
+    return _per_map(binary if is_binary else soft, mask)
+
+
+def fill_holes(mask: torch.Tensor) -> torch.Tensor:
+    """Fill holes: background regions not connected to the border become 1."""
+    return _per_map(lambda m: np.maximum(m, ndimage.binary_fill_holes(m > 0.5).astype(np.float32)), mask)
+
+
+def invert(mask: torch.Tensor) -> torch.Tensor:
+    """1 - mask."""
+    return 1.0 - mask
+
+
+def resize(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize [..., h, w] maps to exactly ``size`` = (H, W), mapping the full extent onto the full extent."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    lead = maps.shape[:-2]
+    x = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    kw = {} if mode == "nearest" else {"align_corners": False}
+    y = F.interpolate(x, size=tuple(size), mode=mode, **kw)
+    return y.reshape(*lead, *size)
+
+
+def postprocess(
+    mask: torch.Tensor,
+    *,
+    fill: bool = False,
+    grow_px: float = 0,
+    invert_mask: bool = False,
+    blur_px: float = 0,
+) -> torch.Tensor:
+    """Fill holes, grow/shrink, invert, then blur, in that order (so blur feathers the final edge)."""
+    if fill:
+        mask = fill_holes(mask)
+    mask = grow(mask, grow_px)
+    if invert_mask:
+        mask = invert(mask)
+    return gaussian_blur(mask, blur_px)

@@ -1,0 +1,65 @@
+"""The CLIP BPE tokenizer, built offline from the BPE merges file that ships with textmask."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+from pathlib import Path
+
+from .tokens import PromptTokens
+
+BPE_FILE = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's reversible byte -> printable-character table (same order as the original vocab)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TEXTMASK_CACHE", Path.home() / ".cache" / "textmask"))
+
+
+def write_clip_vocab(directory: Path) -> tuple[Path, Path]:
+    """Write CLIP's vocab.json and merges.txt (49408 tokens) derived from the shipped BPE merges."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+    if vocab_path.exists() and merges_path.exists():
+        return vocab_path, merges_path
+    merges = gzip.open(BPE_FILE).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tmp = directory / f".tmp{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    os.replace(tmp / "vocab.json", vocab_path)
+    os.replace(tmp / "merges.txt", merges_path)
+    tmp.rmdir()
+    return vocab_path, merges_path
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    """A transformers CLIPTokenizerFast for SD's text encoders, built without any download."""
+    from transformers import CLIPTokenizerFast
+
+    vocab, merges = write_clip_vocab(_cache_dir() / "clip-bpe")
+    return CLIPTokenizerFast(str(vocab), str(merges))
+
+
+def tokenize(tokenizer, text: str) -> PromptTokens:
+    """Tokenize ``text`` (no BOS/EOS) keeping each token's character span."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return PromptTokens(text=text, ids=tuple(enc["input_ids"]), spans=tuple(map(tuple, enc["offset_mapping"])))

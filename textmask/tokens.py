@@ -1,0 +1,90 @@
+"""Token map: which context positions of an encoded prompt belong to a word or phrase.
+
+Long prompts are encoded the way ComfyUI and A1111 do: 75-token windows, each wrapped as
+[BOS] tokens [EOS] [PAD…] to 77, concatenated along the sequence. Window w, slot s sits at
+context position ``w * 77 + 1 + s``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import PhraseNotFoundError, TextMaskError
+
+WINDOW = 75  # content tokens per window
+CONTEXT = WINDOW + 2  # with BOS and EOS
+MAX_WORD_TOKENS = 8  # longer words may be split across windows (ComfyUI's rule)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenized prompt: content token ids (no BOS/EOS) with the character span of each."""
+
+    text: str
+    ids: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+
+    def words(self) -> list[list[int]]:
+        """Group token indices into words: a word ends where the next token does not touch it."""
+        groups: list[list[int]] = []
+        for i, (start, _end) in enumerate(self.spans):
+            if groups and self.spans[groups[-1][-1]][1] == start and not self.text[start - 1 : start].isspace():
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+
+def split_windows(tokens: PromptTokens, window: int = WINDOW, max_word: int = MAX_WORD_TOKENS) -> list[list[int]]:
+    """Split token indices into windows of at most ``window``, keeping short words whole."""
+    windows: list[list[int]] = [[]]
+    for word in tokens.words():
+        current = windows[-1]
+        if len(current) + len(word) > window and len(word) <= max_word:
+            windows.append([])
+            current = windows[-1]
+        for i in word:
+            if len(current) == window:
+                windows.append([])
+                current = windows[-1]
+            current.append(i)
+    return windows
+
+
+def phrase_pattern(phrase: str) -> re.Pattern[str]:
+    """A case-insensitive, word-bounded pattern for ``phrase`` that tolerates any whitespace between words."""
+    words = phrase.split()
+    if not words:
+        raise TextMaskError("empty phrase")
+    body = r"\s+".join(re.escape(w) for w in words)
+    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+
+
+@dataclass
+class TokenMap:
+    """Maps phrases of one prompt to positions in its windowed context sequence."""
+
+    tokens: PromptTokens
+    windows: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            self.windows = split_windows(self.tokens)
+        self._position = {i: w * CONTEXT + 1 + s for w, win in enumerate(self.windows) for s, i in enumerate(win)}
+
+    @property
+    def context_length(self) -> int:
+        return CONTEXT * len(self.windows)
+
+    def find(self, phrase: str) -> list[int]:
+        """Context positions of every occurrence of ``phrase``; raises PhraseNotFoundError if absent."""
+        spans = [m.span() for m in phrase_pattern(phrase).finditer(self.tokens.text)]
+        positions = [
+            self._position[i]
+            for i, (a, b) in enumerate(self.tokens.spans)
+            if any(a < end and b > start for start, end in spans)
+        ]
+        if not positions:
+            raise PhraseNotFoundError(f"'{phrase}' is not in the prompt '{self.tokens.text}'")
+        return positions
