@@ -45,3 +45,19 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert before["tensors"].keys() == after["tensors"].keys()
     for k in before["tensors"]:
         assert torch.equal(before["tensors"][k], after["tensors"][k]), k
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny SD1-style single-file checkpoint in the original LDM layout (.safetensors and .ckpt) plus its configs."""
+    pytest.importorskip("ldm")
+    from safetensors.torch import save_file
+
+    import ldm_checkpoint
+
+    d = tmp_path_factory.mktemp("ckpt")
+    sd = ldm_checkpoint.ldm_state_dict()
+    save_file(sd, d / "tiny.safetensors")
+    torch.save(sd, d / "tiny.ckpt")
+    ldm_checkpoint.write_configs(d / "config")
+    return d, sd

@@ -1,0 +1,184 @@
+"""Checkpoint reading, architecture detection on real-shaped state dicts, and the offline single-file loader."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny_models
+from textmask import TextMasker
+from textmask.checkpoint import detect_architecture, read_state_dict
+from textmask.errors import CheckpointError
+from textmask.hosts.diffusers import CONFIGS, DiffusersHost
+
+ldm = pytest.importorskip("ldm")
+
+SD_UNET = dict(image_size=32, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
+               channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1, legacy=False)
+
+
+def ldm_unet_meta(arch: str, in_channels: int = 4) -> dict:
+    """Full-size SD1/SD2 UNet state dict from Stability's own module, on the meta device (no memory)."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    extra = dict(num_heads=8, context_dim=768) if arch == "sd1" else dict(
+        num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+    with torch.device("meta"):
+        unet = UNetModel(in_channels=in_channels, **SD_UNET, **extra)
+    return {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+
+
+def sdxl_meta() -> dict:
+    """The SDXL base keys that identify it, with their real shapes."""
+    m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": m(320, 4, 3, 3),
+          "model.diffusion_model.label_emb.0.0.weight": m(1280, 2816),
+          "conditioner.embedders.1.model.text_projection": m(1280, 1280)}
+    for block, width, depth in [("input_blocks.4.1", 640, 2), ("input_blocks.5.1", 640, 2), ("input_blocks.7.1", 1280, 10),
+                                ("input_blocks.8.1", 1280, 10), ("middle_block.1", 1280, 10), ("output_blocks.0.1", 1280, 10),
+                                ("output_blocks.3.1", 640, 2), ("output_blocks.5.1", 640, 2)]:
+        for i in range(depth):
+            sd[f"model.diffusion_model.{block}.transformer_blocks.{i}.attn2.to_k.weight"] = m(width, 2048)
+    return sd
+
+
+def test_detect_real_shapes():
+    assert detect_architecture(ldm_unet_meta("sd1")).name == "sd1"
+    sd2 = detect_architecture(ldm_unet_meta("sd2"))
+    assert sd2.name == "sd2" and sd2.prediction_type == "v_prediction"
+    inpaint = detect_architecture(ldm_unet_meta("sd1", in_channels=9))
+    assert inpaint.inpainting and inpaint.prediction_type == "epsilon"
+    assert detect_architecture(ldm_unet_meta("sd2", in_channels=9)).prediction_type == "epsilon"
+    assert detect_architecture(ldm_unet_meta("sd2"), prediction_type="epsilon").prediction_type == "epsilon"
+    xl = sdxl_meta()
+    assert detect_architecture(xl).name == "sdxl" and detect_architecture(xl).prediction_type == "epsilon"
+    xl["v_pred"] = torch.empty(0)
+    assert detect_architecture(xl).prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_shipped_unet_configs_match_real_checkpoints(arch):
+    """The shipped diffusers configs build UNets whose keys and shapes equal the converted real layout."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = json.loads((CONFIGS / arch / "unet" / "config.json").read_text())
+    converted = convert_ldm_unet_checkpoint(ldm_unet_meta(arch), config)
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+
+def test_shipped_vae_config_matches_real_checkpoint():
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    dd = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):
+        parts = {"encoder": Encoder(**dd), "decoder": Decoder(**dd), "quant_conv": torch.nn.Conv2d(8, 8, 1),
+                 "post_quant_conv": torch.nn.Conv2d(4, 4, 1)}
+    sd = {f"first_stage_model.{n}.{k}": v for n, mod in parts.items() for k, v in mod.state_dict().items()}
+    config = json.loads((CONFIGS / "sd1" / "vae" / "config.json").read_text())
+    converted = convert_ldm_vae_checkpoint(sd, config)
+    with torch.device("meta"):
+        model = AutoencoderKL.from_config(config)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_unknown_and_unsupported_architectures():
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        detect_architecture({"foo.weight": torch.empty(2)})
+    refiner = {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(384, 4, 3, 3, device="meta"),
+               "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(768, 1280, device="meta")}
+    with pytest.raises(CheckpointError, match="refiner"):
+        detect_architecture(refiner)
+    depth = ldm_unet_meta("sd2", in_channels=5)
+    with pytest.raises(CheckpointError, match="5 input channels"):
+        detect_architecture(depth)
+
+
+def test_single_file_loads_real_layout(tiny_checkpoint):
+    """Weights loaded through the real loader reproduce the original ldm modules' outputs."""
+    from ldm.modules.diffusionmodules.model import Encoder
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    d, sd = tiny_checkpoint
+    for name in ("tiny.safetensors", "tiny.ckpt"):
+        host = DiffusersHost.from_single_file(d / name, config=d / "config")
+        unet = UNetModel(image_size=16, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                         attention_resolutions=[1, 2], channel_mult=(1, 2), num_heads=8, use_spatial_transformer=True,
+                         transformer_depth=1, context_dim=32, legacy=False).eval()
+        unet.load_state_dict({k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")})
+        x, ctx, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), torch.tensor([500])
+        with torch.no_grad():
+            ours = host.unet(x, t, encoder_hidden_states=ctx).sample
+            theirs = unet(x, t, context=ctx)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+        enc = Encoder(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 2),
+                      num_res_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+        enc.load_state_dict({k[len("first_stage_model.encoder."):]: v for k, v in sd.items() if k.startswith("first_stage_model.encoder.")})
+        quant = torch.nn.Conv2d(8, 8, 1)
+        quant.load_state_dict({"weight": sd["first_stage_model.quant_conv.weight"], "bias": sd["first_stage_model.quant_conv.bias"]})
+        img = torch.rand(1, 3, 32, 32)
+        with torch.no_grad():
+            mean_ref = quant(enc(img * 2 - 1))[:, :4] * 0.18215
+            torch.testing.assert_close(host.encode_images(img), mean_ref, atol=1e-4, rtol=1e-4)
+
+        te = tiny_models.text_encoder()
+        ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73])
+        with torch.no_grad():
+            torch.testing.assert_close(host.text_encoder(ids).last_hidden_state, te(ids).last_hidden_state)
+
+
+def test_single_file_fp16(tiny_checkpoint, tmp_path):
+    d, sd = tiny_checkpoint
+    save_file({k: v.half() for k, v in sd.items()}, tmp_path / "half.safetensors")
+    masker = TextMasker.from_single_file(tmp_path / "half.safetensors", config=d / "config", dtype=torch.bfloat16)
+    assert masker.host.dtype == torch.bfloat16
+    out = masker.mask(torch.rand(1, 30, 45, 3), "cat")
+    assert out.masks.shape == (1, 30, 45) and torch.isfinite(out.heatmaps).all()
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "missing.safetensors")
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        read_state_dict(bad)
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(1000)}, good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        read_state_dict(truncated)
+    hostile = tmp_path / "hostile.ckpt"
+    hostile.write_bytes(pickle.dumps(print))  # a pickle that would call a function
+    with pytest.raises(CheckpointError, match="weights-only"):
+        read_state_dict(hostile)
+    nested = tmp_path / "nested.ckpt"
+    torch.save({"state_dict": {"x": torch.ones(2)}, "global_step": 5}, nested)
+    assert set(read_state_dict(nested)) == {"x"}
+    other = tmp_path / "weights.gguf"
+    other.write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="unsupported checkpoint format"):
+        read_state_dict(other)
+
+
+def test_loader_errors_are_one_line(tmp_path, tiny_checkpoint):
+    d, sd = tiny_checkpoint
+    save_file({"foo": torch.zeros(3)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match="unknown architecture") as e:
+        TextMasker.from_single_file(tmp_path / "foreign.safetensors")
+    assert "\n" not in str(e.value)
+    broken = {k: v for k, v in sd.items() if "output_blocks.1" not in k}
+    save_file(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        TextMasker.from_single_file(tmp_path / "broken.safetensors", config=d / "config")
+    assert "\n" not in str(e.value)

@@ -1,0 +1,133 @@
+"""The CLI end to end on a tiny single-file checkpoint, including bad input: one line, exit 2, no partial output."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from textmask.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_image(path, w=45, h=31, seed=0):
+    a = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    Image.fromarray(a).save(path)
+    return path
+
+
+@pytest.fixture
+def model_args(tiny_checkpoint):
+    d, _ = tiny_checkpoint
+    return ["--checkpoint", str(d / "tiny.safetensors"), "--config", str(d / "config"), "--resolution", "64"]
+
+
+def listing(path: Path) -> set:
+    return {p.relative_to(path) for p in path.rglob("*")}
+
+
+def test_single_image(tmp_path, model_args):
+    img = write_image(tmp_path / "photo.png")
+    code = main(["segment", str(img), "red car | truck", "--out", str(tmp_path / "mask.png"),
+                 "--heatmap", str(tmp_path / "heat.png"), *model_args])
+    assert code == 0
+    mask = Image.open(tmp_path / "mask.png")
+    assert mask.size == (45, 31) and mask.mode == "L"
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    heat = Image.open(tmp_path / "heat.png")
+    assert heat.size == (45, 31) and heat.mode == "RGB"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".textmask-")]
+
+
+def test_all_options(tmp_path, model_args):
+    img = write_image(tmp_path / "photo.jpg")
+    out = tmp_path / "m.png"
+    code = main(["segment", str(img), "cat", "--out", str(out), "--method", "noise-diff", "--threshold", "0.4",
+                 "--soft", "--blur", "1.5", "--grow", "-1", "--fill-holes", "--invert", "--timestep", "200",
+                 "--seed", "3", "--negative", "dog", "--device", "cpu", "--dtype", "fp32", *model_args])
+    assert code == 0 and Image.open(out).size == (45, 31)
+    assert main(["segment", str(img), "cat", "--out", str(out), "--refine", "--prompt", "a cat on a mat", *model_args]) == 0
+
+
+def test_folder_in_folder_out(tmp_path, model_args, capsys):
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i, size in enumerate([(40, 30), (64, 48), (33, 77)]):
+        write_image(src / f"f{i}.png", *size, seed=i)
+    (src / "notes.txt").write_text("not an image")
+    code = main(["segment", str(src), "sky", "--out", str(tmp_path / "masks"), "--heatmap", str(tmp_path / "heat"), *model_args])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["f0.png", "f1.png", "f2.png"]
+    assert Image.open(tmp_path / "masks" / "f2.png").size == (33, 77)
+    assert len(list((tmp_path / "heat").iterdir())) == 3
+    assert "wrote 3 masks" in capsys.readouterr().out
+
+
+def run_bad(tmp_path, capsys, argv):
+    before = listing(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("textmask: error: ") and "\n" not in err and "Traceback" not in err
+    assert listing(tmp_path) == before  # nothing written, nothing left behind
+    return err
+
+
+def test_bad_inputs(tmp_path, model_args, capsys, tiny_checkpoint):
+    img = write_image(tmp_path / "photo.png")
+    out = str(tmp_path / "mask.png")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    write_image(frames / "a.png")
+    (frames / "b.png").write_bytes(b"not a png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "not found": ["segment", str(img), "cat", "--out", out, "--checkpoint", str(tmp_path / "missing.safetensors")],
+        "not a valid safetensors": ["segment", str(img), "cat", "--out", out, "--checkpoint", str(corrupt)],
+        "column 6": ["segment", str(img), "cat |", "--out", out, *model_args],
+        "is not in the prompt": ["segment", str(img), "dog", "--prompt", "a cat", "--out", out, *model_args],
+        "empty": ["segment", str(img), "   ", "--out", out, *model_args],
+        "input not found": ["segment", str(tmp_path / "nope.png"), "cat", "--out", out, *model_args],
+        "cannot read image": ["segment", str(frames), "cat", "--out", str(tmp_path / "masks"), *model_args],
+        "no images": ["segment", str(empty), "cat", "--out", str(tmp_path / "masks"), *model_args],
+        "must be a .png": ["segment", str(img), "cat", "--out", str(tmp_path / "mask.jpg"), *model_args],
+        "must be a folder": ["segment", str(frames), "cat", "--out", str(tmp_path / "x.png"), *model_args],
+    }
+    for expected, argv in cases.items():
+        assert expected in run_bad(tmp_path, capsys, argv)
+    d, _ = tiny_checkpoint
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"x": torch.zeros(2)}, foreign)
+    assert "unknown architecture" in run_bad(tmp_path, capsys, ["segment", str(img), "cat", "--out", out, "--checkpoint", str(foreign)])
+
+
+def test_bad_option_values(tmp_path, model_args, capsys):
+    img = write_image(tmp_path / "photo.png")
+    with pytest.raises(SystemExit) as e:
+        main(["segment", str(img), "cat", "--out", str(tmp_path / "m.png"), "--threshold", "2", *model_args])
+    assert e.value.code == 2
+    assert "expected 'auto' or a number" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_entry_point_subprocess(tmp_path, model_args):
+    img = write_image(tmp_path / "photo.png")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ok = subprocess.run([sys.executable, "-m", "textmask", "segment", str(img), "cat", "--out", str(tmp_path / "m.png"),
+                         *model_args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "textmask", "segment", str(img), "cat AND", "--out", str(tmp_path / "n.png"),
+                          *model_args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["textmask: error: mask prompt syntax error at column 8: expected a phrase, got the end of the prompt"]
+    assert not (tmp_path / "n.png").exists()

@@ -1,0 +1,233 @@
+"""TextMasker end to end on tiny models: sizes, batches, methods, bad input, and the model left untouched."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_unchanged, state_snapshot
+from PIL import Image
+
+import tiny_models
+from textmask import ImageError, PhraseNotFoundError, PromptSyntaxError, TextMasker, TextMaskError
+from textmask.hosts.diffusers import DiffusersHost
+
+
+def images(b=2, h=37, w=53, seed=0):
+    return torch.rand(b, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method,refine", [("attention", False), ("attention", True), ("noise-diff", False)])
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (20, 90)])
+def test_mask_is_exact_input_size(sd1_masker, method, refine, size):
+    out = sd1_masker.mask(images(2, *size), "red car | truck", method=method, refine=refine)
+    assert out.masks.shape == out.heatmaps.shape == (2, *size)
+    assert set(out.terms) == {"red car", "truck"}
+    assert set(out.masks.unique().tolist()) <= {0.0, 1.0}
+    assert out.heatmaps.min() >= 0 and out.heatmaps.max() <= 1
+
+
+def test_input_kinds(sd1_masker):
+    rgba = Image.fromarray((np.random.default_rng(0).random((33, 41, 4)) * 255).astype(np.uint8), "RGBA")
+    gray = Image.fromarray((np.random.default_rng(1).random((33, 41)) * 255).astype(np.uint8), "L")
+    for img in (rgba, gray, np.asarray(rgba), torch.rand(33, 41, 3), [rgba, gray]):
+        out = sd1_masker.mask(img, "cat")
+        assert out.masks.shape[-2:] == (33, 41)
+    assert sd1_masker.mask([rgba, gray], "cat").masks.shape == (2, 33, 41)
+
+
+def test_rgba_alpha_is_ignored(sd1_masker):
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    rgba = np.concatenate([rgb, np.zeros((32, 32, 1), np.uint8)], axis=-1)
+    a = sd1_masker.mask(Image.fromarray(rgb), "cat").heatmaps
+    b = sd1_masker.mask(Image.fromarray(rgba, "RGBA"), "cat").heatmaps
+    assert torch.equal(a, b)
+
+
+def test_bad_images(sd1_masker):
+    with pytest.raises(ImageError, match="share a size"):
+        sd1_masker.mask([torch.rand(32, 32, 3), torch.rand(40, 32, 3)], "cat")
+    with pytest.raises(ImageError, match="too small"):
+        sd1_masker.mask(torch.rand(4, 30, 3), "cat")
+    with pytest.raises(ImageError, match="channels"):
+        sd1_masker.mask(torch.rand(1, 32, 32, 7), "cat")
+    with pytest.raises(ImageError, match="no images"):
+        sd1_masker.mask([], "cat")
+    nan = torch.rand(32, 32, 3)
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ImageError, match="NaN"):
+        sd1_masker.mask(nan, "cat")
+
+
+def test_bad_prompts(sd1_masker):
+    img = images(1)
+    with pytest.raises(TextMaskError, match="empty"):
+        sd1_masker.mask(img, "  ")
+    with pytest.raises(PromptSyntaxError, match="column 8"):
+        sd1_masker.mask(img, "cat AND")
+    with pytest.raises(PhraseNotFoundError, match="'dog' is not in the prompt"):
+        sd1_masker.mask(img, "dog", prompt="a photo of a cat")
+    with pytest.raises(PhraseNotFoundError):
+        sd1_masker.mask(img, "dog", prompt="a photo of a cat", method="noise-diff")
+    with pytest.raises(TextMaskError, match="unknown method"):
+        sd1_masker.mask(img, "cat", method="magic")
+    with pytest.raises(TextMaskError, match="threshold"):
+        sd1_masker.mask(img, "cat", threshold=1.5)
+    with pytest.raises(TextMaskError, match="timestep"):
+        sd1_masker.mask(img, "cat", timestep=1000)
+
+
+def test_finding_nothing_is_all_zero(sd1_masker):
+    img = images(2)
+    for kwargs in ({"threshold": 1.0}, {}):
+        prompt = "cat" if kwargs else "cat AND NOT cat"
+        out = sd1_masker.mask(img, prompt, **kwargs)
+        assert out.masks.shape == (2, 37, 53) and out.masks.sum() == 0
+        soft = sd1_masker.mask(img, prompt, soft=True, **kwargs)
+        assert soft.masks.sum() == 0
+
+
+def test_prompt_and_caption(sd1_masker):
+    img = images(1)
+    caption = "a photo of a cat sitting on a red sofa next to a lamp"
+    out = sd1_masker.mask(img, "red sofa | lamp", prompt=caption)
+    assert out.masks.shape == (1, 37, 53)
+    long_caption = " ".join(["a wide landscape"] * 40) + " with a cat"
+    out = sd1_masker.mask(img, "cat", prompt=long_caption)
+    assert out.heatmaps.max() > 0
+
+
+def test_negative_equals_and_not(sd1_masker):
+    img = images(1)
+    a = sd1_masker.mask(img, "cat", negative="sofa")
+    b = sd1_masker.mask(img, "cat AND NOT sofa")
+    assert torch.equal(a.masks, b.masks) and torch.equal(a.heatmaps, b.heatmaps)
+
+
+def test_soft_masks_share_support_with_binary(sd1_masker):
+    img = images(2)
+    hard = sd1_masker.mask(img, "cat | dog")
+    soft = sd1_masker.mask(img, "cat | dog", soft=True)
+    assert torch.equal(soft.masks > 0, hard.masks > 0)
+    assert ((soft.masks > 0) & (soft.masks < 1)).any()
+
+
+def test_postprocess_options(sd1_masker):
+    img = images(1)
+    base = sd1_masker.mask(img, "cat").masks
+    assert torch.equal(sd1_masker.mask(img, "cat", invert=True).masks, 1 - base)
+    assert sd1_masker.mask(img, "cat", grow=3).masks.sum() >= base.sum()
+    assert sd1_masker.mask(img, "cat", grow=-3).masks.sum() <= base.sum()
+    blurred = sd1_masker.mask(img, "cat", blur=2).masks
+    assert ((blurred > 0) & (blurred < 1)).any()
+    assert sd1_masker.mask(img, "cat", fill_holes=True).masks.sum() >= base.sum()
+
+
+def test_deterministic_and_batch_independent(sd1_masker):
+    img = images(3)
+    a = sd1_masker.mask(img, "cat", seed=7, batch_size=1)
+    b = sd1_masker.mask(img, "cat", seed=7, batch_size=3)
+    torch.testing.assert_close(a.heatmaps, b.heatmaps, atol=1e-5, rtol=0)
+    c = sd1_masker.mask(img, "cat", seed=8)
+    assert not torch.equal(a.heatmaps, c.heatmaps)
+
+
+def test_terms_share_one_forward(sd1_pipe):
+    masker = TextMasker.from_pipe(sd1_pipe, resolution=64)
+    calls = []
+    handle = sd1_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        masker.mask(images(2), "a | b AND NOT c | (d OR e)", refine=True)
+        assert len(calls) == 1
+        calls.clear()
+        masker.mask(images(2), "a | b | c", method="noise-diff")
+        assert len(calls) == 1  # [∅, a, b, c] for both images in one batch
+    finally:
+        handle.remove()
+
+
+def test_model_bit_identical_after_masking(sd1_pipe):
+    unet = sd1_pipe.unet
+    masker = TextMasker.from_pipe(sd1_pipe, resolution=64)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before_out = unet(x, t, encoder_hidden_states=ctx).sample
+    before = state_snapshot(unet)
+    masker.mask(images(2), "cat | dog", refine=True)
+    masker.mask(images(1), "cat", method="noise-diff")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt():
+        raise Interrupted
+
+    # An interrupt between batches and an exception inside the forward both leave the model as it was.
+    masker.host.check_interrupt = interrupt
+    with pytest.raises(Interrupted):
+        masker.mask(images(2), "cat")
+    del masker.host.check_interrupt
+    boom = unet.mid_block.register_forward_hook(lambda *a: (_ for _ in ()).throw(Interrupted()))
+    with pytest.raises(Interrupted):
+        masker.mask(images(2), "cat", refine=True)
+    boom.remove()
+    assert_unchanged(before, state_snapshot(unet))
+    with torch.no_grad():
+        assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_sdxl_pooled_path(sdxl_pipe):
+    masker = TextMasker.from_pipe(sdxl_pipe, resolution=64)
+    host = masker.host
+    cond = host.encode_prompts(["a photo of a cat"])
+    assert cond.context.shape == (1, 77, 64) and cond.extra["text_embeds"].shape == (1, 32)
+    x = torch.randn(1, 4, 32, 32)
+    lat = torch.zeros_like(x)
+    with torch.no_grad():
+        eps = host.predict_noise(x, 300, cond, lat)
+        cond.extra["text_embeds"] = cond.extra["text_embeds"] + 1
+        eps_other = host.predict_noise(x, 300, cond, lat)
+    assert not torch.allclose(eps, eps_other)  # the pooled embedding reaches the UNet
+    out = masker.mask(images(2), "cat | dog", refine=True)
+    assert out.masks.shape == (2, 37, 53)
+
+
+def test_inpainting_unet():
+    pipe = tiny_models.Pipe(tiny_models.unet_sd1(in_channels=9), tiny_models.vae(), tiny_models.text_encoder())
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    for method in ("attention", "noise-diff"):
+        assert masker.mask(images(1), "cat", method=method).masks.shape == (1, 37, 53)
+
+
+def test_v_prediction_converts_to_epsilon(sd1_pipe):
+    eps_host = DiffusersHost.from_pipe(sd1_pipe)
+    v_host = DiffusersHost.from_pipe(sd1_pipe, prediction_type="v_prediction")
+    cond = eps_host.encode_prompts(["cat"])
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        raw = eps_host.predict_noise(x, 400, cond, x)
+        eps = v_host.predict_noise(x, 400, cond, x)
+    a = float(eps_host.alphas_cumprod[400])
+    torch.testing.assert_close(eps, a**0.5 * raw + (1 - a) ** 0.5 * x)
+
+
+def test_from_pretrained_folder(tmp_path, sd1_pipe):
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(sd1_pipe, name).save_pretrained(tmp_path / name)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "v_prediction"}')
+    masker = TextMasker.from_pretrained(tmp_path, resolution=64)
+    assert masker.host.prediction_type == "v_prediction"
+    assert masker.mask(images(1), "cat").masks.shape == (1, 37, 53)
+    from textmask.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a diffusers model folder"):
+        TextMasker.from_pretrained(tmp_path / "vae")
+
+
+def test_context_positions_point_at_the_phrase(sd1_masker):
+    host = sd1_masker.host
+    text = " ".join(["hill"] * 80) + " tiny zebra"
+    token_map, windows = host._windows(text)
+    flat = sum(([49406] + w + [49407] + [49407] * (75 - len(w)) for w in windows), [])
+    assert len(flat) == token_map.context_length
+    tokens = host.tokenizer.convert_ids_to_tokens([flat[p] for p in token_map.find("tiny zebra")])
+    assert tokens == ["tiny</w>", "zebra</w>"]

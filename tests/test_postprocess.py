@@ -1,0 +1,110 @@
+"""Mask operations on arrays with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from textmask import mask_prompt as mp
+from textmask import postprocess as pp
+from textmask.images import working_size
+
+
+def square(size=41, lo=15, hi=26):
+    m = torch.zeros(1, size, size)
+    m[0, lo:hi, lo:hi] = 1
+    return m
+
+
+def test_normalize():
+    x = torch.tensor([[[2.0, 4.0], [6.0, 10.0]]])
+    torch.testing.assert_close(pp.normalize(x), torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]))
+    assert pp.normalize(torch.full((1, 3, 3), 5.0)).abs().sum() == 0  # constant -> nothing
+
+
+def test_otsu_bimodal_and_constant():
+    x = torch.cat([torch.full((500,), 0.1), torch.full((300,), 0.8)]).reshape(1, 20, 40)
+    t = pp.otsu_threshold(x)
+    assert 0.1 <= t < 0.8
+    assert pp.otsu_threshold(torch.zeros(5, 5)) == math.inf
+    assert (pp.thresholds(torch.zeros(2, 1, 4, 4), "auto") == math.inf).all()
+    assert pp.thresholds(torch.zeros(2, 3, 4, 4), 0.4).shape == (2, 3, 1, 1)
+
+
+def test_soft_ramps_keep_boolean_logic():
+    torch.manual_seed(0)
+    a, b = torch.rand(64, 64), torch.rand(64, 64)
+    ta, tb = torch.tensor(0.3), torch.tensor(0.6)
+    ramps = {"a": pp.soft_threshold(a, ta), "b": pp.soft_threshold(b, tb)}
+    binary = {"a": a > ta, "b": b > tb}
+    for text, expect in [
+        ("a | b", binary["a"] | binary["b"]),
+        ("a AND NOT b", binary["a"] & ~binary["b"]),
+        ("NOT (a AND b)", ~(binary["a"] & binary["b"])),
+    ]:
+        ramp = mp.evaluate(mp.parse(text), ramps.__getitem__)
+        assert torch.equal(pp.ramp_to_mask(ramp, soft=False).bool(), expect), text
+        soft = pp.ramp_to_mask(ramp, soft=True)
+        assert torch.equal(soft > 0, expect) and soft.max() <= 1 and soft.min() >= 0
+
+
+def test_grow_and_shrink_by_disc():
+    m = square()  # 11 x 11
+    grown = pp.grow(m, 3)
+    # Minkowski sum of an 11x11 square and a radius-3 disc: the square, four 11x3 slabs and four quarter discs.
+    quarter = sum(1 for dy in range(1, 4) for dx in range(1, 4) if dx * dx + dy * dy <= 9)
+    assert grown.sum() == 121 + 4 * 11 * 3 + 4 * quarter
+    assert pp.grow(m, -2).sum() == 7 * 7
+    assert pp.grow(m, -6).sum() == 0
+    assert pp.grow(torch.zeros(1, 9, 9), 4).sum() == 0  # growing nothing stays nothing
+    assert torch.equal(pp.grow(m, 0), m)
+
+
+def test_grow_soft_mask():
+    m = square() * 0.5
+    g = pp.grow(m, 2)
+    assert g.max() == 0.5 and (g > 0).sum() > (m > 0).sum()
+
+
+def test_fill_holes_and_invert():
+    ring = square(lo=10, hi=31)
+    ring[0, 15:26, 15:26] = 0
+    assert pp.fill_holes(ring).sum() == 21 * 21
+    assert torch.equal(pp.invert(pp.invert(ring)), ring)
+    assert pp.invert(torch.zeros(1, 3, 3)).sum() == 9
+
+
+def test_blur_feathers_and_keeps_mass():
+    m = square()
+    b = pp.gaussian_blur(m, 2.0)
+    assert 0 < b.min() or b.min() == 0
+    assert abs(b.sum() - m.sum()) < 1.0
+    assert ((b > 0) & (b < 1)).sum() > 0
+    assert torch.equal(pp.gaussian_blur(m, 0), m)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (512, 768), (9, 1000)])
+def test_resize_is_exact(size):
+    x = torch.rand(2, 3, 16, 24)
+    y = pp.resize(x, size)
+    assert y.shape == (2, 3, *size)
+    # a left/right split survives resizing at the same relative position
+    half = torch.zeros(1, 8, 8)
+    half[..., 4:] = 1
+    r = pp.resize(half, size)
+    assert r[0, :, : size[1] // 2 - size[1] // 8].max() < 0.5 and r[0, :, size[1] // 2 + size[1] // 8 :].min() > 0.5
+
+
+def test_postprocess_order():
+    ring = square(lo=10, hi=31)
+    ring[0, 15:26, 15:26] = 0
+    out = pp.postprocess(ring, fill=True, grow_px=0, invert_mask=True)
+    assert out.sum() == 41 * 41 - 21 * 21  # filled first, then inverted
+
+
+def test_working_size_keeps_aspect():
+    h, w = working_size(600, 900, 512, 64)
+    assert h % 64 == 0 and w % 64 == 0
+    assert abs(w / h - 1.5) < 0.2
+    assert working_size(10, 10, 512, 64) == (512, 512)
+    assert working_size(37, 4000, 512, 64)[0] == 64
