@@ -67,19 +67,24 @@ def spatial_size(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
     raise CaptureError(f"cannot map {tokens} attention queries onto latent size {h}x{w}")
 
 
+def default_chunk_bytes(device: torch.device) -> int:
+    """Score-chunk budget: cache-sized on CPU (the work is memory-bound), large on accelerators."""
+    return (2 << 20) if device.type == "cpu" else (256 << 20)
+
+
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, max_chunk_bytes: int = 64 << 20
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, max_chunk_bytes: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (first_row, probs) chunks of head-averaged softmax(q kᵀ · scale) in fp32; probs is [B, rows, keys]."""
     b, n, c = q.shape
     m = k.shape[1]
     d = c // heads
-    qh = q.float().reshape(b, n, heads, d).transpose(1, 2)
-    kt = k.float().reshape(b, m, heads, d).permute(0, 2, 3, 1)
-    rows = max(1, max_chunk_bytes // max(1, b * heads * m * 4))
+    budget = max_chunk_bytes or default_chunk_bytes(q.device)
+    qh = q.float().reshape(b, n, heads, d).transpose(1, 2).contiguous()
+    kt = (k.float() * scale).reshape(b, m, heads, d).permute(0, 2, 3, 1).contiguous()
+    rows = max(1, budget // max(1, b * heads * m * 4))
     for i in range(0, n, rows):
-        scores = torch.matmul(qh[:, :, i : i + rows], kt).mul_(scale)
-        yield i, scores.softmax(dim=-1).mean(dim=1)
+        yield i, torch.matmul(qh[:, :, i : i + rows], kt).softmax(dim=-1).mean(dim=1)
 
 
 class AttentionCapture:
@@ -99,7 +104,7 @@ class AttentionCapture:
         sink: ProbsSink | None = None,
         queries: LayerFilter | None = None,
         outputs: Iterable[tuple[str, nn.Module]] = (),
-        max_chunk_bytes: int = 64 << 20,
+        max_chunk_bytes: int | None = None,
     ):
         if not attention_modules:
             raise CaptureError("no attention modules found in this model")

@@ -131,6 +131,7 @@ class TextMasker:
         return self.host.encode_prompts([""] + list(terms)), []
 
     def _heatmaps(self, pixels, size, method, cond_groups, terms, refine, timestep, seed) -> torch.Tensor:
+        """Resize, encode and noise one batch of images, then decode the method's maps."""
         host = self.host
         cond, groups = cond_groups
         x = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
@@ -141,31 +142,7 @@ class TextMasker:
             [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(seed) + i)) for i in range(b)]
         ).to(latents.device, latents.dtype)
         noisy = host.add_noise(latents, noise, timestep)
-        latent_size = tuple(latents.shape[-2:])
-
-        if method == "attention":
-            cross = CrossAttentionMaps(groups)
-            selfagg = SelfAttentionAggregate() if refine else None
-
-            def sink(layer, start, probs):
-                (cross if layer.kind == "cross" else selfagg)(layer, start, probs)
-
-            want = (lambda l: True) if refine else (lambda l: l.kind == "cross")
-            with AttentionCapture(host.attention_modules(), latent_size, probs=want, sink=sink):
-                host.predict_noise(noisy, timestep, cond.select([0] * b), latents)
-            maps = cross.aggregate()
-            if selfagg is not None:
-                maps = refine_with_self_attention(maps, selfagg.result(), selfagg.size, REFINE_MODE, REFINE_STEPS)
-            return maps.float().cpu()
-
-        # noise-diff: rows ordered image-major, [∅, phrase 1, …, phrase P] for each image.
-        n = len(cond)
-        rows = [i for _ in range(b) for i in range(n)]
-        eps = host.predict_noise(
-            noisy.repeat_interleave(n, 0), timestep, cond.select(rows), latents.repeat_interleave(n, 0)
-        )
-        eps = eps.reshape(b, n, *eps.shape[1:])
-        return noise_difference(eps[:, 1:], eps[:, 0]).float().cpu()
+        return method_heatmaps(host, method, latents, noisy, timestep, cond, groups, refine)
 
     def _finish(self, expr, terms, low, size, threshold, soft, blur, grow, fill_holes, invert) -> MaskResult:
         t = pp.thresholds(low, threshold)  # Otsu on the attention-resolution map, per image and phrase
@@ -181,3 +158,42 @@ class TextMasker:
             heatmaps=combined.contiguous(),
             terms={term: heat[:, i].contiguous() for i, term in enumerate(terms)},
         )
+
+
+def method_heatmaps(
+    host: Host,
+    method: str,
+    latents: torch.Tensor,
+    noisy: torch.Tensor,
+    timestep: int,
+    cond: Conditioning,
+    groups: list[list[int]],
+    refine: bool,
+) -> torch.Tensor:
+    """One batched UNet forward and the method's decoding: normalised maps [B, P, h, w] on the CPU."""
+    b = latents.shape[0]
+    latent_size = tuple(latents.shape[-2:])
+    if method == "attention":
+        cross = CrossAttentionMaps(groups)
+        selfagg = SelfAttentionAggregate() if refine else None
+
+        def sink(layer, start, probs):
+            (cross if layer.kind == "cross" else selfagg)(layer, start, probs)
+
+        want = (lambda l: True) if refine else (lambda l: l.kind == "cross")
+        with AttentionCapture(host.attention_modules(), latent_size, probs=want, sink=sink):
+            host.predict_noise(noisy, timestep, cond.select([0] * b), latents)
+        maps = cross.aggregate()
+        if selfagg is not None:
+            maps = refine_with_self_attention(maps, selfagg.result(), selfagg.size, REFINE_MODE, REFINE_STEPS)
+        return maps.float().cpu()
+
+    # noise-diff: rows ordered image-major, [∅, phrase 1, …, phrase P] for each image.
+    n = len(cond)
+    rows = [i for _ in range(b) for i in range(n)]
+    eps = host.predict_noise(
+        noisy.repeat_interleave(n, 0), timestep, cond.select(rows), latents.repeat_interleave(n, 0)
+    )
+    eps = eps.reshape(b, n, *eps.shape[1:])
+    return noise_difference(eps[:, 1:], eps[:, 0]).float().cpu()
+

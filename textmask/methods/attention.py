@@ -84,12 +84,12 @@ class SelfAttentionAggregate:
             self._layer = layer
             self._buffer = torch.empty(probs.shape[0], layer.tokens, self.size[0] * self.size[1], device=probs.device)
         b, rows, _ = probs.shape
-        keys = probs.reshape(b * rows, 1, *layer.size)
-        if layer.size != self.size:
-            keys = F.interpolate(keys, size=self.size, mode="bilinear", align_corners=False)
+        if layer.size == self.size:
+            self._buffer[:, start : start + rows] = probs  # rows already sum to 1
+            return
+        keys = F.interpolate(probs.reshape(b * rows, 1, *layer.size), size=self.size, mode="bilinear", align_corners=False)
         keys = keys.reshape(b, rows, -1)
-        keys = keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
-        self._buffer[:, start : start + rows] = keys
+        self._buffer[:, start : start + rows] = keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def _flush(self) -> None:
         layer, buf = self._layer, self._buffer

@@ -1,0 +1,120 @@
+"""Overhead of textmask's methods against one plain UNet forward (full-size SD1.5 UNet, random weights, CPU).
+
+    python bench/overhead.py [--size 512] [--repeats 3]
+
+Each row times exactly what TextMasker.mask runs per batch once latents exist: the hooked UNet forward plus
+the method's decoding (textmask.masker.method_heatmaps). Peak extra memory is the RSS peak above the plain
+forward's own peak, sampled every 2 ms, as a share of the UNet's weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+
+def build_host(size: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from textmask.hosts.diffusers import CONFIGS, DiffusersHost
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd1" / "unet" / "config.json").read_text())).eval()
+    # The VAE and text encoder are not timed (contexts are random); tiny stand-ins keep memory for the UNet.
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1))
+    return DiffusersHost(unet, vae, te)
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``peak`` is the maximum above the level at entry."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+
+
+def main() -> None:
+    from textmask.hosts.base import Conditioning
+    from textmask.masker import DEFAULT_TIMESTEP, method_heatmaps
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size / 8)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    host = build_host(args.size)
+    weight_bytes = sum(p.numel() * p.element_size() for p in host.unet.parameters())
+    side = args.size // 8
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, side, side, generator=g)
+    noisy = host.add_noise(latents, torch.randn(latents.shape, generator=g), DEFAULT_TIMESTEP)
+    cond = Conditioning(torch.randn(1, 77, 768, generator=g), [None])
+    one = [[5]]
+    eight = [[5 + i] for i in range(8)]
+
+    def plain():
+        host.predict_noise(noisy, DEFAULT_TIMESTEP, cond, latents)
+
+    rows = {
+        "plain": plain,
+        "attention": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, one, False),
+        "attention+refine": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, one, True),
+        "attention-8-phrases": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, eight, False),
+    }
+    times = {k: [] for k in rows}
+    peaks = {k: 0 for k in rows}
+    with torch.inference_mode():
+        plain()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in rows.items():  # interleaved, so drift hits every row alike
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+                peaks[name] = max(peaks[name], mem.peak)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"SD1.5 UNet, random weights, {args.size}x{args.size} ({side}x{side} latent), {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}; weights {weight_bytes / 2**30:.2f} GiB")
+    print(f"{'row':<22}{'seconds':>9}{'ratio':>8}{'peak +MiB':>11}")
+    for k in rows:
+        print(f"{k:<22}{med[k]:>9.2f}{med[k] / med['plain']:>7.2f}x{peaks[k] / 2**20:>11.0f}")
+    extra = max(peaks["attention"], peaks["attention+refine"], peaks["attention-8-phrases"]) - peaks["plain"]
+    print()
+    print(f"attention: {med['attention'] / med['plain']:.2f}x")
+    print(f"attention+refine: {med['attention+refine'] / med['plain']:.2f}x")
+    print(f"8-phrases: {med['attention-8-phrases'] / med['attention']:.2f}x")
+    print(f"extra-memory: {100 * max(0, extra) / weight_bytes:.0f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Train the tiny Shapes model (VAE, CLIP text encoder, UNet) that ships as textmask's demo model.
+
+    python bench/shapes/train_model.py --out textmask/demo/model --vae-minutes 12 --unet-minutes 100
+
+Everything is regenerated from seeds: the scenes (textmask.demo.scenes, train split), the initial weights
+and the data order. The output is a diffusers-format folder with fp16 safetensors, the loss curves and
+the model card's numbers (train_log.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
+from textmask.hosts.diffusers import BOS, EOS, ddpm_alphas_cumprod  # noqa: E402
+from textmask.tokenizer import clip_tokenizer  # noqa: E402
+
+CONFIGS = {
+    "vae": dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 64], latent_channels=4,
+                layers_per_block=1, norm_num_groups=16, sample_size=128),
+    "unet": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[48, 64, 96],
+                 down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64,
+                 attention_head_dim=4, norm_num_groups=16),
+    "text_encoder": dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=77, projection_dim=64, hidden_act="quick_gelu",
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS),
+}
+
+
+def _render(seed: int):
+    s = make_scene(seed)
+    return (s.image * 255 + 0.5).astype(np.uint8), s.caption
+
+
+def scene_pool(count: int, workers: int = 2):
+    """The first ``count`` train scenes as uint8 images and captions."""
+    with Pool(workers) as pool:
+        items = pool.map(_render, list(split_seeds("train", count)), chunksize=64)
+    images = torch.from_numpy(np.stack([i for i, _ in items])).permute(0, 3, 1, 2).contiguous()
+    return images, [c for _, c in items]
+
+
+def token_ids(captions: list[str]) -> torch.Tensor:
+    """SD-style ids: BOS, tokens, EOS, then EOS padding to 77."""
+    tok = clip_tokenizer()
+    rows = []
+    for c in captions:
+        ids = tok(c, add_special_tokens=False)["input_ids"][:75]
+        rows.append([BOS] + ids + [EOS] * (76 - len(ids)))
+    return torch.tensor(rows)
+
+
+class Log:
+    def __init__(self):
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+
+    def add(self, name: str, step: int, value: float):
+        self.curves.setdefault(name, []).append((step, round(value, 5)))
+
+
+def lr_at(step_frac: float, base: float, warmup: float = 0.03) -> float:
+    if step_frac < warmup:
+        return base * step_frac / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step_frac - warmup) / (1 - warmup))))
+
+
+def train_vae(images: torch.Tensor, minutes: float, batch: int, log: Log, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**CONFIGS["vae"]).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    start, step, ema = time.time(), 0, None
+    budget = minutes * 60
+    while (elapsed := time.time() - start) < budget:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(elapsed / budget, 1e-3)
+        idx = torch.randint(len(images), (batch,), generator=gen)
+        x = images[idx].float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 25 == 0:
+            log.add("vae_loss", step, ema)
+            print(f"vae step {step} loss {ema:.4f} ({elapsed / 60:.1f} min)", flush=True)
+        step += 1
+    return vae.eval(), step
+
+
+@torch.no_grad()
+def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    out = [vae.encode(images[i : i + batch].float() / 127.5 - 1).latent_dist.mean for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dropout: float = 0.1, on_checkpoint=None,
+               checkpoint_minutes: float = 15):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**CONFIGS["unet"]).train()
+    text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"])).train()
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    alphas = ddpm_alphas_cumprod().float()
+    empty = token_ids([""])[0]
+    gen = torch.Generator().manual_seed(seed + 1)
+    start, step, ema = time.time(), 0, None
+    budget = minutes * 60
+    next_checkpoint = checkpoint_minutes * 60
+    while (elapsed := time.time() - start) < budget:
+        if on_checkpoint is not None and elapsed > next_checkpoint:
+            next_checkpoint += checkpoint_minutes * 60
+            on_checkpoint(unet.eval(), text.eval(), step)
+            unet.train(), text.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(elapsed / budget, 5e-4)
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        z0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = torch.rand(batch, generator=gen) < dropout  # 10% caption dropout, for classifier-free guidance
+        tok[drop] = empty
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        ctx = text(tok).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=ctx).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        if step % 25 == 0:
+            log.add("unet_loss", step, ema)
+            print(f"unet step {step} loss {ema:.4f} ({elapsed / 60:.1f} min)", flush=True)
+        step += 1
+    return unet.eval(), text.eval(), step
+
+
+def save(out: Path, vae, unet, text, scaling: float, info: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in [("vae", vae), ("unet", unet), ("text_encoder", text)]:
+        half = copy.deepcopy(model).to(torch.float16)  # never round the weights still being trained
+        if name == "vae":
+            half.register_to_config(scaling_factor=scaling)
+        half.save_pretrained(out / name, safe_serialization=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+         "num_train_timesteps": 1000, "prediction_type": "epsilon"}, indent=2))
+    (out / "train_log.json").write_text(json.dumps(info, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "textmask" / "demo" / "model")
+    ap.add_argument("--scenes", type=int, default=12000)
+    ap.add_argument("--vae-minutes", type=float, default=10)
+    ap.add_argument("--unet-minutes", type=float, default=85)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--unet-batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    images, captions = scene_pool(args.scenes)
+    print(f"{len(images)} scenes in {time.time() - t0:.0f}s", flush=True)
+    log = Log()
+    vae, vae_steps = train_vae(images, args.vae_minutes, args.vae_batch, log, args.seed)
+    latents = encode_pool(vae, images)
+    scaling = float(1.0 / latents.std())
+    latents = latents * scaling
+    ids = token_ids(captions)
+    def describe(unet_steps, unet=None, text=None):
+        return {
+            "command": "python bench/shapes/train_model.py " + " ".join(sys.argv[1:]),
+            "seed": args.seed, "scenes": args.scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
+            "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "scaling_factor": scaling,
+            "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
+            "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
+            "curves": log.curves,
+        }
+
+    def checkpoint(unet, text, steps):
+        save(args.out, vae, unet, text, scaling, describe(steps, unet, text))
+        print(f"checkpoint at step {steps}", flush=True)
+
+    unet, text, unet_steps = train_unet(latents, ids, args.unet_minutes, args.unet_batch, log, args.seed, on_checkpoint=checkpoint)
+    info = describe(unet_steps, unet, text)
+    save(args.out, vae, unet, text, scaling, info)
+    print(f"saved to {args.out} after {info['minutes']} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
