@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--heatmap", default=None, help="heatmap overlay PNG (or folder, for a folder input)")
     add_model_options(seg)
     add_mask_options(seg)
+    demo = sub.add_parser("demo", help="mask a few Shapes scenes with the bundled tiny model (no download)")
+    demo.add_argument("--out", default="textmask-demo", help="output folder (default: ./textmask-demo)")
+    demo.add_argument("--scenes", type=int, default=4, help="how many test scenes (default 4)")
     return parser
 
 
@@ -168,7 +171,15 @@ def run_segment(args: argparse.Namespace) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-COMMANDS = {"segment": run_segment}
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo.demo import run_demo as demo
+
+    if args.scenes < 1:
+        raise CliError("--scenes must be at least 1")
+    demo(Path(args.out), scenes=args.scenes)
+
+
+COMMANDS = {"segment": run_segment, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,13 +27,18 @@ BOS, EOS = 49406, 49407
 
 
 def _quiet_diffusers():
-    """Silence diffusers' and transformers' info chatter while loading."""
+    """Silence diffusers' and transformers' info chatter and loading bars; the user's settings come back after."""
+    import importlib
+
     stack = contextlib.ExitStack()
     for name in ("diffusers", "transformers"):
         logger = logging.getLogger(name)
-        old = logger.level
+        stack.callback(logger.setLevel, logger.level)
         logger.setLevel(logging.ERROR)
-        stack.callback(logger.setLevel, old)
+        hf_logging = importlib.import_module(f"{name}.utils.logging")
+        if getattr(hf_logging, "is_progress_bar_enabled", lambda: False)():
+            hf_logging.disable_progress_bar()
+            stack.callback(hf_logging.enable_progress_bar)
     return stack
 
 

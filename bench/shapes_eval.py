@@ -1,0 +1,118 @@
+"""Mask quality of every method on the Shapes test split, against baselines and a ceiling.
+
+    python bench/shapes_eval.py [--scenes 200] [--model textmask/demo/model] [--sweep]
+
+Rows: each method on each object's phrase ("red circle"; GT = every instance of it), scored with mean IoU
+at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC and the pointing game.
+Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape), the same pipeline
+on a randomly initialised UNet, and the ceiling (GT through the attention grid and back). ``--sweep``
+adds the timestep and refinement settings behind the defaults in textmask/masker.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from textmask import TextMasker  # noqa: E402
+from textmask import masker as masker_module  # noqa: E402
+from textmask.demo.evaluate import (  # noqa: E402
+    Scores, ceiling_heatmap, centre_prior, object_phrases, otsu_mask, wrong_phrase)
+from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
+from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
+
+METHODS = {
+    "attention": dict(method="attention"),
+    "attention+refine": dict(method="attention", refine=True),
+    "noise-diff": dict(method="noise-diff"),
+}
+
+
+def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = None):
+    for scene in scenes:
+        phrases = object_phrases(scene)
+        out = masker.mask(scene.image, " | ".join(phrases), **kwargs)
+        for p in phrases:
+            heat = out.terms[p][0]
+            scores.add(heat.numpy(), otsu_mask(heat).numpy(), scene.phrase_mask(p))
+        if wrong is not None:
+            for p in phrases:
+                w = wrong_phrase(scene, p)
+                heat = masker.mask(scene.image, w, **kwargs).terms[w][0]
+                wrong.add(heat.numpy(), otsu_mask(heat).numpy(), scene.phrase_mask(p))
+
+
+def random_unet_masker(masker):
+    host = copy.copy(masker.host)
+    torch.manual_seed(1234)
+    host.unet = type(masker.host.unet).from_config(masker.host.unet.config).eval()
+    return TextMasker(host)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--model", type=Path, default=MODEL_DIR)
+    ap.add_argument("--sweep", action="store_true", help="also sweep timestep and refinement settings")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    masker = load_demo_masker(args.model)
+    scenes = [make_scene(s) for s in split_seeds("test", args.scenes)]
+    grid = masker.host.unet.config.sample_size  # the largest attention grid (latent size)
+    rows: dict[str, dict] = {}
+    t0 = time.time()
+    with torch.inference_mode():
+        for name, kwargs in METHODS.items():
+            s = Scores()
+            wrong = Scores() if name == "attention" else None
+            score_method(masker, scenes, kwargs, s, wrong)
+            rows[name] = s.summary()
+            if wrong is not None:
+                rows["baseline-wrong-word"] = wrong.summary()
+        rnd = Scores()
+        score_method(random_unet_masker(masker), scenes, METHODS["attention"], rnd)
+        rows["baseline-random-unet"] = rnd.summary()
+        centre, ceiling = Scores(), Scores()
+        prior = centre_prior(scenes[0].image.shape[0])
+        for scene in scenes:
+            for p in object_phrases(scene):
+                gt = scene.phrase_mask(p)
+                centre.add(prior, otsu_mask(torch.from_numpy(prior)).numpy(), gt)
+                ceil = ceiling_heatmap(gt, grid)
+                ceiling.add(ceil, ceil > 0.5, gt)
+        rows["baseline-centre"] = centre.summary()
+        rows["ceiling"] = ceiling.summary()
+        if args.sweep:
+            sweep = scenes[: max(20, args.scenes // 4)]
+            for t in (100, 200, 300, 400, 500, 600):
+                s = Scores()
+                score_method(masker, sweep, dict(method="attention", timestep=t), s)
+                rows[f"sweep-attention-t{t}"] = s.summary()
+            for mode in ("transpose", "forward"):
+                for steps in (1, 2):
+                    masker_module.REFINE_MODE, masker_module.REFINE_STEPS = mode, steps
+                    s = Scores()
+                    score_method(masker, sweep, dict(method="attention", refine=True), s)
+                    rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
+    print(f"Shapes test split: {len(scenes)} scenes, {rows['attention']['n']} object phrases, "
+          f"model {args.model.name}, {time.time() - t0:.0f}s")
+    print(f"| {'row':<28} | {'IoU':>5} | {'best IoU':>8} | {'AUC':>5} | {'pointing':>8} |")
+    print(f"|{'-' * 30}|{'-' * 7}|{'-' * 10}|{'-' * 7}|{'-' * 10}|")
+    for name, r in rows.items():
+        print(f"| {name:<28} | {r['iou']:>5.3f} | {r['best_iou']:>8.3f} | {r['auc']:>5.3f} | {r['pointing']:>8.3f} |")
+    print()
+    for name, r in rows.items():
+        print(f"{name}: iou={r['iou']:.2f} best_iou={r['best_iou']:.2f} auc={r['auc']:.2f} pointing={r['pointing']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Shapes scenes: determinism, exact masks, captions, relations and the PhraseCut export."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from skimage.draw import polygon2mask
+
+from textmask.demo.phrasecut import export_phrasecut
+from textmask.demo.scenes import SHAPES, ShapeObject, make_scene, split_seeds
+
+
+def test_deterministic():
+    a, b = make_scene(123), make_scene(123)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+    assert a.caption == b.caption and a.relations == b.relations
+    assert not np.array_equal(a.image, make_scene(124).image)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("radius", [9.0, 17.5, 30.0])
+def test_mask_area_matches_analytic(shape, radius):
+    obj = ShapeObject(shape, "red", 64.3, 61.7, radius, 0.4)
+    area = obj.raster(128).sum()
+    perimeter_px = 2 * math.pi * radius * (1.6 if shape == "star" else 1.0)
+    assert abs(area - obj.area()) <= 0.5 * perimeter_px  # rasterisation error lives on the boundary
+    fine = obj.raster(128, 8).sum() / 64  # finer grids converge to the analytic area
+    assert abs(fine - obj.area()) < abs(area - obj.area()) + 1 and abs(fine - obj.area()) / obj.area() < 0.02
+
+
+def test_scene_contents():
+    scenes = [make_scene(s) for s in split_seeds("test", 200)]
+    counts = [len(s.objects) for s in scenes]
+    assert min(counts) == 1 and max(counts) == 4
+    for s in scenes:
+        assert s.image.shape == (128, 128, 3) and s.image.dtype == np.float32
+        assert 0 <= s.image.min() and s.image.max() <= 1
+        assert s.masks.shape == (len(s.objects), 128, 128)
+        assert not (s.masks.sum(0) > 1).any()  # visible masks never overlap
+        for o in s.objects:
+            assert o.phrase in s.caption
+    # colours or shapes repeat within a scene often enough that one word does not identify an object
+    repeats = sum(any(len({getattr(o, a) for o in s.objects}) < len(s.objects) for a in ("shape", "colour"))
+                  for s in scenes if len(s.objects) > 1)
+    assert repeats > 0.3 * sum(len(s.objects) > 1 for s in scenes)
+    relational = [r for s in scenes for r in s.relations]
+    assert len(relational) > 40
+    for s in scenes:
+        for phrase, target in s.relations:
+            shape = phrase.split()[-1] if "larger" in phrase or "smaller" in phrase else phrase.split()[1]
+            assert s.objects[target].shape == shape
+
+
+def test_relations_are_right():
+    for seed in split_seeds("val", 300):
+        s = make_scene(seed)
+        for phrase, target in s.relations:
+            others = [i for i, o in enumerate(s.objects) if o.shape == s.objects[target].shape and i != target]
+            (other,) = others
+            if phrase.endswith("on the left"):
+                assert s.objects[target].cx < s.objects[other].cx
+            if phrase.endswith("on the right"):
+                assert s.objects[target].cx > s.objects[other].cx
+            if "larger" in phrase:
+                assert s.masks[target].sum() > s.masks[other].sum()
+
+
+def test_splits_are_disjoint():
+    train, val, test = (set(split_seeds(s, 1000)) for s in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+
+
+def test_phrasecut_export(tmp_path):
+    totals = export_phrasecut(tmp_path, {"train": 6, "val": 2, "test": 2})
+    assert set(totals) == {"train", "val", "test"}
+    tasks = json.loads((tmp_path / "refer_train.json").read_text())
+    assert len(tasks) == totals["train"]
+    split = json.loads((tmp_path / "image_data_split.json").read_text())
+    assert len(split) == 10 and {e["split"] for e in split} == {"train", "val", "test"}
+    for t in tasks:
+        assert set(t) == {"task_id", "image_id", "phrase", "Polygons"}
+        assert (tmp_path / "images" / f"{t['image_id']}.jpg").exists()
+        scene = make_scene(t["image_id"])
+        # Rasterising the exported polygons (OR over instances) gives back the scene's mask.
+        raster = np.zeros((128, 128), bool)
+        for instance in t["Polygons"]:
+            for poly in instance:
+                xy = np.asarray(poly) - 0.5
+                raster ^= polygon2mask((128, 128), xy[:, ::-1])
+        if t["phrase"] in {o.phrase for o in scene.objects}:
+            truth = scene.phrase_mask(t["phrase"])
+        else:
+            truth = scene.masks[dict(scene.relations)[t["phrase"]]]
+        inter, union = (raster & truth).sum(), (raster | truth).sum()
+        assert inter / union > 0.9

@@ -1,0 +1,94 @@
+"""Scoring masks against Shapes ground truth: IoU, best-threshold IoU, ROC AUC and the pointing game."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from .. import postprocess as pp
+from .scenes import COLOURS, SHAPES, Scene
+
+THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    union = np.logical_or(pred, gt).sum()
+    return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
+
+
+def roc_auc(scores: np.ndarray, gt: np.ndarray) -> float:
+    """Pixel ROC AUC via the rank-sum statistic (ties averaged); 0.5 when a class is absent."""
+    gt = gt.ravel().astype(bool)
+    pos, neg = gt.sum(), (~gt).sum()
+    if pos == 0 or neg == 0:
+        return 0.5
+    ranks = rankdata(scores.ravel())
+    return float((ranks[gt].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def pointing(scores: np.ndarray, gt: np.ndarray) -> float:
+    """1.0 if the heatmap's peak falls inside the object."""
+    return float(gt.ravel()[int(np.argmax(scores.ravel()))])
+
+
+@dataclass
+class Scores:
+    """Accumulates per-sample scores for one method."""
+
+    iou: list[float] = field(default_factory=list)
+    auc: list[float] = field(default_factory=list)
+    pointing: list[float] = field(default_factory=list)
+    by_threshold: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, heatmap: np.ndarray, mask: np.ndarray, gt: np.ndarray) -> None:
+        self.iou.append(iou(mask > 0.5, gt))
+        self.auc.append(roc_auc(heatmap, gt))
+        self.pointing.append(pointing(heatmap, gt))
+        self.by_threshold.append(np.array([iou(heatmap > t, gt) for t in THRESHOLDS]))
+
+    def summary(self) -> dict[str, float]:
+        best = float(np.mean(self.by_threshold, axis=0).max()) if self.by_threshold else float("nan")
+        return {
+            "iou": float(np.mean(self.iou)),
+            "best_iou": best,
+            "auc": float(np.mean(self.auc)),
+            "pointing": float(np.mean(self.pointing)),
+            "n": len(self.iou),
+        }
+
+
+def otsu_mask(heatmap: torch.Tensor) -> torch.Tensor:
+    """The binary mask TextMasker makes from one normalised heatmap at threshold="auto"."""
+    return (heatmap > pp.thresholds(heatmap, "auto")).float()
+
+
+def object_phrases(scene: Scene) -> list[str]:
+    return list(dict.fromkeys(o.phrase for o in scene.objects))
+
+
+def wrong_phrase(scene: Scene, phrase: str) -> str:
+    """A phrase absent from the scene that shares neither colour nor shape with ``phrase``."""
+    colour, shape = phrase.split()
+    present = {o.phrase for o in scene.objects}
+    for c in COLOURS:
+        for s in SHAPES:
+            if c != colour and s != shape and f"{c} {s}" not in present:
+                return f"{c} {s}"
+    raise ValueError("no wrong phrase available")
+
+
+def centre_prior(size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = (size - 1) / 2
+    return np.exp(-((xx - c) ** 2 + (yy - c) ** 2) / (2 * (0.25 * size) ** 2)).astype(np.float32)
+
+
+def ceiling_heatmap(gt: np.ndarray, grid: int) -> np.ndarray:
+    """The GT mask area-downsampled to the attention grid and bilinearly upsampled back."""
+    t = torch.from_numpy(gt.astype(np.float32))[None, None]
+    small = torch.nn.functional.adaptive_avg_pool2d(t, grid)
+    return pp.resize(small[0], gt.shape)[0].numpy()
