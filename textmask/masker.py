@@ -89,8 +89,13 @@ class TextMasker:
         seed: int = 0,
         resolution: int | None = None,
         batch_size: int = 4,
+        latents: torch.Tensor | None = None,
     ) -> MaskResult:
-        """Mask what ``mask_prompt`` names in each image; see README for the prompt language."""
+        """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
+
+        ``latents`` (the host's latent space, one per image) replaces encoding the images; the host's
+        ``latent_region`` says which pixels they cover (ComfyUI's VAE Encode crops to multiples of 8).
+        """
         if method not in METHODS:
             raise TextMaskError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
         if not 0 <= int(timestep) < 1000:
@@ -108,18 +113,29 @@ class TextMasker:
         height, width = pixels.shape[-2:]
         size = working_size(height, width, resolution or self.host.resolution, self.host.size_multiple)
 
+        region = (0, 0, height, width)
+        if latents is not None:
+            if latents.dim() != 4 or latents.shape[0] not in (1, pixels.shape[0]):
+                raise TextMaskError(f"latents of shape {tuple(latents.shape)} do not match {pixels.shape[0]} image(s)")
+            latents = latents.expand(pixels.shape[0], -1, -1, -1)
+            region = getattr(self.host, "latent_region", lambda hw, lhw: (0, 0, *hw))((height, width), latents.shape[-2:])
+
         cond = self._conditioning(method, terms, prompt)
         heat_parts = []
         with self.host.progress(pixels.shape[0], "textmask") as bar:
             for rows in iter_chunks(pixels.shape[0], batch_size):
                 self.host.check_interrupt()
-                heat_parts.append(self._heatmaps(pixels[rows], size, method, cond, terms, refine, timestep, seed + rows.start))
+                given = latents[rows] if latents is not None else None
+                heat_parts.append(
+                    self._heatmaps(pixels[rows], size, method, cond, refine, timestep, seed + rows.start, given)
+                )
                 bar.update(rows.stop - rows.start)
         low = torch.cat(heat_parts)  # [B, P, h, w] normalised
-        return self._finish(expr, terms, low, (height, width), threshold, soft, blur, grow, fill_holes, invert)
+        return self._finish(expr, terms, low, (height, width), region, threshold, soft, blur, grow, fill_holes, invert)
 
     # ---------------------------------------------------------------------------------------------
     def _conditioning(self, method: str, terms: list[str], prompt: str | None) -> tuple[Conditioning, list[list[int]]]:
+        """Encode the prompts one method needs, with each term's token positions (attention only)."""
         if method == "attention":
             cond = self.host.encode_prompts([prompt if prompt is not None and prompt.strip() else attention_prompt(terms)])
             groups = [cond.token_maps[0].find(t) for t in terms]
@@ -130,12 +146,14 @@ class TextMasker:
                 token_map.find(t)  # the same "not in the prompt" contract as the attention method
         return self.host.encode_prompts([""] + list(terms)), []
 
-    def _heatmaps(self, pixels, size, method, cond_groups, terms, refine, timestep, seed) -> torch.Tensor:
-        """Resize, encode and noise one batch of images, then decode the method's maps."""
+    def _heatmaps(self, pixels, size, method, cond_groups, refine, timestep, seed, latents=None) -> torch.Tensor:
+        """Resize, encode and noise one batch of images (unless latents are given), then decode the method's maps."""
         host = self.host
         cond, groups = cond_groups
-        x = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-        latents = host.encode_images(x.clamp(0, 1))
+        if latents is None:
+            x = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+            latents = host.encode_images(x.clamp(0, 1))
+        latents = latents.to(host.device, host.dtype)
         b = latents.shape[0]
         # One CPU generator per image (seed + index): masks do not depend on batch_size or the device.
         noise = torch.stack(
@@ -144,9 +162,12 @@ class TextMasker:
         noisy = host.add_noise(latents, noise, timestep)
         return method_heatmaps(host, method, latents, noisy, timestep, cond, groups, refine)
 
-    def _finish(self, expr, terms, low, size, threshold, soft, blur, grow, fill_holes, invert) -> MaskResult:
+    def _finish(self, expr, terms, low, size, region, threshold, soft, blur, grow, fill_holes, invert) -> MaskResult:
         t = pp.thresholds(low, threshold)  # Otsu on the attention-resolution map, per image and phrase
-        heat = pp.resize(low, size).clamp(0, 1)  # [B, P, H, W]
+        top, left, h, w = region
+        heat = pp.resize(low, (h, w)).clamp(0, 1)  # [B, P, h, w] over the pixels the latents cover
+        if (h, w) != tuple(size):
+            heat = torch.nn.functional.pad(heat, (left, size[1] - w - left, top, size[0] - h - top))  # nothing outside
         index = {term.lower(): i for i, term in enumerate(terms)}
         ramps = pp.soft_threshold(heat, t)
         ramp = mp.evaluate(expr, lambda p: ramps[:, index[p.lower()]])

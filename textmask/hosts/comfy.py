@@ -1,0 +1,167 @@
+"""The ComfyUI host: textmask on a graph's own MODEL (ModelPatcher), CLIP and VAE.
+
+The forward goes through ``model.model.apply_model`` with the conds that ``extra_conds`` builds, so
+LoRA patches, low-VRAM casting, v-prediction, SDXL's pooled ``y`` and 9-channel inpainting models all
+take ComfyUI's own path. We run our own single forward (no CFG batching): ComfyUI pads cond and uncond
+to a common key length, which would shift token positions.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+import comfy.model_management
+import comfy.utils
+
+from ..capture import find_attention_modules, find_transformer_modules
+from ..errors import CaptureError
+from ..tokens import PromptTokens, TokenMap
+from .base import Conditioning, pad_contexts
+
+CHUNK = 77
+
+
+class ComfyProgress:
+    """comfy.utils.ProgressBar as the context manager the core expects."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+
+class ComfyHost:
+    """Runs textmask on ComfyUI objects; never patches or keeps a reference to a clone."""
+
+    def __init__(self, model, clip, vae):
+        self.patcher, self.clip, self.vae = model, clip, vae
+        self.base = model.model  # comfy.model_base.BaseModel
+        self.latent_factor = int(getattr(vae, "downscale_ratio", 8))
+        unet = self.base.diffusion_model
+        levels = len(getattr(unet, "channel_mult", (1, 2, 4, 4)))
+        self.size_multiple = self.latent_factor * 2 ** (levels - 1)
+        self.resolution = 1024 if self.is_sdxl else 512
+        self.in_channels = int(getattr(unet, "in_channels", 4))
+
+    @property
+    def is_sdxl(self) -> bool:
+        return type(self.base).__name__ == "SDXL"
+
+    @property
+    def device(self) -> torch.device:
+        return comfy.model_management.get_torch_device()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.get_dtype()
+
+    def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        comfy.model_management.load_models_gpu([self.patcher])  # applies the patcher's weight patches (LoRA)
+        modules = find_attention_modules(self.base.diffusion_model)
+        if not modules:
+            raise CaptureError("this MODEL has no attention modules textmask can hook (is it a UNet?)")
+        return modules
+
+    def transformer_modules(self) -> list[tuple[str, nn.Module]]:
+        return find_transformer_modules(self.base.diffusion_model)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # ComfyUI's VAE encode samples the posterior from the global RNG: fix the draw (same image, same mask)
+        # in a forked RNG so the user's own seeds are not disturbed.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            raw = self.vae.encode(pixels.movedim(1, -1).cpu())  # IMAGE layout in, un-scaled latents out
+        return self.base.process_latent_in(raw.to(self.device)).to(self.dtype)
+
+    def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the pixels a LATENT covers: VAE Encode centre-crops to multiples of 8."""
+        f = self.latent_factor
+        h, w = int(latent_size[0]) * f, int(latent_size[1]) * f
+        if h > image_size[0] or w > image_size[1]:
+            return 0, 0, *image_size  # a latent of another size: stretch over the whole image
+        return (image_size[0] - h) // 2, (image_size[1] - w) // 2, h, w
+
+    def _token_map(self, tokens: dict) -> TokenMap:
+        # Every clip of a model (l, g) shares words and positions; the first one describes them.
+        chunks = next(iter(tokens.values()))
+        hf = self._hf_tokenizer()
+        words: dict[int, list[int]] = {}
+        ids, word_of, positions = [], [], []
+        offset = 0
+        for chunk in chunks:
+            for j, (tok, _weight, word) in enumerate(chunk):
+                if word:
+                    ids.append(int(tok) if not torch.is_tensor(tok) else 0)  # embeddings are tensors
+                    word_of.append(word)
+                    positions.append(offset + j)
+                    words.setdefault(word, []).append(ids[-1])
+            offset += len(chunk)
+        # Rebuild the text from the tokenizer's own words, so weights syntax "(red car:1.2)" still matches.
+        text, spans = "", {}
+        for word, toks in words.items():
+            piece = hf.decode(toks).strip() if hf is not None else f"word{word}"
+            start = len(text) + (1 if text else 0)
+            text = f"{text} {piece}" if text else piece
+            spans[word] = (start, start + len(piece))
+        prompt_tokens = PromptTokens(text, tuple(ids), tuple(spans[w] for w in word_of))
+        return TokenMap(prompt_tokens, positions=positions, context_length=offset)
+
+    def _hf_tokenizer(self):
+        """The transformers tokenizer inside CLIP's SD1/SDXL tokenizer wrapper (for decoding words)."""
+        for part in vars(self.clip.tokenizer).values():
+            inner = getattr(part, "tokenizer", None)
+            if inner is not None and hasattr(inner, "decode"):
+                return inner
+        return None
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        contexts, maps, pooled = [], [], []
+        for text in prompts:
+            tokens = self.clip.tokenize(text, return_word_ids=True)
+            maps.append(self._token_map(tokens))
+            plain = {k: [[(t, w) for t, w, _ in chunk] for chunk in v] for k, v in tokens.items()}
+            cond, pool = self.clip.encode_from_tokens(plain, return_pooled=True)
+            contexts.append(cond)
+            pooled.append(pool if pool is not None else torch.zeros(1, 1))
+        context = torch.cat(pad_contexts(contexts)).to(self.device)
+        return Conditioning(context, maps, {"pooled": torch.cat(pooled).to(self.device)})
+
+    def _sigma(self, timestep: int) -> torch.Tensor:
+        return self.base.model_sampling.sigma(torch.tensor([float(timestep)])).to(self.device)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        sigma = self._sigma(timestep).float()
+        return self.base.model_sampling.noise_scaling(sigma, noise.float(), latents.float())
+
+    def predict_noise(
+        self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
+    ) -> torch.Tensor:
+        b, _, h, w = noisy.shape
+        device = self.device
+        sigma = self._sigma(timestep).float().expand(b)
+        width, height = w * self.latent_factor, h * self.latent_factor
+        extra = self.base.extra_conds(
+            cross_attn=cond.context, pooled_output=cond.extra["pooled"], width=width, height=height,
+            target_width=width, target_height=height, device=device, noise=noisy,
+            latent_image=image_latents, denoise_mask=torch.zeros(b, 1, h, w, device=device),  # inpaint nothing
+        )
+        conds = {k: v.process_cond(batch_size=b, device=device, area=(h, w, 0, 0)).cond for k, v in extra.items()}
+        denoised = self.base.apply_model(noisy.float(), sigma, **conds)
+        return (noisy.float() - denoised.float()) / sigma.view(-1, 1, 1, 1)  # ε, whatever the model's parametrisation
+
+    def check_interrupt(self) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def progress(self, total: int, desc: str) -> ComfyProgress:
+        return ComfyProgress(total)
