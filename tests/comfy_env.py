@@ -121,20 +121,22 @@ def make_clip(kind: str = "sd15", seed: int = 0):
     tmp = Path(tempfile.mkdtemp(prefix="textmask-clip-"))
     if kind == "sd15":
         target = types.SimpleNamespace(clip=comfy.sd1_clip.SD1ClipModel, tokenizer=comfy.sd1_clip.SD1Tokenizer,
-                                       params={"textmodel_json_config": str(clip_config(32, tmp / "l.json"))})
+                                       params={"textmodel_json_config": str(clip_config(32, tmp / "l.json")),
+                                               "clip_model": comfy.sd1_clip.SDClipModel})  # newer ComfyUI defaults differ
     else:
         l_cfg, g_cfg = str(clip_config(32, tmp / "l.json")), str(clip_config(32, tmp / "g.json", "gelu"))
 
         class TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
             """SDXLClipModel's own construction, with small configs for both encoders."""
 
-            def __init__(self, device="cpu", dtype=None):
+            def __init__(self, device="cpu", dtype=None, **kwargs):  # newer ComfyUI also passes model_options
                 torch.nn.Module.__init__(self)
                 self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
                                                          layer_norm_hidden_state=False, textmodel_json_config=l_cfg)
                 self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
                                                          textmodel_json_config=g_cfg, layer_norm_hidden_state=False,
                                                          special_tokens={"start": 49406, "end": 49407, "pad": 0})
+                self.dtypes = {dtype}  # newer ComfyUI reads this
 
         target = types.SimpleNamespace(clip=TinySDXLClip, tokenizer=comfy.sdxl_clip.SDXLTokenizer, params={})
     clip = comfy.sd.CLIP(target)

@@ -150,6 +150,9 @@ def test_token_positions_follow_comfy_tokenizer(pack, sd15):
     assert hf.convert_ids_to_tokens([flat[p] for p in tm.find("tiny zebra")]) == ["tiny</w>", "zebra</w>"]
     assert hf.convert_ids_to_tokens([flat[p] for p in tm.find("red car")]) == ["red</w>", "car</w>"]
     assert all(p >= 77 for p in tm.find("zebra"))
+    short = host._token_map(host.clip.tokenize("a woman next to a man", return_word_ids=True))
+    flat = [t for chunk in host.clip.tokenize("a woman next to a man", return_word_ids=True)["l"] for t, _, _ in chunk]
+    assert hf.convert_ids_to_tokens([flat[p] for p in short.find("man")]) == ["man</w>"]  # never inside "woman"
 
 
 def test_bad_input_is_one_line(pack, sd15):

@@ -93,32 +93,34 @@ class ComfyHost:
         return (image_size[0] - h) // 2, (image_size[1] - w) // 2, h, w
 
     def _token_map(self, tokens: dict) -> TokenMap:
-        # Every clip of a model (l, g) shares words and positions; the first one describes them.
+        """Token map from ComfyUI's own chunking (every clip of a model, l and g, shares the positions).
+
+        The text is rebuilt from the BPE tokens themselves ("</w>" ends a word): ComfyUI's word ids group
+        whole weighted segments in newer versions, and weights syntax "(red car:1.2)" must still match.
+        """
         chunks = next(iter(tokens.values()))
         hf = self._hf_tokenizer()
-        words: dict[int, list[int]] = {}
-        ids, word_of, positions = [], [], []
-        offset = 0
+        ids, spans, positions = [], [], []
+        text, offset = "", 0
         for chunk in chunks:
             for j, (tok, _weight, word) in enumerate(chunk):
-                if word:
-                    ids.append(int(tok) if not torch.is_tensor(tok) else 0)  # embeddings are tensors
-                    word_of.append(word)
-                    positions.append(offset + j)
-                    words.setdefault(word, []).append(ids[-1])
+                if not word:  # 0 marks start, end and padding tokens
+                    continue
+                if torch.is_tensor(tok):  # a textual-inversion embedding vector
+                    piece, ends_word, tok = "<embedding>", True, 0
+                else:
+                    piece = hf.convert_ids_to_tokens(int(tok)) if hf is not None else f"t{int(tok)}</w>"
+                    ends_word = piece.endswith("</w>")
+                    piece = piece[: -len("</w>")] if ends_word else piece
+                ids.append(int(tok))
+                spans.append((len(text), len(text) + len(piece)))
+                positions.append(offset + j)
+                text += piece + (" " if ends_word else "")
             offset += len(chunk)
-        # Rebuild the text from the tokenizer's own words, so weights syntax "(red car:1.2)" still matches.
-        text, spans = "", {}
-        for word, toks in words.items():
-            piece = hf.decode(toks).strip() if hf is not None else f"word{word}"
-            start = len(text) + (1 if text else 0)
-            text = f"{text} {piece}" if text else piece
-            spans[word] = (start, start + len(piece))
-        prompt_tokens = PromptTokens(text, tuple(ids), tuple(spans[w] for w in word_of))
-        return TokenMap(prompt_tokens, positions=positions, context_length=offset)
+        return TokenMap(PromptTokens(text.rstrip(), tuple(ids), tuple(spans)), positions=positions, context_length=offset)
 
     def _hf_tokenizer(self):
-        """The transformers tokenizer inside CLIP's SD1/SDXL tokenizer wrapper (for decoding words)."""
+        """The transformers tokenizer inside CLIP's SD1/SDXL tokenizer wrapper (for reading tokens back)."""
         for part in vars(self.clip.tokenizer).values():
             inner = getattr(part, "tokenizer", None)
             if inner is not None and hasattr(inner, "decode"):
