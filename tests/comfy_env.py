@@ -7,9 +7,11 @@ and comfy.sd.VAE over a small AutoencoderKL. ComfyUI's ops skip weight init, so 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import types
@@ -31,14 +33,11 @@ def comfy_root() -> Path | None:
     return root if (root / "comfy").is_dir() else None
 
 
+@functools.lru_cache(maxsize=1)
 def torchvision_usable() -> bool:
-    try:
-        import torchvision  # noqa: F401
-
-        return True
-    except Exception:
-        sys.modules.pop("torchvision", None)
-        return False
+    """Whether a real torchvision imports, asked of a fresh interpreter (this one may hold the stand-in)."""
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, env=dict(os.environ, PYTHONPATH=""))
+    return probe.returncode == 0
 
 
 def setup() -> Path:
