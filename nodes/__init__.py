@@ -1,6 +1,7 @@
 """ComfyUI node classes of the textmask pack."""
 
+from .segments import NamedSegments, SegmentEverything
 from .text_mask import TextMask
 
-NODE_CLASS_MAPPINGS = {"TextMask": TextMask}
-NODE_DISPLAY_NAME_MAPPINGS = {"TextMask": "Text Mask"}
+NODE_CLASS_MAPPINGS = {"TextMask": TextMask, "SegmentEverything": SegmentEverything, "NamedSegments": NamedSegments}
+NODE_DISPLAY_NAME_MAPPINGS = {"TextMask": "Text Mask", "SegmentEverything": "Segment Everything", "NamedSegments": "Named Segments"}

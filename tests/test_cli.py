@@ -131,3 +131,21 @@ def test_entry_point_subprocess(tmp_path, model_args):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["textmask: error: mask prompt syntax error at column 8: expected a phrase, got the end of the prompt"]
     assert not (tmp_path / "n.png").exists()
+
+
+def test_segments_command(tmp_path, model_args, capsys):
+    img = write_image(tmp_path / "photo.png", 45, 31)
+    assert main(["segments", str(img), "--out", str(tmp_path / "seg"), "--tau", "0.5", *model_args]) == 0
+    files = sorted(p.name for p in (tmp_path / "seg").iterdir())
+    assert files[0] == "labels.png" and files[1].startswith("segment-000")
+    assert Image.open(tmp_path / "seg" / "segment-000.png").size == (45, 31)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    write_image(frames / "a.png", 40, 30)
+    write_image(frames / "b.png", 33, 50)
+    assert main(["segments", str(frames), "--out", str(tmp_path / "segs"), *model_args]) == 0
+    assert Image.open(tmp_path / "segs" / "b" / "labels.png").size == (33, 50)
+    assert "bad" not in capsys.readouterr().err
+    before = listing(tmp_path)
+    assert main(["segments", str(img), "--out", str(tmp_path / "x"), "--tau", "0", *model_args]) == 2
+    assert listing(tmp_path) == before

@@ -162,3 +162,20 @@ def test_bad_input_is_one_line(pack, sd15):
             prompt = kwargs.pop("prompt", "car")
             run_node(pack, sd15, torch.rand(1, 32, 32, 3), prompt=prompt, **kwargs)
         assert "\n" not in str(e.value)
+
+
+def test_segment_everything_and_named_segments(pack, sd15, sdxl):
+    seg_cls, named_cls = pack.NODE_CLASS_MAPPINGS["SegmentEverything"], pack.NODE_CLASS_MAPPINGS["NamedSegments"]
+    for cls in (seg_cls, named_cls):
+        assert cls.CATEGORY == "mask/textmask" and cls.DESCRIPTION and cls.RETURN_TYPES == ("MASK", "IMAGE")
+    image = torch.rand(2, 37, 53, 3)
+    for mcv in (sd15, sdxl):
+        with torch.inference_mode():
+            segments, labels = seg_cls().run(*mcv, image, tau=0.5, timestep=300, seed=0, kmeans=False, resolution=64)
+            assert segments.shape[1:] == (37, 53) and labels.shape == (2, 37, 53, 3)
+            assert segments.sum(0).max() == 2  # two partitions of the same frame size, stacked
+            masks, named_labels = named_cls().run(*mcv, image, names="sky, red car", tau=1.1, timestep=300, seed=0, resolution=64)
+            assert masks.shape == (4, 37, 53) and named_labels.shape == (2, 37, 53, 3)
+    with pytest.raises(pack.textmask.errors.TextMaskError, match="at least one name"):
+        with torch.inference_mode():
+            named_cls().run(*sd15, image, names=" , ", tau=1.1, timestep=300, seed=0)

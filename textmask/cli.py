@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--heatmap", default=None, help="heatmap overlay PNG (or folder, for a folder input)")
     add_model_options(seg)
     add_mask_options(seg)
+    segs = sub.add_parser("segments", help="segment everything (DiffSeg): a label image and one mask per segment")
+    segs.add_argument("input", help="an image file or a folder of images")
+    segs.add_argument("--out", required=True, help="output folder: labels.png and segment-NNN.png per image")
+    segs.add_argument("--tau", type=float, default=1.1, help="KL merge threshold (default 1.1; lower gives more segments)")
+    segs.add_argument("--kmeans", action="store_true", help="refine segments with K-means")
+    segs.add_argument("--timestep", type=int, default=300)
+    segs.add_argument("--seed", type=int, default=0)
+    segs.add_argument("--resolution", type=int, default=None)
+    add_model_options(segs)
     demo = sub.add_parser("demo", help="mask a few Shapes scenes with the bundled tiny model (no download)")
     demo.add_argument("--out", default="textmask-demo", help="output folder (default: ./textmask-demo)")
     demo.add_argument("--scenes", type=int, default=4, help="how many test scenes (default 4)")
@@ -171,6 +180,41 @@ def run_segment(args: argparse.Namespace) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def run_segments(args: argparse.Namespace) -> None:
+    from .images import load_image, to_batch
+    from .io import colour_labels, save_mask, save_rgb
+
+    src, out = Path(args.input), Path(args.out)
+    files = _inputs(src)
+    if out.suffix:
+        raise CliError(f"--out must be a folder, got {out}")
+    if args.tau <= 0:
+        raise CliError(f"--tau must be positive, got {args.tau}")
+    images = [load_image(f) for f in files]
+    for a in images:
+        to_batch(a)
+    masker = load_masker(args)
+    stage = _staging(out)
+    try:
+        for f, img in zip(files, images):
+            res = masker.segments(img, tau=args.tau, kmeans=args.kmeans, timestep=args.timestep, seed=args.seed,
+                                  resolution=args.resolution)
+            target = stage / f.stem if src.is_dir() else stage
+            target.mkdir(parents=True, exist_ok=True)
+            save_rgb(colour_labels(res.labels[0]), target / "labels.png")
+            for k, m in enumerate(res.masks[0]):
+                save_mask(m, target / f"segment-{k:03d}.png")
+        out.mkdir(parents=True, exist_ok=True)
+        for item in stage.iterdir():
+            dest = out / item.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+        print(f"wrote segments of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo as demo
 
@@ -179,7 +223,7 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(Path(args.out), scenes=args.scenes)
 
 
-COMMANDS = {"segment": run_segment, "demo": run_demo}
+COMMANDS = {"segment": run_segment, "segments": run_segments, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,3 +46,12 @@ def save_rgb(image: torch.Tensor, path: str | Path) -> None:
 def save_overlay(image: torch.Tensor, heatmap: torch.Tensor, path: str | Path) -> None:
     """Save the heatmap blended over the image ([H, W, 3] and [H, W])."""
     save_rgb(overlay(image, heatmap), path)
+
+
+def colour_labels(labels: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] integer labels -> [..., H, W, 3] RGB with well-separated hues (golden-ratio steps)."""
+    import colorsys
+
+    count = int(labels.max()) + 1 if labels.numel() else 1
+    palette = torch.tensor([colorsys.hsv_to_rgb((0.618034 * k) % 1.0, 0.65, 0.95) for k in range(count)], dtype=torch.float32)
+    return palette[labels.long().cpu()]

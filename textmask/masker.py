@@ -133,6 +133,22 @@ class TextMasker:
         low = torch.cat(heat_parts)  # [B, P, h, w] normalised
         return self._finish(expr, terms, low, (height, width), region, threshold, soft, blur, grow, fill_holes, invert)
 
+    def segments(self, images, *, tau: float = 1.1, kmeans: bool = False, timestep: int = DEFAULT_TIMESTEP,
+                 seed: int = 0, resolution: int | None = None, batch_size: int = 1):
+        """Segment everything (DiffSeg): a label map and one mask per segment, largest first, per image."""
+        from .segments import segment_everything
+
+        return segment_everything(self.host, images, tau=tau, kmeans=kmeans, timestep=timestep, seed=seed,
+                                  resolution=resolution, batch_size=batch_size)
+
+    def semantic(self, images, names: Sequence[str], *, tau: float = 1.1, timestep: int = DEFAULT_TIMESTEP,
+                 seed: int = 0, resolution: int | None = None, batch_size: int = 1):
+        """Named segments: DiffSeg segments labelled with ``names`` (or background); one mask per name."""
+        from .segments import named_segments
+
+        return named_segments(self.host, images, names, tau=tau, timestep=timestep, seed=seed,
+                              resolution=resolution, batch_size=batch_size)
+
     # ---------------------------------------------------------------------------------------------
     def _conditioning(self, method: str, terms: list[str], prompt: str | None) -> tuple[Conditioning, list[list[int]]]:
         """Encode the prompts one method needs, with each term's token positions (attention only)."""
