@@ -36,7 +36,23 @@ def build_host(size: int):
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1)
     te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1))
-    return DiffusersHost(unet, vae, te)
+    class BenchHost(DiffusersHost):
+        """Random latents and contexts (VAE and text encoder are not timed), real token maps."""
+
+        def encode_images(self, pixels):
+            g = torch.Generator().manual_seed(1)
+            return torch.randn(pixels.shape[0], 4, pixels.shape[-2] // 8, pixels.shape[-1] // 8, generator=g)
+
+        def encode_prompts(self, prompts):
+            from textmask.hosts.base import Conditioning
+            from textmask.tokenizer import tokenize
+            from textmask.tokens import TokenMap
+
+            g = torch.Generator().manual_seed(2)
+            maps = [TokenMap(tokenize(self.tokenizer, p)) for p in prompts]
+            return Conditioning(torch.randn(len(prompts), 77, 768, generator=g), maps)
+
+    return BenchHost(unet, vae, te, resolution=size)
 
 
 class PeakRSS:
@@ -84,11 +100,17 @@ def main() -> None:
     def plain():
         host.predict_noise(noisy, DEFAULT_TIMESTEP, cond, latents)
 
+    from textmask.referring import refer
+    from textmask.segments import segment_everything
+
+    image = torch.rand(1, args.size, args.size, 3, generator=g)
     rows = {
         "plain": plain,
         "attention": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, one, False),
         "attention+refine": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, one, True),
         "attention-8-phrases": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, eight, False),
+        "segments": lambda: segment_everything(host, image),
+        "refer": lambda: refer(host, image, "the man on the left"),
     }
     times = {k: [] for k in rows}
     peaks = {k: 0 for k in rows}
@@ -105,15 +127,23 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"SD1.5 UNet, random weights, {args.size}x{args.size} ({side}x{side} latent), {torch.get_num_threads()} threads, "
           f"median of {args.repeats}; weights {weight_bytes / 2**30:.2f} GiB")
-    print(f"{'row':<22}{'seconds':>9}{'ratio':>8}{'peak +MiB':>11}")
+    print(f"{'row':<22}{'seconds':>9}{'ratio':>8}{'peak +MiB':>11}")  # ratio against one plain forward
     for k in rows:
         print(f"{k:<22}{med[k]:>9.2f}{med[k] / med['plain']:>7.2f}x{peaks[k] / 2**20:>11.0f}")
     extra = max(peaks["attention"], peaks["attention+refine"], peaks["attention-8-phrases"]) - peaks["plain"]
+    # refer runs cond and uncond as a batch of two: its activations double by design, so its row shows what
+    # it adds beyond those (peak minus twice the plain forward's own peak).
+    extra_segments = peaks["segments"] - peaks["plain"]
+    extra_refer = peaks["refer"] - 2 * peaks["plain"]
     print()
     print(f"attention: {med['attention'] / med['plain']:.2f}x")
     print(f"attention+refine: {med['attention+refine'] / med['plain']:.2f}x")
     print(f"8-phrases: {med['attention-8-phrases'] / med['attention']:.2f}x")
     print(f"extra-memory: {100 * max(0, extra) / weight_bytes:.0f}%")
+    print(f"segments: {med['segments'] / med['plain']:.2f}x")
+    print(f"refer: {med['refer'] / med['plain']:.2f}x")
+    print(f"segments-extra-memory: {100 * max(0, extra_segments) / weight_bytes:.0f}%")
+    print(f"refer-extra-memory: {100 * max(0, extra_refer) / weight_bytes:.0f}%")
 
 
 if __name__ == "__main__":

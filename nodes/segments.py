@@ -69,3 +69,31 @@ class NamedSegments:
         masker = TextMasker(ComfyHost(model, clip, vae))
         res = masker.semantic(image, parts, tau=tau, timestep=timestep, seed=seed, resolution=resolution or None)
         return res.masks.reshape(-1, *res.masks.shape[-2:]).float(), colour_labels(res.labels)
+
+
+class ReferringMask:
+    DESCRIPTION = ("Masks the one object a referring expression names ('the man on the left', 'black horse jumping') "
+                   "with Ref-Diff: the subject's attention scores DiffSeg proposals. Outputs a MASK and the heatmap.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK", "IMAGE")
+    RETURN_NAMES = ("mask", "heatmap")
+    OUTPUT_TOOLTIPS = ("The referred object's mask per image.", "The subject's attention blended over the image.")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**MODELS,
+                             "expression": ("STRING", {"multiline": True, "default": "the person on the left",
+                                                       "tooltip": "A referring expression naming one object."}),
+                             "tau": COMMON["tau"],
+                             "timestep": ("INT", {"default": 100, "min": 0, "max": 999,
+                                                  "tooltip": "Noise level of the forward; Ref-Diff reads it at low noise."}),
+                             "seed": COMMON["seed"]},
+                "optional": OPTIONAL}
+
+    def run(self, model, clip, vae, image, expression, tau, timestep, seed, resolution=0):
+        from ..textmask.io import overlay
+
+        masker = TextMasker(ComfyHost(model, clip, vae))
+        res = masker.refer(image, expression, tau=tau, timestep=timestep, seed=seed, resolution=resolution or None)
+        return res.masks.float(), overlay(image[..., :3].float().cpu(), res.heatmaps)

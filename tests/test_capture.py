@@ -180,3 +180,33 @@ def test_spatial_size():
 def test_no_attention_modules():
     with pytest.raises(CaptureError):
         AttentionCapture(find_attention_modules(torch.nn.Linear(2, 2)), (8, 8))
+
+
+def test_logits_for_chosen_layers():
+    unet = tiny_models.unet_sd1()
+    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as probs:
+        run(unet)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True, logits=lambda l: l.kind == "cross") as raw:
+        run(unet)
+    for name, p in probs.probs.items():
+        if raw.layer(name).kind == "self":
+            assert torch.equal(raw.probs[name], p)
+        else:
+            # logits are head-averaged scores: not normalised, and differ from the probabilities
+            assert not torch.allclose(raw.probs[name].sum(-1), torch.ones(1))
+    q, k = torch.randn(1, 10, 16), torch.randn(1, 7, 16)
+    ((_, lg),) = attention_probs(q, k, 2, 0.25, logits=True)
+    manual = torch.stack([(q[..., h * 8:(h + 1) * 8] @ k[..., h * 8:(h + 1) * 8].transpose(1, 2)) * 0.25 for h in range(2)]).mean(0)
+    torch.testing.assert_close(lg, manual)
+
+
+def test_row_selection():
+    unet = tiny_models.unet_sd1()
+    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as full:
+        run(unet, batch=2)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True,
+                          rows=lambda l: slice(1, 2) if l.kind == "self" else None) as part:
+        run(unet, batch=2)
+    for name, p in full.probs.items():
+        expected = p[1:2] if part.layer(name).kind == "self" else p
+        torch.testing.assert_close(part.probs[name], expected, atol=1e-6, rtol=0)

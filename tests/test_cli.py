@@ -149,3 +149,15 @@ def test_segments_command(tmp_path, model_args, capsys):
     before = listing(tmp_path)
     assert main(["segments", str(img), "--out", str(tmp_path / "x"), "--tau", "0", *model_args]) == 2
     assert listing(tmp_path) == before
+
+
+def test_refer_command(tmp_path, model_args, capsys):
+    img = write_image(tmp_path / "photo.png", 45, 31)
+    assert main(["refer", str(img), "the red car on the left", "--out", str(tmp_path / "m.png"),
+                 "--heatmap", str(tmp_path / "h.png"), *model_args]) == 0
+    assert Image.open(tmp_path / "m.png").size == (45, 31) and Image.open(tmp_path / "h.png").size == (45, 31)
+    assert "'car'" in capsys.readouterr().out
+    for argv, expected in [(["refer", str(img), "bottom left", "--out", str(tmp_path / "x.png")], "no noun"),
+                           (["refer", str(img), "the cat", "--out", str(tmp_path / "x.jpg")], "must be a .png"),
+                           (["refer", str(img), "the cat", "--out", str(tmp_path / "x.png"), "--alpha", "3"], "alpha")]:
+        assert expected in run_bad(tmp_path, capsys, argv + model_args)

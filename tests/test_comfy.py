@@ -179,3 +179,15 @@ def test_segment_everything_and_named_segments(pack, sd15, sdxl):
     with pytest.raises(pack.textmask.errors.TextMaskError, match="at least one name"):
         with torch.inference_mode():
             named_cls().run(*sd15, image, names=" , ", tau=1.1, timestep=300, seed=0)
+
+
+def test_referring_mask_node(pack, sd15, sdxl):
+    cls = pack.NODE_CLASS_MAPPINGS["ReferringMask"]
+    assert cls.CATEGORY == "mask/textmask" and cls.DESCRIPTION and pack.NODE_DISPLAY_NAME_MAPPINGS["ReferringMask"] == "Referring Mask"
+    for mcv in (sd15, sdxl):
+        with torch.inference_mode():
+            mask, heat = cls().run(*mcv, torch.rand(2, 37, 53, 3), "the red car on the left", 1.1, 100, 0, resolution=64)
+        assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3)
+    with pytest.raises(pack.textmask.errors.TextMaskError, match="no noun"):
+        with torch.inference_mode():
+            cls().run(*sd15, torch.rand(1, 32, 32, 3), "bottom left", 1.1, 100, 0, resolution=64)

@@ -73,9 +73,12 @@ def default_chunk_bytes(device: torch.device) -> int:
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, max_chunk_bytes: int | None = None
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, max_chunk_bytes: int | None = None, logits: bool = False
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first_row, probs) chunks of head-averaged softmax(q kᵀ · scale) in fp32; probs is [B, rows, keys]."""
+    """Yield (first_row, probs) chunks of head-averaged softmax(q kᵀ · scale) in fp32; probs is [B, rows, keys].
+
+    With ``logits`` the chunks hold the head-averaged scores q kᵀ · scale before the softmax instead.
+    """
     b, n, c = q.shape
     m = k.shape[1]
     d = c // heads
@@ -84,7 +87,8 @@ def attention_probs(
     kt = (k.float() * scale).reshape(b, m, heads, d).permute(0, 2, 3, 1).contiguous()
     rows = max(1, budget // max(1, b * heads * m * 4))
     for i in range(0, n, rows):
-        yield i, torch.matmul(qh[:, :, i : i + rows], kt).softmax(dim=-1).mean(dim=1)
+        scores = torch.matmul(qh[:, :, i : i + rows], kt)
+        yield i, (scores if logits else scores.softmax(dim=-1)).mean(dim=1)
 
 
 class AttentionCapture:
@@ -105,6 +109,8 @@ class AttentionCapture:
         queries: LayerFilter | None = None,
         outputs: Iterable[tuple[str, nn.Module]] = (),
         max_chunk_bytes: int | None = None,
+        logits: LayerFilter | None = None,
+        rows: Callable[[AttentionLayer], slice | None] | None = None,
     ):
         if not attention_modules:
             raise CaptureError("no attention modules found in this model")
@@ -114,6 +120,8 @@ class AttentionCapture:
         self._want_probs = probs or (lambda layer: False)
         self._sink = sink
         self._want_queries = queries or (lambda layer: False)
+        self._want_logits = logits or (lambda layer: False)  # these layers yield pre-softmax scores
+        self._rows = rows or (lambda layer: None)  # batch rows to compute, per layer (None: all)
         self._max_chunk_bytes = max_chunk_bytes
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -194,11 +202,15 @@ class AttentionCapture:
 
     def _compute(self, layer: AttentionLayer, module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
         scale = getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5
+        rows = self._rows(layer)
+        if rows is not None:
+            q, k = q[rows], k[rows]
         store = None
         if self._sink is None:
             store = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
             self.probs[layer.name] = store
-        for start, chunk in attention_probs(q, k, layer.heads, float(scale), self._max_chunk_bytes):
+        chunks = attention_probs(q, k, layer.heads, float(scale), self._max_chunk_bytes, self._want_logits(layer))
+        for start, chunk in chunks:
             if store is not None:
                 store[:, start : start + chunk.shape[1]] = chunk
             else:

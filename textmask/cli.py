@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     segs.add_argument("--seed", type=int, default=0)
     segs.add_argument("--resolution", type=int, default=None)
     add_model_options(segs)
+    ref = sub.add_parser("refer", help="mask the object a referring expression names (Ref-Diff)")
+    ref.add_argument("input", help="an image file")
+    ref.add_argument("expression", help='e.g. "the man on the left"')
+    ref.add_argument("--out", required=True, help="mask PNG")
+    ref.add_argument("--heatmap", default=None, help="attribution heatmap overlay PNG")
+    ref.add_argument("--clip", default=None, help="local transformers CLIP folder, for the discriminative score")
+    ref.add_argument("--alpha", type=float, default=0.5, help="weight of the generative score when --clip is given")
+    ref.add_argument("--tau", type=float, default=1.1, help="DiffSeg merge threshold for the proposals")
+    ref.add_argument("--timestep", type=int, default=None, help="noise level (default 100)")
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--resolution", type=int, default=None)
+    add_model_options(ref)
     demo = sub.add_parser("demo", help="mask a few Shapes scenes with the bundled tiny model (no download)")
     demo.add_argument("--out", default="textmask-demo", help="output folder (default: ./textmask-demo)")
     demo.add_argument("--scenes", type=int, default=4, help="how many test scenes (default 4)")
@@ -215,6 +227,38 @@ def run_segments(args: argparse.Namespace) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def run_refer(args: argparse.Namespace) -> None:
+    import torch
+
+    from .images import load_image, to_batch
+    from .io import save_mask, save_overlay
+    from .subject import subject
+
+    src, out = Path(args.input), Path(args.out)
+    if not src.is_file():
+        raise CliError(f"input not found: {src}")
+    if out.suffix.lower() != ".png":
+        raise CliError(f"--out must be a .png file, got {out}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
+    subject(args.expression)  # fail on an expression without a noun before loading a model
+    image = load_image(src)
+    to_batch(image)
+    masker = load_masker(args)
+    stage = _staging(out)
+    try:
+        res = masker.refer(image, args.expression, clip=args.clip, alpha=args.alpha, tau=args.tau,
+                           timestep=args.timestep, seed=args.seed, resolution=args.resolution)
+        save_mask(res.masks[0], stage / "mask.png")
+        if args.heatmap:
+            save_overlay(torch.from_numpy(image), res.heatmaps[0], stage / "heat.png")
+            os.replace(stage / "heat.png", args.heatmap)
+        os.replace(stage / "mask.png", out)
+        print(f"wrote the mask of '{res.subject}' to {out}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo as demo
 
@@ -223,7 +267,7 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(Path(args.out), scenes=args.scenes)
 
 
-COMMANDS = {"segment": run_segment, "segments": run_segments, "demo": run_demo}
+COMMANDS = {"segment": run_segment, "segments": run_segments, "refer": run_refer, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

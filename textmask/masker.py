@@ -149,6 +149,19 @@ class TextMasker:
         return named_segments(self.host, images, names, tau=tau, timestep=timestep, seed=seed,
                               resolution=resolution, batch_size=batch_size)
 
+    def refer(self, images, expression: str, *, clip: str | Path | None = None, alpha: float = 0.5, tau: float = 1.1,
+              timestep: int | None = None, seed: int = 0, resolution: int | None = None, batch_size: int = 1,
+              use_spacy: bool = False):
+        """Ref-Diff: the mask of the object a referring expression names ("the man on the left").
+
+        ``clip`` is a local transformers CLIP folder for the optional discriminative score.
+        """
+        from .referring import REFER_TIMESTEP, refer
+
+        return refer(self.host, images, expression, clip=clip, alpha=alpha, tau=tau,
+                     timestep=REFER_TIMESTEP if timestep is None else timestep, seed=seed, resolution=resolution,
+                     batch_size=batch_size, use_spacy=use_spacy)
+
     # ---------------------------------------------------------------------------------------------
     def _conditioning(self, method: str, terms: list[str], prompt: str | None) -> tuple[Conditioning, list[list[int]]]:
         """Encode the prompts one method needs, with each term's token positions (attention only)."""

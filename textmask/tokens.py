@@ -88,14 +88,18 @@ class TokenMap:
         self._position = dict(enumerate(positions))
         self.context_length = context_length if context_length is not None else max(positions, default=0) + 1
 
+    def occurrences(self, phrase: str) -> list[list[int]]:
+        """Context positions of each occurrence of ``phrase``, in text order; raises PhraseNotFoundError if absent."""
+        found = []
+        for m in phrase_pattern(phrase).finditer(self.tokens.text):
+            start, end = m.span()
+            positions = [self._position[i] for i, (a, b) in enumerate(self.tokens.spans) if a < end and b > start]
+            if positions:
+                found.append(positions)
+        if not found:
+            raise PhraseNotFoundError(f"'{phrase}' is not in the prompt '{self.tokens.text}'")
+        return found
+
     def find(self, phrase: str) -> list[int]:
         """Context positions of every occurrence of ``phrase``; raises PhraseNotFoundError if absent."""
-        spans = [m.span() for m in phrase_pattern(phrase).finditer(self.tokens.text)]
-        positions = [
-            self._position[i]
-            for i, (a, b) in enumerate(self.tokens.spans)
-            if any(a < end and b > start for start, end in spans)
-        ]
-        if not positions:
-            raise PhraseNotFoundError(f"'{phrase}' is not in the prompt '{self.tokens.text}'")
-        return positions
+        return sorted({p for occurrence in self.occurrences(phrase) for p in occurrence})

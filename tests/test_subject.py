@@ -1,0 +1,56 @@
+"""The referring-expression subject parser, on expressions in the style of RefCOCO, RefCOCO+, G-Ref and PhraseCut."""
+
+import pytest
+
+from textmask.errors import TextMaskError
+from textmask.subject import subject
+
+TABLE = [
+    # RefCOCO: short, positional
+    ("the man on the left", "man"), ("left guy", "guy"), ("guy on right", "guy"), ("right zebra", "zebra"),
+    ("middle cake", "cake"), ("woman in red", "woman"), ("kid with a red ball", "kid"), ("elephant far right", "elephant"),
+    ("bottom left bowl", "bowl"), ("top right corner sandwich", "sandwich"), ("the one on the left", "one"),
+    ("2nd guy from left", "guy"), ("closest giraffe", "giraffe"), ("table top left", "table"),
+    ("man in white shirt", "man"), ("lady on right", "lady"), ("far left person", "person"), ("biggest broccoli", "broccoli"),
+    ("pizza slice closest to you", "slice"), ("hot dog on left", "dog"),
+    # RefCOCO+: appearance, no absolute position words
+    ("black horse jumping", "horse"), ("white and black dog", "dog"), ("man wearing glasses", "man"),
+    ("person sitting down", "person"), ("blurry thing", "thing"), ("tennis player in white", "player"),
+    ("zebra facing away", "zebra"), ("guy with hat", "guy"), ("striped shirt", "shirt"), ("baby elephant", "elephant"),
+    ("woman holding umbrella", "woman"), ("boy in blue jeans", "boy"), ("brown bear", "bear"), ("dark suitcase", "suitcase"),
+    ("plaid shirt guy", "guy"), ("chair with pillow", "chair"), ("catcher", "catcher"), ("skier's legs", "legs"),
+    # G-Ref: long sentences
+    ("a woman in a blue dress holding an umbrella", "woman"), ("the brown horse that is behind the white one", "horse"),
+    ("an elephant standing next to another elephant", "elephant"), ("the laptop computer on the desk", "computer"),
+    ("a man riding a bike down the street", "man"), ("a young boy who is eating a sandwich", "boy"),
+    ("the giraffe whose head is bent down", "giraffe"), ("a plate of food with broccoli and carrots", "plate"),
+    ("a cat lying on a red blanket", "cat"), ("the larger of the two sheep", "sheep"),
+    ("a silver car parked by the curb", "car"), ("the bus is red and white", "bus"),
+    # PhraseCut: object phrases
+    ("black car", "car"), ("white cloud in sky", "cloud"), ("large window", "window"), ("tree", "tree"),
+    ("green grass", "grass"), ("wooden table", "table"), ("tall building", "building"), ("blue sky", "sky"),
+    ("parked cars", "cars"), ("metal fence", "fence"), ("street sign", "sign"),
+    # Shapes relational phrases
+    ("the circle on the left", "circle"), ("the larger square", "square"), ("the smaller star", "star"),
+    ("the triangle on the right", "triangle"),
+]
+
+
+def test_table_size():
+    assert len(TABLE) >= 60
+
+
+@pytest.mark.parametrize("expression,expected", TABLE)
+def test_subject(expression, expected):
+    assert subject(expression) == expected
+
+
+def test_word_boundaries_and_case():
+    assert subject("The WOMAN next to the man") == "woman"
+    assert subject("man next to the woman") == "man"
+
+
+@pytest.mark.parametrize("expression", ["left", "bottom left", "", "  ", "2nd from left", "on the right", "the top left"])
+def test_no_noun(expression):
+    with pytest.raises(TextMaskError, match="no noun"):
+        subject(expression)

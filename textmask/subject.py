@@ -1,0 +1,68 @@
+"""The subject of a referring expression: the head noun of its first noun phrase, by rules and word lists.
+
+"the man on the left" -> "man", "black horse jumping" -> "horse", "left guy" -> "guy". The first noun
+phrase ends at a preposition, a relative word, a verb form or a comma; its head is its last word that is
+not a determiner, number, colour, size, position or other common modifier. If spaCy and an English model
+happen to be installed, ``subject(..., use_spacy=True)`` asks spaCy instead (as the Ref-Diff reference does).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import TextMaskError
+
+DETERMINERS = set("a an the this that these those its his her their our my your some any each every no".split())
+NUMBERS = set("one two three four five six seven eight nine ten first second third fourth fifth sixth last "
+              "1st 2nd 3rd 4th 5th 2 3 4 5 both".split()) - {"one"}
+COLOURS = set("red green blue yellow black white gray grey brown orange pink purple beige tan gold golden silver "
+              "dark light bright pale navy maroon teal cyan violet blond blonde".split())
+MODIFIERS = set(
+    "left right top bottom middle center centre front back rear far near closest nearest farthest furthest upper "
+    "lower leftmost rightmost topmost bottommost most more very upside big bigger biggest large larger largest small "
+    "smaller smallest little tiny huge tall taller tallest short shorter shortest long longer longest wide narrow "
+    "old older oldest young younger youngest new half whole partial partially only other another full empty open "
+    "closed wooden metal plastic striped plaid spotted checkered blurry blurred fuzzy cut sliced visible hidden "
+    "main second-from-the-left far-left far-right top-left top-right bottom-left bottom-right".split()
+)
+BOUNDARIES = set(
+    "on in at with near next by behind beside besides between under underneath over above below to from for "
+    "without against across along around inside outside into onto toward towards of off who that which whose "
+    "where while and or but than like holding wearing".split()
+)
+VERBS = set("is are was were be being has have had rides holds sits stands looks wears eats plays walks runs "
+            "jumps lies lays faces carries".split())
+WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+
+
+def _spacy_subject(expression: str) -> str | None:
+    try:
+        import spacy
+
+        nlp = spacy.load("en_core_web_sm")
+    except Exception:  # not installed, or no English model: the rules answer
+        return None
+    for token in nlp(expression):
+        if "ROOT" in token.dep_ or "subj" in token.dep_:
+            return token.text.lower()
+    return None
+
+
+def subject(expression: str, use_spacy: bool = False) -> str:
+    """The head noun of the first noun phrase; raises TextMaskError when the expression has none."""
+    if use_spacy and (found := _spacy_subject(expression)):
+        return found
+    words = [w.removesuffix("'s") for w in WORD.findall(expression.lower())]
+    head = None
+    for i, w in enumerate(words):
+        ends_phrase = w in BOUNDARIES or w in VERBS or (w.endswith("ing") and len(w) > 4 and head is not None)
+        if ends_phrase and head is not None:
+            break
+        if ends_phrase or w in DETERMINERS or w in NUMBERS or w in COLOURS or w in MODIFIERS:
+            continue
+        if w.endswith("ed") and head is not None and len(w) > 4:  # "car parked ..."
+            break
+        head = w
+    if head is None:
+        raise TextMaskError(f"no noun found in '{expression}'; name the object, e.g. 'the man on the left'")
+    return head
