@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from textmask import TextMasker  # noqa: E402
 from textmask import masker as masker_module  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
-    Scores, ceiling_heatmap, centre_prior, object_phrases, otsu_mask, wrong_phrase)
+    Scores, ceiling_heatmap, centre_prior, hungarian_miou, iou, object_phrases, otsu_mask, wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
 
@@ -78,6 +78,28 @@ def main() -> None:
             rows[name] = s.summary()
             if wrong is not None:
                 rows["baseline-wrong-word"] = wrong.summary()
+        named = Scores()
+        for scene in scenes:
+            phrases = object_phrases(scene)
+            res = masker.semantic(scene.image, phrases)
+            for i, p in enumerate(phrases):
+                m = res.masks[0, i].numpy()
+                named.add(m, m, scene.phrase_mask(p))
+        rows["named-segments"] = named.summary()
+        refer, refer_seen = Scores(), 0
+        for scene in scenes:
+            for phrase, target in scene.relations:
+                res = masker.refer(scene.image, phrase)
+                refer.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), scene.masks[target])
+                refer_seen += 1
+        rows["refer (relational phrases)"] = refer.summary()
+        miou = []
+        for scene in scenes:
+            segs = masker.segments(scene.image).masks[0].numpy() > 0.5
+            truths = list(scene.masks) + [~scene.masks.any(0)]  # every object and the background
+            miou.append(hungarian_miou(segs, truths))
+        rows["segments (Hungarian mIoU)"] = {"iou": float(np.mean(miou)), "best_iou": float("nan"), "auc": float("nan"),
+                                             "pointing": float("nan"), "n": len(miou)}
         rnd = Scores()
         score_method(random_unet_masker(masker), scenes, METHODS["attention"], rnd)
         rows["baseline-random-unet"] = rnd.summary()
@@ -111,7 +133,8 @@ def main() -> None:
         print(f"| {name:<28} | {r['iou']:>5.3f} | {r['best_iou']:>8.3f} | {r['auc']:>5.3f} | {r['pointing']:>8.3f} |")
     print()
     for name, r in rows.items():
-        print(f"{name}: iou={r['iou']:.2f} best_iou={r['best_iou']:.2f} auc={r['auc']:.2f} pointing={r['pointing']:.2f}")
+        key = name.split(" ")[0]
+        print(f"{key}: iou={r['iou']:.2f} best_iou={r['best_iou']:.2f} auc={r['auc']:.2f} pointing={r['pointing']:.2f}")
 
 
 if __name__ == "__main__":

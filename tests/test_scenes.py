@@ -94,3 +94,20 @@ def test_phrasecut_export(tmp_path):
             truth = scene.masks[dict(scene.relations)[t["phrase"]]]
         inter, union = (raster & truth).sum(), (raster | truth).sum()
         assert inter / union > 0.9
+
+
+def test_metrics_on_known_arrays():
+    from textmask.demo.evaluate import hungarian_miou, iou, pointing, roc_auc
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert iou(a, b) == 4 / 12 and iou(a, a) == 1.0 and iou(~a & a, ~a & a) == 1.0
+    scores = np.arange(16, dtype=float).reshape(4, 4)
+    assert roc_auc(scores, scores >= 8) == 1.0 and roc_auc(scores, scores < 8) == 0.0
+    assert roc_auc(np.ones((4, 4)), a) == 0.5  # ties
+    assert pointing(scores, scores == 15) == 1.0 and pointing(scores, scores == 0) == 0.0
+    segs = np.stack([b, ~b])
+    assert hungarian_miou(segs, [b, ~b]) == 1.0
+    assert hungarian_miou(segs[:1], [b, ~b]) == 0.5  # an unmatched region counts as 0

@@ -92,3 +92,14 @@ def ceiling_heatmap(gt: np.ndarray, grid: int) -> np.ndarray:
     t = torch.from_numpy(gt.astype(np.float32))[None, None]
     small = torch.nn.functional.adaptive_avg_pool2d(t, grid)
     return pp.resize(small[0], gt.shape)[0].numpy()
+
+
+def hungarian_miou(segments: np.ndarray, truths: list[np.ndarray]) -> float:
+    """Mean IoU of ground-truth regions matched one-to-one to predicted segments (Hungarian on IoU)."""
+    from scipy.optimize import linear_sum_assignment
+
+    ious = np.array([[iou(seg, gt) for seg in segments] for gt in truths])
+    rows, cols = linear_sum_assignment(-ious)
+    matched = np.zeros(len(truths))
+    matched[rows] = ious[rows, cols]
+    return float(matched.mean())
