@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from textmask import TextMasker  # noqa: E402
 from textmask import masker as masker_module  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
-    Scores, ceiling_heatmap, centre_prior, hungarian_miou, iou, object_phrases, otsu_mask, wrong_phrase)
+    Scores, ceiling_heatmap, centre_prior, hungarian_miou, object_phrases, otsu_mask, wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
 

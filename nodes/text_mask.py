@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from ..textmask.errors import TextMaskError
 from ..textmask.hosts.comfy import ComfyHost

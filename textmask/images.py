@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 from .errors import ImageError
 

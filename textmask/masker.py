@@ -14,6 +14,7 @@ from .capture import AttentionCapture
 from .errors import TextMaskError
 from .hosts.base import Conditioning, Host, iter_chunks
 from .images import ImageInput, to_batch, working_size
+from .latents import encode_and_noise
 from .methods import METHODS, CrossAttentionMaps, SelfAttentionAggregate, noise_difference, refine_with_self_attention
 
 # t=300 of 1000: ᾱ≈0.52 under SD's schedule, so the latent still shows every object's outline while the
@@ -177,19 +178,9 @@ class TextMasker:
 
     def _heatmaps(self, pixels, size, method, cond_groups, refine, timestep, seed, latents=None) -> torch.Tensor:
         """Resize, encode and noise one batch of images (unless latents are given), then decode the method's maps."""
-        host = self.host
         cond, groups = cond_groups
-        if latents is None:
-            x = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-            latents = host.encode_images(x.clamp(0, 1))
-        latents = latents.to(host.device, host.dtype)
-        b = latents.shape[0]
-        # One CPU generator per image (seed + index): masks do not depend on batch_size or the device.
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(seed) + i)) for i in range(b)]
-        ).to(latents.device, latents.dtype)
-        noisy = host.add_noise(latents, noise, timestep)
-        return method_heatmaps(host, method, latents, noisy, timestep, cond, groups, refine)
+        latents, noisy = encode_and_noise(self.host, pixels, size, timestep, seed, latents)
+        return method_heatmaps(self.host, method, latents, noisy, timestep, cond, groups, refine)
 
     def _finish(self, expr, terms, low, size, region, threshold, soft, blur, grow, fill_holes, invert) -> MaskResult:
         t = pp.thresholds(low, threshold)  # Otsu on the attention-resolution map, per image and phrase

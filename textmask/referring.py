@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +22,7 @@ from .capture import AttentionCapture
 from .errors import CheckpointError, TextMaskError
 from .hosts.base import Host, iter_chunks
 from .images import to_batch, working_size
+from .latents import encode_and_noise
 from .methods.attention import SelfAttentionAggregate
 from .methods.diffseg import diffseg
 from .subject import subject as find_subject
@@ -200,12 +200,9 @@ def refer(
     with torch.inference_mode(), host.progress(pixels.shape[0], "refer") as bar:
         for rows in iter_chunks(pixels.shape[0], batch_size):
             host.check_interrupt()
-            x = F.interpolate(pixels[rows], size=size, mode="bicubic", align_corners=False, antialias=True)
-            latents = host.encode_images(x.clamp(0, 1))
+            latents, noisy = encode_and_noise(host, pixels[rows], size, timestep, seed + rows.start)
             b = latents.shape[0]
-            noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed + rows.start + i))
-                                 for i in range(b)]).to(latents.device, latents.dtype)
-            noisy = host.add_noise(latents, noise, timestep).repeat_interleave(2, 0)
+            noisy = noisy.repeat_interleave(2, 0)  # [uncond, cond] rows per image
             columns = SubjectColumn(positions, size[0])
             selfagg = SelfAttentionAggregate()
 

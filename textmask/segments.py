@@ -12,6 +12,7 @@ from .capture import AttentionCapture
 from .errors import TextMaskError
 from .hosts.base import Host, iter_chunks
 from .images import to_batch, working_size
+from .latents import encode_and_noise
 from .methods.attention import CrossAttentionMaps, SelfAttentionAggregate
 from .methods.diffseg import diffseg
 
@@ -38,13 +39,8 @@ def _capture(host: Host, pixels, size, prompt: str, groups, timestep: int, seed:
     cond = host.encode_prompts([prompt])
     for rows in iter_chunks(pixels.shape[0], batch_size):
         host.check_interrupt()
-        x = torch.nn.functional.interpolate(pixels[rows], size=size, mode="bicubic", align_corners=False, antialias=True)
-        latents = host.encode_images(x.clamp(0, 1))
+        latents, noisy = encode_and_noise(host, pixels[rows], size, timestep, seed + rows.start)
         b = latents.shape[0]
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed + rows.start + i)) for i in range(b)]
-        ).to(latents.device, latents.dtype)
-        noisy = host.add_noise(latents, noise, timestep)
         selfagg = SelfAttentionAggregate()
         cross = CrossAttentionMaps(groups) if groups else None
 
