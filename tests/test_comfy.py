@@ -191,3 +191,28 @@ def test_referring_mask_node(pack, sd15, sdxl):
     with pytest.raises(pack.textmask.errors.TextMaskError, match="no noun"):
         with torch.inference_mode():
             cls().run(*sd15, torch.rand(1, 32, 32, 3), "bottom left", 1.1, 100, 0, resolution=64)
+
+
+def test_v_prediction_model_gives_epsilon(pack, sd15):
+    """ε from a v-prediction MODEL equals the analytic conversion of the raw UNet output (ε = √ᾱ·v + √(1−ᾱ)·x_t)."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(comfy_env.SD15_UNET))
+    base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    comfy_env.init_weights(base.diffusion_model, 0)
+    vmodel = comfy.model_patcher.ModelPatcher(base.eval(), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    host = pack.nodes.text_mask.ComfyHost(vmodel, sd15[1], sd15[2])
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a cat"])
+        z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+        x = host.add_noise(z0, noise, 400)
+        eps = host.predict_noise(x, 400, cond, z0)
+        sigma = float(base.model_sampling.sigma(torch.tensor([400.0])))
+        alpha_bar = 1 / (sigma**2 + 1)
+        x_vp = x * alpha_bar**0.5  # ComfyUI's x = x_vp / √ᾱ
+        v = base.diffusion_model(x_vp, base.model_sampling.timestep(torch.tensor([sigma])).float(), context=cond.context)
+        torch.testing.assert_close(eps, alpha_bar**0.5 * v + (1 - alpha_bar) ** 0.5 * x_vp, atol=1e-4, rtol=1e-4)
+        mask, _ = run_node(pack, (vmodel, sd15[1], sd15[2]), torch.rand(1, 32, 32, 3))
+    assert mask.shape == (1, 32, 32)
