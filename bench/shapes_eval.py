@@ -32,15 +32,18 @@ from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
 
 METHODS = {
     "attention": dict(method="attention"),
+    "attention (caption prompt)": dict(method="attention", caption=True),
     "attention+refine": dict(method="attention", refine=True),
     "noise-diff": dict(method="noise-diff"),
 }
 
 
 def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = None):
+    kwargs = dict(kwargs)
+    caption = kwargs.pop("caption", False)
     for scene in scenes:
         phrases = object_phrases(scene)
-        out = masker.mask(scene.image, " | ".join(phrases), **kwargs)
+        out = masker.mask(scene.image, " | ".join(phrases), prompt=scene.caption if caption else None, **kwargs)
         for p in phrases:
             heat = out.terms[p][0]
             scores.add(heat.numpy(), otsu_mask(heat).numpy(), scene.phrase_mask(p))
@@ -49,6 +52,29 @@ def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = 
                 w = wrong_phrase(scene, p)
                 heat = masker.mask(scene.image, w, **kwargs).terms[w][0]
                 wrong.add(heat.numpy(), otsu_mask(heat).numpy(), scene.phrase_mask(p))
+
+
+def per_layer_auc(masker, scenes) -> dict[str, float]:
+    """Mean pixel AUC of each cross-attention layer's phrase map: shows which layers point at the object."""
+    from textmask.capture import AttentionCapture
+    from textmask.demo.evaluate import roc_auc
+    from textmask.latents import encode_and_noise
+
+    host, aucs = masker.host, {}
+    for scene in scenes:
+        cond = host.encode_prompts([scene.caption])
+        pixels = torch.from_numpy(scene.image).permute(2, 0, 1)[None]
+        latents, noisy = encode_and_noise(host, pixels, scene.image.shape[:2], 300, 0)
+        with AttentionCapture(host.attention_modules(), tuple(latents.shape[-2:]), probs=lambda l: l.kind == "cross") as cap:
+            host.predict_noise(noisy, 300, cond, latents)
+        for name, p in cap.probs.items():
+            h, w = cap.layer(name).size
+            for phrase in object_phrases(scene):
+                m = p[0][:, cond.token_maps[0].find(phrase)].mean(-1).reshape(h, w)
+                gt = torch.nn.functional.adaptive_avg_pool2d(
+                    torch.from_numpy(scene.phrase_mask(phrase)).float()[None, None], (h, w))[0, 0] > 0.5
+                aucs.setdefault(f"{name} {h}x{w}", []).append(roc_auc(m.numpy(), gt.numpy()))
+    return {k: float(np.mean(v)) for k, v in aucs.items()}
 
 
 def random_unet_masker(masker):
@@ -125,6 +151,11 @@ def main() -> None:
                     s = Scores()
                     score_method(masker, sweep, dict(method="attention", refine=True), s)
                     rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
+    if args.sweep:
+        print("Per-layer ROC AUC of the phrase tokens' cross-attention (caption prompt, t=300):")
+        for name, auc in per_layer_auc(masker, scenes[:20]).items():
+            print(f"  {name:<48} {auc:.2f}")
+        print()
     print(f"Shapes test split: {len(scenes)} scenes, {rows['attention']['n']} object phrases, "
           f"model {args.model.name}, {time.time() - t0:.0f}s")
     print(f"| {'row':<28} | {'IoU':>5} | {'best IoU':>8} | {'AUC':>5} | {'pointing':>8} |")
@@ -133,7 +164,7 @@ def main() -> None:
         print(f"| {name:<28} | {r['iou']:>5.3f} | {r['best_iou']:>8.3f} | {r['auc']:>5.3f} | {r['pointing']:>8.3f} |")
     print()
     for name, r in rows.items():
-        key = name.split(" ")[0]
+        key = name.replace(" (", "-").replace(")", "").replace(" ", "-").lower()
         print(f"{key}: iou={r['iou']:.2f} best_iou={r['best_iou']:.2f} auc={r['auc']:.2f} pointing={r['pointing']:.2f}")
 
 
