@@ -89,11 +89,18 @@ class ReferringMask:
                              "timestep": ("INT", {"default": 100, "min": 0, "max": 999,
                                                   "tooltip": "Noise level of the forward; Ref-Diff reads it at low noise."}),
                              "seed": COMMON["seed"]},
-                "optional": OPTIONAL}
+                "optional": {**OPTIONAL,
+                             "clip_vision": ("CLIP_VISION", {"tooltip": "Adds CLIP's score of each masked proposal against "
+                                                                        "the expression (clip_vision_g with SDXL)."}),
+                             "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                                 "tooltip": "Weight of the attention score against CLIP's (with clip_vision)."})}}
 
-    def run(self, model, clip, vae, image, expression, tau, timestep, seed, resolution=0):
+    def run(self, model, clip, vae, image, expression, tau, timestep, seed, resolution=0, clip_vision=None, alpha=0.5):
+        from ..textmask.hosts.comfy import ComfyClipScorer
         from ..textmask.io import overlay
 
         masker = TextMasker(ComfyHost(model, clip, vae))
-        res = masker.refer(image, expression, tau=tau, timestep=timestep, seed=seed, resolution=resolution or None)
+        scorer = ComfyClipScorer(clip_vision, clip) if clip_vision is not None else None
+        res = masker.refer(image, expression, clip=scorer, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
+                           resolution=resolution or None)
         return res.masks.float(), overlay(image[..., :3].float().cpu(), res.heatmaps)

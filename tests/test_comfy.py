@@ -216,3 +216,37 @@ def test_v_prediction_model_gives_epsilon(pack, sd15):
         torch.testing.assert_close(eps, alpha_bar**0.5 * v + (1 - alpha_bar) ** 0.5 * x_vp, atol=1e-4, rtol=1e-4)
         mask, _ = run_node(pack, (vmodel, sd15[1], sd15[2]), torch.rand(1, 32, 32, 3))
     assert mask.shape == (1, 32, 32)
+
+
+def test_referring_mask_with_clip_vision(pack, sd15, tmp_path):
+    """The discriminative score with ComfyUI's own CLIP_VISION, against the graph CLIP's pooled text embedding."""
+    import json
+
+    import comfy.clip_vision
+
+    def tiny_vision(projection_dim):
+        path = tmp_path / f"vision{projection_dim}.json"
+        path.write_text(json.dumps({"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 32,
+                                    "image_size": 224, "initializer_factor": 1.0, "initializer_range": 0.02,
+                                    "intermediate_size": 64, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
+                                    "num_attention_heads": 4, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 32,
+                                    "projection_dim": projection_dim, "torch_dtype": "float32"}))
+        with torch.no_grad():
+            vision = comfy.clip_vision.ClipVisionModel(str(path))
+            comfy_env.init_weights(vision.model, 3)
+        return vision
+
+    cls = pack.NODE_CLASS_MAPPINGS["ReferringMask"]
+    image = torch.rand(1, 37, 53, 3)
+    with torch.inference_mode():
+        plain, _ = cls().run(*sd15, image, "the red car on the left", 1.1, 100, 0, resolution=64)
+        mask, _ = cls().run(*sd15, image, "the red car on the left", 1.1, 100, 0, resolution=64,
+                            clip_vision=tiny_vision(32), alpha=0.0)
+        assert mask.shape == (1, 37, 53)
+        scorer = pack.textmask.hosts.comfy.ComfyClipScorer(tiny_vision(32), sd15[1])
+        props = torch.zeros(3, 37, 53, dtype=torch.bool)
+        props[0, :10], props[1, 10:], props[2, :, :20] = True, True, True
+        scores = scorer.scores(image[0].movedim(-1, 0), props, ["a red car", "car"])
+        assert scores.shape == (3,) and (scores.abs() <= 1).all()
+        with pytest.raises(pack.textmask.errors.TextMaskError, match="does not share an embedding space"):
+            cls().run(*sd15, image, "the red car", 1.1, 100, 0, resolution=64, clip_vision=tiny_vision(16), alpha=0.5)

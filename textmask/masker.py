@@ -150,12 +150,12 @@ class TextMasker:
         return named_segments(self.host, images, names, tau=tau, timestep=timestep, seed=seed,
                               resolution=resolution, batch_size=batch_size)
 
-    def refer(self, images, expression: str, *, clip: str | Path | None = None, alpha: float = 0.5, tau: float = 1.1,
+    def refer(self, images, expression: str, *, clip=None, alpha: float = 0.5, tau: float = 1.1,
               timestep: int | None = None, seed: int = 0, resolution: int | None = None, batch_size: int = 1,
               use_spacy: bool = False):
         """Ref-Diff: the mask of the object a referring expression names ("the man on the left").
 
-        ``clip`` is a local transformers CLIP folder for the optional discriminative score.
+        ``clip`` (optional) is a local transformers CLIP folder, or a scorer with ``scores(image, proposals, texts)``.
         """
         from .referring import REFER_TIMESTEP, refer
 

@@ -133,6 +133,16 @@ def positional_weight(expression: str, h: int, w: int) -> torch.Tensor:
     return weight
 
 
+def masked_crops(image: torch.Tensor, props: torch.Tensor, size: int) -> torch.Tensor:
+    """Each proposal's pixels (the rest black), cropped to its box and resized: [P, 3, size, size] in [0, 1]."""
+    crops = []
+    for mask in props:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        crop = (image * mask)[:, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        crops.append(F.interpolate(crop[None].float(), size=(size, size), mode="bicubic", align_corners=False)[0])
+    return torch.stack(crops).clamp(0, 1)
+
+
 def _features(out) -> torch.Tensor:
     """Projected CLIP features: a tensor in transformers 4, the output's pooler_output in transformers 5."""
     return out if torch.is_tensor(out) else out.pooler_output
@@ -151,12 +161,6 @@ class ClipScorer:
         self.device = device
         self.size = int(self.model.config.vision_config.image_size)
 
-    def _crop(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        crop = (image * mask)[:, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-        crop = F.interpolate(crop[None], size=(self.size, self.size), mode="bicubic", align_corners=False)[0]
-        return (crop.clamp(0, 1) - CLIP_MEAN) / CLIP_STD
-
     @torch.no_grad()
     def scores(self, image: torch.Tensor, props: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Cosine similarity of each proposal's crop [P] to the mean of the texts' embeddings."""
@@ -166,7 +170,7 @@ class ClipScorer:
         ids = [[49406] + tok(t, add_special_tokens=False)["input_ids"][:75] + [49407] for t in texts]
         ids = torch.tensor([r + [49407] * (77 - len(r)) for r in ids], device=self.device)
         text = F.normalize(_features(self.model.get_text_features(input_ids=ids)), dim=-1).mean(0)
-        pixels = torch.stack([self._crop(image, m) for m in props]).to(self.device)
+        pixels = ((masked_crops(image, props, self.size) - CLIP_MEAN) / CLIP_STD).to(self.device)
         embeds = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
         return (embeds @ F.normalize(text, dim=0)).float().cpu()
 
@@ -180,7 +184,7 @@ def combine(gen: torch.Tensor, disc: torch.Tensor | None, alpha: float) -> torch
 
 
 def refer(
-    host: Host, images, expression: str, *, clip: str | Path | None = None, alpha: float = 0.5, tau: float = 1.1,
+    host: Host, images, expression: str, *, clip=None, alpha: float = 0.5, tau: float = 1.1,
     timestep: int = REFER_TIMESTEP, seed: int = 0, resolution: int | None = None, batch_size: int = 1,
     use_spacy: bool = False,
 ) -> ReferResult:
@@ -190,7 +194,8 @@ def refer(
     if not 0.0 <= alpha <= 1.0:
         raise TextMaskError(f"alpha must be in [0, 1], got {alpha}")
     head = find_subject(expression, use_spacy=use_spacy)
-    scorer = ClipScorer(clip) if clip is not None else None
+    # ``clip`` is a local CLIP folder, or any object with scores(image, proposals, texts) (a host's own CLIP).
+    scorer = ClipScorer(clip) if isinstance(clip, (str, Path)) else clip
     pixels = to_batch(images)
     height, width = pixels.shape[-2:]
     size = working_size(height, width, resolution or host.resolution, host.size_multiple)

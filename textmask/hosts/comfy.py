@@ -167,3 +167,29 @@ class ComfyHost:
 
     def progress(self, total: int, desc: str) -> ComfyProgress:
         return ComfyProgress(total)
+
+
+class ComfyClipScorer:
+    """Ref-Diff's discriminative score in ComfyUI: CLIP_VISION image embeddings of masked proposal crops against
+    the graph CLIP's pooled text embedding. Meaningful when both share CLIP's joint space (SDXL's clip_g with
+    clip_vision_g); SD1 checkpoints usually lack CLIP-L's text projection, which weakens the score."""
+
+    def __init__(self, clip_vision, clip):
+        self.clip_vision, self.clip = clip_vision, clip
+
+    def scores(self, image: torch.Tensor, props: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        from ..errors import TextMaskError
+        from ..referring import masked_crops
+
+        pooled = [self.clip.encode_from_tokens(self.clip.tokenize(t), return_pooled=True)[1] for t in texts]
+        text = F.normalize(torch.cat(pooled).float(), dim=-1).mean(0)
+        crops = masked_crops(image, props, 224).movedim(1, -1)  # IMAGE layout; ComfyUI preprocesses to 224
+        embeds = self.clip_vision.encode_image(crops)["image_embeds"].float()
+        if embeds.shape[-1] != text.shape[-1]:
+            raise TextMaskError(
+                f"this CLIP_VISION ({embeds.shape[-1]}-d) does not share an embedding space with the model's text "
+                f"encoder ({text.shape[-1]}-d); use the CLIP vision model that matches it (clip_vision_g for SDXL)"
+            )
+        return (F.normalize(embeds, dim=-1) @ F.normalize(text.to(embeds.device), dim=0)).cpu()
