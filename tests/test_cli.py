@@ -161,3 +161,17 @@ def test_refer_command(tmp_path, model_args, capsys):
                            (["refer", str(img), "the cat", "--out", str(tmp_path / "x.jpg")], "must be a .png"),
                            (["refer", str(img), "the cat", "--out", str(tmp_path / "x.png"), "--alpha", "3"], "alpha")]:
         assert expected in run_bad(tmp_path, capsys, argv + model_args)
+
+
+def test_image_decoded_late_fails_cleanly(tmp_path, model_args, capsys):
+    """A file that passes the header check but fails to decode leaves no output behind."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    write_image(frames / "a.png", 40, 30)
+    good = (frames / "a.png").read_bytes()
+    (frames / "b.png").write_bytes(good[: len(good) // 2])  # truncated pixel data, intact header
+    tiny = tmp_path / "tiny.png"
+    write_image(tiny, 4, 4)
+    assert "too small" in run_bad(tmp_path, capsys, ["segment", str(tiny), "cat", "--out", str(tmp_path / "m.png"), *model_args])
+    err = run_bad(tmp_path, capsys, ["segment", str(frames), "cat", "--out", str(tmp_path / "masks"), *model_args])
+    assert "cannot read image" in err

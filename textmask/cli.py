@@ -145,7 +145,7 @@ def _staging(out: Path) -> Path:
 def run_segment(args: argparse.Namespace) -> None:
     import torch
 
-    from .images import load_image, to_batch
+    from .images import check_image, load_image
     from .io import save_mask, save_overlay
     from .mask_prompt import parse, with_negative
 
@@ -157,16 +157,16 @@ def run_segment(args: argparse.Namespace) -> None:
     if folder and out.suffix:
         raise CliError(f"--out must be a folder for a folder input, got {out}")
     with_negative(parse(args.mask_prompt), args.negative)  # fail on syntax before loading a model
-    images = [load_image(f) for f in files]  # fail on an unreadable image before any output exists
-    for f, a in zip(files, images):
-        to_batch(a)
+    for f in files:
+        check_image(f)  # fail on an unreadable image before any work; pixels are decoded one at a time below
     masker = load_masker(args)
 
     stage = _staging(out)
     try:
         results = []
         bar = masker.host.progress(len(files), "images") if folder else None
-        for f, img in zip(files, images):
+        for f in files:
+            img = load_image(f)
             res = masker.mask(img, args.mask_prompt, **mask_kwargs(args))
             name = f.stem + ".png"
             save_mask(res.masks[0], stage / ("mask-" + name))
@@ -193,7 +193,7 @@ def run_segment(args: argparse.Namespace) -> None:
 
 
 def run_segments(args: argparse.Namespace) -> None:
-    from .images import load_image, to_batch
+    from .images import check_image, load_image
     from .io import colour_labels, save_mask, save_rgb
 
     src, out = Path(args.input), Path(args.out)
@@ -202,13 +202,13 @@ def run_segments(args: argparse.Namespace) -> None:
         raise CliError(f"--out must be a folder, got {out}")
     if args.tau <= 0:
         raise CliError(f"--tau must be positive, got {args.tau}")
-    images = [load_image(f) for f in files]
-    for a in images:
-        to_batch(a)
+    for f in files:
+        check_image(f)
     masker = load_masker(args)
     stage = _staging(out)
     try:
-        for f, img in zip(files, images):
+        for f in files:
+            img = load_image(f)
             res = masker.segments(img, tau=args.tau, kmeans=args.kmeans, timestep=args.timestep, seed=args.seed,
                                   resolution=args.resolution)
             target = stage / f.stem if src.is_dir() else stage
@@ -230,7 +230,7 @@ def run_segments(args: argparse.Namespace) -> None:
 def run_refer(args: argparse.Namespace) -> None:
     import torch
 
-    from .images import load_image, to_batch
+    from .images import check_image, load_image
     from .io import save_mask, save_overlay
     from .subject import subject
 
@@ -242,8 +242,8 @@ def run_refer(args: argparse.Namespace) -> None:
     if not 0.0 <= args.alpha <= 1.0:
         raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
     subject(args.expression)  # fail on an expression without a noun before loading a model
+    check_image(src)
     image = load_image(src)
-    to_batch(image)
     masker = load_masker(args)
     stage = _staging(out)
     try:

@@ -41,6 +41,22 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"cannot read image {path}: {e}") from None
 
 
+def check_image(path: str | Path) -> None:
+    """Check that a file is a readable image without decoding its pixels; raises ImageError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+            w, h = img.size
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageError(f"cannot read image {path}: {e}") from None
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ImageError(f"image {path} of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")
+
+
 def _as_hwc(x) -> np.ndarray | torch.Tensor:
     from PIL import Image
 
