@@ -19,9 +19,13 @@ from .methods import METHODS, CrossAttentionMaps, SelfAttentionAggregate, noise_
 
 # t=300 of 1000: ᾱ≈0.52 under SD's schedule, so the latent still shows every object's outline while the
 # UNet must lean on the text to explain the noise; at t≈100 the maps sharpen but small objects fade from
-# them, past t≈500 the layout itself dissolves. The Shapes benchmark (bench/shapes_eval.py) sweeps it.
+# them, past t≈500 the layout itself dissolves. The Shapes sweep (bench/shapes_eval.py --sweep, 25 scenes)
+# cannot settle it: on that model every timestep gives inverted word maps (AUC 0.31, 0.30, 0.31, 0.33,
+# 0.37, 0.43 for t = 100…600; see MODEL_CARD.md), so the argument above stands.
 DEFAULT_TIMESTEP = 300
-# Refinement settings (see refine_with_self_attention); to be settled on the Shapes benchmark.
+# Refinement (see refine_with_self_attention): AggSD's row-normalised SAᵀ·CA, one step. The Shapes sweep gave
+# IoU/AUC transpose-1 0.06/0.28, transpose-2 0.08/0.28, forward-1 0.05/0.30, forward-2 0.07/0.30: all on
+# inverted maps and within noise of each other, so the paper's form is kept.
 REFINE_MODE = "transpose"
 REFINE_STEPS = 1
 
