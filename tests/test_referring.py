@@ -92,3 +92,32 @@ def test_bad_expressions(masker, expression, match):
 def test_bad_alpha(masker):
     with pytest.raises(TextMaskError, match="alpha"):
         masker.refer(torch.rand(1, 32, 32, 3), "the cat", alpha=2)
+
+
+def test_segments_and_refer_leave_the_model_untouched():
+    from conftest import assert_unchanged, state_snapshot
+
+    pipe = tiny_models.sd1_pipe()
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    unet = pipe.unet
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before_out = unet(x, t, encoder_hidden_states=ctx).sample
+    before = state_snapshot(unet)
+    masker.segments(torch.rand(1, 32, 32, 3))
+    masker.semantic(torch.rand(1, 32, 32, 3), ["cat", "dog"])
+    masker.refer(torch.rand(1, 32, 32, 3), "the cat on the left")
+
+    class Boom(Exception):
+        pass
+
+    boom = unet.mid_block.register_forward_hook(lambda *a: (_ for _ in ()).throw(Boom()))
+    try:
+        for call in (lambda: masker.segments(torch.rand(1, 32, 32, 3)), lambda: masker.refer(torch.rand(1, 32, 32, 3), "the cat")):
+            with pytest.raises(Boom):
+                call()
+    finally:
+        boom.remove()
+    assert_unchanged(before, state_snapshot(unet))
+    with torch.no_grad():
+        assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
