@@ -45,8 +45,8 @@ class ReferResult:
 class SubjectColumn:
     """Capture sink: per cross-attention layer, the subject's column of the head-averaged scores."""
 
-    def __init__(self, positions: list[int], side: int):
-        self.positions, self.side = positions, side
+    def __init__(self, positions: list[int]):
+        self.positions = positions
         self.maps: dict[str, torch.Tensor] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
 
@@ -208,10 +208,10 @@ def refer(
             latents, noisy = encode_and_noise(host, pixels[rows], size, timestep, seed + rows.start)
             b = latents.shape[0]
             noisy = noisy.repeat_interleave(2, 0)  # [uncond, cond] rows per image
-            columns = SubjectColumn(positions, size[0])
+            columns = SubjectColumn(positions)
             selfagg = SelfAttentionAggregate()
 
-            def sink(layer, start, values):
+            def sink(layer, start, values, selfagg=selfagg, columns=columns):
                 (selfagg if layer.kind == "self" else columns)(layer, start, values)
 
             # Self-attention only for the conditional rows (odd); cross-attention scores for both.

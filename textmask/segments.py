@@ -44,7 +44,7 @@ def _capture(host: Host, pixels, size, prompt: str, groups, timestep: int, seed:
         selfagg = SelfAttentionAggregate()
         cross = CrossAttentionMaps(groups) if groups else None
 
-        def sink(layer, start, probs):
+        def sink(layer, start, probs, selfagg=selfagg, cross=cross):
             (selfagg if layer.kind == "self" else cross)(layer, start, probs)
 
         want = (lambda l: True) if groups else (lambda l: l.kind == "self")

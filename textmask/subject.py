@@ -54,7 +54,7 @@ def subject(expression: str, use_spacy: bool = False) -> str:
         return found
     words = [w.removesuffix("'s") for w in WORD.findall(expression.lower())]
     head = None
-    for i, w in enumerate(words):
+    for w in words:
         ends_phrase = w in BOUNDARIES or w in VERBS or (w.endswith("ing") and len(w) > 4 and head is not None)
         if ends_phrase and head is not None:
             break
