@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 
-from ..textmask.errors import TextMaskError
 from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.io import overlay
 from ..textmask.masker import DEFAULT_TIMESTEP, TextMasker
 from ..textmask.methods import METHODS
+from ..textmask.postprocess import parse_threshold
 
 CATEGORY = "mask/textmask"
-
-
-def parse_threshold(text: str):
-    """'auto' or a number in [0, 1], as typed into the node."""
-    text = str(text).strip().lower()
-    if text in ("", "auto"):
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {text!r}")
-    return value
 
 
 class TextMask:

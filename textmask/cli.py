@@ -21,15 +21,12 @@ class CliError(TextMaskError):
 
 
 def _threshold(text: str):
-    if text == "auto":
-        return "auto"
+    from .postprocess import parse_threshold  # lazily: keeps `textmask --help` free of torch
+
     try:
-        value = float(text)
-    except ValueError:
+        return parse_threshold(text)
+    except TextMaskError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}")
-    return value
 
 
 def add_mask_options(p: argparse.ArgumentParser) -> None:

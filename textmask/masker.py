@@ -105,13 +105,7 @@ class TextMasker:
             raise TextMaskError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
         if not 0 <= int(timestep) < 1000:
             raise TextMaskError(f"timestep must be in [0, 999], got {timestep}")
-        if threshold != "auto":
-            try:
-                threshold = float(threshold)
-            except (TypeError, ValueError):
-                raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {threshold!r}") from None
-            if not 0.0 <= threshold <= 1.0:
-                raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {threshold}")
+        threshold = pp.parse_threshold(threshold)
         expr = mp.with_negative(mp.parse(mask_prompt), negative)
         terms = mp.phrases(expr)
         pixels = to_batch(images)

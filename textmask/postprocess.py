@@ -37,17 +37,30 @@ def otsu_threshold(heatmap: torch.Tensor) -> float:
     return float(threshold_otsu(values, nbins=256))
 
 
+def parse_threshold(value) -> float | str:
+    """``"auto"`` (also empty text) or a number in [0, 1], from an API value or typed text; raises TextMaskError."""
+    from .errors import TextMaskError
+
+    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise TextMaskError(f"threshold must be 'auto' or a number in [0, 1], got {value!r}")
+    return number
+
+
 def thresholds(heatmaps: torch.Tensor, threshold: float | str) -> torch.Tensor:
     """Per-map thresholds of [..., H, W]: Otsu for ``"auto"``, else the fixed value; shape [..., 1, 1]."""
+    threshold = parse_threshold(threshold)
     if threshold == "auto":
         flat = heatmaps.reshape(-1, *heatmaps.shape[-2:])
         values = [otsu_threshold(m) for m in flat]
         t = torch.tensor(values, dtype=torch.float32, device=heatmaps.device)
         return t.reshape(*heatmaps.shape[:-2], 1, 1)
-    value = float(threshold)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"threshold must be 'auto' or a number in [0, 1], got {threshold}")
-    return torch.full((*heatmaps.shape[:-2], 1, 1), value, device=heatmaps.device)
+    return torch.full((*heatmaps.shape[:-2], 1, 1), threshold, device=heatmaps.device)
 
 
 def soft_threshold(heatmaps: torch.Tensor, t: torch.Tensor, band: float = SOFT_BAND) -> torch.Tensor:
