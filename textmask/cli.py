@@ -44,9 +44,12 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invert", action="store_true", help="invert the mask")
     p.add_argument("--negative", default=None, help="mask prompt to subtract")
     p.add_argument("--prompt", default=None, help="caption to condition on; phrases must occur in it")
-    p.add_argument("--timestep", type=int, default=DEFAULT_TIMESTEP, help=f"noise level 0-999 (default {DEFAULT_TIMESTEP})")
+    p.add_argument("--timestep", type=int, default=None,
+                   help=f"noise level 0-999 (default {DEFAULT_TIMESTEP}; 400 for ld-znet)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="working resolution in pixels (default: the model's)")
+    p.add_argument("--ldznet", default=None, metavar="PATH", help="LD-ZNet .safetensors, for --method ld-znet")
+    p.add_argument("--template", default=None, help='LD-ZNet prompt template (default "a photo of a {}.")')
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--resolution", type=int, default=None)
     add_model_options(ref)
+    conv = sub.add_parser("convert-ldznet", help="convert the official LDZNet_txt2mask.ckpt to textmask safetensors")
+    conv.add_argument("input", help="the reference LatentSeg checkpoint (.ckpt), read with weights_only=True")
+    conv.add_argument("output", help="output .safetensors")
+    conv.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw weights, not the EMA copy")
+    conv.add_argument("--config", default=None, help="diffusers UNet config folder of the base model (default: SD1)")
     demo = sub.add_parser("demo", help="mask a few Shapes scenes with the bundled tiny model (no download)")
     demo.add_argument("--out", default="textmask-demo", help="output folder (default: ./textmask-demo)")
     demo.add_argument("--scenes", type=int, default=4, help="how many test scenes (default 4)")
@@ -97,7 +105,7 @@ def mask_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         method=args.method, refine=args.refine, threshold=args.threshold, soft=args.soft, blur=args.blur,
         grow=args.grow, fill_holes=args.fill_holes, invert=args.invert, negative=args.negative, prompt=args.prompt,
-        timestep=args.timestep, seed=args.seed, resolution=args.resolution,
+        timestep=args.timestep, seed=args.seed, resolution=args.resolution, template=args.template,
     )
 
 
@@ -156,7 +164,12 @@ def run_segment(args: argparse.Namespace) -> None:
     with_negative(parse(args.mask_prompt), args.negative)  # fail on syntax before loading a model
     for f in files:
         check_image(f)  # fail on an unreadable image before any work; pixels are decoded one at a time below
+    if (args.method == "ld-znet") != (args.ldznet is not None):
+        raise CliError("--method ld-znet and --ldznet PATH go together")
+    if args.ldznet is not None and not Path(args.ldznet).is_file():
+        raise CliError(f"LD-ZNet weights not found: {args.ldznet}")
     masker = load_masker(args)
+    ldznet = masker.load_ldznet(args.ldznet) if args.ldznet else None
 
     stage = _staging(out)
     try:
@@ -164,7 +177,7 @@ def run_segment(args: argparse.Namespace) -> None:
         bar = masker.host.progress(len(files), "images") if folder else None
         for f in files:
             img = load_image(f)
-            res = masker.mask(img, args.mask_prompt, **mask_kwargs(args))
+            res = masker.mask(img, args.mask_prompt, ldznet=ldznet, **mask_kwargs(args))
             name = f.stem + ".png"
             save_mask(res.masks[0], stage / ("mask-" + name))
             if args.heatmap:
@@ -256,6 +269,29 @@ def run_refer(args: argparse.Namespace) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def run_convert_ldznet(args: argparse.Namespace) -> None:
+    import json
+
+    from .ldznet.weights import convert_reference, read_reference_checkpoint, save_ldznet
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".safetensors":
+        raise CliError(f"output must be a .safetensors file, got {out}")
+    config_dir = Path(args.config) if args.config else Path(__file__).resolve().parent / "configs" / "sd1"
+    config_file = config_dir / "unet" / "config.json" if (config_dir / "unet").is_dir() else config_dir / "config.json"
+    if not config_file.is_file():
+        raise CliError(f"no UNet config.json in {config_dir}")
+    state = read_reference_checkpoint(args.input)
+    model = convert_reference(state, json.loads(config_file.read_text()), use_ema=args.ema)
+    stage = _staging(out)
+    try:
+        save_ldznet(model, stage / out.name, {"source": Path(args.input).name})
+        os.replace(stage / out.name, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"wrote LD-ZNet ({model.architecture}, {model.trainable_parameters() / 1e6:.1f}M parameters) to {out}")
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo as demo
 
@@ -264,7 +300,8 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(Path(args.out), scenes=args.scenes)
 
 
-COMMANDS = {"segment": run_segment, "segments": run_segments, "refer": run_refer, "demo": run_demo}
+COMMANDS = {"segment": run_segment, "segments": run_segments, "refer": run_refer, "demo": run_demo,
+            "convert-ldznet": run_convert_ldznet}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from .errors import TextMaskError
 from .hosts.base import Conditioning, Host, iter_chunks
 from .images import ImageInput, to_batch, working_size
 from .latents import encode_and_noise
+from .ldznet.inference import DEFAULT_TIMESTEP as LDZNET_TIMESTEP
 from .methods import METHODS, CrossAttentionMaps, SelfAttentionAggregate, noise_difference, refine_with_self_attention
 
 # t=300 of 1000: ᾱ≈0.52 under SD's schedule, so the latent still shows every object's outline while the
@@ -82,7 +83,7 @@ class TextMasker:
         *,
         negative: str | None = None,
         prompt: str | None = None,
-        method: Literal["attention", "noise-diff"] = "attention",
+        method: Literal["attention", "noise-diff", "ld-znet"] = "attention",
         refine: bool = False,
         threshold: float | str = "auto",
         soft: bool = False,
@@ -90,22 +91,31 @@ class TextMasker:
         grow: float = 0.0,
         fill_holes: bool = False,
         invert: bool = False,
-        timestep: int = DEFAULT_TIMESTEP,
+        timestep: int | None = None,
         seed: int = 0,
         resolution: int | None = None,
         batch_size: int = 4,
         latents: torch.Tensor | None = None,
+        ldznet=None,
+        template: str | None = None,
     ) -> MaskResult:
         """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
 
         ``latents`` (the host's latent space, one per image) replaces encoding the images; the host's
         ``latent_region`` says which pixels they cover (ComfyUI's VAE Encode crops to multiples of 8).
+        ``method="ld-znet"`` needs ``ldznet`` (an LDZNet or the path of its .safetensors) and reads each phrase
+        through ``template`` (default "a photo of a {}."); its "auto" threshold is 0.5 on the sigmoid.
         """
         if method not in METHODS:
             raise TextMaskError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        if timestep is None:
+            timestep = LDZNET_TIMESTEP if method == "ld-znet" else DEFAULT_TIMESTEP
         if not 0 <= int(timestep) < 1000:
             raise TextMaskError(f"timestep must be in [0, 999], got {timestep}")
         threshold = pp.parse_threshold(threshold)
+        if method == "ld-znet":
+            return self._mask_ldznet(images, mask_prompt, negative, ldznet, template, threshold, soft, blur, grow,
+                                     fill_holes, invert, timestep, seed, resolution, batch_size, latents)
         expr = mp.with_negative(mp.parse(mask_prompt), negative)
         terms = mp.phrases(expr)
         pixels = to_batch(images)
@@ -161,7 +171,42 @@ class TextMasker:
                      timestep=REFER_TIMESTEP if timestep is None else timestep, seed=seed, resolution=resolution,
                      batch_size=batch_size, use_spacy=use_spacy)
 
+    def load_ldznet(self, path: str | Path):
+        """Load LD-ZNet weights (textmask safetensors) onto this host's device."""
+        from .ldznet import load_ldznet
+
+        dtype = self.host.dtype if self.host.device.type != "cpu" else torch.float32
+        return load_ldznet(path, device=self.host.device, dtype=dtype)
+
     # ---------------------------------------------------------------------------------------------
+    def _mask_ldznet(self, images, mask_prompt, negative, ldznet, template, threshold, soft, blur, grow, fill_holes,
+                     invert, timestep, seed, resolution, batch_size, latents) -> MaskResult:
+        from .ldznet.inference import DEFAULT_TEMPLATE, ldznet_probabilities
+
+        if ldznet is None:
+            raise TextMaskError("method 'ld-znet' needs LD-ZNet weights (ldznet=..., --ldznet PATH)")
+        if latents is not None:
+            raise TextMaskError("method 'ld-znet' encodes the images itself; pass images, not latents")
+        model = self.load_ldznet(ldznet) if isinstance(ldznet, (str, Path)) else ldznet
+        expr = mp.with_negative(mp.parse(mask_prompt), negative)
+        terms = mp.phrases(expr)
+        pixels = to_batch(images)
+        height, width = pixels.shape[-2:]
+        multiple = max(self.host.size_multiple, 64)
+        size = working_size(height, width, resolution or model.train_resolution, multiple)
+        parts = []
+        with self.host.progress(pixels.shape[0], "textmask ld-znet") as bar:
+            for rows in iter_chunks(pixels.shape[0], batch_size):
+                self.host.check_interrupt()
+                parts.append(ldznet_probabilities(self.host, model, pixels[rows], size, terms,
+                                                  template=template or DEFAULT_TEMPLATE, timestep=timestep,
+                                                  seed=seed + rows.start))
+                bar.update(rows.stop - rows.start)
+        low = torch.cat(parts)
+        threshold = 0.5 if threshold == "auto" else threshold  # calibrated probabilities, not attention scores
+        return self._finish(expr, terms, low, (height, width), (0, 0, height, width), threshold, soft, blur, grow,
+                            fill_holes, invert)
+
     def _conditioning(self, method: str, terms: list[str], prompt: str | None) -> tuple[Conditioning, list[list[int]]]:
         """Encode the prompts one method needs, with each term's token positions (attention only)."""
         if method == "attention":
