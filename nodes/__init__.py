@@ -1,5 +1,6 @@
 """ComfyUI node classes of the textmask pack."""
 
+from .ldznet import LoadLDZNet, TextMaskLDZNet
 from .segments import NamedSegments, ReferringMask, SegmentEverything
 from .text_mask import TextMask
 
@@ -8,10 +9,14 @@ NODE_CLASS_MAPPINGS = {
     "SegmentEverything": SegmentEverything,
     "NamedSegments": NamedSegments,
     "ReferringMask": ReferringMask,
+    "LoadLDZNet": LoadLDZNet,
+    "TextMaskLDZNet": TextMaskLDZNet,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TextMask": "Text Mask",
     "SegmentEverything": "Segment Everything",
     "NamedSegments": "Named Segments",
     "ReferringMask": "Referring Mask",
+    "LoadLDZNet": "Load LD-ZNet",
+    "TextMaskLDZNet": "Text Mask (LD-ZNet)",
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.io import overlay
 from ..textmask.masker import DEFAULT_TIMESTEP, TextMasker
-from ..textmask.methods import METHODS
+from ..textmask.methods import ZERO_SHOT_METHODS
 from ..textmask.postprocess import parse_threshold
 
 CATEGORY = "mask/textmask"
@@ -34,7 +34,7 @@ class TextMask:
                 "image": ("IMAGE", {"tooltip": "Images to mask; every item of the batch is processed."}),
                 "mask_prompt": ("STRING", {"multiline": True, "default": "person",
                                            "tooltip": "What to mask, e.g. 'red car | truck AND NOT wheels'."}),
-                "method": (list(METHODS), {"default": "attention",
+                "method": (list(ZERO_SHOT_METHODS), {"default": "attention",
                                            "tooltip": "attention: cross-attention maps (DAAM); noise-diff: where the words change the predicted noise."}),
                 "refine": ("BOOLEAN", {"default": True, "tooltip": "Refine attention maps along self-attention (slower, cleaner)."}),
                 "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (Otsu) or a value in 0..1."}),

@@ -250,3 +250,37 @@ def test_referring_mask_with_clip_vision(pack, sd15, tmp_path):
         assert scores.shape == (3,) and (scores.abs() <= 1).all()
         with pytest.raises(pack.textmask.errors.TextMaskError, match="does not share an embedding space"):
             cls().run(*sd15, image, "the red car", 1.1, 100, 0, resolution=64, clip_vision=tiny_vision(16), alpha=0.5)
+
+
+def test_ldznet_nodes_end_to_end(pack, sd15, tmp_path):
+    import folder_paths
+    from ldznet_reference import UNET_CONFIG
+
+    from textmask.ldznet import LDZNet, save_ldznet, znet_config
+
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["LoadLDZNet"] == "Load LD-ZNet"
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TextMaskLDZNet"] == "Text Mask (LD-ZNet)"
+    assert ".safetensors" in folder_paths.folder_names_and_paths["ldznet"][1]
+    torch.manual_seed(0)
+    save_ldznet(LDZNet(znet_config(UNET_CONFIG), upsample_steps=3, train_resolution=64), tmp_path / "tiny-ldznet.safetensors")
+    (tmp_path / "notes.txt").write_text("not a model")
+    folder_paths.add_model_folder_path("ldznet", str(tmp_path))
+    spec = pack.NODE_CLASS_MAPPINGS["LoadLDZNet"].INPUT_TYPES()
+    assert "tiny-ldznet.safetensors" in spec["required"]["ldznet_name"][0]
+    assert "notes.txt" not in spec["required"]["ldznet_name"][0]
+    (ldznet,) = pack.NODE_CLASS_MAPPINGS["LoadLDZNet"]().load("tiny-ldznet.safetensors")
+    node = pack.NODE_CLASS_MAPPINGS["TextMaskLDZNet"]()
+    assert set(node.INPUT_TYPES()["required"]) >= {"model", "clip", "vae", "ldznet", "image", "mask_prompt"}
+    model, clip, vae = sd15
+    before = model_output(model)
+    counts = hook_counts(model)
+    image = torch.rand(2, 37, 53, 3)
+    with torch.inference_mode():
+        mask, preview = node.run(model, clip, vae, ldznet, image, "red car | truck", "auto", 0.0, 0, False, False, 400, 0,
+                                 resolution=64)
+    assert mask.shape == (2, 37, 53) and preview.shape == (2, 37, 53, 3)
+    assert hook_counts(model) == counts and torch.equal(before, model_output(model))
+    xl_model, xl_clip, xl_vae = comfy_env.make_model("sdxl"), comfy_env.make_clip("sdxl", seed=1), comfy_env.make_vae()
+    with pytest.raises(Exception, match="LD-ZNet weights are for custom-32"):
+        with torch.inference_mode():
+            node.run(xl_model, xl_clip, xl_vae, ldznet, image, "car", "auto", 0.0, 0, False, False, 400, 0, resolution=64)

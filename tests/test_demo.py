@@ -1,8 +1,6 @@
 """The bundled Shapes model and `textmask demo`: what a user runs first on a fresh machine."""
 
-from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from textmask.cli import main

@@ -3,6 +3,7 @@
 from .attention import CrossAttentionMaps, SelfAttentionAggregate, refine_with_self_attention
 from .noise_diff import noise_difference
 
-METHODS = ("attention", "noise-diff", "ld-znet")  # ld-znet also needs trained weights
+ZERO_SHOT_METHODS = ("attention", "noise-diff")
+METHODS = (*ZERO_SHOT_METHODS, "ld-znet")  # ld-znet also needs trained weights
 
-__all__ = ["CrossAttentionMaps", "SelfAttentionAggregate", "refine_with_self_attention", "noise_difference", "METHODS"]
+__all__ = ["CrossAttentionMaps", "SelfAttentionAggregate", "refine_with_self_attention", "noise_difference", "METHODS", "ZERO_SHOT_METHODS"]
