@@ -36,6 +36,7 @@ METHODS = {
     "attention+refine": dict(method="attention", refine=True),
     "noise-diff": dict(method="noise-diff"),
 }
+LDZNET_WEIGHTS = MODEL_DIR / "ldznet.safetensors"  # trained through train/ on the Shapes train split (MODEL_CARD.md)
 
 
 def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = None):
@@ -46,7 +47,9 @@ def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = 
         out = masker.mask(scene.image, " | ".join(phrases), prompt=scene.caption if caption else None, **kwargs)
         for p in phrases:
             heat = out.terms[p][0]
-            scores.add(heat.numpy(), otsu_mask(heat).numpy(), scene.phrase_mask(p))
+            # LD-ZNet's map is a probability (its own threshold is 0.5); the zero-shot maps use Otsu
+            own = heat > 0.5 if kwargs.get("method") == "ld-znet" else otsu_mask(heat)
+            scores.add(heat.numpy(), own.numpy(), scene.phrase_mask(p))
         if wrong is not None:
             for p in phrases:
                 w = wrong_phrase(scene, p)
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=200)
     ap.add_argument("--model", type=Path, default=MODEL_DIR)
     ap.add_argument("--sweep", action="store_true", help="also sweep timestep and refinement settings")
+    ap.add_argument("--ldznet", type=Path, default=LDZNET_WEIGHTS, help="LD-ZNet weights for the ld-znet row")
+    ap.add_argument("--only-ldznet", action="store_true", help="score only the ld-znet row")
     args = ap.parse_args()
     torch.set_num_threads(2)
     masker = load_demo_masker(args.model)
@@ -96,68 +101,83 @@ def main() -> None:
     grid = masker.host.unet.config.sample_size  # the largest attention grid (latent size)
     rows: dict[str, dict] = {}
     t0 = time.time()
+    methods = dict(METHODS)
+    if args.ldznet.is_file():
+        methods["ld-znet (trained on Shapes)"] = dict(method="ld-znet", ldznet=masker.load_ldznet(args.ldznet))
+    if args.only_ldznet:
+        methods = {k: v for k, v in methods.items() if v["method"] == "ld-znet"}
     with torch.inference_mode():
-        for name, kwargs in METHODS.items():
+        for name, kwargs in methods.items():
             s = Scores()
             wrong = Scores() if name == "attention" else None
             score_method(masker, scenes, kwargs, s, wrong)
             rows[name] = s.summary()
             if wrong is not None:
                 rows["baseline-wrong-word"] = wrong.summary()
-        named = Scores()
-        for scene in scenes:
-            phrases = object_phrases(scene)
-            res = masker.semantic(scene.image, phrases)
-            for i, p in enumerate(phrases):
-                m = res.masks[0, i].numpy()
-                named.add(m, m, scene.phrase_mask(p))
-        rows["named-segments"] = named.summary()
-        refer, refer_seen = Scores(), 0
-        for scene in scenes:
-            for phrase, target in scene.relations:
-                res = masker.refer(scene.image, phrase)
-                refer.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), scene.masks[target])
-                refer_seen += 1
-        rows["refer (relational phrases)"] = refer.summary()
-        miou = []
-        for scene in scenes:
-            segs = masker.segments(scene.image).masks[0].numpy() > 0.5
-            truths = list(scene.masks) + [~scene.masks.any(0)]  # every object and the background
-            miou.append(hungarian_miou(segs, truths))
-        rows["segments (Hungarian mIoU)"] = {"iou": float(np.mean(miou)), "best_iou": float("nan"), "auc": float("nan"),
-                                             "pointing": float("nan"), "n": len(miou)}
-        rnd = Scores()
-        score_method(random_unet_masker(masker), scenes, METHODS["attention"], rnd)
-        rows["baseline-random-unet"] = rnd.summary()
-        centre, ceiling = Scores(), Scores()
-        prior = centre_prior(scenes[0].image.shape[0])
-        for scene in scenes:
-            for p in object_phrases(scene):
-                gt = scene.phrase_mask(p)
-                centre.add(prior, otsu_mask(torch.from_numpy(prior)).numpy(), gt)
-                ceil = ceiling_heatmap(gt, grid)
-                ceiling.add(ceil, ceil > 0.5, gt)
-        rows["baseline-centre"] = centre.summary()
-        rows["ceiling"] = ceiling.summary()
-        if args.sweep:
-            sweep = scenes[: max(20, args.scenes // 4)]
-            for t in (100, 200, 300, 400, 500, 600):
+    if not args.only_ldznet:
+        other_rows(masker, scenes, grid, rows, args)
+    report(masker, rows, scenes, args, time.time() - t0)
+
+
+@torch.inference_mode()
+def other_rows(masker, scenes, grid, rows, args) -> None:
+    """The rows besides the mask methods: named segments, refer, segments, baselines, ceiling, sweeps."""
+    named = Scores()
+    for scene in scenes:
+        phrases = object_phrases(scene)
+        res = masker.semantic(scene.image, phrases)
+        for i, p in enumerate(phrases):
+            m = res.masks[0, i].numpy()
+            named.add(m, m, scene.phrase_mask(p))
+    rows["named-segments"] = named.summary()
+    refer = Scores()
+    for scene in scenes:
+        for phrase, target in scene.relations:
+            res = masker.refer(scene.image, phrase)
+            refer.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), scene.masks[target])
+    rows["refer (relational phrases)"] = refer.summary()
+    miou = []
+    for scene in scenes:
+        segs = masker.segments(scene.image).masks[0].numpy() > 0.5
+        truths = list(scene.masks) + [~scene.masks.any(0)]  # every object and the background
+        miou.append(hungarian_miou(segs, truths))
+    rows["segments (Hungarian mIoU)"] = {"iou": float(np.mean(miou)), "best_iou": float("nan"), "auc": float("nan"),
+                                         "pointing": float("nan"), "n": len(miou)}
+    rnd = Scores()
+    score_method(random_unet_masker(masker), scenes, METHODS["attention"], rnd)
+    rows["baseline-random-unet"] = rnd.summary()
+    centre, ceiling = Scores(), Scores()
+    prior = centre_prior(scenes[0].image.shape[0])
+    for scene in scenes:
+        for p in object_phrases(scene):
+            gt = scene.phrase_mask(p)
+            centre.add(prior, otsu_mask(torch.from_numpy(prior)).numpy(), gt)
+            ceil = ceiling_heatmap(gt, grid)
+            ceiling.add(ceil, ceil > 0.5, gt)
+    rows["baseline-centre"] = centre.summary()
+    rows["ceiling"] = ceiling.summary()
+    if args.sweep:
+        sweep = scenes[: max(20, args.scenes // 4)]
+        for t in (100, 200, 300, 400, 500, 600):
+            s = Scores()
+            score_method(masker, sweep, dict(method="attention", timestep=t), s)
+            rows[f"sweep-attention-t{t}"] = s.summary()
+        for mode in ("transpose", "forward"):
+            for steps in (1, 2):
+                masker_module.REFINE_MODE, masker_module.REFINE_STEPS = mode, steps
                 s = Scores()
-                score_method(masker, sweep, dict(method="attention", timestep=t), s)
-                rows[f"sweep-attention-t{t}"] = s.summary()
-            for mode in ("transpose", "forward"):
-                for steps in (1, 2):
-                    masker_module.REFINE_MODE, masker_module.REFINE_STEPS = mode, steps
-                    s = Scores()
-                    score_method(masker, sweep, dict(method="attention", refine=True), s)
-                    rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
+                score_method(masker, sweep, dict(method="attention", refine=True), s)
+                rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
+
+
+def report(masker, rows, scenes, args, seconds) -> None:
     if args.sweep:
         print("Per-layer ROC AUC of the phrase tokens' cross-attention (caption prompt, t=300):")
         for name, auc in per_layer_auc(masker, scenes[:20]).items():
             print(f"  {name:<48} {auc:.2f}")
         print()
-    print(f"Shapes test split: {len(scenes)} scenes, {rows['attention']['n']} object phrases, "
-          f"model {args.model.name}, {time.time() - t0:.0f}s")
+    print(f"Shapes test split: {len(scenes)} scenes, {next(iter(rows.values()))['n']} object phrases, "
+          f"model {args.model.name}, {seconds:.0f}s")
     print(f"| {'row':<28} | {'IoU':>5} | {'best IoU':>8} | {'AUC':>5} | {'pointing':>8} |")
     print(f"|{'-' * 30}|{'-' * 7}|{'-' * 10}|{'-' * 7}|{'-' * 10}|")
     for name, r in rows.items():
