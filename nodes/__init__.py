@@ -1,6 +1,7 @@
 """ComfyUI node classes of the textmask pack."""
 
 from .ldznet import LoadLDZNet, TextMaskLDZNet
+from .ovdiff import OVDiffPrototypes, OVDiffSegment
 from .segments import NamedSegments, ReferringMask, SegmentEverything
 from .text_mask import TextMask
 
@@ -11,6 +12,8 @@ NODE_CLASS_MAPPINGS = {
     "ReferringMask": ReferringMask,
     "LoadLDZNet": LoadLDZNet,
     "TextMaskLDZNet": TextMaskLDZNet,
+    "OVDiffPrototypes": OVDiffPrototypes,
+    "OVDiffSegment": OVDiffSegment,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TextMask": "Text Mask",
@@ -19,4 +22,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReferringMask": "Referring Mask",
     "LoadLDZNet": "Load LD-ZNet",
     "TextMaskLDZNet": "Text Mask (LD-ZNet)",
+    "OVDiffPrototypes": "OVDiff Prototypes",
+    "OVDiffSegment": "OVDiff Segment",
 }

@@ -111,6 +111,7 @@ class AttentionCapture:
         max_chunk_bytes: int | None = None,
         logits: LayerFilter | None = None,
         rows: Callable[[AttentionLayer], slice | None] | None = None,
+        context_rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ):
         if not attention_modules:
             raise CaptureError("no attention modules found in this model")
@@ -122,6 +123,9 @@ class AttentionCapture:
         self._want_queries = queries or (lambda layer: False)
         self._want_logits = logits or (lambda layer: False)  # these layers yield pre-softmax scores
         self._rows = rows or (lambda layer: None)  # batch rows to compute, per layer (None: all)
+        # Cross layers only: rows chosen from the key input (the text context), for hosts that batch cond and
+        # uncond rows in an order of their own (ComfyUI's samplers). An empty selection skips the call.
+        self._context_rows = context_rows
         self._max_chunk_bytes = max_chunk_bytes
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -174,6 +178,12 @@ class AttentionCapture:
             if self._want_queries(layer):
                 self.queries[name] = q.detach()
             if self._want_probs(layer):
+                if self._context_rows is not None and layer.kind == "cross":
+                    picked = self._context_rows(args[0])
+                    if picked is not None:
+                        if picked.numel() == 0:
+                            return
+                        q, k = q.index_select(0, picked.to(q.device)), k.index_select(0, picked.to(k.device))
                 self._compute(layer, module, q.detach(), k.detach())
 
         return hook

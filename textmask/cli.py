@@ -59,6 +59,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
 
 
+def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=32, help="support images per class (default 32)")
+    p.add_argument("--steps", type=int, default=30, help="sampler steps per support image (default 30)")
+    p.add_argument("--cfg", type=float, default=8.0, help="guidance scale (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/textmask/ovdiff)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textmask", description="Text-prompted masks from a Stable Diffusion model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output", help="output .safetensors")
     conv.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw weights, not the EMA copy")
     conv.add_argument("--config", default=None, help="diffusers UNet config folder of the base model (default: SD1)")
+    protos = sub.add_parser("prototypes", help="OVDiff prototypes: build (cached) or list the cache")
+    psub = protos.add_subparsers(dest="action", required=True)
+    build = psub.add_parser("build", help="build (or reuse) prototypes for class names")
+    build.add_argument("classes", nargs="+", help="class names; 'sky:stuff' / 'tree:thing' override the stuff list")
+    add_ovdiff_options(build)
+    add_model_options(build)
+    lst = psub.add_parser("list", help="list cached prototypes")
+    lst.add_argument("--cache", default=None, help="cache folder (default ~/.cache/textmask/ovdiff)")
+    ovd = sub.add_parser("ovdiff", help="segment images with OVDiff prototypes (built first if not cached)")
+    ovd.add_argument("input", help="an image file or a folder of images")
+    ovd.add_argument("--classes", required=True, help="comma-separated class names")
+    ovd.add_argument("--out", required=True, help="output folder: labels.png and <class>.png per image")
+    ovd.add_argument("--clip", default=None, help="local transformers CLIP folder, for the class pre-filter")
+    add_ovdiff_options(ovd)
+    add_model_options(ovd)
     demo = sub.add_parser("demo", help="mask a few Shapes scenes with the bundled tiny model (no download)")
     demo.add_argument("--out", default="textmask-demo", help="output folder (default: ./textmask-demo)")
     demo.add_argument("--scenes", type=int, default=4, help="how many test scenes (default 4)")
@@ -292,6 +315,75 @@ def run_convert_ldznet(args: argparse.Namespace) -> None:
     print(f"wrote LD-ZNet ({model.architecture}, {model.trainable_parameters() / 1e6:.1f}M parameters) to {out}")
 
 
+def _build_prototypes(masker, classes: list[str], args: argparse.Namespace):
+    from .ovdiff import build_prototypes
+
+    return build_prototypes(masker.host, classes, images=args.images, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                            cache_dir=args.cache)
+
+
+def run_prototypes(args: argparse.Namespace) -> None:
+    from .ovdiff import list_cache
+
+    if args.action == "list":
+        rows = list_cache(args.cache)
+        if not rows:
+            print("no cached prototypes")
+        for r in rows:
+            if r["status"] != "ok":
+                print(f"{r['path']}: {r['status']}")
+                continue
+            print(f"{r['class']:<24} {'stuff' if r['stuff'] == 'True' else 'thing':<6} model {r['model'][:12]} "
+                  f"{int(r['bytes']) / 1e6:.2f} MB  {r['settings']}")
+        return
+    masker = load_masker(args)
+    protos = _build_prototypes(masker, list(args.classes), args)
+    for c in protos.classes:
+        print(f"{c.name}: {len(c.foreground())} foreground, {len(c.background())} background prototypes")
+
+
+def run_ovdiff(args: argparse.Namespace) -> None:
+    from .images import check_image, load_image
+    from .io import colour_labels, save_mask, save_rgb
+    from .ovdiff import segment
+
+    src, out = Path(args.input), Path(args.out)
+    files = _inputs(src)
+    if out.suffix:
+        raise CliError(f"--out must be a folder, got {out}")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if not classes:
+        raise CliError("--classes needs at least one name")
+    for f in files:
+        check_image(f)
+    masker = load_masker(args)
+    clip = None
+    if args.clip:
+        from .referring import ClipScorer
+
+        clip = ClipScorer(args.clip)
+    protos = _build_prototypes(masker, classes, args)
+    stage = _staging(out)
+    try:
+        for f in files:
+            res = segment(protos, load_image(f), clip=clip, seed=args.seed)
+            target = stage / f.stem if src.is_dir() else stage
+            target.mkdir(parents=True, exist_ok=True)
+            lab = res.labels[0]
+            save_rgb(colour_labels(lab) * (lab > 0)[..., None], target / "labels.png")
+            for i, name in enumerate(res.names):
+                save_mask(res.masks[0, i], target / f"{name.replace('/', '_')}.png")
+        out.mkdir(parents=True, exist_ok=True)
+        for item in stage.iterdir():
+            dest = out / item.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+        print(f"wrote OVDiff masks of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo as demo
 
@@ -301,7 +393,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"segment": run_segment, "segments": run_segments, "refer": run_refer, "demo": run_demo,
-            "convert-ldznet": run_convert_ldznet}
+            "convert-ldznet": run_convert_ldznet, "prototypes": run_prototypes, "ovdiff": run_ovdiff}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -171,6 +171,25 @@ class TextMasker:
                      timestep=REFER_TIMESTEP if timestep is None else timestep, seed=seed, resolution=resolution,
                      batch_size=batch_size, use_spacy=use_spacy)
 
+    def build_prototypes(self, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
+                         seed: int = 0, overrides: dict[str, bool] | None = None, cache_dir: str | Path | None = None):
+        """OVDiff: sample support images per class with this model and keep feature prototypes (cached)."""
+        from .ovdiff import build_prototypes
+
+        return build_prototypes(self.host, classes, images=images, steps=steps, cfg=cfg, seed=seed,
+                                overrides=overrides, cache_dir=cache_dir)
+
+    def ovdiff(self, images, prototypes, *, classes: Sequence[str] | None = None, clip=None, seed: int = 0,
+               resolution: int | None = None):
+        """OVDiff: a label map and one mask per class by nearest-prototype matching (``clip``: optional pre-filter)."""
+        from .ovdiff import segment
+
+        if isinstance(clip, (str, Path)):
+            from .referring import ClipScorer
+
+            clip = ClipScorer(clip, device=self.host.device)
+        return segment(prototypes, images, host=self.host, classes=classes, clip=clip, seed=seed, resolution=resolution)
+
     def load_ldznet(self, path: str | Path):
         """Load LD-ZNet weights (textmask safetensors) onto this host's device."""
         from .ldznet import load_ldznet

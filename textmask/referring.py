@@ -161,18 +161,31 @@ class ClipScorer:
         self.device = device
         self.size = int(self.model.config.vision_config.image_size)
 
-    @torch.no_grad()
-    def scores(self, image: torch.Tensor, props: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Cosine similarity of each proposal's crop [P] to the mean of the texts' embeddings."""
+    def _text_embeds(self, texts: list[str]) -> torch.Tensor:
+        """Normalised CLIP text embeddings [T, D], tokenised with the shipped BPE."""
         from .tokenizer import clip_tokenizer
 
         tok = clip_tokenizer()
         ids = [[49406] + tok(t, add_special_tokens=False)["input_ids"][:75] + [49407] for t in texts]
         ids = torch.tensor([r + [49407] * (77 - len(r)) for r in ids], device=self.device)
-        text = F.normalize(_features(self.model.get_text_features(input_ids=ids)), dim=-1).mean(0)
+        return F.normalize(_features(self.model.get_text_features(input_ids=ids)), dim=-1)
+
+    @torch.no_grad()
+    def scores(self, image: torch.Tensor, props: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Cosine similarity of each proposal's crop [P] to the mean of the texts' embeddings."""
+        text = self._text_embeds(texts).mean(0)
         pixels = ((masked_crops(image, props, self.size) - CLIP_MEAN) / CLIP_STD).to(self.device)
         embeds = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
         return (embeds @ F.normalize(text, dim=0)).float().cpu()
+
+    @torch.no_grad()
+    def image_text_probs(self, image: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """CLIP's softmax over ``texts`` for a whole image [3, H, W] in [0, 1] (logit scale 100)."""
+        text = self._text_embeds(texts)
+        full = torch.ones(1, *image.shape[-2:])
+        pixels = ((masked_crops(image, full, self.size) - CLIP_MEAN) / CLIP_STD).to(self.device)
+        embeds = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
+        return (100 * embeds @ text.T).softmax(-1)[0].float().cpu()
 
 
 def combine(gen: torch.Tensor, disc: torch.Tensor | None, alpha: float) -> torch.Tensor:

@@ -51,6 +51,7 @@ class Host(Protocol):
     dtype: torch.dtype
     resolution: int  # default working resolution in pixels (512 for SD1)
     size_multiple: int  # working sizes are multiples of this, in pixels
+    latent_factor: int  # pixels per latent cell (8 for SD)
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         """The UNet's attention modules, (qualified name, module)."""
@@ -71,6 +72,9 @@ class Host(Protocol):
         self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
     ) -> torch.Tensor:
         """One UNet forward returning ε (v-prediction converted); image_latents feed inpainting UNets."""
+
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int) -> torch.Tensor:
+        """Generate ``count`` latents (host-scaled, native resolution) with the host's own DPM-Solver++ sampler."""
 
     def check_interrupt(self) -> None:
         """Raise the host's own interrupt exception if the user cancelled."""

@@ -162,6 +162,26 @@ class ComfyHost:
         denoised = self.base.apply_model(noisy.float(), sigma, **conds)
         return (noisy.float() - denoised.float()) / sigma.view(-1, 1, 1, 1)  # ε, whatever the model's parametrisation
 
+    def _comfy_conditioning(self, text: str) -> list:
+        tokens = self.clip.tokenize(text)
+        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int) -> torch.Tensor:
+        """``count`` latents from ComfyUI's own sampler (dpmpp_2m, normal schedule) on this MODEL."""
+        import comfy.sample
+
+        side = self.resolution // self.latent_factor
+        channels = int(getattr(self.base.latent_format, "latent_channels", 4))
+        empty = torch.zeros(count, channels, side, side)
+        noise = comfy.sample.prepare_noise(empty, seed)
+        samples = comfy.sample.sample(
+            self.patcher, noise, steps, cfg, "dpmpp_2m", "normal", self._comfy_conditioning(prompt),
+            self._comfy_conditioning(negative), empty, callback=lambda *a: self.check_interrupt(), disable_pbar=True,
+            seed=seed,
+        )
+        return self.base.process_latent_in(samples.to(self.device)).to(self.dtype)
+
     def check_interrupt(self) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
 

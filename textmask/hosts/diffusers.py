@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..capture import find_attention_modules, find_transformer_modules
+from ..latents import image_noise
 from ..checkpoint import detect_architecture, read_state_dict
 from ..errors import CheckpointError
 from ..tokenizer import clip_tokenizer, tokenize
@@ -291,6 +292,30 @@ class DiffusersHost:
             a = float(self.alphas_cumprod[timestep])
             out = (a**0.5) * out + ((1 - a) ** 0.5) * noisy  # ε = √ᾱ·v + √(1−ᾱ)·x_t
         return out
+
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int) -> torch.Tensor:
+        """``count`` latents sampled with diffusers' DPM-Solver++ (2M) under classifier-free guidance.
+
+        Image i starts from noise seeded seed + i, so results do not depend on the batch size.
+        """
+        from diffusers import DPMSolverMultistepScheduler
+
+        a = self.alphas_cumprod.double()
+        betas = 1 - a / torch.cat([a.new_ones(1), a[:-1]])
+        with _quiet_diffusers():
+            sched = DPMSolverMultistepScheduler(num_train_timesteps=len(a), trained_betas=betas.float().numpy(),
+                                                algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon")
+        sched.set_timesteps(steps)
+        side = self.resolution // self.latent_factor
+        channels = int(self.vae.config.latent_channels)
+        x = image_noise((channels, side, side), seed, count).to(self.device, self.dtype) * sched.init_noise_sigma
+        both = self.encode_prompts([negative, prompt]).select([0] * count + [1] * count)
+        for t in sched.timesteps:
+            self.check_interrupt()
+            eps = self.predict_noise(torch.cat([x, x]), int(t), both, torch.cat([x, x]))
+            uncond, cond = eps.chunk(2)
+            x = sched.step(uncond + cfg * (cond - uncond), t, x).prev_sample
+        return x
 
     def check_interrupt(self) -> None:
         return None

@@ -1,0 +1,268 @@
+"""OVDiff prototypes: per class, foreground and background feature prototypes (class mean, one mean per
+support image, K-means parts), built once per vocabulary and cached as safetensors keyed by the model's
+weights fingerprint, the class prompt and the settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import TextMaskError
+from ..hosts.base import Host
+from . import support
+from .classes import is_stuff, parse_class
+from .features import FEATURE_SIZE, FEATURE_TIMESTEP, extract
+
+FORMAT = "textmask-ovdiff-prototypes"
+VERSION = "1"
+KINDS = ("mean", "instances", "kmeans")
+STUFF_SIMILARITY = 0.85
+MAX_KMEANS_POINTS = 20000  # K-means runs on a deterministic subsample of the support pixels
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the model and the class that changes a prototype."""
+
+    images: int = 32
+    steps: int = 30
+    cfg: float = 8.0
+    seed: int = 0
+    kmeans: int = 32
+    tau: float = 1.1
+    prompt: str = support.PROMPT
+    negative: str = support.NEGATIVE
+    feature_timestep: int = FEATURE_TIMESTEP
+    feature_size: int = FEATURE_SIZE
+
+
+@dataclass
+class ClassPrototypes:
+    """One class's prototypes; each tensor is [K, D] (K may be 0: a stuff class has no background ones)."""
+
+    name: str
+    stuff: bool
+    fg: dict[str, torch.Tensor]
+    bg: dict[str, torch.Tensor]
+
+    def foreground(self) -> torch.Tensor:
+        return torch.cat([self.fg[k] for k in KINDS])
+
+    def background(self) -> torch.Tensor:
+        return torch.cat([self.bg[k] for k in KINDS]) if not self.stuff else self.fg["mean"].new_zeros(0, self.fg["mean"].shape[1])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.fg.values(), *self.bg.values()])
+
+
+@dataclass
+class Prototypes:
+    """A vocabulary's prototypes plus the host that built them (its features are the ones to match)."""
+
+    classes: list[ClassPrototypes]
+    host: Host | None = field(default=None, repr=False)
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """K-means centres [min(k, N), D] of ``points`` [N, D], deterministic (k-means++ init from ``seed``)."""
+    from scipy.cluster.vq import kmeans2
+
+    if len(points) == 0:
+        return points.new_zeros(0, points.shape[1])
+    if len(points) > MAX_KMEANS_POINTS:
+        idx = torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))[:MAX_KMEANS_POINTS]
+        points = points[idx.sort().values]
+    k = min(k, len(points))
+    centres, _ = kmeans2(points.double().numpy(), k, iter=20, minit="++", seed=np.random.default_rng(seed))
+    return torch.from_numpy(centres).float()
+
+
+def _prototypes(per_image: list[torch.Tensor], k: int, seed: int) -> dict[str, torch.Tensor]:
+    """Class mean, one mean per support image, and K-means parts of the pooled features."""
+    per_image = [f for f in per_image if len(f)]
+    if not per_image:
+        return {}
+    pooled = torch.cat(per_image)
+    return {"mean": pooled.mean(0, keepdim=True), "instances": torch.stack([f.mean(0) for f in per_image]),
+            "kmeans": kmeans(pooled, k, seed)}
+
+
+@torch.inference_mode()
+def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None) -> ClassPrototypes:
+    """Sample the support set, split foreground / background, extract features and reduce to prototypes."""
+    images = support.sample_support(host, name, settings.images, steps=settings.steps, cfg=settings.cfg,
+                                    seed=settings.seed, on_image=(lambda: bar.update(1)) if bar else None)
+    empty = host.encode_prompts([""])
+    fg_feats, bg_feats = [], []
+    for i, img in enumerate(images):
+        host.check_interrupt()
+        feats, selfagg = extract(host, img.latents[None].to(host.device, host.dtype), empty, settings.seed + i,
+                                 with_segments=True)
+        fg, bg = support.split_foreground(selfagg.result()[0], selfagg.size, img.attribution, settings.tau)
+        size = (settings.feature_size, settings.feature_size)
+        fg = F.interpolate(fg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
+        bg = F.interpolate(bg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
+        flat = feats[0].reshape(feats.shape[1], -1).T  # [64*64, D]
+        fg_feats.append(flat[fg.reshape(-1)])
+        bg_feats.append(flat[bg.reshape(-1)])
+    fg_protos = _prototypes(fg_feats, settings.kmeans, settings.seed)
+    if not fg_protos:
+        raise TextMaskError(f"OVDiff found no foreground for '{name}' in {len(images)} support images; try more images")
+    bg_protos = {} if stuff else _prototypes(bg_feats, settings.kmeans, settings.seed)
+    d = fg_protos["mean"].shape[1]
+    empty_kinds = {k: torch.zeros(0, d) for k in KINDS}
+    return ClassPrototypes(name, stuff, fg_protos, bg_protos or empty_kinds)
+
+
+def stuff_filter(protos: Sequence[ClassPrototypes], threshold: float = STUFF_SIMILARITY) -> list[torch.Tensor]:
+    """Per class, its background prototypes minus those too close (cosine > threshold) to a stuff class's
+    foreground prototypes. Stuff classes have none."""
+    stuff_fg = [F.normalize(c.foreground().float(), dim=-1) for c in protos if c.stuff]
+    stuff_fg = torch.cat(stuff_fg) if stuff_fg else None
+    out = []
+    for c in protos:
+        bg = c.background().float()
+        if stuff_fg is not None and len(bg):
+            sim = F.normalize(bg, dim=-1) @ stuff_fg.T
+            bg = bg[sim.max(-1).values <= threshold]
+        out.append(bg)
+    return out
+
+
+# ---- fingerprint and cache -----------------------------------------------------------------------------
+@torch.inference_mode()
+def fingerprint(host: Host) -> str:
+    """A hash of what the model computes (not its file name): text encoder, VAE and UNet outputs on fixed
+    probes. Weight patches applied through the module call (LoRA, low-VRAM) change it too."""
+    g = torch.Generator().manual_seed(1234)
+    side = host.size_multiple * max(1, -(-64 // host.size_multiple))  # >= 64 px: every level keeps > 1 cell
+    pixels = torch.rand(1, 3, side, side, generator=g)
+    latents = host.encode_images(pixels.to(host.device))
+    cond = host.encode_prompts(["textmask fingerprint: a red fox on green grass"])
+    noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
+    eps = host.predict_noise(host.add_noise(latents, noise, 500), 500, cond, latents)
+    h = hashlib.sha256()
+    for t in (cond.context, latents, eps):
+        t = t.float().cpu()
+        q = torch.round(t / t.abs().amax().clamp_min(1e-8) * 1000).to(torch.int16)  # robust to backend noise
+        h.update(q.numpy().tobytes())
+    h.update(repr((type(host).__name__, tuple(latents.shape))).encode())
+    return h.hexdigest()[:32]
+
+
+def cache_key(model_fingerprint: str, name: str, stuff: bool, settings: Settings) -> str:
+    blob = json.dumps({"v": VERSION, "model": model_fingerprint, "class": name, "stuff": stuff,
+                       "settings": asdict(settings)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("TEXTMASK_CACHE", Path.home() / ".cache" / "textmask")) / "ovdiff"
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_class(proto: ClassPrototypes, path: Path, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{side}.{k}": v.to(torch.float16).contiguous() for side, d in (("fg", proto.fg), ("bg", proto.bg)) for k, v in d.items()}
+    meta = {**meta, "format": FORMAT, "version": VERSION, "class": proto.name, "stuff": str(proto.stuff),
+            "checksum": _checksum(tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_class(path: Path) -> tuple[ClassPrototypes, dict[str, str]] | None:
+    """A cached class, or None when the file is missing, unreadable or fails its checksum (never trusted)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    if meta.get("format") != FORMAT or meta.get("checksum") != _checksum(tensors):
+        return None
+    try:
+        fg = {k: tensors[f"fg.{k}"].float() for k in KINDS}
+        bg = {k: tensors[f"bg.{k}"].float() for k in KINDS}
+    except KeyError:
+        return None
+    return ClassPrototypes(meta["class"], meta["stuff"] == "True", fg, bg), meta
+
+
+def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
+                     seed: int = 0, kmeans_parts: int = 32, overrides: dict[str, bool] | None = None,
+                     cache_dir: str | Path | None = None, use_cache: bool = True) -> Prototypes:
+    """Prototypes for each class, reusing cached ones; adding a class never recomputes the others."""
+    specs = [parse_class(c) for c in classes]
+    names = [n for n, _ in specs]
+    if not names or any(not n for n in names):
+        raise TextMaskError("give at least one class name, and no empty names")
+    if len({n.lower() for n in names}) != len(names):
+        raise TextMaskError("duplicate class names")
+    if images < 1 or steps < 1:
+        raise TextMaskError("images and steps must be at least 1")
+    if getattr(host, "in_channels", 4) != 4:
+        raise TextMaskError("OVDiff samples its support images, which needs a non-inpainting model; "
+                            "build the prototypes with the base model of this inpainting checkpoint")
+    overrides = {k.lower(): v for k, v in (overrides or {}).items()}
+    settings = Settings(images=images, steps=steps, cfg=cfg, seed=seed, kmeans=kmeans_parts)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model_fp = fingerprint(host)
+    out = []
+    with host.progress(len(names) * images, "ovdiff prototypes") as bar:
+        for name, flag in specs:
+            stuff = is_stuff(name, flag if flag is not None else overrides.get(name.lower()))
+            path = cache / f"{cache_key(model_fp, name, stuff, settings)}.safetensors"
+            cached = load_class(path) if use_cache else None
+            if cached is not None:
+                out.append(cached[0])
+                bar.update(images)
+                continue
+            host.check_interrupt()
+            proto = build_class(host, name, stuff, settings, bar)
+            save_class(proto, path, {"model": model_fp, "settings": json.dumps(asdict(settings), sort_keys=True)})
+            out.append(proto)
+    return Prototypes(out, host, settings)
+
+
+def list_cache(cache_dir: str | Path | None = None) -> list[dict[str, str]]:
+    """Every readable cached class: its name, stuff flag, model fingerprint, settings, size and path."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    rows = []
+    for path in sorted(cache.glob("*.safetensors")):
+        loaded = load_class(path)
+        if loaded is None:
+            rows.append({"class": "?", "path": str(path), "status": "corrupt (rebuilt on next use)"})
+            continue
+        proto, meta = loaded
+        rows.append({"class": proto.name, "stuff": str(proto.stuff), "model": meta.get("model", "?"),
+                     "settings": meta.get("settings", ""), "bytes": str(path.stat().st_size), "path": str(path),
+                     "status": "ok"})
+    return rows

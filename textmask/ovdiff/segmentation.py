@@ -1,0 +1,130 @@
+"""Segmenting with OVDiff prototypes: features over sliding windows and the full image, nearest-prototype
+matching by cosine similarity, and an argmax over background and the classes."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import TextMaskError
+from ..hosts.base import Host
+from ..images import to_batch, working_size
+from .features import extract
+from .prototypes import Prototypes, stuff_filter
+
+# The reference's windows, in pixels of a 512 px working size (scaled with it), plus the whole image.
+WINDOWS = (448, 336)
+STRIDE = 224
+REFERENCE_SIDE = 512
+
+
+@dataclass
+class OVDiffResult:
+    """Label 0 is background, i + 1 is names[i]; masks in the names' order at the exact input size."""
+
+    names: list[str]
+    labels: torch.Tensor  # [B, H, W] long
+    masks: torch.Tensor  # [B, len(names), H, W] float in {0, 1}
+    scores: torch.Tensor  # [B, 1 + len(names), H, W] similarity maps (background first)
+
+
+def window_boxes(height: int, width: int, scale: float) -> list[tuple[int, int, int, int]]:
+    """(top, left, h, w) of every sliding window (sizes 448 and 336, stride 224, scaled) and the full image."""
+    boxes = [(0, 0, height, width)]
+    stride = max(1, round(STRIDE * scale))
+    for size in WINDOWS:
+        s = round(size * scale)
+        if s >= min(height, width):
+            continue
+        tops = sorted({*range(0, height - s, stride), height - s})
+        lefts = sorted({*range(0, width - s, stride), width - s})
+        boxes += [(t, l, s, s) for t in tops for l in lefts]
+    return boxes
+
+
+def match(features: torch.Tensor, fg: list[torch.Tensor], bg: torch.Tensor) -> torch.Tensor:
+    """Scores [1 + C, h, w]: background first (max cosine over ``bg``), then each class's max over its ``fg``."""
+    d, h, w = features.shape
+    f = F.normalize(features.reshape(d, -1).T.float(), dim=-1)  # [N, D]
+    out = [(f @ F.normalize(bg.float(), dim=-1).T).max(-1).values if len(bg) else torch.full((h * w,), -1.0)]
+    out += [(f @ F.normalize(p.float(), dim=-1).T).max(-1).values for p in fg]
+    return torch.stack(out).reshape(-1, h, w)
+
+
+def clip_select(clip, image: torch.Tensor, names: Sequence[str], topk: int = 3) -> list[int]:
+    """The reference's CLIP pre-filter: classes scoring ≥ 1/N, then the best combination by a multi-label prompt."""
+    probs = clip.image_text_probs(image, [f"a photo of a {n}." for n in names])
+    keep = [i for i, p in enumerate(probs.tolist()) if p >= 1 / len(names)]
+    if not keep:
+        keep = probs.topk(min(topk, len(names))).indices.tolist()
+    if len(keep) > topk:
+        keep = sorted(keep, key=lambda i: -float(probs[i]))[:topk]
+    combos = [c for r in range(1, len(keep) + 1) for c in itertools.combinations(keep, r)]
+    texts = [" and ".join("a " + names[i] for i in c) for c in combos]
+    sims = clip.image_text_probs(image, texts)
+    return sorted(combos[int(sims.argmax())])
+
+
+@torch.inference_mode()
+def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes: Sequence[str] | None = None,
+            clip=None, seed: int = 0, resolution: int | None = None) -> OVDiffResult:
+    """Label every pixel with the nearest class prototype (or background), per image."""
+    host = host or prototypes.host
+    if host is None:
+        raise TextMaskError("these prototypes carry no model; pass the host that built them")
+    protos = prototypes.classes
+    if classes is not None:
+        index = {c.name.lower(): c for c in protos}
+        missing = [c for c in classes if c.lower() not in index]
+        if missing:
+            raise TextMaskError(f"no prototypes for: {', '.join(missing)}; build them first")
+        protos = [index[c.lower()] for c in classes]
+    names = [c.name for c in protos]
+    bg_all = stuff_filter(protos)
+    fg_all = [c.foreground() for c in protos]
+    pixels = to_batch(images)
+    height, width = pixels.shape[-2:]
+    size = working_size(height, width, resolution or host.resolution, host.size_multiple)
+    scale = host.resolution / REFERENCE_SIDE  # windows keep their share of the model's native size
+    empty = host.encode_prompts([""])
+    labels, masks, scores = [], [], []
+    with host.progress(pixels.shape[0], "ovdiff") as bar:
+        for b in range(pixels.shape[0]):
+            host.check_interrupt()
+            image = F.interpolate(pixels[b : b + 1], size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            chosen = list(range(len(protos)))
+            if clip is not None and len(protos) > 1:
+                chosen = clip_select(clip, pixels[b], names)
+            fg = [fg_all[i] for i in chosen]
+            bg = torch.cat([bg_all[i] for i in chosen]) if chosen else torch.zeros(0, fg_all[0].shape[1])
+            total = torch.zeros(1 + len(chosen), *size)
+            count = torch.zeros(1, *size)
+            for k, (t, l, h, w) in enumerate(window_boxes(*size, scale)):
+                crop = image[..., t : t + h, l : l + w]
+                if k:  # a window is seen at the model's native size, like a full image
+                    side = host.resolution
+                    crop = F.interpolate(crop, size=(side, side), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+                latents = host.encode_images(crop.to(host.device))
+                feats, _ = extract(host, latents, empty, seed + b)
+                s = match(feats[0], fg, bg)
+                total[:, t : t + h, l : l + w] += F.interpolate(s[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                count[:, t : t + h, l : l + w] += 1
+            mean = total / count
+            full = F.interpolate(mean[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+            lab_local = full.argmax(0)
+            lab = torch.zeros_like(lab_local)
+            for j, i in enumerate(chosen):
+                lab[lab_local == j + 1] = i + 1
+            per_class = torch.full((1 + len(protos), height, width), -1.0)
+            per_class[0] = full[0]
+            for j, i in enumerate(chosen):
+                per_class[i + 1] = full[j + 1]
+            labels.append(lab)
+            masks.append(torch.stack([(lab == i + 1).float() for i in range(len(protos))]))
+            scores.append(per_class)
+            bar.update(1)
+    return OVDiffResult(names, torch.stack(labels), torch.stack(masks), torch.stack(scores))

@@ -1,0 +1,102 @@
+"""OVDiff's support set: images sampled by the host model for one class, with the class tokens' attribution
+summed while sampling (no second pass), and their foreground / background split by DiffSeg segments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import binary_erosion
+
+from .. import postprocess as pp
+from ..capture import AttentionCapture, AttentionLayer
+from ..hosts.base import Host
+from ..methods.diffseg import diffseg
+
+PROMPT = "A good picture of a {}"
+NEGATIVE = "text, low quality, blurry, cartoon, meme, low resolution, bad, poor, faded"
+FG_FALLBACK, BG_THRESHOLD = 0.5, 0.2
+
+
+class AttributionSum:
+    """Capture sink: the class tokens' cross-attention summed over layers, heads and forwards, at ``size``."""
+
+    def __init__(self, positions: list[int], count: int, size: tuple[int, int]):
+        self.positions, self.count, self.size = positions, count, size
+        self.total = torch.zeros(count, *size)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
+        if probs.shape[0] != self.count:
+            raise RuntimeError(f"expected {self.count} conditional rows per forward, got {probs.shape[0]}")
+        buf = self._buffers.setdefault(layer.name, torch.zeros(self.count, layer.tokens, device=probs.device))
+        rows = probs.shape[1]
+        buf[:, start : start + rows] = probs[..., self.positions].sum(-1)
+        if start + rows == layer.tokens:
+            m = buf.reshape(self.count, 1, *layer.size).float()
+            if layer.size != self.size:
+                m = F.interpolate(m, size=self.size, mode="bilinear", align_corners=False)
+            self.total += m[:, 0].cpu()
+
+
+def context_matcher(target: torch.Tensor):
+    """A ``context_rows`` function: the batch rows whose text context is ``target`` [1, L, D]."""
+    ref = target[0].float()
+
+    def rows(context: torch.Tensor) -> torch.Tensor:
+        ctx = context.float()
+        n = min(ctx.shape[1], ref.shape[0])
+        scale = ref.abs().amax().clamp_min(1e-6)
+        diff = (ctx[:, :n] - ref[:n].to(ctx.device)).abs().amax(dim=(1, 2)) / scale
+        return torch.nonzero(diff < 1e-2).flatten()
+
+    return rows
+
+
+@dataclass
+class SupportImage:
+    latents: torch.Tensor  # [C, h, w], host-scaled
+    attribution: torch.Tensor  # [h, w], min-max normalised
+
+
+def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float, seed: int, batch_size: int = 4,
+                   on_image=None) -> list[SupportImage]:
+    """``count`` images of ``name`` sampled by the host with DPM-Solver++, and their attributions."""
+    prompt = PROMPT.format(name)
+    cond = host.encode_prompts([prompt])
+    positions = cond.token_maps[0].find(name)
+    out: list[SupportImage] = []
+    for start in range(0, count, batch_size):
+        n = min(batch_size, count - start)
+        side = host.resolution // host.latent_factor
+        attribution = AttributionSum(positions, n, (side, side))
+        with AttentionCapture(host.attention_modules(), (side, side), probs=lambda l: l.kind == "cross",
+                              sink=attribution, context_rows=context_matcher(cond.context)):
+            latents = host.sample(prompt, NEGATIVE, n, steps=steps, cfg=cfg, seed=seed + start)
+        for i in range(n):
+            out.append(SupportImage(latents[i].detach(), pp.normalize(attribution.total[i][None])[0]))
+            if on_image is not None:
+                on_image()
+    return out
+
+
+def split_foreground(attention: torch.Tensor, grid: tuple[int, int], attribution: torch.Tensor,
+                     tau: float = 1.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(foreground, background) bool masks on ``grid`` from DiffSeg segments of one image's self-attention.
+
+    Foreground is the segment of highest mean attribution; background is the lowest-ranked segment where the
+    attribution is < 0.2, eroded by one pixel. With a single segment: attribution > 0.5 and < 0.2.
+    """
+    attr = pp.resize(attribution[None, None].float(), grid)[0, 0]
+    labels, maps = diffseg(attention, grid, threshold=tau)
+    labels = labels.cpu()
+    if len(maps) < 2:
+        return attr > FG_FALLBACK, attr < BG_THRESHOLD
+    means = torch.stack([attr[labels == k].mean() if (labels == k).any() else attr.new_tensor(-1.0) for k in range(len(maps))])
+    order = means.argsort(descending=True)
+    fg = labels == order[0]
+    bg = (labels == order[-1]) & (attr < BG_THRESHOLD)
+    bg = torch.from_numpy(binary_erosion(bg.numpy()))
+    return fg, bg
