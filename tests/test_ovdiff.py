@@ -1,7 +1,6 @@
 """OVDiff: prototypes built end to end on tiny models (cache hit, invalidation, corruption), the matching
 maths and stuff-filter rules on synthetic features, sampler/forward counts, windows, and the CLI."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 import tiny_models
 from textmask import TextMasker
 from textmask.errors import TextMaskError
-from textmask.ovdiff import build_prototypes, fingerprint, list_cache
+from textmask.ovdiff import fingerprint, list_cache
 from textmask.ovdiff.classes import is_stuff, parse_class
 from textmask.ovdiff.prototypes import ClassPrototypes, Prototypes, kmeans, stuff_filter
 from textmask.ovdiff.segmentation import match, segment, window_boxes
