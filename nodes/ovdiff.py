@@ -50,14 +50,18 @@ class OVDiffPrototypes:
                 "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "DPM-Solver++ steps per support image."}),
                 "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Guidance scale."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the support set."}),
-            }
+            },
+            "optional": {
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+                                       "tooltip": "Support image size in pixels; 0 = the model's native (512 SD1, 1024 SDXL)."}),
+            },
         }
 
-    def build(self, model, clip, vae, classes, images, steps, cfg, seed):
+    def build(self, model, clip, vae, classes, images, steps, cfg, seed, resolution=0):
         host = ComfyHost(model, clip, vae)
         with torch.inference_mode():
             protos = build_prototypes(host, class_list(classes), images=images, steps=steps, cfg=cfg, seed=seed,
-                                      cache_dir=cache_dir())
+                                      cache_dir=cache_dir(), resolution=resolution or None)
         return (protos,)
 
 

@@ -284,3 +284,33 @@ def test_ldznet_nodes_end_to_end(pack, sd15, tmp_path):
     with pytest.raises(Exception, match="LD-ZNet weights are for custom-32"):
         with torch.inference_mode():
             node.run(xl_model, xl_clip, xl_vae, ldznet, image, "car", "auto", 0.0, 0, False, False, 400, 0, resolution=64)
+
+
+def test_ovdiff_nodes_sample_through_comfyui(pack, sd15, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    model, clip, vae = sd15
+    before = model_output(model)
+    counts = hook_counts(model)
+    import comfy.sample
+
+    calls = []
+    real = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    build = pack.NODE_CLASS_MAPPINGS["OVDiffPrototypes"]()
+    with torch.inference_mode():
+        (protos,) = build.build(model, clip, vae, "cat, grass", 2, 2, 8.0, 0, resolution=64)
+    assert protos.names == ["cat", "grass"] and len(calls) == 2  # ComfyUI's own sampler, once per class
+    assert len(list((tmp_path / "ovdiff").glob("*.safetensors"))) == 2
+    with torch.inference_mode():
+        build.build(model, clip, vae, "cat, grass", 2, 2, 8.0, 0, resolution=64)
+    assert len(calls) == 2  # cache hit
+    node = pack.NODE_CLASS_MAPPINGS["OVDiffSegment"]()
+    image = torch.rand(2, 37, 53, 3)
+    masks, one, labels = node.run(protos, image, "grass", 0)
+    assert masks.shape == (4, 37, 53) and one.shape == (2, 37, 53) and labels.shape == (2, 37, 53, 3)
+    assert torch.equal(one, masks.reshape(2, 2, 37, 53)[:, 1])
+    assert hook_counts(model) == counts and torch.equal(before, model_output(model))
+    with pytest.raises(ValueError, match="not among"):
+        node.run(protos, image, "tree", 0)

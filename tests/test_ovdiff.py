@@ -218,7 +218,7 @@ def test_cli_build_list_and_segment(tmp_path, tiny_checkpoint, capsys):
     d, _ = tiny_checkpoint
     model = ["--checkpoint", str(d / "tiny.safetensors"), "--config", str(d / "config")]
     cache = ["--cache", str(tmp_path / "cache")]
-    fast = ["--images", "2", "--steps", "2"]
+    fast = ["--images", "2", "--steps", "2", "--resolution", "32"]
     assert main(["prototypes", "build", "cat", "sky", *fast, *cache, *model]) == 0
     built = capsys.readouterr().out
     assert "cat:" in built and "sky:" in built and "0 background" in built.split("sky:")[1]

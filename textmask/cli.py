@@ -65,6 +65,7 @@ def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=8.0, help="guidance scale (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/textmask/ovdiff)")
+    p.add_argument("--resolution", type=int, default=None, help="support image size in pixels (default: the model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +320,7 @@ def _build_prototypes(masker, classes: list[str], args: argparse.Namespace):
     from .ovdiff import build_prototypes
 
     return build_prototypes(masker.host, classes, images=args.images, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                            cache_dir=args.cache)
+                            cache_dir=args.cache, resolution=args.resolution)
 
 
 def run_prototypes(args: argparse.Namespace) -> None:

@@ -172,12 +172,13 @@ class TextMasker:
                      batch_size=batch_size, use_spacy=use_spacy)
 
     def build_prototypes(self, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
-                         seed: int = 0, overrides: dict[str, bool] | None = None, cache_dir: str | Path | None = None):
+                         seed: int = 0, overrides: dict[str, bool] | None = None, cache_dir: str | Path | None = None,
+                         resolution: int | None = None):
         """OVDiff: sample support images per class with this model and keep feature prototypes (cached)."""
         from .ovdiff import build_prototypes
 
         return build_prototypes(self.host, classes, images=images, steps=steps, cfg=cfg, seed=seed,
-                                overrides=overrides, cache_dir=cache_dir)
+                                overrides=overrides, cache_dir=cache_dir, resolution=resolution)
 
     def ovdiff(self, images, prototypes, *, classes: Sequence[str] | None = None, clip=None, seed: int = 0,
                resolution: int | None = None):

@@ -73,8 +73,9 @@ class Host(Protocol):
     ) -> torch.Tensor:
         """One UNet forward returning ε (v-prediction converted); image_latents feed inpainting UNets."""
 
-    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int) -> torch.Tensor:
-        """Generate ``count`` latents (host-scaled, native resolution) with the host's own DPM-Solver++ sampler."""
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
+               resolution: int | None = None) -> torch.Tensor:
+        """Generate ``count`` square latents (host-scaled; ``resolution`` px, default native) with the host's own DPM-Solver++."""
 
     def check_interrupt(self) -> None:
         """Raise the host's own interrupt exception if the user cancelled."""

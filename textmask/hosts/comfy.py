@@ -167,11 +167,12 @@ class ComfyHost:
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         return [[cond, {"pooled_output": pooled}]]
 
-    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int) -> torch.Tensor:
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
+               resolution: int | None = None) -> torch.Tensor:
         """``count`` latents from ComfyUI's own sampler (dpmpp_2m, normal schedule) on this MODEL."""
         import comfy.sample
 
-        side = self.resolution // self.latent_factor
+        side = (resolution or self.resolution) // self.latent_factor
         channels = int(getattr(self.base.latent_format, "latent_channels", 4))
         empty = torch.zeros(count, channels, side, side)
         noise = comfy.sample.prepare_noise(empty, seed)

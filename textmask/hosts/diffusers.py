@@ -293,7 +293,8 @@ class DiffusersHost:
             out = (a**0.5) * out + ((1 - a) ** 0.5) * noisy  # ε = √ᾱ·v + √(1−ᾱ)·x_t
         return out
 
-    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int) -> torch.Tensor:
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
+               resolution: int | None = None) -> torch.Tensor:
         """``count`` latents sampled with diffusers' DPM-Solver++ (2M) under classifier-free guidance.
 
         Image i starts from noise seeded seed + i, so results do not depend on the batch size.
@@ -306,7 +307,7 @@ class DiffusersHost:
             sched = DPMSolverMultistepScheduler(num_train_timesteps=len(a), trained_betas=betas.float().numpy(),
                                                 algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon")
         sched.set_timesteps(steps)
-        side = self.resolution // self.latent_factor
+        side = (resolution or self.resolution) // self.latent_factor
         channels = int(self.vae.config.latent_channels)
         x = image_noise((channels, side, side), seed, count).to(self.device, self.dtype) * sched.init_noise_sigma
         both = self.encode_prompts([negative, prompt]).select([0] * count + [1] * count)

@@ -41,6 +41,7 @@ class Settings:
     negative: str = support.NEGATIVE
     feature_timestep: int = FEATURE_TIMESTEP
     feature_size: int = FEATURE_SIZE
+    resolution: int | None = None  # support images' side in pixels; None: the model's native resolution
 
 
 @dataclass
@@ -103,7 +104,8 @@ def _prototypes(per_image: list[torch.Tensor], k: int, seed: int) -> dict[str, t
 def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None) -> ClassPrototypes:
     """Sample the support set, split foreground / background, extract features and reduce to prototypes."""
     images = support.sample_support(host, name, settings.images, steps=settings.steps, cfg=settings.cfg,
-                                    seed=settings.seed, on_image=(lambda: bar.update(1)) if bar else None)
+                                    seed=settings.seed, resolution=settings.resolution,
+                                    on_image=(lambda: bar.update(1)) if bar else None)
     empty = host.encode_prompts([""])
     fg_feats, bg_feats = [], []
     for i, img in enumerate(images):
@@ -218,7 +220,8 @@ def load_class(path: Path) -> tuple[ClassPrototypes, dict[str, str]] | None:
 
 def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
                      seed: int = 0, kmeans_parts: int = 32, overrides: dict[str, bool] | None = None,
-                     cache_dir: str | Path | None = None, use_cache: bool = True) -> Prototypes:
+                     cache_dir: str | Path | None = None, use_cache: bool = True,
+                     resolution: int | None = None) -> Prototypes:
     """Prototypes for each class, reusing cached ones; adding a class never recomputes the others."""
     specs = [parse_class(c) for c in classes]
     names = [n for n, _ in specs]
@@ -232,7 +235,9 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
         raise TextMaskError("OVDiff samples its support images, which needs a non-inpainting model; "
                             "build the prototypes with the base model of this inpainting checkpoint")
     overrides = {k.lower(): v for k, v in (overrides or {}).items()}
-    settings = Settings(images=images, steps=steps, cfg=cfg, seed=seed, kmeans=kmeans_parts)
+    if resolution is not None and (resolution <= 0 or resolution % host.size_multiple):
+        raise TextMaskError(f"resolution must be a positive multiple of {host.size_multiple}, got {resolution}")
+    settings = Settings(images=images, steps=steps, cfg=cfg, seed=seed, kmeans=kmeans_parts, resolution=resolution)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     model_fp = fingerprint(host)
     out = []

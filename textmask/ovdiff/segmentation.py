@@ -88,8 +88,9 @@ def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes
     fg_all = [c.foreground() for c in protos]
     pixels = to_batch(images)
     height, width = pixels.shape[-2:]
-    size = working_size(height, width, resolution or host.resolution, host.size_multiple)
-    scale = host.resolution / REFERENCE_SIDE  # windows keep their share of the model's native size
+    native = resolution or prototypes.settings.resolution or host.resolution  # as the support images were made
+    size = working_size(height, width, native, host.size_multiple)
+    scale = native / REFERENCE_SIDE  # windows keep their share of the working size
     empty = host.encode_prompts([""])
     labels, masks, scores = [], [], []
     with host.progress(pixels.shape[0], "ovdiff") as bar:
@@ -106,7 +107,7 @@ def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes
             for k, (t, l, h, w) in enumerate(window_boxes(*size, scale)):
                 crop = image[..., t : t + h, l : l + w]
                 if k:  # a window is seen at the model's native size, like a full image
-                    side = host.resolution
+                    side = native
                     crop = F.interpolate(crop, size=(side, side), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
                 latents = host.encode_images(crop.to(host.device))
                 feats, _ = extract(host, latents, empty, seed + b)

@@ -61,7 +61,7 @@ class SupportImage:
 
 
 def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float, seed: int, batch_size: int = 4,
-                   on_image=None) -> list[SupportImage]:
+                   resolution: int | None = None, on_image=None) -> list[SupportImage]:
     """``count`` images of ``name`` sampled by the host with DPM-Solver++, and their attributions."""
     prompt = PROMPT.format(name)
     cond = host.encode_prompts([prompt])
@@ -69,11 +69,11 @@ def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float,
     out: list[SupportImage] = []
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
-        side = host.resolution // host.latent_factor
+        side = (resolution or host.resolution) // host.latent_factor
         attribution = AttributionSum(positions, n, (side, side))
         with AttentionCapture(host.attention_modules(), (side, side), probs=lambda l: l.kind == "cross",
                               sink=attribution, context_rows=context_matcher(cond.context)):
-            latents = host.sample(prompt, NEGATIVE, n, steps=steps, cfg=cfg, seed=seed + start)
+            latents = host.sample(prompt, NEGATIVE, n, steps=steps, cfg=cfg, seed=seed + start, resolution=resolution)
         for i in range(n):
             out.append(SupportImage(latents[i].detach(), pp.normalize(attribution.total[i][None])[0]))
             if on_image is not None:
