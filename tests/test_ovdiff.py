@@ -109,6 +109,26 @@ def test_cache_invalidated_by_model_change_and_corruption(masker, tmp_path):
     assert count.samples == 1
 
 
+def test_interrupt_leaves_no_cache_and_no_hooks(masker, tmp_path):
+    calls = []
+
+    class Cancelled(Exception):
+        pass
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:  # inside the sampler's loop
+            raise Cancelled
+
+    before = state_snapshot(masker.host.unet)
+    masker.host.check_interrupt = interrupt
+    with pytest.raises(Cancelled):
+        masker.build_prototypes(["cat"], cache_dir=tmp_path, images=2, steps=4)
+    del masker.host.check_interrupt
+    assert not list(tmp_path.glob("*.safetensors"))
+    assert state_snapshot(masker.host.unet)["hooks"] == before["hooks"]
+
+
 def test_segment_end_to_end(masker, tmp_path):
     protos = masker.build_prototypes(["cat", "grass"], cache_dir=tmp_path, images=2, steps=2)
     res = masker.ovdiff(torch.rand(2, 50, 70, 3), protos)

@@ -241,19 +241,19 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     model_fp = fingerprint(host)
     out = []
-    with host.progress(len(names) * images, "ovdiff prototypes") as bar:
+    with host.progress(len(names), "ovdiff classes") as classes_bar:
         for name, flag in specs:
             stuff = is_stuff(name, flag if flag is not None else overrides.get(name.lower()))
             path = cache / f"{cache_key(model_fp, name, stuff, settings)}.safetensors"
             cached = load_class(path) if use_cache else None
-            if cached is not None:
-                out.append(cached[0])
-                bar.update(images)
-                continue
-            host.check_interrupt()
-            proto = build_class(host, name, stuff, settings, bar)
-            save_class(proto, path, {"model": model_fp, "settings": json.dumps(asdict(settings), sort_keys=True)})
-            out.append(proto)
+            if cached is None:
+                host.check_interrupt()
+                with host.progress(images, f"ovdiff {name}") as bar:
+                    proto = build_class(host, name, stuff, settings, bar)
+                save_class(proto, path, {"model": model_fp, "settings": json.dumps(asdict(settings), sort_keys=True)})
+                cached = (proto, {})
+            out.append(cached[0])
+            classes_bar.update(1)
     return Prototypes(out, host, settings)
 
 
