@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     ovd.add_argument("--clip", default=None, help="local transformers CLIP folder, for the class pre-filter")
     add_ovdiff_options(ovd)
     add_model_options(ovd)
+    app = sub.add_parser("app", help="the standalone web app (Gradio): upload, type, download masks")
+    app.add_argument("--checkpoint", required=True, help="SD checkpoint file, diffusers folder, or 'shapes' (bundled)")
+    app.add_argument("--config", default=None, help="diffusers-format config folder overriding the shipped configs")
+    app.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    app.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    app.add_argument("--ldznet", default=None, metavar="PATH", help="LD-ZNet weights, to offer the ld-znet method")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    app.add_argument("--port", type=int, default=7860)
     demo = sub.add_parser("demo", help="mask a few Shapes scenes with the bundled tiny model (no download)")
     demo.add_argument("--out", default="textmask-demo", help="output folder (default: ./textmask-demo)")
     demo.add_argument("--scenes", type=int, default=4, help="how many test scenes (default 4)")
@@ -385,6 +393,22 @@ def run_ovdiff(args: argparse.Namespace) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def run_app(args: argparse.Namespace) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CliError("the web app needs Gradio: pip install 'textmask[app]'") from None
+    from .app import build_app
+
+    if args.checkpoint == "shapes":
+        from .demo.model import MODEL_DIR
+
+        args.checkpoint = str(MODEL_DIR)
+    masker = load_masker(args)
+    ldznet = masker.load_ldznet(args.ldznet) if args.ldznet else None
+    build_app(masker, ldznet).launch(server_name=args.host, server_port=args.port)
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo as demo
 
@@ -394,7 +418,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"segment": run_segment, "segments": run_segments, "refer": run_refer, "demo": run_demo,
-            "convert-ldznet": run_convert_ldznet, "prototypes": run_prototypes, "ovdiff": run_ovdiff}
+            "convert-ldznet": run_convert_ldznet, "prototypes": run_prototypes, "ovdiff": run_ovdiff,
+            "app": run_app}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,3 +145,16 @@ def postprocess(
     if invert_mask:
         mask = invert(mask)
     return gaussian_blur(mask, blur_px)
+
+
+def combine(ours: torch.Tensor, painted: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Combine a text mask with a hand-painted one ([H, W] in [0, 1]): replace, add (max) or subtract."""
+    if mode not in ("replace", "add", "subtract"):
+        from .errors import TextMaskError
+
+        raise TextMaskError(f"mask mode must be replace, add or subtract, got {mode!r}")
+    if painted is None or mode == "replace":
+        return ours if mode != "subtract" else torch.zeros_like(ours)
+    if mode == "add":
+        return torch.maximum(ours, painted)
+    return painted * (1 - ours)

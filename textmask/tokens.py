@@ -8,6 +8,7 @@ context position ``w * 77 + 1 + s``.
 from __future__ import annotations
 
 import re
+from typing import Sequence
 from dataclasses import dataclass
 
 from .errors import PhraseNotFoundError, TextMaskError
@@ -103,3 +104,22 @@ class TokenMap:
     def find(self, phrase: str) -> list[int]:
         """Context positions of every occurrence of ``phrase``; raises PhraseNotFoundError if absent."""
         return sorted({p for occurrence in self.occurrences(phrase) for p in occurrence})
+
+
+def token_map_from_chunks(chunks: Sequence[Sequence[tuple[int, str | None]]]) -> TokenMap:
+    """A TokenMap from a host's own chunking: per chunk, (token id, BPE piece) for each context position,
+    piece None for start, end and padding. Words are rebuilt from the pieces ("</w>" ends a word)."""
+    ids, spans, positions = [], [], []
+    text, offset = "", 0
+    for chunk in chunks:
+        for j, (tok, piece) in enumerate(chunk):
+            if piece is None:
+                continue
+            ends_word = piece.endswith("</w>")
+            piece = piece[: -len("</w>")] if ends_word else piece
+            ids.append(int(tok))
+            spans.append((len(text), len(text) + len(piece)))
+            positions.append(offset + j)
+            text += piece + (" " if ends_word else "")
+        offset += len(chunk)
+    return TokenMap(PromptTokens(text.rstrip(), tuple(ids), tuple(spans)), positions=positions, context_length=offset)

@@ -10,25 +10,38 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import importlib
+
 import torch
 from torch import nn
 
-import comfy.model_management
-import comfy.utils
+
+def comfy_module(name: str):
+    """``comfy.<name>``, or Forge's copy of it (``ldm_patched.modules.<name>``), whichever this host ships."""
+    for prefix in ("comfy", "ldm_patched.modules"):
+        try:
+            return importlib.import_module(f"{prefix}.{name}")
+        except ImportError:
+            continue
+    raise ImportError(f"neither comfy.{name} nor ldm_patched.modules.{name} can be imported")
+
+
+model_management = comfy_module("model_management")
+comfy_utils = comfy_module("utils")
 
 from ..capture import find_attention_modules, find_transformer_modules
 from ..errors import CaptureError
-from ..tokens import PromptTokens, TokenMap
+from ..tokens import TokenMap, token_map_from_chunks
 from .base import Conditioning, pad_contexts
 
 CHUNK = 77
 
 
 class ComfyProgress:
-    """comfy.utils.ProgressBar as the context manager the core expects."""
+    """ComfyUI's ProgressBar as the context manager the core expects."""
 
     def __init__(self, total: int):
-        self.bar = comfy.utils.ProgressBar(total)
+        self.bar = comfy_utils.ProgressBar(total)
 
     def __enter__(self):
         return self
@@ -59,14 +72,14 @@ class ComfyHost:
 
     @property
     def device(self) -> torch.device:
-        return comfy.model_management.get_torch_device()
+        return model_management.get_torch_device()
 
     @property
     def dtype(self) -> torch.dtype:
         return self.base.get_dtype()
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
-        comfy.model_management.load_models_gpu([self.patcher])  # applies the patcher's weight patches (LoRA)
+        model_management.load_models_gpu([self.patcher])  # applies the patcher's weight patches (LoRA)
         modules = find_attention_modules(self.base.diffusion_model)
         if not modules:
             raise CaptureError("this MODEL has no attention modules textmask can hook (is it a UNet?)")
@@ -100,24 +113,18 @@ class ComfyHost:
         """
         chunks = next(iter(tokens.values()))
         hf = self._hf_tokenizer()
-        ids, spans, positions = [], [], []
-        text, offset = "", 0
+        rows = []
         for chunk in chunks:
-            for j, (tok, _weight, word) in enumerate(chunk):
+            row = []
+            for tok, _weight, word in chunk:
                 if not word:  # 0 marks start, end and padding tokens
-                    continue
-                if torch.is_tensor(tok):  # a textual-inversion embedding vector
-                    piece, ends_word, tok = "<embedding>", True, 0
+                    row.append((0, None))
+                elif torch.is_tensor(tok):  # a textual-inversion embedding vector
+                    row.append((0, "<embedding></w>"))
                 else:
-                    piece = hf.convert_ids_to_tokens(int(tok)) if hf is not None else f"t{int(tok)}</w>"
-                    ends_word = piece.endswith("</w>")
-                    piece = piece[: -len("</w>")] if ends_word else piece
-                ids.append(int(tok))
-                spans.append((len(text), len(text) + len(piece)))
-                positions.append(offset + j)
-                text += piece + (" " if ends_word else "")
-            offset += len(chunk)
-        return TokenMap(PromptTokens(text.rstrip(), tuple(ids), tuple(spans)), positions=positions, context_length=offset)
+                    row.append((int(tok), hf.convert_ids_to_tokens(int(tok)) if hf is not None else f"t{int(tok)}</w>"))
+            rows.append(row)
+        return token_map_from_chunks(rows)
 
     def _hf_tokenizer(self):
         """The transformers tokenizer inside CLIP's SD1/SDXL tokenizer wrapper (for reading tokens back)."""
@@ -170,13 +177,12 @@ class ComfyHost:
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
                resolution: int | None = None) -> torch.Tensor:
         """``count`` latents from ComfyUI's own sampler (dpmpp_2m, normal schedule) on this MODEL."""
-        import comfy.sample
-
+        sampling = comfy_module("sample")
         side = (resolution or self.resolution) // self.latent_factor
         channels = int(getattr(self.base.latent_format, "latent_channels", 4))
         empty = torch.zeros(count, channels, side, side)
-        noise = comfy.sample.prepare_noise(empty, seed)
-        samples = comfy.sample.sample(
+        noise = sampling.prepare_noise(empty, seed)
+        samples = sampling.sample(
             self.patcher, noise, steps, cfg, "dpmpp_2m", "normal", self._comfy_conditioning(prompt),
             self._comfy_conditioning(negative), empty, callback=lambda *a: self.check_interrupt(), disable_pbar=True,
             seed=seed,
@@ -184,7 +190,7 @@ class ComfyHost:
         return self.base.process_latent_in(samples.to(self.device)).to(self.dtype)
 
     def check_interrupt(self) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        model_management.throw_exception_if_processing_interrupted()
 
     def progress(self, total: int, desc: str) -> ComfyProgress:
         return ComfyProgress(total)

@@ -1,0 +1,151 @@
+"""AUTOMATIC1111 / Forge: "Text Mask" in the img2img script dropdown, and an always-visible accordion in the
+inpaint section that replaces, adds to or subtracts from the painted mask. Masks come from the webui's
+already-loaded model (``shared.sd_model``). Works through the API too: ``script_args`` / ``alwayson_scripts``
+take the ``ui()`` values in order (see README)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from modules import processing, scripts, shared
+
+EXTENSION_ROOT = Path(__file__).resolve().parents[1]
+if str(EXTENSION_ROOT) not in sys.path:
+    sys.path.insert(0, str(EXTENSION_ROOT))
+
+from textmask import postprocess as pp  # noqa: E402
+from textmask.hosts.a1111 import make_host  # noqa: E402
+from textmask.io import overlay  # noqa: E402
+from textmask.masker import TextMasker  # noqa: E402
+from textmask.methods import METHODS  # noqa: E402
+
+MODES = ["replace", "add", "subtract"]
+
+
+def mask_controls(script: scripts.Script):
+    """The shared controls, in the order run() / before_process() receive them."""
+    prompt = gr.Textbox(label="Mask prompt", placeholder="red car | truck AND NOT wheels", lines=1,
+                        elem_id=script.elem_id("prompt"))
+    negative = gr.Textbox(label="Negative mask prompt", lines=1, elem_id=script.elem_id("negative"))
+    with gr.Row():
+        method = gr.Dropdown(label="Method", choices=list(METHODS), value="attention", elem_id=script.elem_id("method"))
+        ldznet = gr.Textbox(label="LD-ZNet weights (.safetensors, for ld-znet)", elem_id=script.elem_id("ldznet"))
+        refine = gr.Checkbox(label="Refine", value=True, elem_id=script.elem_id("refine"))
+    with gr.Row():
+        threshold = gr.Textbox(label="Threshold ('auto' or 0-1)", value="auto", elem_id=script.elem_id("threshold"))
+        blur = gr.Slider(label="Blur (px)", minimum=0, maximum=64, step=0.5, value=0, elem_id=script.elem_id("blur"))
+        grow = gr.Slider(label="Grow (px)", minimum=-64, maximum=64, step=1, value=0, elem_id=script.elem_id("grow"))
+    with gr.Row():
+        invert = gr.Checkbox(label="Invert", value=False, elem_id=script.elem_id("invert"))
+        soft = gr.Checkbox(label="Soft mask", value=False, elem_id=script.elem_id("soft"))
+        show = gr.Checkbox(label="Show mask in output", value=True, elem_id=script.elem_id("show"))
+    return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show]
+
+
+def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft):
+    """Masks [N, H, W] and heatmaps for p.init_images at their own size, from the webui's model."""
+    if not prompt or not prompt.strip():
+        raise ValueError("Text Mask: type what to mask")
+    images = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in p.init_images]
+    masker = TextMasker(make_host(shared.sd_model))
+    kwargs = dict(negative=negative or None, method=method, threshold=pp.parse_threshold(threshold), soft=soft,
+                  blur=blur, grow=grow, invert=invert, seed=int(getattr(p, "seed", 0) or 0) % 2**31)
+    if method == "ld-znet":
+        kwargs["ldznet"] = ldznet
+    else:
+        kwargs["refine"] = bool(refine) and method == "attention"
+    masks, heats = [], []
+    for img in images:  # init images may differ in size
+        res = masker.mask(img, prompt, **kwargs)
+        masks.append(res.masks[0])
+        heats.append((torch.from_numpy(img), res.heatmaps[0]))
+    return masks, heats
+
+
+def to_pil(mask: torch.Tensor) -> Image.Image:
+    return Image.fromarray((mask.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8), mode="L")
+
+
+def from_pil(mask: Image.Image | None, size) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = mask.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.NEAREST)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)
+
+
+def previews(masks, heats) -> list[Image.Image]:
+    out = [to_pil(m) for m in masks]
+    for img, heat in heats:
+        out.append(Image.fromarray((overlay(img[None], heat[None])[0].numpy() * 255 + 0.5).astype(np.uint8)))
+    return out
+
+
+def apply_mask(p, mask: torch.Tensor, soft: bool) -> None:
+    """Hand the webui a mask at the init image's size: image_mask drives inpainting, latent_mask follows it."""
+    p.image_mask = to_pil(mask)
+    p.latent_mask = None
+    if soft:
+        p.mask_round = False
+
+
+class TextMaskScript(scripts.Script):
+    """The img2img dropdown entry: masks p.init_images from words, then inpaints."""
+
+    def title(self):
+        return "Text Mask"
+
+    def show(self, is_img2img):
+        return is_img2img
+
+    def ui(self, is_img2img):
+        return mask_controls(self)
+
+    def run(self, p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show):
+        masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft)
+        apply_mask(p, masks[0], soft)
+        processed = processing.process_images(p)
+        if show:
+            processed.images.extend(previews(masks[:1], heats[:1]))
+        return processed
+
+
+class TextMaskInpaint(scripts.Script):
+    """Always visible in the inpaint section: combine words with the painted mask before processing."""
+
+    section = "inpaint"
+
+    def title(self):
+        return "Text Mask (inpaint)"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible if is_img2img else False
+
+    def ui(self, is_img2img):
+        with gr.Accordion("Text Mask", open=False):
+            enabled = gr.Checkbox(label="Enable", value=False, elem_id=self.elem_id("enabled"))
+            mode = gr.Radio(label="Mode", choices=MODES, value="replace", elem_id=self.elem_id("mode"))
+            controls = mask_controls(self)
+        return [enabled, mode, *controls]
+
+    def before_process(self, p, enabled, mode, prompt, negative, method, ldznet, refine, threshold, blur, grow,
+                       invert, soft, show):
+        if not enabled or not getattr(p, "init_images", None):
+            return
+        masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft)
+        size = p.init_images[0].size
+        combined = pp.combine(masks[0], from_pil(getattr(p, "image_mask", None), size), mode)
+        apply_mask(p, combined, soft)
+        self._previews = previews([combined], heats[:1]) if show else []
+
+    def postprocess(self, p, processed, enabled, mode, *args):
+        if enabled and getattr(self, "_previews", None):
+            processed.images.extend(self._previews)
+            self._previews = []

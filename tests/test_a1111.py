@@ -1,0 +1,208 @@
+"""The A1111 / Forge extension against the webui's own model classes (Stability's ldm UNetModel, from
+stable-diffusion-sdkit) and the smallest stand-in of the ``modules`` API it touches (tests/webui_standin:
+``scripts.Script``, ``processing.process_images``, ``shared.sd_model``, ``launch.run_pip``), whose signatures
+mirror the webui's source (modules/scripts.py, modules/processing.py, modules/shared.py, launch.py)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("ldm")
+pytest.importorskip("gradio")
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = Path(__file__).resolve().parent / "webui_standin"
+
+import webui_model  # noqa: E402
+
+from textmask import TextMasker  # noqa: E402
+from textmask import postprocess as pp  # noqa: E402
+from textmask.errors import CaptureError  # noqa: E402
+from textmask.hosts.a1111 import A1111Host, make_host  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def webui():
+    """Import scripts/text_mask.py the way the webui does: by path, with ``modules`` importable."""
+    sys.path.insert(0, str(STANDIN))
+    try:
+        spec = importlib.util.spec_from_file_location("text_mask_script", ROOT / "scripts" / "text_mask.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        import modules.processing
+        import modules.shared
+
+        yield module, modules.shared, modules.processing
+    finally:
+        sys.path.remove(str(STANDIN))
+
+
+def small_host(model) -> A1111Host:
+    host = A1111Host(model)
+    host.resolution = 64  # the tests' tiny UNets
+    return host
+
+
+def unet_output(model):
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, webui_model.CTX, generator=g)
+    with torch.no_grad():
+        return model.model.diffusion_model(x, torch.tensor([300]), context=ctx)
+
+
+def hooks(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_host_masks_on_webui_models(kind):
+    model = webui_model.sd_model(kind)
+    host = small_host(model)
+    assert host.v_prediction == (kind == "sd2") and host.is_sdxl == (kind == "sdxl")
+    res = TextMasker(host).mask(torch.rand(2, 37, 53, 3), "red car | truck", refine=True)
+    assert res.masks.shape == (2, 37, 53)
+    if kind == "sdxl":
+        assert model.vectors_seen and model.vectors_seen[0][0] == 2  # the pooled vector rode along per row
+
+
+def test_inpainting_checkpoint_gets_c_concat():
+    model = webui_model.sd_model("sd1", in_channels=9)
+    res = TextMasker(small_host(model)).mask(torch.rand(1, 40, 40, 3), "car")
+    assert res.masks.shape == (1, 40, 40)
+
+
+def test_v_prediction_is_converted_to_epsilon():
+    model = webui_model.sd_model("sd2")
+    host = small_host(model)
+    cond = host.encode_prompts(["a cat"])
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        eps = host.predict_noise(x, 500, cond, x)
+        v = model.apply_model(x, torch.tensor([500]), {"c_crossattn": [cond.context]})
+    a = float(model.alphas_cumprod[500])
+    assert torch.allclose(eps, a**0.5 * v + (1 - a) ** 0.5 * x, atol=1e-5)
+
+
+def test_token_positions_follow_the_webui_chunks():
+    model = webui_model.sd_model("sd1")
+    host = small_host(model)
+    words = " ".join(f"w{i}" for i in range(40))  # past one 75-token chunk: w<n> is two tokens
+    token_map = host.encode_prompts([f"{words} red car"]).token_maps[0]
+    chunks, _ = model.cond_stage_model.tokenize_line(f"{words} red car")
+    flat = [t for c in chunks for t in c.tokens]
+    ids = model.cond_stage_model.tokenizer("red car", add_special_tokens=False)["input_ids"]
+    pos = token_map.find("red car")
+    assert [flat[p] for p in pos] == ids and pos[0] > 77  # in the second chunk, after its BOS
+
+
+def test_unhookable_unets_give_a_clear_message(webui):
+    model = webui_model.sd_model("sd1")
+    host = small_host(model)
+    import modules.sd_unet
+
+    modules.sd_unet.current_unet = object()
+    try:
+        with pytest.raises(CaptureError, match="TensorRT"):
+            host.attention_modules()
+    finally:
+        modules.sd_unet.current_unet = None
+    model.model.diffusion_model._tome_info = {"ratio": 0.5}
+    with pytest.raises(CaptureError, match="ToMe"):
+        host.attention_modules()
+
+
+def test_forge_goes_through_the_comfy_adapter():
+    import comfy_env
+
+    if comfy_env.comfy_root() is None:
+        pytest.skip("no ComfyUI")
+    comfy_env.setup()
+    from textmask.hosts.comfy import ComfyHost
+
+    class ForgeObjects:
+        unet, clip, vae = comfy_env.make_model("sd15"), comfy_env.make_clip("sd15"), comfy_env.make_vae()
+
+    class ForgeModel:
+        forge_objects = ForgeObjects()
+
+    host = make_host(ForgeModel())
+    assert isinstance(host, ComfyHost)
+    assert TextMasker(host).mask(torch.rand(1, 40, 40, 3), "car", resolution=64).masks.shape == (1, 40, 40)
+
+
+# ---- the script ----------------------------------------------------------------------------------------
+ARGS = dict(prompt="red car", negative="", method="attention", ldznet="", refine=True, threshold="auto", blur=0.0,
+            grow=0, invert=False, soft=False, show=True)
+
+
+def init_image(w=53, h=37, seed=0):
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def test_dropdown_script_sets_image_mask(webui, monkeypatch):
+    script_mod, shared, processing = webui
+    model = webui_model.sd_model("sd1")
+    monkeypatch.setattr(shared, "sd_model", model)
+    monkeypatch.setattr(script_mod, "make_host", small_host)
+    before, counts = unet_output(model), hooks(model)
+    script = script_mod.TextMaskScript()
+    assert script.title() == "Text Mask" and script.show(True) and not script.show(False)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], seed=5)
+    processed = script.run(p, *ARGS.values())  # positional, as script_args through the API
+    call = processing.calls[-1]
+    assert call["image_mask"].size == (53, 37) and call["image_mask"].mode == "L"
+    assert call["latent_mask"] is None and call["mask_round"] is True
+    assert len(processed.images) == 1 + 2  # the result, then the mask and the heatmap
+    soft = dict(ARGS, soft=True, show=False)
+    processed = script.run(processing.StableDiffusionProcessingImg2Img(init_images=[init_image()]), *soft.values())
+    assert processing.calls[-1]["mask_round"] is False and len(processed.images) == 1
+    assert hooks(model) == counts and torch.equal(before, unet_output(model))
+
+
+@pytest.mark.parametrize("mode", ["replace", "add", "subtract"])
+def test_inpaint_accordion_combines_with_the_painted_mask(webui, monkeypatch, mode):
+    script_mod, shared, processing = webui
+    model = webui_model.sd_model("sd1")
+    monkeypatch.setattr(shared, "sd_model", model)
+    monkeypatch.setattr(script_mod, "make_host", small_host)
+    script = script_mod.TextMaskInpaint()
+    assert script.show(True) is script_mod.scripts.AlwaysVisible and script.section == "inpaint"
+    image = init_image()
+    painted = np.zeros((37, 53), np.uint8)
+    painted[5:20, 10:40] = 255
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=Image.fromarray(painted), seed=0)
+    script.before_process(p, True, mode, *ARGS.values())
+    ours = TextMasker(small_host(model)).mask(np.asarray(image, np.float32) / 255, "red car", refine=True).masks[0]
+    expected = pp.combine(ours, torch.from_numpy(painted / 255.0).float(), mode)
+    got = torch.from_numpy(np.asarray(p.image_mask, np.float32) / 255)
+    assert p.image_mask.size == (53, 37) and torch.allclose(got, expected, atol=1 / 255 + 1e-6)
+    untouched = processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=Image.fromarray(painted))
+    script.before_process(untouched, False, mode, *ARGS.values())  # disabled: the painted mask stays
+    assert np.array_equal(np.asarray(untouched.image_mask), painted)
+
+
+def test_ui_builds_under_gradio(webui):
+    import gradio as gr
+
+    script_mod, _, _ = webui
+    with gr.Blocks():
+        dropdown = script_mod.TextMaskScript().ui(True)
+        accordion = script_mod.TextMaskInpaint().ui(True)
+    assert len(dropdown) == len(ARGS) and len(accordion) == len(ARGS) + 2
+
+
+def test_installer_installs_only_what_is_missing(webui):
+    import launch
+
+    launch.installed.clear()
+    launch.installed.update({"diffusers", "transformers", "safetensors", "accelerate", "tqdm"})
+    launch.pip_calls.clear()
+    spec = importlib.util.spec_from_file_location("textmask_install", ROOT / "install.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    installed = [cmd for cmd, _ in launch.pip_calls]
+    assert installed == ['install "einops>=0.7"', 'install "scipy>=1.10"', 'install "scikit-image>=0.22"']

@@ -1,0 +1,94 @@
+"""The web app in a real headless browser (Debian's chromium through selenium): upload an image, type a
+prompt, click, and see a mask appear; plus the app's output files without a browser."""
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from textmask.errors import TextMaskError
+
+
+@pytest.fixture(scope="module")
+def shapes_masker():
+    from textmask.demo.model import load_demo_masker
+
+    return load_demo_masker()
+
+
+def scene_png(path: Path) -> Path:
+    from textmask.demo.scenes import make_scene, split_seeds
+
+    scene = make_scene(split_seeds("test", 1)[0])
+    Image.fromarray((scene.image * 255 + 0.5).astype(np.uint8)).save(path)
+    return path
+
+
+def test_outputs_without_browser(shapes_masker, tmp_path):
+    from textmask.app import make_outputs
+
+    img = scene_png(tmp_path / "scene.png")
+    masks, overlays, cutouts = make_outputs(shapes_masker, [str(img), str(img)], "circle | square", "noise-diff",
+                                            True, "auto", False, False)
+    assert len(masks) == len(overlays) == len(cutouts) == 2
+    m, o, c = Image.open(masks[0]), Image.open(overlays[0]), Image.open(cutouts[0])
+    assert m.size == o.size == c.size == Image.open(img).size
+    assert m.mode == "L" and o.mode == "RGB" and c.mode == "RGBA"
+    assert np.array_equal(np.asarray(c)[..., 3], np.asarray(m))  # the cutout's alpha is the mask
+    with pytest.raises(TextMaskError, match="type what to mask"):
+        make_outputs(shapes_masker, [str(img)], " ", "attention", True, "auto", False, False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_app_in_headless_chromium(shapes_masker, tmp_path):
+    gr = pytest.importorskip("gradio")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if not chromium or not driver_bin:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    from textmask.app import build_app
+
+    port = free_port()
+    app = build_app(shapes_masker)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1400"):
+        opts.add_argument(arg)
+    from selenium.webdriver.chrome.service import Service
+
+    browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 120)
+        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#images input[type=file]")))
+        upload.send_keys(str(scene_png(tmp_path / "scene.png")))
+        wait.until(lambda b: "scene" in b.find_element(By.ID, "images").text)
+        box = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
+        box.clear()
+        box.send_keys("circle | square | star | triangle")
+        browser.find_element(By.ID, "run").click()
+        mask_img = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#masks img")))
+        assert mask_img.get_attribute("src")
+        time.sleep(0.5)
+        shot = tmp_path / "app.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#cutouts img")) >= 1
+    finally:
+        browser.quit()
+        app.close()

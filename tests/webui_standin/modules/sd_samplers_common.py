@@ -1,0 +1,5 @@
+"""Stand-in of modules/sd_samplers_common.py."""
+
+
+class InterruptedException(BaseException):
+    pass
