@@ -70,6 +70,17 @@ def test_host_masks_on_webui_models(kind):
         assert model.vectors_seen and model.vectors_seen[0][0] == 2  # the pooled vector rode along per row
 
 
+def test_masks_are_deterministic_and_leave_the_global_rng_alone():
+    host = small_host(webui_model.sd_model("sd1"))
+    image = torch.rand(1, 40, 40, 3)
+    torch.manual_seed(123)
+    first = TextMasker(host).mask(image, "car").heatmaps
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    second = TextMasker(host).mask(image, "car").heatmaps
+    assert torch.equal(first, second) and torch.equal(after, torch.rand(3))
+
+
 def test_inpainting_checkpoint_gets_c_concat():
     model = webui_model.sd_model("sd1", in_channels=9)
     res = TextMasker(small_host(model)).mask(torch.rand(1, 40, 40, 3), "car")

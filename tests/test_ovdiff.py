@@ -207,6 +207,29 @@ def test_segment_with_synthetic_prototypes(masker, monkeypatch):
     assert (segment(protos_bg, gray).labels == 0).all()
 
 
+def test_clip_prefilter_picks_the_best_combination():
+    from textmask.ovdiff.segmentation import clip_select
+
+    class FakeClip:
+        """Fixed CLIP probabilities: per class prompt, then per combination prompt."""
+
+        def __init__(self, single, combos):
+            self.single, self.combos, self.asked = single, combos, []
+
+        def image_text_probs(self, image, texts):
+            self.asked.append(texts)
+            if texts[0].startswith("a photo of"):
+                return torch.tensor(self.single)
+            return torch.tensor([self.combos.get(t, 0.0) for t in texts])
+
+    names = ["cat", "dog", "sky"]
+    clip = FakeClip([0.5, 0.3, 0.2], {})  # only cat reaches 1/3: the one combination is [cat]
+    assert clip_select(clip, torch.zeros(3, 8, 8), names) == [0]
+    clip = FakeClip([0.4, 0.35, 0.25], {"a cat": 0.2, "a dog": 0.1, "a cat and a dog": 0.7})  # cat, dog kept
+    assert clip_select(clip, torch.zeros(3, 8, 8), names) == [0, 1]
+    assert clip.asked[1] == ["a cat", "a dog", "a cat and a dog"]
+
+
 def test_kmeans_is_deterministic():
     pts = torch.cat([torch.randn(50, 3) + 5, torch.randn(50, 3) - 5])
     a, b = kmeans(pts, 2, seed=0), kmeans(pts, 2, seed=0)

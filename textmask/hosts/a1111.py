@@ -89,8 +89,12 @@ class A1111Host:
         encoded = self.model.encode_first_stage(x)
         if torch.is_tensor(encoded):  # sgm (SDXL) returns scaled latents
             return encoded.to(self.dtype)
-        # ldm returns the posterior; its mode, not a draw from the webui's global RNG, keeps masks deterministic
-        return (encoded.mode() * self.model.scale_factor).to(self.dtype)
+        # ldm's get_first_stage_encoding draws from the posterior with the global RNG: draw in a forked,
+        # fixed RNG so a mask is deterministic and the user's seeds are untouched
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            return self.model.get_first_stage_encoding(encoded).to(self.dtype)
 
     def _word_embedder(self):
         """The webui's CLIP wrapper with ``tokenize_line`` (FrozenCLIPEmbedderWithCustomWords or its SDXL twin)."""
