@@ -18,6 +18,7 @@ METHODS = {
     "attention+refine": dict(method="attention", refine=True),
     "noise-diff": dict(method="noise-diff"),
 }
+LDZNET = "ldznet.safetensors"  # LD-ZNet fitted to Shapes through train/ (MODEL_CARD.md), shown when bundled
 
 
 def _tile(img: np.ndarray, scale: int = 2) -> np.ndarray:
@@ -34,20 +35,24 @@ def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     masker = load_demo_masker(model)
-    scores = {m: Scores() for m in METHODS}
+    methods = dict(METHODS)
+    if (Path(model) / LDZNET).is_file():
+        methods["ld-znet"] = dict(method="ld-znet", ldznet=masker.load_ldznet(Path(model) / LDZNET))
+    scores = {m: Scores() for m in methods}
     sheet_rows = []
     for seed in split_seeds("test", scenes):
         scene = make_scene(seed)
         image = torch.from_numpy(scene.image)
         Image.fromarray((scene.image * 255 + 0.5).astype(np.uint8)).save(out / f"scene{seed}.png")
         phrases = object_phrases(scene)
-        results = {m: masker.mask(scene.image, " | ".join(phrases), **kw) for m, kw in METHODS.items()}
+        results = {m: masker.mask(scene.image, " | ".join(phrases), **kw) for m, kw in methods.items()}
         for p in phrases:
             gt = scene.phrase_mask(p)
             row = [scene.image, np.repeat(gt[..., None].astype(np.float32), 3, -1)]
             for m, res in results.items():
                 heat = res.terms[p][0]
-                mask = otsu_mask(heat)  # the phrase's own Otsu mask, as mask() thresholds it
+                # the phrase's own mask as mask() thresholds it: Otsu, or 0.5 on LD-ZNet's probability
+                mask = (heat > 0.5).float() if m == "ld-znet" else otsu_mask(heat)
                 scores[m].add(heat.numpy(), mask.numpy(), gt)
                 stem = f"scene{seed}-{p.replace(' ', '_')}-{m}"
                 save_mask(mask, out / f"{stem}-mask.png")
@@ -58,7 +63,7 @@ def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) ->
     Image.fromarray((sheet * 255 + 0.5).astype(np.uint8)).save(out / "contact_sheet.png")
     summary = {m: s.summary() for m, s in scores.items()}
     echo(f"{sum(s['n'] for s in summary.values()) // len(summary)} phrases in {scenes} scenes, {time.time() - t0:.1f}s")
-    echo("columns: image | ground truth | " + " | ".join(f"{m} heatmap | {m} mask" for m in METHODS))
+    echo("columns: image | ground truth | " + " | ".join(f"{m} heatmap | {m} mask" for m in methods))
     for m, s in summary.items():
         echo(f"{m:<18} IoU {s['iou']:.2f}   AUC {s['auc']:.2f}   pointing {s['pointing']:.2f}")
     echo(f"wrote masks, heatmaps and contact_sheet.png to {out}")
