@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 def test_app_in_headless_chromium(shapes_masker, tmp_path):
-    gr = pytest.importorskip("gradio")
+    pytest.importorskip("gradio")
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
