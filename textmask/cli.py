@@ -173,6 +173,16 @@ def _inputs(path: Path) -> list[Path]:
     return [path]
 
 
+def _move_into(stage: Path, out: Path) -> None:
+    """Move everything staged into the ``out`` folder, replacing earlier results of the same names."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in stage.iterdir():
+        dest = out / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+
+
 def _staging(out: Path) -> Path:
     """A temporary folder beside ``out``, so finished files move into place atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,12 +268,7 @@ def run_segments(args: argparse.Namespace) -> None:
             save_rgb(colour_labels(res.labels[0]), target / "labels.png")
             for k, m in enumerate(res.masks[0]):
                 save_mask(m, target / f"segment-{k:03d}.png")
-        out.mkdir(parents=True, exist_ok=True)
-        for item in stage.iterdir():
-            dest = out / item.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(item, dest)
+        _move_into(stage, out)
         print(f"wrote segments of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -382,12 +387,7 @@ def run_ovdiff(args: argparse.Namespace) -> None:
             save_rgb(colour_labels(lab) * (lab > 0)[..., None], target / "labels.png")
             for i, name in enumerate(res.names):
                 save_mask(res.masks[0, i], target / f"{name.replace('/', '_')}.png")
-        out.mkdir(parents=True, exist_ok=True)
-        for item in stage.iterdir():
-            dest = out / item.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(item, dest)
+        _move_into(stage, out)
         print(f"wrote OVDiff masks of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -20,7 +20,7 @@ from ..capture import find_attention_modules, find_transformer_modules
 from ..errors import CaptureError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows, token_map_from_chunks
-from .base import Conditioning, pad_contexts
+from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts
 
 BOS, EOS = 49406, 49407
 
@@ -141,8 +141,7 @@ class A1111Host:
         return Conditioning(context, maps, extra)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        a = float(self.alphas_cumprod[timestep])
-        return (a**0.5) * latents + ((1 - a) ** 0.5) * noise
+        return ddpm_noise(self.alphas_cumprod, latents, noise, timestep)
 
     def predict_noise(self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor) -> torch.Tensor:
         b = noisy.shape[0]
@@ -159,10 +158,7 @@ class A1111Host:
             if concat is not None:
                 c["c_concat"] = [concat]
         out = self.model.apply_model(noisy, t, c)
-        if self.v_prediction:
-            a = float(self.alphas_cumprod[timestep])
-            out = (a**0.5) * out + ((1 - a) ** 0.5) * noisy  # ε = √ᾱ·v + √(1−ᾱ)·x_t
-        return out
+        return epsilon_from_v(self.alphas_cumprod, out, noisy, timestep) if self.v_prediction else out
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
                resolution: int | None = None) -> torch.Tensor:

@@ -98,3 +98,15 @@ def iter_chunks(n: int, size: int) -> Iterator[slice]:
     """Slices covering range(n) in steps of ``size``."""
     for i in range(0, n, max(1, size)):
         yield slice(i, min(n, i + size))
+
+
+def ddpm_noise(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    """Forward diffusion q(z_t | z_0) = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε under a discrete DDPM schedule."""
+    a = float(alphas_cumprod[timestep])
+    return (a**0.5) * latents + ((1 - a) ** 0.5) * noise
+
+
+def epsilon_from_v(alphas_cumprod: torch.Tensor, v: torch.Tensor, noisy: torch.Tensor, timestep: int) -> torch.Tensor:
+    """ε from a v-prediction: ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t."""
+    a = float(alphas_cumprod[timestep])
+    return (a**0.5) * v + ((1 - a) ** 0.5) * noisy

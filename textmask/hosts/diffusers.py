@@ -20,7 +20,7 @@ from ..checkpoint import detect_architecture, read_state_dict
 from ..errors import CheckpointError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows
-from .base import Conditioning, pad_contexts
+from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -270,8 +270,7 @@ class DiffusersHost:
         return Conditioning(context, maps, extra)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        a = float(self.alphas_cumprod[timestep])
-        return (a**0.5) * latents + ((1 - a) ** 0.5) * noise
+        return ddpm_noise(self.alphas_cumprod, latents, noise, timestep)
 
     def predict_noise(
         self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
@@ -288,10 +287,7 @@ class DiffusersHost:
             added = {"text_embeds": cond.extra["text_embeds"], "time_ids": time_ids}
         t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
         out = self.unet(x, t, encoder_hidden_states=cond.context, added_cond_kwargs=added, return_dict=False)[0]
-        if self.prediction_type == "v_prediction":
-            a = float(self.alphas_cumprod[timestep])
-            out = (a**0.5) * out + ((1 - a) ** 0.5) * noisy  # ε = √ᾱ·v + √(1−ᾱ)·x_t
-        return out
+        return epsilon_from_v(self.alphas_cumprod, out, noisy, timestep) if self.prediction_type == "v_prediction" else out
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
                resolution: int | None = None) -> torch.Tensor:
