@@ -66,7 +66,7 @@ def test_build_cache_hit_and_added_class(masker, tmp_path):
         count.samples = count.forwards = 0
         again = masker.build_prototypes(["cat", "sky", "dog"], cache_dir=tmp_path, images=2, steps=2)
         assert count.samples == 1  # only the new class
-        assert torch.equal(again.classes[0].fg["kmeans"], cat.fg["kmeans"].half().float())
+        assert torch.equal(again.classes[0].fg["kmeans"], cat.fg["kmeans"])  # a cache hit equals the first build
         assert len(list(tmp_path.glob("*.safetensors"))) == 3
     finally:
         count.close()

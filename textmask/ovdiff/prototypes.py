@@ -251,7 +251,9 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
                 with host.progress(images, f"ovdiff {name}") as bar:
                     proto = build_class(host, name, stuff, settings, bar)
                 save_class(proto, path, {"model": model_fp, "settings": json.dumps(asdict(settings), sort_keys=True)})
-                cached = (proto, {})
+                # keep what the cache holds (fp16), so a first build and a cache hit segment identically
+                stored = {side: {k: v.half().float() for k, v in d.items()} for side, d in (("fg", proto.fg), ("bg", proto.bg))}
+                cached = (ClassPrototypes(proto.name, proto.stuff, stored["fg"], stored["bg"]), {})
             out.append(cached[0])
             classes_bar.update(1)
     return Prototypes(out, host, settings)
