@@ -81,6 +81,17 @@ def test_masks_are_deterministic_and_leave_the_global_rng_alone():
     assert torch.equal(first, second) and torch.equal(after, torch.rand(3))
 
 
+def test_model_untouched_after_an_exception_inside_the_forward():
+    model = webui_model.sd_model("sd1")
+    before, counts = unet_output(model), hooks(model)
+    boom = model.model.diffusion_model.middle_block.register_forward_hook(
+        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        TextMasker(small_host(model)).mask(torch.rand(1, 40, 40, 3), "car", refine=True)
+    boom.remove()
+    assert hooks(model) == counts and torch.equal(before, unet_output(model))
+
+
 def test_inpainting_checkpoint_gets_c_concat():
     model = webui_model.sd_model("sd1", in_channels=9)
     res = TextMasker(small_host(model)).mask(torch.rand(1, 40, 40, 3), "car")

@@ -120,10 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ovdiff_options(ovd)
     add_model_options(ovd)
     app = sub.add_parser("app", help="the standalone web app (Gradio): upload, type, download masks")
-    app.add_argument("--checkpoint", required=True, help="SD checkpoint file, diffusers folder, or 'shapes' (bundled)")
-    app.add_argument("--config", default=None, help="diffusers-format config folder overriding the shipped configs")
-    app.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    app.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    add_model_options(app)  # --checkpoint also takes 'shapes', the bundled model
     app.add_argument("--ldznet", default=None, metavar="PATH", help="LD-ZNet weights, to offer the ld-znet method")
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=int, default=7860)

@@ -66,8 +66,13 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
+    from textmask.errors import TextMaskError
+
     args = parse_args(argv)
-    s = evaluate(args)
+    try:
+        s = evaluate(args)
+    except (FileNotFoundError, ValueError, TextMaskError) as e:
+        raise SystemExit(f"evaluate: error: {e}") from None
     print(f"samples {s['samples']}  mIoU@0.3 {s['miou_0.3']:.4f}  IoU_FG@0.3 {s['fgiou_0.3']:.4f}  "
           f"IoU_FG@0.5 {s['fgiou_0.5']:.4f}  AP {s['ap']:.4f}  best mIoU {s['miou_best']:.4f} "
           f"(t={s['miou_best_t']:.2f})  best IoU_FG {s['fgiou_best']:.4f} (t={s['fgiou_best_t']:.2f})")

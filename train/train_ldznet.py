@@ -135,6 +135,7 @@ def train(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
     out = Path(args.out)
+    samples = load_split(args.data, args.split, args.format)  # bad data fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed)
@@ -150,7 +151,7 @@ def train(args: argparse.Namespace) -> Path:
         model.unet.enable_gradient_checkpointing()
     ema = EMAModel(model.parameters(), decay=args.ema) if args.ema > 0 else None
 
-    dataset = ReferringDataset(load_split(args.data, args.split, args.format), size=args.resolution, train=True, seed=args.seed)
+    dataset = ReferringDataset(samples, size=args.resolution, train=True, seed=args.seed)
     sampler = EpochSampler(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                                          num_workers=args.num_workers, drop_last=True)
@@ -251,7 +252,12 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv=None) -> None:
-    path = train(parse_args(argv))
+    from textmask.errors import TextMaskError
+
+    try:
+        path = train(parse_args(argv))
+    except (FileNotFoundError, ValueError, TextMaskError) as e:  # bad data or model paths: one line, no traceback
+        raise SystemExit(f"train_ldznet: error: {e}") from None
     print(f"wrote {path}")
 
 
