@@ -186,3 +186,16 @@ def test_gradient_checkpointing_and_accumulation(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # recomputation reads the same host features
     accum = run_train(tmp_path, "accum", "--steps", "2", "--save-every", "100", "--batch-size", "1", "--grad-accum", "2")
     assert len((accum / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(tmp_path):
+    from train.train_ldznet import lr_factor
+
+    assert lr_factor(0, 4, 20, "cosine") == pytest.approx(0.25)
+    assert lr_factor(4, 4, 20, "cosine") == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(12, 4, 20, "constant") == 1.0
+    out = run_train(tmp_path, "cos", "--steps", "4", "--save-every", "100", "--lr", "1e-3", "--schedule", "cosine")
+    lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3 and lrs[-1] == pytest.approx(0.0, abs=1e-12)

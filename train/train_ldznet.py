@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                    help="learning rate after warm-up: constant (reference) or cosine decay to 0 at --steps")
     ap.add_argument("--weight-decay", type=float, default=1e-2)
     ap.add_argument("--dice", type=float, default=0.0, help="weight of an added Dice loss (reference: 0)")
     ap.add_argument("--ema", type=float, default=0.9999, help="EMA decay; 0 disables")
@@ -128,6 +130,15 @@ def step_randomness(seed: int, step: int, micro: int, process: int) -> tuple[int
     return int(torch.randint(*TRAIN_TIMESTEPS, (1,), generator=g)), key * 64
 
 
+def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
+    """The learning rate's multiplier at ``step``: linear warm-up, then constant or cosine decay to 0 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    return 1.0
+
+
 def train(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -158,7 +169,7 @@ def train(args: argparse.Namespace) -> Path:
     if len(loader) == 0:
         raise SystemExit(f"the split has {len(dataset)} samples, fewer than one batch of {args.batch_size}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup) if args.warmup else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.schedule))
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     if ema is not None:
         ema.to(accelerator.device)

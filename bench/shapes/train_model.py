@@ -117,17 +117,30 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dropout: float = 0.1, on_checkpoint=None,
-               checkpoint_minutes: float = 15):
+               checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**CONFIGS["unet"]).train()
-    text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"])).train()
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"]))
+    params = list(unet.parameters())
+    if frozen_text:
+        # As in SD, the UNet learns to read a fixed text encoder. Trained jointly, the encoder packs the whole
+        # caption into the EOS padding and the word tokens become the background's attention sink.
+        text.eval().requires_grad_(False)
+        with torch.no_grad():
+            contexts = torch.cat([text(ids[i : i + 256]).last_hidden_state for i in range(0, len(ids), 256)])
+    else:
+        text.train()
+        params += list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     alphas = ddpm_alphas_cumprod().float()
     empty = token_ids([""])[0]
+    with torch.no_grad():
+        empty_context = text.eval()(empty[None]).last_hidden_state[0]
+    if not frozen_text:
+        text.train()
     gen = torch.Generator().manual_seed(seed + 1)
     start, step, ema = time.time(), 0, None
     budget = minutes * 60
@@ -136,19 +149,22 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         if on_checkpoint is not None and elapsed > next_checkpoint:
             next_checkpoint += checkpoint_minutes * 60
             on_checkpoint(unet.eval(), text.eval(), step)
-            unet.train(), text.train()
+            unet.train(), text.train(not frozen_text)
         for g in opt.param_groups:
-            g["lr"] = lr_at(elapsed / budget, 5e-4)
+            g["lr"] = lr_at(elapsed / budget, lr)
         idx = torch.randint(len(latents), (batch,), generator=gen)
         z0 = latents[idx]
-        tok = ids[idx].clone()
         drop = torch.rand(batch, generator=gen) < dropout  # 10% caption dropout, for classifier-free guidance
-        tok[drop] = empty
         t = torch.randint(0, 1000, (batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        ctx = text(tok).last_hidden_state
+        if frozen_text:
+            ctx = torch.where(drop[:, None, None], empty_context, contexts[idx])
+        else:
+            tok = ids[idx].clone()
+            tok[drop] = empty
+            ctx = text(tok).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -187,22 +203,33 @@ def main() -> None:
     ap.add_argument("--unet-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak UNet learning rate (cosine decay)")
+    ap.add_argument("--frozen-text", action="store_true", help="keep the text encoder at its seeded initialisation")
+    ap.add_argument("--vae-from", type=Path, help="reuse this model folder's VAE and scaling factor instead of training one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
     images, captions = scene_pool(args.scenes)
     print(f"{len(images)} scenes in {time.time() - t0:.0f}s", flush=True)
     log = Log()
-    vae, vae_steps = train_vae(images, args.vae_minutes, args.vae_batch, log, args.seed)
-    latents = encode_pool(vae, images)
-    scaling = float(1.0 / latents.std())
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32).eval()
+        vae_steps = json.loads((args.vae_from / "train_log.json").read_text())["vae_steps"]
+        latents = encode_pool(vae, images)
+        scaling = float(vae.config.scaling_factor)
+    else:
+        vae, vae_steps = train_vae(images, args.vae_minutes, args.vae_batch, log, args.seed)
+        latents = encode_pool(vae, images)
+        scaling = float(1.0 / latents.std())
     latents = latents * scaling
     ids = token_ids(captions)
     def describe(unet_steps, unet=None, text=None):
         return {
             "command": "python bench/shapes/train_model.py " + " ".join(sys.argv[1:]),
             "seed": args.seed, "scenes": args.scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
-            "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "scaling_factor": scaling,
+            "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text, "scaling_factor": scaling,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
             "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
             "curves": log.curves,
@@ -212,7 +239,8 @@ def main() -> None:
         save(args.out, vae, unet, text, scaling, describe(steps, unet, text))
         print(f"checkpoint at step {steps}", flush=True)
 
-    unet, text, unet_steps = train_unet(latents, ids, args.unet_minutes, args.unet_batch, log, args.seed, on_checkpoint=checkpoint)
+    unet, text, unet_steps = train_unet(latents, ids, args.unet_minutes, args.unet_batch, log, args.seed,
+                                        on_checkpoint=checkpoint, lr=args.lr, frozen_text=args.frozen_text)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)
