@@ -117,14 +117,31 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dropout: float = 0.1, on_checkpoint=None,
-               checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False):
+               checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False, qk_gain: float = 1.0,
+               token_mixing: bool = True):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**CONFIGS["unet"]).train()
+    if qk_gain != 1.0:
+        # Default init gives cross-attention logits of std ~0.3: near-uniform over 77 tokens, which a tiny model
+        # reads as a bag of words and never sharpens on a CPU budget. Larger Q/K weights start it selective.
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn2"):
+                    module.to_q.weight.mul_(qk_gain)
+                    module.to_k.weight.mul_(qk_gain)
     text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"]))
     params = list(unet.parameters())
+    if not token_mixing:
+        # Zeroed self-attention outputs: each token's embedding depends on that token and its position only, so the
+        # EOS padding is the same for every caption and carries nothing. Heads whose object pixels read the padding
+        # then learn nothing, and the padding is left as the background's sink, the role BOS plays in SD.
+        with torch.no_grad():
+            for layer in text.text_model.encoder.layers:
+                layer.self_attn.out_proj.weight.zero_()
+                layer.self_attn.out_proj.bias.zero_()
     if frozen_text:
         # As in SD, the UNet learns to read a fixed text encoder. Trained jointly, the encoder packs the whole
         # caption into the EOS padding and the word tokens become the background's attention sink.
@@ -204,6 +221,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-4, help="peak UNet learning rate (cosine decay)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=15, help="write the model every so many minutes")
+    ap.add_argument("--qk-gain", type=float, default=1.0, help="scale of the cross-attention Q and K initial weights")
+    ap.add_argument("--no-token-mixing", dest="token_mixing", action="store_false",
+                    help="zero the text encoder's self-attention outputs (with --frozen-text: padding carries no caption)")
     ap.add_argument("--frozen-text", action="store_true", help="keep the text encoder at its seeded initialisation")
     ap.add_argument("--vae-from", type=Path, help="reuse this model folder's VAE and scaling factor instead of training one")
     args = ap.parse_args()
@@ -229,7 +250,7 @@ def main() -> None:
         return {
             "command": "python bench/shapes/train_model.py " + " ".join(sys.argv[1:]),
             "seed": args.seed, "scenes": args.scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
-            "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text, "scaling_factor": scaling,
+            "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text, "qk_gain": args.qk_gain, "token_mixing": args.token_mixing, "scaling_factor": scaling,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
             "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
             "curves": log.curves,
@@ -240,7 +261,9 @@ def main() -> None:
         print(f"checkpoint at step {steps}", flush=True)
 
     unet, text, unet_steps = train_unet(latents, ids, args.unet_minutes, args.unet_batch, log, args.seed,
-                                        on_checkpoint=checkpoint, lr=args.lr, frozen_text=args.frozen_text)
+                                        on_checkpoint=checkpoint, lr=args.lr, frozen_text=args.frozen_text,
+                                        qk_gain=args.qk_gain, checkpoint_minutes=args.checkpoint_minutes,
+                                        token_mixing=args.token_mixing)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)
