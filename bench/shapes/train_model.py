@@ -139,9 +139,10 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         # EOS padding is the same for every caption and carries nothing. Heads whose object pixels read the padding
         # then learn nothing, and the padding is left as the background's sink, the role BOS plays in SD.
         with torch.no_grad():
-            for layer in text.text_model.encoder.layers:
-                layer.self_attn.out_proj.weight.zero_()
-                layer.self_attn.out_proj.bias.zero_()
+            for name, module in text.named_modules():
+                if name.endswith("self_attn.out_proj"):
+                    module.weight.zero_()
+                    module.bias.zero_()
     if frozen_text:
         # As in SD, the UNet learns to read a fixed text encoder. Trained jointly, the encoder packs the whole
         # caption into the EOS padding and the word tokens become the background's attention sink.
