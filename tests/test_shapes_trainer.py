@@ -1,0 +1,42 @@
+"""The Shapes trainer's text-encoder and attention-init options (bench/shapes/train_model.py)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "shapes"))
+
+from train_model import Log, token_ids, train_unet  # noqa: E402
+
+
+def test_frozen_text_without_token_mixing_keeps_the_encoder_fixed_and_padding_caption_free():
+    ids = token_ids(["a red circle", "a blue square and a green star"])
+    latents = torch.randn(2, 4, 32, 32)
+    unet, text, steps = train_unet(latents, ids, minutes=0.001, batch=2, log=Log(), seed=0,
+                                   frozen_text=True, token_mixing=False, qk_gain=2.5)
+    assert steps >= 1
+    assert all(not p.requires_grad for p in text.parameters())
+    for name, module in text.named_modules():
+        if name.endswith("self_attn.out_proj"):
+            assert not module.weight.any() and not module.bias.any()
+    with torch.no_grad():
+        hidden = text(ids).last_hidden_state
+    assert torch.equal(hidden[0, 30:], hidden[1, 30:])  # the EOS padding is the same whatever the caption
+    assert not torch.equal(hidden[0, 2], hidden[1, 2])  # "red" and "blue" still differ
+
+
+def test_qk_gain_scales_only_the_cross_attention_init():
+    from diffusers import UNet2DConditionModel
+    from train_model import CONFIGS
+
+    torch.manual_seed(0)
+    plain = UNet2DConditionModel(**CONFIGS["unet"])
+    ids = token_ids(["a red circle"])
+    unet, _, _ = train_unet(torch.randn(1, 4, 32, 32), ids, minutes=0.0, batch=1, log=Log(), seed=0, qk_gain=2.5)
+    a = dict(plain.named_parameters())
+    for name, p in unet.named_parameters():
+        if ".attn2.to_q." in name or ".attn2.to_k." in name:
+            assert torch.allclose(p, 2.5 * a[name])
+        elif name.endswith("weight") and ".attn1." in name:
+            assert torch.equal(p, a[name])
