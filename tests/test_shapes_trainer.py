@@ -40,3 +40,42 @@ def test_qk_gain_scales_only_the_cross_attention_init():
             assert torch.allclose(p, 2.5 * a[name])
         elif name.endswith("weight") and ".attn1." in name:
             assert torch.equal(p, a[name])
+
+
+def test_partial_captions_name_a_proper_subset_of_phrases_with_every_instance():
+    from train_model import partial_caption
+
+    phrases = ["red circle", "blue square", "red circle", "green star"]
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        text = partial_caption(phrases, gen)
+        named = {p for p in set(phrases) if p in text}
+        assert 1 <= len(named) <= 2  # non-empty, never all three
+        assert text.count("red circle") in (0, 2)  # a kept phrase names every one of its objects
+        order = [p for p in phrases if p in named]
+        assert text == ", ".join(f"a {p}" for p in order[:-1]) + " and " * (len(order) > 1) + f"a {order[-1]}"
+        seen.add(frozenset(named))
+    assert len(seen) == 6  # every proper non-empty subset of three phrases turns up
+    assert partial_caption(["red circle", "red circle"], gen) == "a red circle and a red circle"
+
+
+def test_partial_captions_train_from_an_earlier_model(tmp_path):
+    from train_model import CONFIGS, save
+
+    from diffusers import AutoencoderKL
+
+    ids = token_ids(["a red circle and a blue square", "a green star"])
+    first, text, _ = train_unet(torch.randn(2, 4, 32, 32), ids, minutes=0.0, batch=1, log=Log(), seed=0,
+                                frozen_text=True, token_mixing=False, qk_gain=2.5)
+    save(tmp_path, AutoencoderKL(**CONFIGS["vae"]), first, text, 1.0, {})
+    phrases = [["red circle", "blue square"], ["green star"]]
+    unet, text2, steps = train_unet(torch.randn(2, 4, 32, 32), ids, minutes=0.0, batch=1, log=Log(), seed=0,
+                                    frozen_text=True, qk_gain=2.5, init_from=tmp_path, phrases=phrases, partial=1.0)
+    for (name, p), q in zip(unet.named_parameters(), first.parameters()):
+        assert torch.equal(p, q.half().float()), name  # the saved (fp16) weights, and no second Q/K gain
+    for p, q in zip(text2.parameters(), text.parameters()):
+        assert torch.equal(p, q.half().float())
+    unet, _, steps = train_unet(torch.randn(2, 4, 32, 32), ids, minutes=0.002, batch=2, log=Log(), seed=0,
+                                frozen_text=True, init_from=tmp_path, phrases=phrases, partial=1.0)
+    assert steps >= 1

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
+from textmask.demo.scenes import caption, make_scene, split_seeds  # noqa: E402
 from textmask.hosts.diffusers import BOS, EOS, ddpm_alphas_cumprod  # noqa: E402
 from textmask.tokenizer import clip_tokenizer  # noqa: E402
 
@@ -48,15 +48,29 @@ CONFIGS = {
 
 def _render(seed: int):
     s = make_scene(seed)
-    return (s.image * 255 + 0.5).astype(np.uint8), s.caption
+    return (s.image * 255 + 0.5).astype(np.uint8), [o.phrase for o in s.objects]
 
 
 def scene_pool(count: int, workers: int = 2):
-    """The first ``count`` train scenes as uint8 images and captions."""
+    """The first ``count`` train scenes as uint8 images and their objects' phrases, in drawing order."""
     with Pool(workers) as pool:
         items = pool.map(_render, list(split_seeds("train", count)), chunksize=64)
     images = torch.from_numpy(np.stack([i for i, _ in items])).permute(0, 3, 1, 2).contiguous()
-    return images, [c for _, c in items]
+    return images, [p for _, p in items]
+
+
+def partial_caption(phrases: list[str], gen: torch.Generator) -> str:
+    """A true but incomplete caption: a random non-empty proper subset of the scene's distinct phrases.
+
+    Every instance of a kept phrase stays named, so no named phrase points at only some of its objects.
+    A scene with one distinct phrase keeps its full caption.
+    """
+    distinct = list(dict.fromkeys(phrases))
+    if len(distinct) < 2:
+        return caption(phrases)
+    k = int(torch.randint(1, len(distinct), (1,), generator=gen))
+    keep = {distinct[i] for i in torch.randperm(len(distinct), generator=gen)[:k].tolist()}
+    return caption([p for p in phrases if p in keep])
 
 
 def token_ids(captions: list[str]) -> torch.Tensor:
@@ -121,13 +135,17 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dropout: float = 0.1, on_checkpoint=None,
                checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False, qk_gain: float = 1.0,
-               token_mixing: bool = True):
+               token_mixing: bool = True, phrases: list[list[str]] | None = None, partial: float = 0.0,
+               init_from: Path | None = None):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**CONFIGS["unet"]).train()
-    if qk_gain != 1.0:
+    if init_from is not None:
+        unet = UNet2DConditionModel.from_pretrained(init_from / "unet", torch_dtype=torch.float32).train()
+    else:
+        unet = UNet2DConditionModel(**CONFIGS["unet"]).train()
+    if qk_gain != 1.0 and init_from is None:
         # Default init gives cross-attention logits of std ~0.3: near-uniform over 77 tokens, which a tiny model
         # reads as a bag of words and never sharpens on a CPU budget. Larger Q/K weights start it selective.
         with torch.no_grad():
@@ -135,7 +153,10 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
                 if name.endswith("attn2"):
                     module.to_q.weight.mul_(qk_gain)
                     module.to_k.weight.mul_(qk_gain)
-    text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"]))
+    if init_from is not None:
+        text = CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32)
+    else:
+        text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"]))
     params = list(unet.parameters())
     if not token_mixing:
         # Zeroed self-attention outputs: each token's embedding depends on that token and its position only, so the
@@ -150,19 +171,14 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         # As in SD, the UNet learns to read a fixed text encoder. Trained jointly (the first release), the encoder
         # and UNet settled on near-uniform cross-attention that reads the caption as a bag of words.
         text.eval().requires_grad_(False)
-        with torch.no_grad():
-            contexts = torch.cat([text(ids[i : i + 256]).last_hidden_state for i in range(0, len(ids), 256)])
     else:
         text.train()
         params += list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     alphas = ddpm_alphas_cumprod().float()
     empty = token_ids([""])[0]
-    with torch.no_grad():
-        empty_context = text.eval()(empty[None]).last_hidden_state[0]
-    if not frozen_text:
-        text.train()
     gen = torch.Generator().manual_seed(seed + 1)
+    cache: dict[str, torch.Tensor] = {}  # partial caption -> token ids
     start, step, ema = time.time(), 0, None
     budget = minutes * 60
     next_checkpoint = checkpoint_minutes * 60
@@ -180,11 +196,18 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        if frozen_text:
-            ctx = torch.where(drop[:, None, None], empty_context, contexts[idx])
-        else:
-            tok = ids[idx].clone()
-            tok[drop] = empty
+        tok = ids[idx].clone()
+        if partial > 0 and phrases is not None:
+            # Name only some of the objects, as a mask prompt does: the pixels of unnamed objects must then learn
+            # to leave the named words alone, which full captions never teach.
+            for row, i in enumerate(idx.tolist()):
+                if float(torch.rand(1, generator=gen)) < partial:
+                    words = partial_caption(phrases[i], gen)
+                    if words not in cache:
+                        cache[words] = token_ids([words])[0]
+                    tok[row] = cache[words]
+        tok[drop] = empty
+        with torch.set_grad_enabled(not frozen_text):
             ctx = text(tok).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred, noise)
@@ -231,10 +254,13 @@ def main() -> None:
                     help="zero the text encoder's self-attention outputs (with --frozen-text: padding carries no caption)")
     ap.add_argument("--frozen-text", action="store_true", help="keep the text encoder at its seeded initialisation")
     ap.add_argument("--vae-from", type=Path, help="reuse this model folder's VAE and scaling factor instead of training one")
+    ap.add_argument("--init-from", type=Path, help="start the UNet and text encoder from this model folder")
+    ap.add_argument("--partial-captions", type=float, default=0.0,
+                    help="probability that a caption names only some of the scene's objects")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    images, captions = scene_pool(args.scenes)
+    images, phrases = scene_pool(args.scenes)
     print(f"{len(images)} scenes in {time.time() - t0:.0f}s", flush=True)
     log = Log()
     if args.vae_from:
@@ -249,13 +275,14 @@ def main() -> None:
         latents = encode_pool(vae, images)
         scaling = float(1.0 / latents.std())
     latents = latents * scaling
-    ids = token_ids(captions)
+    ids = token_ids([caption(p) for p in phrases])
     def describe(unet_steps, unet=None, text=None):
         return {
             "command": "python bench/shapes/train_model.py " + " ".join(sys.argv[1:]),
             "seed": args.seed, "scenes": args.scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
             "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text,
             "qk_gain": args.qk_gain, "token_mixing": args.token_mixing, "scaling_factor": scaling,
+            "partial_captions": args.partial_captions, "init_from": str(args.init_from) if args.init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
             "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
             "curves": log.curves,
@@ -268,7 +295,8 @@ def main() -> None:
     unet, text, unet_steps = train_unet(latents, ids, args.unet_minutes, args.unet_batch, log, args.seed,
                                         on_checkpoint=checkpoint, lr=args.lr, frozen_text=args.frozen_text,
                                         qk_gain=args.qk_gain, checkpoint_minutes=args.checkpoint_minutes,
-                                        token_mixing=args.token_mixing)
+                                        token_mixing=args.token_mixing, phrases=phrases,
+                                        partial=args.partial_captions, init_from=args.init_from)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)

@@ -127,8 +127,9 @@ def _objects(rng: np.random.Generator, size: int) -> list[ShapeObject]:
     return objects
 
 
-def _caption(objects: list[ShapeObject]) -> str:
-    parts = [f"a {o.phrase}" for o in objects]
+def caption(phrases: list[str]) -> str:
+    """The caption naming these object phrases in order: "a red circle, a blue square and a green star"."""
+    parts = [f"a {p}" for p in phrases]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -165,7 +166,7 @@ def make_scene(seed: int, size: int = SIZE) -> Scene:
         masks[:i] &= ~own  # drawn on top: earlier objects lose these pixels
         masks[i] = own
     image = np.clip(image, 0, 1).astype(np.float32)
-    return Scene(seed, image, objects, masks, _caption(objects), _relations(objects, masks))
+    return Scene(seed, image, objects, masks, caption([o.phrase for o in objects]), _relations(objects, masks))
 
 
 def split_seeds(split: str, count: int | None = None) -> range:
