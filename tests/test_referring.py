@@ -121,3 +121,25 @@ def test_segments_and_refer_leave_the_model_untouched():
     assert_unchanged(before, state_snapshot(unet))
     with torch.no_grad():
         assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_attribution_grid_is_sds_one_thirty_second_level_said_structurally():
+    from textmask.referring import attribution_grid
+
+    def sizes(names_and_sides):
+        return {f"{n}.attn2": (s, s) for n, s in names_and_sides}
+
+    sd1_512 = sizes([("down_blocks.0.attentions.0", 64), ("down_blocks.1.attentions.0", 32),
+                     ("down_blocks.2.attentions.0", 16), ("mid_block.attentions.0", 8), ("up_blocks.1.attentions.0", 16),
+                     ("up_blocks.3.attentions.2", 64)])
+    assert attribution_grid(sd1_512) == (16, 16)  # 512 / 32
+    comfy_sd1_1024 = sizes([("input_blocks.1.1", 128), ("input_blocks.7.1", 32), ("middle_block.1", 16),
+                            ("output_blocks.5.1", 32)])
+    assert attribution_grid(comfy_sd1_1024) == (32, 32)  # 1024 / 32, not the mid block's 16
+    sdxl_1024 = sizes([("down_blocks.1.attentions.0", 64), ("down_blocks.2.attentions.1", 32),
+                       ("mid_block.attentions.0", 32), ("up_blocks.0.attentions.0", 32)])
+    assert attribution_grid(sdxl_1024) == (32, 32)
+    shapes_128 = sizes([("down_blocks.0.attentions.0", 32), ("down_blocks.1.attentions.0", 16),
+                        ("mid_block.attentions.0", 8), ("up_blocks.2.attentions.1", 32)])
+    assert attribution_grid(shapes_128) == (16, 16)  # 128 / 32 = 4 exists nowhere; the mid block's 8 is not it
+    assert attribution_grid(sizes([("mid_block.attentions.0", 8)])) == (8, 8)  # a UNet with nothing else

@@ -2,8 +2,9 @@
 
 1. The subject token ("the man on the left" -> "man") is found by ``textmask.subject``.
 2. Attribution: head-averaged cross-attention scores (pre-softmax, as the reference) on the layers at 1/32
-   of the image, extrapolated from the unconditional towards the conditional forward (uncond + 9·(cond −
-   uncond), the reference's factor), the subject's column, min-max per layer, averaged.
+   of the image (SD's deepest down/up level), extrapolated from the unconditional towards the conditional
+   forward (uncond + 9·(cond − uncond), the reference's factor), the subject's column, min-max per layer,
+   averaged.
 3. Proposals: DiffSeg segments, each with its neighbours, and thresholds of the attribution at 5 %…95 %.
 4. Score: mean attribution inside minus outside (eq. 9); with a CLIP model, mixed with the cosine
    similarity of each masked, position-weighted proposal to the expression: α·s_G + (1−α)·s_D.
@@ -58,12 +59,12 @@ class SubjectColumn:
         out[:, start : start + scores.shape[1]] = scores[:, :, self.positions].mean(-1)
 
 
-def attribution(columns: SubjectColumn, image_side: int, guidance: float = GUIDANCE) -> torch.Tensor:
+def attribution(columns: SubjectColumn, guidance: float = GUIDANCE) -> torch.Tensor:
     """Extrapolated, per-layer min-max, layer-averaged subject maps [b, h, w] on Ref-Diff's layers.
 
-    Rows alternate uncond/cond; only the layers at 1/32 of the image (else the coarsest) are read.
+    Rows alternate uncond/cond; only the layers at ``attribution_grid`` are read.
     """
-    size = attribution_layers(list(columns.sizes.values()), image_side)
+    size = attribution_grid(columns.sizes)
     maps = []
     for name, flat in columns.maps.items():
         if columns.sizes[name] != size:
@@ -74,10 +75,15 @@ def attribution(columns: SubjectColumn, image_side: int, guidance: float = GUIDA
     return torch.stack(maps).mean(0)
 
 
-def attribution_layers(cross_sizes: list[tuple[int, int]], image_side: int) -> tuple[int, int]:
-    """The layer size Ref-Diff reads: 1/32 of the image, else the coarsest cross-attention grid."""
-    target = [s for s in cross_sizes if s[0] == max(1, image_side // 32)]
-    return target[0] if target else min(cross_sizes, key=lambda s: s[0] * s[1])
+def attribution_grid(cross_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """The grid Ref-Diff reads: the coarsest cross-attention outside the mid block.
+
+    The reference reads the layers at 1/32 of the image, which in SD1/SD2/SDXL at any resolution are exactly
+    these (the deepest down/up level; SDXL's mid block shares their grid). Said structurally, the rule also
+    holds for UNets with another VAE factor or depth, where 1/32 of the image may be the mid block or nothing.
+    """
+    outside = [s for n, s in cross_sizes.items() if "mid" not in n] or list(cross_sizes.values())
+    return min(outside, key=lambda s: s[0] * s[1])
 
 
 def neighbours(labels: torch.Tensor) -> set[tuple[int, int]]:
@@ -231,7 +237,7 @@ def refer(
             with AttentionCapture(host.attention_modules(), tuple(latents.shape[-2:]), probs=lambda l: True, sink=sink,
                                   logits=lambda l: l.kind == "cross", rows=lambda l: slice(1, None, 2) if l.kind == "self" else None):
                 host.predict_noise(noisy, timestep, cond.select([0, 1] * b), latents.repeat_interleave(2, 0))
-            attr = attribution(columns, size[0])
+            attr = attribution(columns)
             sa = selfagg.result()  # conditional rows only
             for i in range(b):
                 labels, _ = diffseg(sa[i], selfagg.size, threshold=tau)
