@@ -1,4 +1,4 @@
-"""The Shapes trainer's text-encoder and attention-init options (bench/shapes/train_model.py)."""
+"""The Shapes trainer's options (bench/shapes/train_model.py): text encoder, attention init, partial captions, warm start."""
 
 import sys
 from pathlib import Path

@@ -82,7 +82,10 @@ def attribution_grid(cross_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]
     these (the deepest down/up level; SDXL's mid block shares their grid). Said structurally, the rule also
     holds for UNets with another VAE factor or depth, where 1/32 of the image may be the mid block or nothing.
     """
-    outside = [s for n, s in cross_sizes.items() if "mid" not in n] or list(cross_sizes.values())
+    def in_mid(name: str) -> bool:  # diffusers "mid_block", ldm/ComfyUI "middle_block"
+        return any(part.startswith("mid") for part in name.split("."))
+
+    outside = [s for n, s in cross_sizes.items() if not in_mid(n)] or list(cross_sizes.values())
     return min(outside, key=lambda s: s[0] * s[1])
 
 
