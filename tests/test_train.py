@@ -199,3 +199,23 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(tmp_path):
     out = run_train(tmp_path, "cos", "--steps", "4", "--save-every", "100", "--lr", "1e-3", "--schedule", "cosine")
     lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_init_from_a_lower_resolution_run(tmp_path):
+    from textmask.ldznet import load_ldznet
+
+    low = run_train(tmp_path, "low", "--steps", "2", "--save-every", "100", "--lr", "1e-3")
+    first = load_ldznet(low / "ldznet.safetensors")
+    high = run_train(tmp_path, "high", "--steps", "1", "--save-every", "100", "--resolution", "128", "--lr", "0",
+                     "--ema", "0", "--init-from", str(low / "ldznet.safetensors"))
+    second = load_ldznet(high / "ldznet.safetensors")
+    assert second.train_resolution == 128
+    for a, b in zip(first.pools, second.pools):  # every pool's grid is twice as wide, the mean token kept
+        side_a, side_b = (int(round((p.positional_embedding.shape[1] - 1) ** 0.5)) for p in (a, b))
+        assert side_b == 2 * side_a
+        assert torch.equal(a.positional_embedding[:, 0], b.positional_embedding[:, 0])
+    s1, s2 = first.state_dict(), second.state_dict()
+    same = [k for k in s1 if "positional_embedding" not in k]
+    assert all(torch.equal(s1[k], s2[k]) for k in same)  # lr 0: the weights came from the 64 px run
+    with pytest.raises(SystemExit, match="not a ZNet"):
+        run_train(tmp_path, "bad", "--steps", "1", "--znet", "--init-from", str(low / "ldznet.safetensors"))

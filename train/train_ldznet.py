@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from textmask.ldznet import LDZNet, save_ldznet
+from textmask.ldznet import LDZNet, load_ldznet, save_ldznet
 from textmask.ldznet.inference import TRAIN_TIMESTEPS, ldznet_logits
 
 from .data import ReferringDataset, load_split
@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--resolution", type=int, default=384)
     ap.add_argument("--znet", action="store_true", help="train ZNet: latents and text only, no host features")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from these LD-ZNet weights (e.g. a run at a lower --resolution) instead of the host UNet's")
     ap.add_argument("--no-init", dest="init", action="store_false", help="do not start ZNet from the host UNet's weights")
     ap.add_argument("--save-every", type=int, default=1000)
     ap.add_argument("--log-every", type=int, default=10)
@@ -74,6 +76,16 @@ def load_host(base: str, device, dtype):
         if m is not None:
             m.requires_grad_(False).eval()
     return host
+
+
+def init_from_weights(path: Path, znet: bool, resolution: int) -> LDZNet:
+    """Trainable LD-ZNet from a textmask safetensors file, its pools resampled to ``resolution``."""
+    model = load_ldznet(path).requires_grad_(True)
+    if model.with_features == znet:
+        kind = "ZNet" if znet else "LD-ZNet"
+        raise ValueError(f"--init-from {path.name} is not a {kind} model; drop --znet or pick other weights")
+    model.set_train_resolution(resolution)
+    return model
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -155,8 +167,11 @@ def train(args: argparse.Namespace) -> Path:
         host_dtype = torch.float32
     host = load_host(args.base, accelerator.device, host_dtype)
     steps_up = int(math.log2(host.latent_factor))
-    model = LDZNet.from_unet(host.unet, latent_channels=int(host.vae.config.latent_channels), upsample_steps=steps_up,
-                             with_features=not args.znet, init_weights=args.init, train_resolution=args.resolution)
+    if args.init_from is not None:
+        model = init_from_weights(args.init_from, args.znet, args.resolution)
+    else:
+        model = LDZNet.from_unet(host.unet, latent_channels=int(host.vae.config.latent_channels), upsample_steps=steps_up,
+                                 with_features=not args.znet, init_weights=args.init, train_resolution=args.resolution)
     model.train()
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

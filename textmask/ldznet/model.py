@@ -174,6 +174,19 @@ class LDZNet(nn.Module):
                     FeatureTransformerBlock(b, slot) for b in transformer.transformer_blocks
                 )
 
+    @torch.no_grad()
+    def set_train_resolution(self, resolution: int) -> None:
+        """Resample the attention pools' positional grids to ``resolution`` px crops (a finer fine-tuning stage)."""
+        latent = resolution // 2**self.upsample_steps
+        for index, pool in zip(self.feature_layers, self.pools):
+            side = max(1, latent // 2 ** self._level(self.transformer_names[index]))
+            pos = pool.positional_embedding
+            c, old = pos.shape[0], int(math.isqrt(pos.shape[1] - 1))
+            if old != side:
+                grid = F.interpolate(pos[None, :, 1:].reshape(1, c, old, old), (side, side), mode="bicubic", align_corners=False)
+                pool.positional_embedding = nn.Parameter(torch.cat([pos[:, :1], grid.reshape(c, side * side)], dim=1))
+        self.train_resolution = resolution
+
     def _level(self, name: str) -> int:
         """Downsampling level of a transformer: its resolution is latent / 2**level."""
         n = len(self.unet.down_blocks)
