@@ -60,6 +60,33 @@ def test_partial_captions_name_a_proper_subset_of_phrases_with_every_instance():
     assert partial_caption(["red circle", "red circle"], gen) == "a red circle and a red circle"
 
 
+def test_distractors_add_one_absent_phrase_anywhere():
+    from train_model import with_distractor
+
+    scene = ["red circle", "blue square", "red circle"]
+    gen = torch.Generator().manual_seed(0)
+    places, extras = set(), set()
+    for _ in range(200):
+        named = with_distractor(["blue square"], scene, gen)
+        assert len(named) == 2 and "blue square" in named
+        extra = next(p for p in named if p != "blue square")
+        assert extra not in scene  # absent from the scene, not just from the named subset
+        places.add(named.index(extra))
+        extras.add(extra)
+    assert places == {0, 1}
+    assert {"red square", "blue circle"} & extras  # it may share a colour or a shape with what is there
+    named = with_distractor(scene, scene, gen)
+    assert [p for p in named if p in scene] == scene  # the true phrases keep their order
+
+
+def test_distractor_captions_train(tmp_path):
+    ids = token_ids(["a red circle and a blue square", "a green star"])
+    phrases = [["red circle", "blue square"], ["green star"]]
+    unet, _, steps = train_unet(torch.randn(2, 4, 32, 32), ids, minutes=0.002, batch=2, log=Log(), seed=0,
+                                frozen_text=True, token_mixing=False, phrases=phrases, distractors=1.0)
+    assert steps >= 1
+
+
 def test_partial_captions_train_from_an_earlier_model(tmp_path):
     from train_model import CONFIGS, save
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from textmask.demo.scenes import caption, make_scene, split_seeds  # noqa: E402
+from textmask.demo.scenes import COLOURS, SHAPES, caption, make_scene, split_seeds  # noqa: E402
 from textmask.hosts.diffusers import BOS, EOS, ddpm_alphas_cumprod  # noqa: E402
 from textmask.tokenizer import clip_tokenizer  # noqa: E402
 
@@ -59,18 +59,36 @@ def scene_pool(count: int, workers: int = 2):
     return images, [p for _, p in items]
 
 
-def partial_caption(phrases: list[str], gen: torch.Generator) -> str:
-    """A true but incomplete caption: a random non-empty proper subset of the scene's distinct phrases.
+def partial_phrases(phrases: list[str], gen: torch.Generator) -> list[str]:
+    """A true but incomplete naming: the phrases of a random non-empty proper subset of the scene's distinct phrases.
 
     Every instance of a kept phrase stays named, so no named phrase points at only some of its objects.
-    A scene with one distinct phrase keeps its full caption.
+    A scene with one distinct phrase keeps all its phrases.
     """
     distinct = list(dict.fromkeys(phrases))
     if len(distinct) < 2:
-        return caption(phrases)
+        return list(phrases)
     k = int(torch.randint(1, len(distinct), (1,), generator=gen))
     keep = {distinct[i] for i in torch.randperm(len(distinct), generator=gen)[:k].tolist()}
-    return caption([p for p in phrases if p in keep])
+    return [p for p in phrases if p in keep]
+
+
+def partial_caption(phrases: list[str], gen: torch.Generator) -> str:
+    """The caption of ``partial_phrases``."""
+    return caption(partial_phrases(phrases, gen))
+
+
+def with_distractor(named: list[str], scene: list[str], gen: torch.Generator) -> list[str]:
+    """``named`` with one phrase absent from the ``scene`` inserted at a random place.
+
+    The absent object has no pixels, so reading its words can only hurt the denoising: the UNet must learn to
+    leave a word unread when nothing matches it, which captions that are always true never teach.
+    """
+    present = set(scene)
+    absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+    extra = absent[int(torch.randint(len(absent), (1,), generator=gen))]
+    at = int(torch.randint(len(named) + 1, (1,), generator=gen))
+    return named[:at] + [extra] + named[at:]
 
 
 def token_ids(captions: list[str]) -> torch.Tensor:
@@ -136,7 +154,7 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dropout: float = 0.1, on_checkpoint=None,
                checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False, qk_gain: float = 1.0,
                token_mixing: bool = True, phrases: list[list[str]] | None = None, partial: float = 0.0,
-               init_from: Path | None = None):
+               init_from: Path | None = None, distractors: float = 0.0):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -197,12 +215,17 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         tok = ids[idx].clone()
-        if partial > 0 and phrases is not None:
+        if (partial > 0 or distractors > 0) and phrases is not None:
             # Name only some of the objects, as a mask prompt does: the pixels of unnamed objects must then learn
-            # to leave the named words alone, which full captions never teach.
+            # to leave the named words alone, which full captions never teach. A distractor names an absent object.
             for row, i in enumerate(idx.tolist()):
-                if float(torch.rand(1, generator=gen)) < partial:
-                    words = partial_caption(phrases[i], gen)
+                named = phrases[i]
+                if partial > 0 and float(torch.rand(1, generator=gen)) < partial:
+                    named = partial_phrases(named, gen)
+                if distractors > 0 and float(torch.rand(1, generator=gen)) < distractors:
+                    named = with_distractor(named, phrases[i], gen)
+                if named is not phrases[i]:
+                    words = caption(named)
                     if words not in cache:
                         cache[words] = token_ids([words])[0]
                     tok[row] = cache[words]
@@ -257,6 +280,8 @@ def main() -> None:
     ap.add_argument("--init-from", type=Path, help="start the UNet and text encoder from this model folder")
     ap.add_argument("--partial-captions", type=float, default=0.0,
                     help="probability that a caption names only some of the scene's objects")
+    ap.add_argument("--distractors", type=float, default=0.0,
+                    help="probability that a caption also names one object absent from the scene")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -282,7 +307,7 @@ def main() -> None:
             "seed": args.seed, "scenes": args.scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
             "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text,
             "qk_gain": args.qk_gain, "token_mixing": args.token_mixing, "scaling_factor": scaling,
-            "partial_captions": args.partial_captions, "init_from": str(args.init_from) if args.init_from else None,
+            "partial_captions": args.partial_captions, "distractors": args.distractors, "init_from": str(args.init_from) if args.init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
             "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
             "curves": log.curves,
@@ -296,7 +321,8 @@ def main() -> None:
                                         on_checkpoint=checkpoint, lr=args.lr, frozen_text=args.frozen_text,
                                         qk_gain=args.qk_gain, checkpoint_minutes=args.checkpoint_minutes,
                                         token_mixing=args.token_mixing, phrases=phrases,
-                                        partial=args.partial_captions, init_from=args.init_from)
+                                        partial=args.partial_captions, init_from=args.init_from,
+                                        distractors=args.distractors)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)
