@@ -219,3 +219,10 @@ def test_init_from_a_lower_resolution_run(tmp_path):
     assert all(torch.equal(s1[k], s2[k]) for k in same)  # lr 0: the weights came from the 64 px run
     with pytest.raises(SystemExit, match="not a ZNet"):
         run_train(tmp_path, "bad", "--steps", "1", "--znet", "--init-from", str(low / "ldznet.safetensors"))
+    from textmask.ldznet import LDZNet, save_ldznet
+
+    other = dict(first.config, cross_attention_dim=32)  # the same UNet layout over another text encoder
+    save_ldznet(LDZNet(other, upsample_steps=first.upsample_steps, train_resolution=64), tmp_path / "other.safetensors")
+    with pytest.raises(SystemExit, match="another base model"):
+        run_train(tmp_path, "bad2", "--steps", "1", "--init-from", str(tmp_path / "other.safetensors"))
+    assert not (tmp_path / "bad2" / "checkpoint-1").exists()

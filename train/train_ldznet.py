@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from textmask.ldznet import LDZNet, load_ldznet, save_ldznet
+from textmask.ldznet import LDZNet, load_ldznet, save_ldznet, znet_config
 from textmask.ldznet.inference import TRAIN_TIMESTEPS, ldznet_logits
 
 from .data import ReferringDataset, load_split
@@ -78,12 +78,15 @@ def load_host(base: str, device, dtype):
     return host
 
 
-def init_from_weights(path: Path, znet: bool, resolution: int) -> LDZNet:
-    """Trainable LD-ZNet from a textmask safetensors file, its pools resampled to ``resolution``."""
+def init_from_weights(path: Path, base_config: dict, znet: bool, resolution: int) -> LDZNet:
+    """Trainable LD-ZNet from a textmask safetensors file made for this base, its pools resampled to ``resolution``."""
     model = load_ldznet(path).requires_grad_(True)
     if model.with_features == znet:
         kind = "ZNet" if znet else "LD-ZNet"
         raise ValueError(f"--init-from {path.name} is not a {kind} model; drop --znet or pick other weights")
+    as_json = lambda c: json.loads(json.dumps(c, sort_keys=True))  # noqa: E731  (tuples and lists compare equal)
+    if as_json(model.config) != as_json(base_config):
+        raise ValueError(f"--init-from {path.name} was trained on another base model than --base")
     model.set_train_resolution(resolution)
     return model
 
@@ -168,7 +171,8 @@ def train(args: argparse.Namespace) -> Path:
     host = load_host(args.base, accelerator.device, host_dtype)
     steps_up = int(math.log2(host.latent_factor))
     if args.init_from is not None:
-        model = init_from_weights(args.init_from, args.znet, args.resolution)
+        base_config = znet_config(host.unet.config, int(host.vae.config.latent_channels))
+        model = init_from_weights(args.init_from, base_config, args.znet, args.resolution)
     else:
         model = LDZNet.from_unet(host.unet, latent_channels=int(host.vae.config.latent_channels), upsample_steps=steps_up,
                                  with_features=not args.znet, init_weights=args.init, train_resolution=args.resolution)
