@@ -4,7 +4,8 @@
 
 Rows: each method on each object's phrase ("red circle"; GT = every instance of it), scored with mean IoU
 at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC and the pointing game.
-Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape), the same pipeline
+Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; also written as the
+captions write it, under the caption-prompt row), the same pipeline
 on a randomly initialised UNet, and the ceiling (GT through the attention grid and back). ``--sweep``
 adds the timestep and refinement settings behind the defaults in textmask/masker.py.
 """
@@ -28,6 +29,7 @@ from textmask import masker as masker_module  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
     Scores, ceiling_heatmap, centre_prior, hungarian_miou, object_phrases, otsu_mask, wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
+from textmask.demo.scenes import caption as caption_of  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
 
 METHODS = {
@@ -36,6 +38,8 @@ METHODS = {
     "attention+refine": dict(method="attention", refine=True),
     "noise-diff": dict(method="noise-diff"),
 }
+# The wrong phrase's map under the same prompt style as each of these rows.
+WRONG_WORD_ROWS = {"attention": "baseline-wrong-word", "attention (caption prompt)": "baseline-wrong-word (caption prompt)"}
 LDZNET_WEIGHTS = MODEL_DIR / "ldznet.safetensors"  # trained through train/ on the Shapes train split (MODEL_CARD.md)
 
 
@@ -53,7 +57,8 @@ def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = 
         if wrong is not None:
             for p in phrases:
                 w = wrong_phrase(scene, p)
-                heat = masker.mask(scene.image, w, **kwargs).terms[w][0]
+                # Under the caption prompt the wrong phrase is written as the captions write it: "a green star".
+                heat = masker.mask(scene.image, w, prompt=caption_of([w]) if caption else None, **kwargs).terms[w][0]
                 wrong.add(heat.numpy(), otsu_mask(heat).numpy(), scene.phrase_mask(p))
 
 
@@ -109,11 +114,11 @@ def main() -> None:
     with torch.inference_mode():
         for name, kwargs in methods.items():
             s = Scores()
-            wrong = Scores() if name == "attention" else None
+            wrong = Scores() if name in WRONG_WORD_ROWS else None
             score_method(masker, scenes, kwargs, s, wrong)
             rows[name] = s.summary()
             if wrong is not None:
-                rows["baseline-wrong-word"] = wrong.summary()
+                rows[WRONG_WORD_ROWS[name]] = wrong.summary()
     if not args.only_ldznet:
         other_rows(masker, scenes, grid, rows, args)
     report(masker, rows, scenes, args, time.time() - t0)
@@ -178,10 +183,11 @@ def report(masker, rows, scenes, args, seconds) -> None:
         print()
     print(f"Shapes test split: {len(scenes)} scenes, {next(iter(rows.values()))['n']} object phrases, "
           f"model {args.model.name}, {seconds:.0f}s")
-    print(f"| {'row':<28} | {'IoU':>5} | {'best IoU':>8} | {'AUC':>5} | {'pointing':>8} |")
-    print(f"|{'-' * 30}|{'-' * 7}|{'-' * 10}|{'-' * 7}|{'-' * 10}|")
+    wide = max(len(name) for name in rows)
+    print(f"| {'row':<{wide}} | {'IoU':>5} | {'best IoU':>8} | {'AUC':>5} | {'pointing':>8} |")
+    print(f"|{'-' * (wide + 2)}|{'-' * 7}|{'-' * 10}|{'-' * 7}|{'-' * 10}|")
     for name, r in rows.items():
-        print(f"| {name:<28} | {r['iou']:>5.3f} | {r['best_iou']:>8.3f} | {r['auc']:>5.3f} | {r['pointing']:>8.3f} |")
+        print(f"| {name:<{wide}} | {r['iou']:>5.3f} | {r['best_iou']:>8.3f} | {r['auc']:>5.3f} | {r['pointing']:>8.3f} |")
     print()
     for name, r in rows.items():
         key = name.replace(" (", "-").replace(")", "").replace(" ", "-").lower()
