@@ -4,9 +4,9 @@
 
 Rows: each method on each object's phrase ("red circle"; GT = every instance of it), scored with mean IoU
 at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC and the pointing game.
-Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; also written as the
-captions write it, under the caption-prompt row), the same pipeline
-on a randomly initialised UNet, and the ceiling (GT through the attention grid and back). ``--sweep``
+Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; under the
+caption-prompt row, written as the captions write it), the same pipeline on a randomly initialised UNet, and
+the ceiling (GT through the attention grid and back). ``--sweep``
 adds the timestep and refinement settings behind the defaults in textmask/masker.py.
 """
 

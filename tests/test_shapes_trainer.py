@@ -43,13 +43,15 @@ def test_qk_gain_scales_only_the_cross_attention_init():
 
 
 def test_partial_captions_name_a_proper_subset_of_phrases_with_every_instance():
-    from train_model import partial_caption
+    from train_model import partial_phrases
+
+    from textmask.demo.scenes import caption
 
     phrases = ["red circle", "blue square", "red circle", "green star"]
     gen = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(200):
-        text = partial_caption(phrases, gen)
+        text = caption(partial_phrases(phrases, gen))
         named = {p for p in set(phrases) if p in text}
         assert 1 <= len(named) <= 2  # non-empty, never all three
         assert text.count("red circle") in (0, 2)  # a kept phrase names every one of its objects
@@ -57,7 +59,7 @@ def test_partial_captions_name_a_proper_subset_of_phrases_with_every_instance():
         assert text == ", ".join(f"a {p}" for p in order[:-1]) + " and " * (len(order) > 1) + f"a {order[-1]}"
         seen.add(frozenset(named))
     assert len(seen) == 6  # every proper non-empty subset of three phrases turns up
-    assert partial_caption(["red circle", "red circle"], gen) == "a red circle and a red circle"
+    assert caption(partial_phrases(["red circle", "red circle"], gen)) == "a red circle and a red circle"
 
 
 def test_distractors_add_one_absent_phrase_anywhere():

@@ -225,4 +225,7 @@ def test_init_from_a_lower_resolution_run(tmp_path):
     save_ldznet(LDZNet(other, upsample_steps=first.upsample_steps, train_resolution=64), tmp_path / "other.safetensors")
     with pytest.raises(SystemExit, match="another base model"):
         run_train(tmp_path, "bad2", "--steps", "1", "--init-from", str(tmp_path / "other.safetensors"))
-    assert not (tmp_path / "bad2" / "checkpoint-1").exists()
+    assert not (tmp_path / "bad2").exists()  # refused before the run folder is made
+    with pytest.raises(SystemExit, match="not found"):
+        run_train(tmp_path, "bad3", "--steps", "1", "--init-from", str(tmp_path / "missing.safetensors"))
+    assert not (tmp_path / "bad3").exists()

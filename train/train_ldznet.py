@@ -78,14 +78,14 @@ def load_host(base: str, device, dtype):
     return host
 
 
-def init_from_weights(path: Path, base_config: dict, znet: bool, resolution: int) -> LDZNet:
+def init_from_weights(path: Path, base_config: dict, upsample_steps: int, znet: bool, resolution: int) -> LDZNet:
     """Trainable LD-ZNet from a textmask safetensors file made for this base, its pools resampled to ``resolution``."""
     model = load_ldznet(path).requires_grad_(True)
     if model.with_features == znet:
         kind = "ZNet" if znet else "LD-ZNet"
         raise ValueError(f"--init-from {path.name} is not a {kind} model; drop --znet or pick other weights")
     as_json = lambda c: json.loads(json.dumps(c, sort_keys=True))  # noqa: E731  (tuples and lists compare equal)
-    if as_json(model.config) != as_json(base_config):
+    if as_json(model.config) != as_json(base_config) or model.upsample_steps != upsample_steps:
         raise ValueError(f"--init-from {path.name} was trained on another base model than --base")
     model.set_train_resolution(resolution)
     return model
@@ -162,7 +162,6 @@ def train(args: argparse.Namespace) -> Path:
 
     out = Path(args.out)
     samples = load_split(args.data, args.split, args.format)  # bad data fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed)
     host_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -172,10 +171,11 @@ def train(args: argparse.Namespace) -> Path:
     steps_up = int(math.log2(host.latent_factor))
     if args.init_from is not None:
         base_config = znet_config(host.unet.config, int(host.vae.config.latent_channels))
-        model = init_from_weights(args.init_from, base_config, args.znet, args.resolution)
+        model = init_from_weights(args.init_from, base_config, steps_up, args.znet, args.resolution)
     else:
         model = LDZNet.from_unet(host.unet, latent_channels=int(host.vae.config.latent_channels), upsample_steps=steps_up,
                                  with_features=not args.znet, init_weights=args.init, train_resolution=args.resolution)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad --base or --init-from leaves no run folder behind
     model.train()
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

@@ -73,11 +73,6 @@ def partial_phrases(phrases: list[str], gen: torch.Generator) -> list[str]:
     return [p for p in phrases if p in keep]
 
 
-def partial_caption(phrases: list[str], gen: torch.Generator) -> str:
-    """The caption of ``partial_phrases``."""
-    return caption(partial_phrases(phrases, gen))
-
-
 def with_distractor(named: list[str], scene: list[str], gen: torch.Generator) -> list[str]:
     """``named`` with one phrase absent from the ``scene`` inserted at a random place.
 
@@ -307,7 +302,8 @@ def main() -> None:
             "seed": args.seed, "scenes": args.scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
             "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text,
             "qk_gain": args.qk_gain, "token_mixing": args.token_mixing, "scaling_factor": scaling,
-            "partial_captions": args.partial_captions, "distractors": args.distractors, "init_from": str(args.init_from) if args.init_from else None,
+            "partial_captions": args.partial_captions, "distractors": args.distractors,
+            "init_from": str(args.init_from) if args.init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
             "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
             "curves": log.curves,

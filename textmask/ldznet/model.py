@@ -45,6 +45,15 @@ def feature_positions(unet: nn.Module) -> tuple[list[str], list[int]]:
     return names, [names.index(n) for n in picked]
 
 
+def resample_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A pool's [C, side² + 1] positional embedding for an h×w grid: the square grid bicubic-resampled, mean token kept."""
+    if pos.shape[-1] == h * w + 1:
+        return pos
+    c, side = pos.shape[0], int(math.isqrt(pos.shape[-1] - 1))
+    grid = F.interpolate(pos[None, :, 1:].reshape(1, c, side, side), (h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], grid.reshape(c, h * w)], dim=1)
+
+
 class AttentionPool2d(nn.Module):
     """CLIP's attention pool returning every token: [B, C, H, W] -> [B, HW + 1, C_out] (mean token first)."""
 
@@ -60,11 +69,7 @@ class AttentionPool2d(nn.Module):
         b, c, h, w = x.shape
         x = x.reshape(b, c, h * w)
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
-        pos = self.positional_embedding
-        if pos.shape[-1] != h * w + 1:
-            side = int(math.isqrt(pos.shape[-1] - 1))
-            grid = F.interpolate(pos[None, :, 1:].reshape(1, c, side, side), (h, w), mode="bicubic", align_corners=False)
-            pos = torch.cat([pos[:, :1], grid.reshape(c, h * w)], dim=1)
+        pos = resample_positions(self.positional_embedding, h, w)
         qkv = self.qkv_proj(x + pos[None].to(x.dtype))
         q, k, v = (t.reshape(b, self.num_heads, -1, h * w + 1).transpose(-1, -2) for t in qkv.chunk(3, dim=1))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, T, ch]
@@ -180,11 +185,7 @@ class LDZNet(nn.Module):
         latent = resolution // 2**self.upsample_steps
         for index, pool in zip(self.feature_layers, self.pools):
             side = max(1, latent // 2 ** self._level(self.transformer_names[index]))
-            pos = pool.positional_embedding
-            c, old = pos.shape[0], int(math.isqrt(pos.shape[1] - 1))
-            if old != side:
-                grid = F.interpolate(pos[None, :, 1:].reshape(1, c, old, old), (side, side), mode="bicubic", align_corners=False)
-                pool.positional_embedding = nn.Parameter(torch.cat([pos[:, :1], grid.reshape(c, side * side)], dim=1))
+            pool.positional_embedding = nn.Parameter(resample_positions(pool.positional_embedding.data, side, side))
         self.train_resolution = resolution
 
     def _level(self, name: str) -> int:
