@@ -26,20 +26,26 @@ def test_frozen_text_without_token_mixing_keeps_the_encoder_fixed_and_padding_ca
     assert not torch.equal(hidden[0, 2], hidden[1, 2])  # "red" and "blue" still differ
 
 
-def test_qk_gain_scales_only_the_cross_attention_init():
+def test_qk_gains_scale_the_cross_and_self_attention_init_apart():
     from diffusers import UNet2DConditionModel
     from train_model import CONFIGS
 
     torch.manual_seed(0)
     plain = UNet2DConditionModel(**CONFIGS["unet"])
-    ids = token_ids(["a red circle"])
-    unet, _, _ = train_unet(torch.randn(1, 4, 32, 32), ids, minutes=0.0, batch=1, log=Log(), seed=0, qk_gain=2.5)
     a = dict(plain.named_parameters())
-    for name, p in unet.named_parameters():
-        if ".attn2.to_q." in name or ".attn2.to_k." in name:
-            assert torch.allclose(p, 2.5 * a[name])
-        elif name.endswith("weight") and ".attn1." in name:
-            assert torch.equal(p, a[name])
+    ids = token_ids(["a red circle"])
+    for cross, self_gain in [(2.5, 1.0), (2.5, 3.0)]:
+        unet, _, _ = train_unet(torch.randn(1, 4, 32, 32), ids, minutes=0.0, batch=1, log=Log(), seed=0,
+                                qk_gain=cross, self_qk_gain=self_gain)
+        checked = 0
+        for name, p in unet.named_parameters():
+            if ".to_q." in name or ".to_k." in name:
+                gain = cross if ".attn2." in name else self_gain
+                assert torch.allclose(p, gain * a[name]), name
+                checked += 1
+            elif ".to_v." in name or ".to_out." in name:
+                assert torch.equal(p, a[name]), name
+        assert checked == 4 * 7  # q and k weights (no biases) of 7 self- and 7 cross-attention layers
 
 
 def test_partial_captions_name_a_proper_subset_of_phrases_with_every_instance():
