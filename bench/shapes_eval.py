@@ -4,6 +4,8 @@
 
 Rows: each method on each object's phrase ("red circle"; GT = every instance of it), scored with mean IoU
 at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC and the pointing game.
+OVDiff builds prototypes for every test phrase (``--ovdiff-images`` support images each, cached by the
+model's fingerprint) and is scored on its own labels, given each scene's phrases and given all of them at once.
 Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; under the
 caption-prompt row, written as the captions write it), the same pipeline on a randomly initialised UNet, and
 the ceiling (GT through the attention grid and back). ``--sweep``
@@ -98,6 +100,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=MODEL_DIR)
     ap.add_argument("--sweep", action="store_true", help="also sweep timestep and refinement settings")
     ap.add_argument("--ldznet", type=Path, default=LDZNET_WEIGHTS, help="LD-ZNet weights for the ld-znet row")
+    ap.add_argument("--ovdiff-images", type=int, default=8, help="OVDiff support images per phrase (the method's default: 32)")
     ap.add_argument("--only-ldznet", action="store_true", help="score only the ld-znet row")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -127,27 +130,14 @@ def main() -> None:
 @torch.inference_mode()
 def other_rows(masker, scenes, grid, rows, args) -> None:
     """The rows besides the mask methods: named segments, refer, segments, baselines, ceiling, sweeps."""
-    named = Scores()
-    for scene in scenes:
-        phrases = object_phrases(scene)
-        res = masker.semantic(scene.image, phrases)
-        for i, p in enumerate(phrases):
-            m = res.masks[0, i].numpy()
-            named.add(m, m, scene.phrase_mask(p))
-    rows["named-segments"] = named.summary()
+    rows.update(segment_rows(masker, scenes))
     refer = Scores()
     for scene in scenes:
         for phrase, target in scene.relations:
             res = masker.refer(scene.image, phrase)
             refer.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), scene.masks[target])
     rows["refer (relational phrases)"] = refer.summary()
-    miou = []
-    for scene in scenes:
-        segs = masker.segments(scene.image).masks[0].numpy() > 0.5
-        truths = list(scene.masks) + [~scene.masks.any(0)]  # every object and the background
-        miou.append(hungarian_miou(segs, truths))
-    rows["segments (Hungarian mIoU)"] = {"iou": float(np.mean(miou)), "best_iou": float("nan"), "auc": float("nan"),
-                                         "pointing": float("nan"), "n": len(miou)}
+    rows.update(ovdiff_rows(masker, scenes, args.ovdiff_images))
     rnd = Scores()
     score_method(random_unet_masker(masker), scenes, METHODS["attention"], rnd)
     rows["baseline-random-unet"] = rnd.summary()
@@ -167,12 +157,51 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
             s = Scores()
             score_method(masker, sweep, dict(method="attention", timestep=t), s)
             rows[f"sweep-attention-t{t}"] = s.summary()
+        for tau in (0.02, 0.05, 0.2):
+            rows.update({f"sweep-{k}-tau{tau}": v for k, v in segment_rows(masker, sweep, tau).items()})
         for mode in ("transpose", "forward"):
             for steps in (1, 2):
                 masker_module.REFINE_MODE, masker_module.REFINE_STEPS = mode, steps
                 s = Scores()
                 score_method(masker, sweep, dict(method="attention", refine=True), s)
                 rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
+
+
+def segment_rows(masker, scenes, tau: float = 1.1) -> dict[str, dict]:
+    """Named segments per phrase, and DiffSeg's segments as Hungarian-matched mIoU over objects + background."""
+    named, miou, counts = Scores(), [], []
+    for scene in scenes:
+        phrases = object_phrases(scene)
+        res = masker.semantic(scene.image, phrases, tau=tau)
+        for i, p in enumerate(phrases):
+            m = res.masks[0, i].numpy()
+            named.add(m, m, scene.phrase_mask(p))
+        segs = masker.segments(scene.image, tau=tau).masks[0].numpy() > 0.5
+        counts.append(len(segs))
+        miou.append(hungarian_miou(segs, list(scene.masks) + [~scene.masks.any(0)]))
+    print(f"DiffSeg at tau={tau}: {np.mean(counts):.1f} segments per scene")
+    segments = {"iou": float(np.mean(miou)), "best_iou": float("nan"), "auc": float("nan"), "pointing": float("nan"),
+                "n": len(miou)}
+    return {"named-segments": named.summary(), "segments (Hungarian mIoU)": segments}
+
+
+def ovdiff_rows(masker, scenes, images: int) -> dict[str, dict]:
+    """OVDiff given the scene's own phrases (as named segments are), and given all of the test phrases at once."""
+    vocabulary = sorted({p for scene in scenes for p in object_phrases(scene)})
+    protos = masker.build_prototypes(vocabulary, images=images)  # cached by the model's fingerprint
+    given, every = Scores(), Scores()
+    for scene in scenes:
+        phrases = object_phrases(scene)
+        for classes, scores in ((phrases, given), (vocabulary, every)):
+            res = masker.ovdiff(scene.image, protos, classes=classes)
+            for p in phrases:
+                i = classes.index(p) + 1
+                # The label is an argmax over classes and background, so the heatmap is the phrase's margin over
+                # the best other label, mapped so that 0.5 is the decision boundary.
+                rest = torch.cat([res.scores[0, :i], res.scores[0, i + 1:]]).max(0).values
+                heat = 0.5 + 0.5 * (res.scores[0, i] - rest)
+                scores.add(heat.numpy(), res.masks[0, i - 1].numpy(), scene.phrase_mask(p))
+    return {"ovdiff (scene phrases)": given.summary(), f"ovdiff (all {len(vocabulary)} phrases)": every.summary()}
 
 
 def report(masker, rows, scenes, args, seconds) -> None:
