@@ -9,7 +9,7 @@ model's fingerprint) and is scored on its own labels, given each scene's phrases
 Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; under the
 caption-prompt row, written as the captions write it), the same pipeline on a randomly initialised UNet, and
 the ceiling (GT through the attention grid and back). ``--sweep``
-adds the timestep and refinement settings behind the defaults in textmask/masker.py.
+adds the timestep and refinement settings behind the defaults in textmask/masker.py, and DiffSeg's τ.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=200)
     ap.add_argument("--model", type=Path, default=MODEL_DIR)
-    ap.add_argument("--sweep", action="store_true", help="also sweep timestep and refinement settings")
+    ap.add_argument("--sweep", action="store_true", help="also sweep timestep, refinement and DiffSeg tau settings")
     ap.add_argument("--ldznet", type=Path, default=LDZNET_WEIGHTS, help="LD-ZNet weights for the ld-znet row")
     ap.add_argument("--ovdiff-images", type=int, default=8, help="OVDiff support images per phrase (the method's default: 32)")
     ap.add_argument("--only-ldznet", action="store_true", help="score only the ld-znet row")
@@ -129,7 +129,7 @@ def main() -> None:
 
 @torch.inference_mode()
 def other_rows(masker, scenes, grid, rows, args) -> None:
-    """The rows besides the mask methods: named segments, refer, segments, baselines, ceiling, sweeps."""
+    """The rows besides the mask methods: named segments, segments, refer, OVDiff, baselines, ceiling, sweeps."""
     rows.update(segment_rows(masker, scenes))
     refer = Scores()
     for scene in scenes:

@@ -1,7 +1,7 @@
 """Train the tiny Shapes model (VAE, CLIP text encoder, UNet) that ships as textmask's demo model.
 
     python bench/shapes/train_model.py --out textmask/demo/model --vae-from BASE \
-        --frozen-text --no-token-mixing --qk-gain 2.5 --lr 7e-4 --unet-minutes 62
+        --frozen-text --no-token-mixing --qk-gain 2.5 --self-qk-gain 2.5 --lr 7e-4 --unet-minutes 62
 
 (the exact commands behind the bundled model are in its MODEL_CARD.md)
 
@@ -161,7 +161,7 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
     if init_from is None:
         # Default init gives cross-attention logits of std ~0.3: near-uniform over 77 tokens, which a tiny model
         # reads as a bag of words and never sharpens on a CPU budget. Larger Q/K weights start it selective.
-        # Self-attention starts as flat over the latent grid and stays so (relative entropy 0.97 in the bundled UNet).
+        # Self-attention starts flat over the latent grid too, and release 2's stayed so (relative entropy 0.97).
         with torch.no_grad():
             for name, module in unet.named_modules():
                 gain = qk_gain if name.endswith("attn2") else self_qk_gain if name.endswith("attn1") else 1.0
