@@ -6,6 +6,8 @@ Rows: each method on each object's phrase ("red circle"; GT = every instance of 
 at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC and the pointing game.
 OVDiff builds prototypes for every test phrase (``--ovdiff-images`` support images each, cached by the
 model's fingerprint) and is scored on its own labels, given each scene's phrases and given all of them at once.
+The ``attention`` row is also broken down by phrase: whether another object in the scene shares its colour or
+shape, whether it is the only object in the scene, and the smallest and largest third of the objects by area.
 Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; under the
 caption-prompt row, written as the captions write it), the same pipeline on a randomly initialised UNet, and
 the ceiling (GT through the attention grid and back). ``--sweep``
@@ -29,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from textmask import TextMasker  # noqa: E402
 from textmask import masker as masker_module  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
-    Scores, ceiling_heatmap, centre_prior, hungarian_miou, object_phrases, otsu_mask, wrong_phrase)
+    Scores, ceiling_heatmap, centre_prior, hungarian_miou, object_phrases, otsu_mask, phrase_groups, wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
 from textmask.demo.scenes import caption as caption_of  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
@@ -120,6 +122,10 @@ def main() -> None:
             wrong = Scores() if name in WRONG_WORD_ROWS else None
             score_method(masker, scenes, kwargs, s, wrong)
             rows[name] = s.summary()
+            if name == "attention":  # where the IoU is lost
+                for group, keep in phrase_groups(scenes).items():
+                    if any(keep):
+                        rows[f"attention ({group})"] = s.subset(keep).summary()
             if wrong is not None:
                 rows[WRONG_WORD_ROWS[name]] = wrong.summary()
     if not args.only_ldznet:

@@ -111,3 +111,33 @@ def test_metrics_on_known_arrays():
     segs = np.stack([b, ~b])
     assert hungarian_miou(segs, [b, ~b]) == 1.0
     assert hungarian_miou(segs[:1], [b, ~b]) == 0.5  # an unmatched region counts as 0
+
+
+def test_phrase_groups_and_subsets():
+    from textmask.demo.evaluate import Scores, phrase_groups
+    from textmask.demo.scenes import Scene
+
+    def scene(objects, areas):
+        masks = np.zeros((len(objects), 10, 10), bool)
+        for m, area in zip(masks, areas):
+            m.flat[:area] = True
+        return Scene(0, np.zeros((10, 10, 3), np.float32), objects, masks, "")
+
+    obj = lambda colour, shape: ShapeObject(shape, colour, 0, 0, 1, 0)  # noqa: E731
+    scenes = [scene([obj("red", "circle"), obj("red", "square"), obj("blue", "triangle")], [5, 20, 60]),
+              scene([obj("green", "star")], [40])]
+    groups = phrase_groups(scenes)
+    # phrases in order: red circle, red square, blue triangle, green star
+    assert groups["a word shared in the scene"] == [True, True, False, False]
+    assert groups["no word shared"] == [False, False, True, True]
+    assert groups["only object in the scene"] == [False, False, False, True]
+    assert groups["smallest third"] == [True, True, False, False]
+    assert groups["largest third"] == [False, False, True, False]
+    s = Scores()
+    for value in (0.0, 1.0, 1.0, 1.0):  # IoU 0, 0.5, 0.5, 0.5
+        gt = np.zeros((2, 2), bool)
+        gt[0] = True
+        s.add(np.full((2, 2), value), np.full((2, 2), value), gt)
+    assert s.subset(groups["no word shared"]).summary()["iou"] == 0.5
+    assert s.subset(groups["a word shared in the scene"]).iou == [0.0, 0.5]
+    assert len(s.subset(groups["only object in the scene"]).by_threshold) == 1

@@ -50,6 +50,11 @@ class Scores:
         self.pointing.append(pointing(heatmap, gt))
         self.by_threshold.append(np.array([iou(heatmap > t, gt) for t in THRESHOLDS]))
 
+    def subset(self, keep: list[bool]) -> "Scores":
+        """The samples where ``keep`` is true, in order."""
+        pick = lambda xs: [x for x, k in zip(xs, keep, strict=True) if k]  # noqa: E731
+        return Scores(pick(self.iou), pick(self.auc), pick(self.pointing), pick(self.by_threshold))
+
     def summary(self) -> dict[str, float]:
         best = float(np.mean(self.by_threshold, axis=0).max()) if self.by_threshold else float("nan")
         return {
@@ -68,6 +73,27 @@ def otsu_mask(heatmap: torch.Tensor) -> torch.Tensor:
 
 def object_phrases(scene: Scene) -> list[str]:
     return list(dict.fromkeys(o.phrase for o in scene.objects))
+
+
+def phrase_groups(scenes: list[Scene]) -> dict[str, list[bool]]:
+    """Which of the scenes' object phrases (in ``object_phrases`` order) fall in each difficulty group."""
+    rows = []
+    for scene in scenes:
+        for p in object_phrases(scene):
+            colour, shape = p.split()
+            others = [o for o in scene.objects if o.phrase != p]
+            rows.append((any(o.colour == colour or o.shape == shape for o in others), len(scene.objects) == 1,
+                         float(scene.phrase_mask(p).mean())))
+    if not rows:
+        return {}
+    small, large = np.quantile([r[2] for r in rows], [1 / 3, 2 / 3])
+    return {
+        "a word shared in the scene": [r[0] for r in rows],
+        "no word shared": [not r[0] for r in rows],
+        "only object in the scene": [r[1] for r in rows],
+        "smallest third": [r[2] <= small for r in rows],
+        "largest third": [r[2] > large for r in rows],
+    }
 
 
 def wrong_phrase(scene: Scene, phrase: str) -> str:
