@@ -6,8 +6,9 @@ Rows: each method on each object's phrase ("red circle"; GT = every instance of 
 at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC and the pointing game.
 OVDiff builds prototypes for every test phrase (``--ovdiff-images`` support images each, cached by the
 model's fingerprint) and is scored on its own labels, given each scene's phrases and given all of them at once.
-The ``attention`` row is also broken down by phrase: whether another object in the scene shares its colour or
-shape, whether it is the only object in the scene, and the smallest and largest third of the objects by area.
+The ``attention`` rows (plain and refined) are also broken down by phrase: whether another object in the
+scene shares its colour or shape, whether it is the only object in the scene, and the smallest and largest
+third of the objects by area.
 Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; under the
 caption-prompt row, written as the captions write it), the same pipeline on a randomly initialised UNet, and
 the ceiling (GT through the attention grid and back). ``--sweep``
@@ -44,6 +45,7 @@ METHODS = {
 }
 # The wrong phrase's map under the same prompt style as each of these rows.
 WRONG_WORD_ROWS = {"attention": "baseline-wrong-word", "attention (caption prompt)": "baseline-wrong-word (caption prompt)"}
+BREAKDOWN_ROWS = ("attention", "attention+refine")  # also scored per group of phrases (evaluate.phrase_groups)
 LDZNET_WEIGHTS = MODEL_DIR / "ldznet.safetensors"  # trained through train/ on the Shapes train split (MODEL_CARD.md)
 
 
@@ -122,10 +124,10 @@ def main() -> None:
             wrong = Scores() if name in WRONG_WORD_ROWS else None
             score_method(masker, scenes, kwargs, s, wrong)
             rows[name] = s.summary()
-            if name == "attention":  # where the IoU is lost
+            if name in BREAKDOWN_ROWS:  # where the IoU is lost
                 for group, keep in phrase_groups(scenes).items():
                     if any(keep):
-                        rows[f"attention ({group})"] = s.subset(keep).summary()
+                        rows[f"{name} ({group})"] = s.subset(keep).summary()
             if wrong is not None:
                 rows[WRONG_WORD_ROWS[name]] = wrong.summary()
     if not args.only_ldznet:
