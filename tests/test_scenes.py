@@ -123,7 +123,9 @@ def test_phrase_groups_and_subsets():
             m.flat[:area] = True
         return Scene(0, np.zeros((10, 10, 3), np.float32), objects, masks, "")
 
-    obj = lambda colour, shape: ShapeObject(shape, colour, 0, 0, 1, 0)  # noqa: E731
+    def obj(colour, shape):
+        return ShapeObject(shape, colour, 0, 0, 1, 0)
+
     scenes = [scene([obj("red", "circle"), obj("red", "square"), obj("blue", "triangle")], [5, 20, 60]),
               scene([obj("green", "star")], [40])]
     groups = phrase_groups(scenes)
@@ -141,3 +143,5 @@ def test_phrase_groups_and_subsets():
     assert s.subset(groups["no word shared"]).summary()["iou"] == 0.5
     assert s.subset(groups["a word shared in the scene"]).iou == [0.0, 0.5]
     assert len(s.subset(groups["only object in the scene"]).by_threshold) == 1
+    with pytest.raises(ValueError):
+        s.subset([True])

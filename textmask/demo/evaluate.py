@@ -51,9 +51,11 @@ class Scores:
         self.by_threshold.append(np.array([iou(heatmap > t, gt) for t in THRESHOLDS]))
 
     def subset(self, keep: list[bool]) -> "Scores":
-        """The samples where ``keep`` is true, in order."""
-        pick = lambda xs: [x for x, k in zip(xs, keep, strict=True) if k]  # noqa: E731
-        return Scores(pick(self.iou), pick(self.auc), pick(self.pointing), pick(self.by_threshold))
+        """The samples where ``keep`` (one flag per sample) is true, in order."""
+        if len(keep) != len(self.iou):
+            raise ValueError(f"{len(keep)} flags for {len(self.iou)} samples")
+        rows = [i for i, k in enumerate(keep) if k]
+        return Scores(*([xs[i] for i in rows] for xs in (self.iou, self.auc, self.pointing, self.by_threshold)))
 
     def summary(self) -> dict[str, float]:
         best = float(np.mean(self.by_threshold, axis=0).max()) if self.by_threshold else float("nan")
