@@ -84,7 +84,9 @@ def init_from_weights(path: Path, base_config: dict, upsample_steps: int, znet: 
     if model.with_features == znet:
         kind = "ZNet" if znet else "LD-ZNet"
         raise ValueError(f"--init-from {path.name} is not a {kind} model; drop --znet or pick other weights")
-    as_json = lambda c: json.loads(json.dumps(c, sort_keys=True))  # noqa: E731  (tuples and lists compare equal)
+    def as_json(config: dict) -> dict:  # tuples and lists compare equal
+        return json.loads(json.dumps(config, sort_keys=True))
+
     if as_json(model.config) != as_json(base_config) or model.upsample_steps != upsample_steps:
         raise ValueError(f"--init-from {path.name} was trained on another base model than --base")
     model.set_train_resolution(resolution)

@@ -185,7 +185,10 @@ class LDZNet(nn.Module):
         latent = resolution // 2**self.upsample_steps
         for index, pool in zip(self.feature_layers, self.pools):
             side = max(1, latent // 2 ** self._level(self.transformer_names[index]))
-            pool.positional_embedding = nn.Parameter(resample_positions(pool.positional_embedding.data, side, side))
+            pos = pool.positional_embedding
+            resized = resample_positions(pos.data, side, side)
+            if resized is not pos.data:  # a new grid only where the size changes; keep the trainable flag
+                pool.positional_embedding = nn.Parameter(resized, requires_grad=pos.requires_grad)
         self.train_resolution = resolution
 
     def _level(self, name: str) -> int:
