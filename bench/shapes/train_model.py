@@ -86,6 +86,46 @@ def with_distractor(named: list[str], scene: list[str], gen: torch.Generator) ->
     return named[:at] + [extra] + named[at:]
 
 
+# Angular frequencies of the positional code that lets one head find the previous token: picked by random search to
+# keep the summed cosine at every other offset within the sequence at or below 0.33 of its peak.
+PREVIOUS_TOKEN_FREQUENCIES = (0.066, 0.369, 0.684, 1.220, 1.518, 1.756, 1.980, 2.472)
+
+
+def previous_token_head(text, mix: float, sharpness: float = 4.0, radius: float = 0.057) -> None:
+    """Leave one token-mixing head in the text encoder: layer 0's head 0, copying the previous token in at `mix`."""
+    # Binds "red" into the "circle" that follows it. The last 16 embedding dimensions carry a sinusoidal position
+    # code only (token embeddings zeroed there); the head's query is that code rotated back one position and its
+    # key the code itself, so each token attends to the one before it (mass >= 0.97 after the causal mask).
+    # Every other head's output is zeroed (as --no-token-mixing does), so the EOS padding past the first EOS
+    # stays the same for every caption (within the ~1e-5 of its attention that softmax leaves on the caption).
+    freqs = torch.tensor(PREVIOUS_TOKEN_FREQUENCIES)
+    n = len(freqs)
+    pos = text.get_submodule("embeddings.position_embedding").weight
+    tok = text.get_input_embeddings().weight
+    attn = text.get_submodule("encoder.layers.0.self_attn")
+    width, hd = pos.shape[1], attn.head_dim
+    cos_dims, sin_dims = torch.arange(width - 2 * n, width - n), torch.arange(width - n, width)
+    at = torch.arange(pos.shape[0]).float()[:, None] * freqs
+    query, key = torch.zeros(hd, width), torch.zeros(hd, width)
+    rows = torch.arange(n)
+    query[rows, cos_dims], query[rows, sin_dims] = freqs.cos(), freqs.sin()  # cos((i - 1) w)
+    query[n + rows, cos_dims], query[n + rows, sin_dims] = -freqs.sin(), freqs.cos()  # sin((i - 1) w)
+    key[rows, cos_dims], key[n + rows, sin_dims] = 1.0, 1.0
+    with torch.no_grad():
+        tok[:, width - 2 * n :] = 0
+        pos[:, width - 2 * n :] = radius * torch.cat([at.cos(), at.sin()], 1)
+        attn.q_proj.weight[:hd], attn.q_proj.bias[:hd] = sharpness * query, 0
+        attn.k_proj.weight[:hd], attn.k_proj.bias[:hd] = key, 0
+        head0 = attn.out_proj.weight[:, :hd].clone()
+        attn.out_proj.weight.zero_()
+        attn.out_proj.bias.zero_()
+        attn.out_proj.weight[:, :hd] = mix * head0
+        for name, module in text.named_modules():
+            if name.endswith("self_attn.out_proj") and module is not attn.out_proj:
+                module.weight.zero_()
+                module.bias.zero_()
+
+
 def token_ids(captions: list[str]) -> torch.Tensor:
     """SD-style ids: BOS, tokens, EOS, then EOS padding to 77."""
     tok = clip_tokenizer()
@@ -149,7 +189,8 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dropout: float = 0.1, on_checkpoint=None,
                checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False, qk_gain: float = 1.0,
                token_mixing: bool = True, phrases: list[list[str]] | None = None, partial: float = 0.0,
-               init_from: Path | None = None, distractors: float = 0.0, self_qk_gain: float = 1.0):
+               init_from: Path | None = None, distractors: float = 0.0, self_qk_gain: float = 1.0,
+               previous_token: float = 0.0):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -173,7 +214,9 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
     else:
         text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"]))
     params = list(unet.parameters())
-    if not token_mixing:
+    if previous_token > 0 and init_from is None:
+        previous_token_head(text, previous_token)
+    elif not token_mixing:
         # Zeroed self-attention outputs: each token's embedding depends on that token and its position only, so the
         # EOS padding is the same for every caption and carries nothing. Heads whose object pixels read the padding
         # then learn nothing, and the padding is left as the background's sink, the role BOS plays in SD.
@@ -273,6 +316,9 @@ def main() -> None:
     ap.add_argument("--self-qk-gain", type=float, default=1.0, help="scale of the self-attention Q and K initial weights")
     ap.add_argument("--no-token-mixing", dest="token_mixing", action="store_false",
                     help="zero the text encoder's self-attention outputs (with --frozen-text: padding carries no caption)")
+    ap.add_argument("--previous-token", type=float, default=0.0,
+                    help="the text encoder's only mixing: one head copies the previous token in at this scale (0.13 balances it "
+                         "against the token's own identity), binding a colour to the shape after it")
     ap.add_argument("--frozen-text", action="store_true", help="keep the text encoder at its seeded initialisation")
     ap.add_argument("--vae-from", type=Path, help="reuse this model folder's VAE and scaling factor instead of training one")
     ap.add_argument("--init-from", type=Path, help="start the UNet and text encoder from this model folder")
@@ -304,7 +350,8 @@ def main() -> None:
             "command": "python bench/shapes/train_model.py " + " ".join(sys.argv[1:]),
             "seed": args.seed, "scenes": args.scenes, "vae_steps": vae_steps, "unet_steps": unet_steps,
             "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text,
-            "qk_gain": args.qk_gain, "self_qk_gain": args.self_qk_gain, "token_mixing": args.token_mixing, "scaling_factor": scaling,
+            "qk_gain": args.qk_gain, "self_qk_gain": args.self_qk_gain, "token_mixing": args.token_mixing,
+            "previous_token": args.previous_token, "scaling_factor": scaling,
             "partial_captions": args.partial_captions, "distractors": args.distractors,
             "init_from": str(args.init_from) if args.init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
@@ -321,7 +368,8 @@ def main() -> None:
                                         qk_gain=args.qk_gain, checkpoint_minutes=args.checkpoint_minutes,
                                         token_mixing=args.token_mixing, phrases=phrases,
                                         partial=args.partial_captions, init_from=args.init_from,
-                                        distractors=args.distractors, self_qk_gain=args.self_qk_gain)
+                                        distractors=args.distractors, self_qk_gain=args.self_qk_gain,
+                                        previous_token=args.previous_token)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)
