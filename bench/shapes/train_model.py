@@ -91,20 +91,23 @@ def with_distractor(named: list[str], scene: list[str], gen: torch.Generator) ->
 PREVIOUS_TOKEN_FREQUENCIES = (0.066, 0.369, 0.684, 1.220, 1.518, 1.756, 1.980, 2.472)
 
 
-def previous_token_head(text, mix: float, sharpness: float = 4.0, radius: float = 0.057) -> None:
-    """Leave one token-mixing head in the text encoder: layer 0's head 0, copying the previous token in at `mix`."""
-    # Binds "red" into the "circle" that follows it. The last 16 embedding dimensions carry a sinusoidal position
-    # code only (token embeddings zeroed there); the head's query is that code rotated back one position and its
-    # key the code itself, so each token attends to the one before it (mass >= 0.97 after the causal mask).
-    # Every other head's output is zeroed (as --no-token-mixing does), so the EOS padding past the first EOS
-    # stays the same for every caption (within the ~1e-5 of its attention that softmax leaves on the caption).
+def previous_token_head(text, carried: list[int], mix: float, sharpness: float = 4.0, radius: float = 0.057) -> None:
+    """Leave one token-mixing head in the text encoder: layer 0's head 0 copies a `carried` word into the next token."""
+    # Binds "red" into the "circle" after it, as a trained CLIP binds an adjective to its noun. Where: the last 16
+    # embedding dimensions carry a sinusoidal position code only; the head's query is that code rotated back one
+    # position and its key the code itself, so each token attends to the one before it (mass >= 0.97 after the
+    # causal mask). What: the head's values read only the span of the carried words' embeddings, which every other
+    # token and position is made orthogonal to, so "and" after "circle" and the first EOS after the last shape stay
+    # as they were. (Copying every word made the function words and the first EOS carry the shapes, and the maps
+    # came out inverted.) Every other head's output is zeroed, as with --no-token-mixing.
     freqs = torch.tensor(PREVIOUS_TOKEN_FREQUENCIES)
     n = len(freqs)
     pos = text.get_submodule("embeddings.position_embedding").weight
     tok = text.get_input_embeddings().weight
     attn = text.get_submodule("encoder.layers.0.self_attn")
     width, hd = pos.shape[1], attn.head_dim
-    cos_dims, sin_dims = torch.arange(width - 2 * n, width - n), torch.arange(width - n, width)
+    code = width - 2 * n
+    cos_dims, sin_dims = torch.arange(code, width - n), torch.arange(width - n, width)
     at = torch.arange(pos.shape[0]).float()[:, None] * freqs
     query, key = torch.zeros(hd, width), torch.zeros(hd, width)
     rows = torch.arange(n)
@@ -112,10 +115,20 @@ def previous_token_head(text, mix: float, sharpness: float = 4.0, radius: float 
     query[n + rows, cos_dims], query[n + rows, sin_dims] = -freqs.sin(), freqs.cos()  # sin((i - 1) w)
     key[rows, cos_dims], key[n + rows, sin_dims] = 1.0, 1.0
     with torch.no_grad():
-        tok[:, width - 2 * n :] = 0
-        pos[:, width - 2 * n :] = radius * torch.cat([at.cos(), at.sin()], 1)
+        tok[:, code:] = 0
+        pos[:, code:] = radius * torch.cat([at.cos(), at.sin()], 1)
+        words = tok[carried, :code] - tok[carried, :code].mean(1, keepdim=True)  # orthogonal to LayerNorm's mean
+        tok[carried, :code] = words
+        basis = torch.linalg.qr(words.T).Q.T  # [len(carried), code]
+        others = torch.ones(len(tok), dtype=torch.bool)
+        others[carried] = False
+        tok[others, :code] -= (tok[others, :code] @ basis.T) @ basis
+        pos[:, :code] -= (pos[:, :code] @ basis.T) @ basis
+        value = torch.zeros(hd, width)
+        value[: len(carried), :code] = basis
         attn.q_proj.weight[:hd], attn.q_proj.bias[:hd] = sharpness * query, 0
         attn.k_proj.weight[:hd], attn.k_proj.bias[:hd] = key, 0
+        attn.v_proj.weight[:hd], attn.v_proj.bias[:hd] = value, 0
         head0 = attn.out_proj.weight[:, :hd].clone()
         attn.out_proj.weight.zero_()
         attn.out_proj.bias.zero_()
@@ -215,7 +228,8 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"]))
     params = list(unet.parameters())
     if previous_token > 0 and init_from is None:
-        previous_token_head(text, previous_token)
+        previous_token_head(text, [int(i) for i in token_ids([" ".join(COLOURS)])[0, 1 : 1 + len(COLOURS)]],
+                            previous_token)
     elif not token_mixing:
         # Zeroed self-attention outputs: each token's embedding depends on that token and its position only, so the
         # EOS padding is the same for every caption and carries nothing. Heads whose object pixels read the padding
@@ -317,8 +331,8 @@ def main() -> None:
     ap.add_argument("--no-token-mixing", dest="token_mixing", action="store_false",
                     help="zero the text encoder's self-attention outputs (with --frozen-text: padding carries no caption)")
     ap.add_argument("--previous-token", type=float, default=0.0,
-                    help="the text encoder's only mixing: one head copies the previous token in at this scale (0.13 balances it "
-                         "against the token's own identity), binding a colour to the shape after it")
+                    help="the text encoder's only mixing: one head copies a colour word into the token after it, at this "
+                         "scale (0.045 balances it against the token's own identity)")
     ap.add_argument("--frozen-text", action="store_true", help="keep the text encoder at its seeded initialisation")
     ap.add_argument("--vae-from", type=Path, help="reuse this model folder's VAE and scaling factor instead of training one")
     ap.add_argument("--init-from", type=Path, help="start the UNet and text encoder from this model folder")
