@@ -95,7 +95,7 @@ def previous_token_head(text, carried: list[int], mix: float, sharpness: float =
     """Leave one token-mixing head in the text encoder: layer 0's head 0 copies a `carried` word into the next token."""
     # Binds "red" into the "circle" after it, as a trained CLIP binds an adjective to its noun. Where: the last 16
     # embedding dimensions carry a sinusoidal position code only; the head's query is that code rotated back one
-    # position and its key the code itself, so each token attends to the one before it (mass >= 0.97 after the
+    # position and its key the code itself, so each token attends to the one before it (mass >= 0.9999 after the
     # causal mask). What: the head's values read only the span of the carried words' embeddings, which every other
     # token and position is made orthogonal to, so "and" after "circle" and the first EOS after the last shape stay
     # as they were. (Copying every word made the function words and the first EOS carry the shapes, and the maps
@@ -228,8 +228,8 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         text = CLIPTextModel(CLIPTextConfig(**CONFIGS["text_encoder"]))
     params = list(unet.parameters())
     if previous_token > 0 and init_from is None:
-        previous_token_head(text, [int(i) for i in token_ids([" ".join(COLOURS)])[0, 1 : 1 + len(COLOURS)]],
-                            previous_token)
+        colours = [i for word in clip_tokenizer()(list(COLOURS), add_special_tokens=False)["input_ids"] for i in word]
+        previous_token_head(text, colours, previous_token)
     elif not token_mixing:
         # Zeroed self-attention outputs: each token's embedding depends on that token and its position only, so the
         # EOS padding is the same for every caption and carries nothing. Heads whose object pixels read the padding
@@ -331,8 +331,9 @@ def main() -> None:
     ap.add_argument("--no-token-mixing", dest="token_mixing", action="store_false",
                     help="zero the text encoder's self-attention outputs (with --frozen-text: padding carries no caption)")
     ap.add_argument("--previous-token", type=float, default=0.0,
-                    help="the text encoder's only mixing: one head copies a colour word into the token after it, at this "
-                         "scale (0.045 balances it against the token's own identity)")
+                    help="the text encoder's only mixing: one head copies a colour word into the token after it, at "
+                         "this scale (0.045 balances it against the token's own identity); not with --init-from, "
+                         "whose encoder is kept")
     ap.add_argument("--frozen-text", action="store_true", help="keep the text encoder at its seeded initialisation")
     ap.add_argument("--vae-from", type=Path, help="reuse this model folder's VAE and scaling factor instead of training one")
     ap.add_argument("--init-from", type=Path, help="start the UNet and text encoder from this model folder")
