@@ -16,7 +16,7 @@ import tiny_models
 from textmask import TextMasker
 from textmask.errors import CheckpointError, TextMaskError
 from textmask.ldznet import LDZNet, convert_reference, feature_positions, load_ldznet, save_ldznet, znet_config
-from textmask.ldznet.model import AttentionPool2d
+from textmask.ldznet.model import TRAIN_RESOLUTION, AttentionPool2d
 from textmask.ldznet.weights import read_reference_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +66,19 @@ def test_attention_pool_matches_direct_formula():
     expected = torch.einsum("oc,bct->bot", pool.c_proj.weight[..., 0], torch.cat(heads, 1)) + pool.c_proj.bias[:, None]
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
     assert pool(torch.randn(1, 16, 3, 5)).shape == (1, 16, 16)  # other grids interpolate the embedding
+
+
+def test_set_train_resolution_resamples_only_changed_grids_and_keeps_their_trainable_flag():
+    model = LDZNet(znet_config(UNET_CONFIG), upsample_steps=3)
+    grids = [pool.positional_embedding for pool in model.pools]
+    model.set_train_resolution(model.train_resolution)
+    assert all(pool.positional_embedding is g for pool, g in zip(model.pools, grids))  # same size: untouched
+    grids[0].requires_grad_(False)
+    model.set_train_resolution(2 * model.train_resolution)
+    resized = [pool.positional_embedding for pool in model.pools]
+    assert all(r is not g and r.shape[-1] > g.shape[-1] for r, g in zip(resized, grids))
+    assert [r.requires_grad for r in resized] == [g.requires_grad for g in grids] == [False] + [True] * (len(grids) - 1)
+    assert model.train_resolution == 2 * TRAIN_RESOLUTION
 
 
 def test_head_upsamples_to_image_resolution():

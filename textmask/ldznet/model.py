@@ -186,8 +186,8 @@ class LDZNet(nn.Module):
         for index, pool in zip(self.feature_layers, self.pools):
             side = max(1, latent // 2 ** self._level(self.transformer_names[index]))
             pos = pool.positional_embedding
-            resized = resample_positions(pos.data, side, side)
-            if resized is not pos.data:  # a new grid only where the size changes; keep the trainable flag
+            if pos.shape[-1] != side * side + 1:  # a new grid only where the size changes; keep the trainable flag
+                resized = resample_positions(pos.detach(), side, side)
                 pool.positional_embedding = nn.Parameter(resized, requires_grad=pos.requires_grad)
         self.train_resolution = resolution
 
