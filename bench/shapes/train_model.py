@@ -86,6 +86,15 @@ def with_distractor(named: list[str], scene: list[str], gen: torch.Generator) ->
     return named[:at] + [extra] + named[at:]
 
 
+@torch.no_grad()
+def zero_token_mixing(text) -> None:
+    """Zero every self-attention output of the text encoder, so no token reads another."""
+    for name, module in text.named_modules():
+        if name.endswith("self_attn.out_proj"):
+            module.weight.zero_()
+            module.bias.zero_()
+
+
 # Angular frequencies of the positional code that lets one head find the previous token: picked by random search to
 # keep the summed cosine at every other offset within the sequence at or below 0.33 of its peak.
 PREVIOUS_TOKEN_FREQUENCIES = (0.066, 0.369, 0.684, 1.220, 1.518, 1.756, 1.980, 2.472)
@@ -99,7 +108,7 @@ def previous_token_head(text, carried: list[int], mix: float, sharpness: float =
     # causal mask). What: the head's values read only the span of the carried words' embeddings, which every other
     # token and position is made orthogonal to, so "and" after "circle" and the first EOS after the last shape stay
     # as they were. (Copying every word made the function words and the first EOS carry the shapes, and the maps
-    # came out inverted.) Every other head's output is zeroed, as with --no-token-mixing.
+    # came out inverted.) Every other head's output is zeroed (zero_token_mixing).
     freqs = torch.tensor(PREVIOUS_TOKEN_FREQUENCIES)
     n = len(freqs)
     pos = text.get_submodule("embeddings.position_embedding").weight
@@ -130,13 +139,8 @@ def previous_token_head(text, carried: list[int], mix: float, sharpness: float =
         attn.k_proj.weight[:hd], attn.k_proj.bias[:hd] = key, 0
         attn.v_proj.weight[:hd], attn.v_proj.bias[:hd] = value, 0
         head0 = attn.out_proj.weight[:, :hd].clone()
-        attn.out_proj.weight.zero_()
-        attn.out_proj.bias.zero_()
+        zero_token_mixing(text)
         attn.out_proj.weight[:, :hd] = mix * head0
-        for name, module in text.named_modules():
-            if name.endswith("self_attn.out_proj") and module is not attn.out_proj:
-                module.weight.zero_()
-                module.bias.zero_()
 
 
 def token_ids(captions: list[str]) -> torch.Tensor:
@@ -231,14 +235,10 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
         colours = [i for word in clip_tokenizer()(list(COLOURS), add_special_tokens=False)["input_ids"] for i in word]
         previous_token_head(text, colours, previous_token)
     elif not token_mixing:
-        # Zeroed self-attention outputs: each token's embedding depends on that token and its position only, so the
-        # EOS padding is the same for every caption and carries nothing. Heads whose object pixels read the padding
-        # then learn nothing, and the padding is left as the background's sink, the role BOS plays in SD.
-        with torch.no_grad():
-            for name, module in text.named_modules():
-                if name.endswith("self_attn.out_proj"):
-                    module.weight.zero_()
-                    module.bias.zero_()
+        # Each token's embedding then depends on that token and its position only, so the EOS padding is the same
+        # for every caption and carries nothing. Heads whose object pixels read the padding then learn nothing, and
+        # the padding is left as the background's sink, the role BOS plays in SD.
+        zero_token_mixing(text)
     if frozen_text:
         # As in SD, the UNet learns to read a fixed text encoder. Trained jointly (the first release), the encoder
         # and UNet settled on near-uniform cross-attention that reads the caption as a bag of words.
