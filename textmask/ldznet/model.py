@@ -186,8 +186,8 @@ class LDZNet(nn.Module):
         for index, pool in zip(self.feature_layers, self.pools):
             side = max(1, latent // 2 ** self._level(self.transformer_names[index]))
             pos = pool.positional_embedding
-            if pos.shape[-1] != side * side + 1:  # a new grid only where the size changes; keep the trainable flag
-                resized = resample_positions(pos.detach(), side, side)
+            resized = resample_positions(pos, side, side)  # returns pos itself where the size is unchanged
+            if resized is not pos:  # a new grid only where the size changes; keep the trainable flag
                 pool.positional_embedding = nn.Parameter(resized, requires_grad=pos.requires_grad)
         self.train_resolution = resolution
 
