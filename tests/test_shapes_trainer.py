@@ -136,3 +136,20 @@ def test_partial_captions_train_from_an_earlier_model(tmp_path):
     unet, _, steps = train_unet(torch.randn(2, 4, 32, 32), ids, minutes=0.002, batch=2, log=Log(), seed=0,
                                 frozen_text=True, init_from=tmp_path, phrases=phrases, partial=1.0)
     assert steps >= 1
+
+
+def test_two_level_unet_reads_the_text_at_32_and_16_only():
+    from train_model import CONFIGS, TWO_LEVEL_UNET
+
+    ids = token_ids(["a red circle and a blue square"])
+    unet, _, _ = train_unet(torch.randn(1, 4, 32, 32), ids, minutes=0.0, batch=1, log=Log(), seed=0, frozen_text=True,
+                            token_mixing=False, unet_config={**CONFIGS["unet"], **TWO_LEVEL_UNET})
+    grids = {}
+    hooks = [m.register_forward_hook(lambda m, a, k, out, name=name: grids.setdefault(name, a[0].shape[1]), with_kwargs=True)
+             for name, m in unet.named_modules() if name.endswith("attn2")]
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 32, 32), 10, torch.randn(1, 77, 64))
+    for h in hooks:
+        h.remove()
+    assert sorted(set(grids.values())) == [16 * 16, 32 * 32]
+    assert grids["mid_block.attentions.0.transformer_blocks.0.attn2"] == 16 * 16

@@ -46,6 +46,11 @@ CONFIGS = {
 }
 
 
+# The 32×32 and 16×16 levels only, the mid block at 16×16 (`--two-levels`; tried, see the model card).
+TWO_LEVEL_UNET = dict(block_out_channels=[48, 96], down_block_types=["CrossAttnDownBlock2D"] * 2,
+                      up_block_types=["CrossAttnUpBlock2D"] * 2)
+
+
 def _render(seed: int):
     s = make_scene(seed)
     return (s.image * 255 + 0.5).astype(np.uint8), [o.phrase for o in s.objects]
@@ -207,7 +212,7 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
                checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False, qk_gain: float = 1.0,
                token_mixing: bool = True, phrases: list[list[str]] | None = None, partial: float = 0.0,
                init_from: Path | None = None, distractors: float = 0.0, self_qk_gain: float = 1.0,
-               previous_token: float = 0.0):
+               previous_token: float = 0.0, unet_config: dict | None = None):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -215,7 +220,7 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
     if init_from is not None:
         unet = UNet2DConditionModel.from_pretrained(init_from / "unet", torch_dtype=torch.float32).train()
     else:
-        unet = UNet2DConditionModel(**CONFIGS["unet"]).train()
+        unet = UNet2DConditionModel(**(unet_config or CONFIGS["unet"])).train()
     if init_from is None:
         # Default init gives cross-attention logits of std ~0.3: near-uniform over 77 tokens, which a tiny model
         # reads as a bag of words and never sharpens on a CPU budget. Larger Q/K weights start it selective.
@@ -341,6 +346,8 @@ def main() -> None:
                     help="probability that a caption names only some of the scene's objects")
     ap.add_argument("--distractors", type=float, default=0.0,
                     help="probability that a caption also names one object absent from the scene")
+    ap.add_argument("--two-levels", action="store_true",
+                    help="a UNet with the 32x32 and 16x16 levels only, its mid block at 16x16 (no 8x8 level)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -367,7 +374,7 @@ def main() -> None:
             "vae_batch": args.vae_batch, "unet_batch": args.unet_batch, "lr": args.lr, "frozen_text": args.frozen_text,
             "qk_gain": args.qk_gain, "self_qk_gain": args.self_qk_gain, "token_mixing": args.token_mixing,
             "previous_token": args.previous_token, "scaling_factor": scaling,
-            "partial_captions": args.partial_captions, "distractors": args.distractors,
+            "partial_captions": args.partial_captions, "distractors": args.distractors, "two_levels": args.two_levels,
             "init_from": str(args.init_from) if args.init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
             "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
@@ -384,7 +391,8 @@ def main() -> None:
                                         token_mixing=args.token_mixing, phrases=phrases,
                                         partial=args.partial_captions, init_from=args.init_from,
                                         distractors=args.distractors, self_qk_gain=args.self_qk_gain,
-                                        previous_token=args.previous_token)
+                                        previous_token=args.previous_token,
+                                        unet_config={**CONFIGS["unet"], **TWO_LEVEL_UNET} if args.two_levels else None)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)
