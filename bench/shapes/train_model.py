@@ -347,7 +347,8 @@ def main() -> None:
     ap.add_argument("--distractors", type=float, default=0.0,
                     help="probability that a caption also names one object absent from the scene")
     ap.add_argument("--two-levels", action="store_true",
-                    help="a UNet with the 32x32 and 16x16 levels only, its mid block at 16x16 (no 8x8 level)")
+                    help="a UNet with the 32x32 and 16x16 levels only, its mid block at 16x16 (no 8x8 level); "
+                         "not with --init-from, whose UNet is kept")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
