@@ -139,11 +139,11 @@ def test_partial_captions_train_from_an_earlier_model(tmp_path):
 
 
 def test_two_level_unet_reads_the_text_at_32_and_16_only():
-    from train_model import CONFIGS, TWO_LEVEL_UNET
+    from train_model import TWO_LEVEL_UNET
 
     ids = token_ids(["a red circle and a blue square"])
     unet, _, _ = train_unet(torch.randn(1, 4, 32, 32), ids, minutes=0.0, batch=1, log=Log(), seed=0, frozen_text=True,
-                            token_mixing=False, unet_config={**CONFIGS["unet"], **TWO_LEVEL_UNET})
+                            token_mixing=False, unet_config=TWO_LEVEL_UNET)
     grids = {}
     hooks = [m.register_forward_hook(lambda m, a, k, out, name=name: grids.setdefault(name, a[0].shape[1]), with_kwargs=True)
              for name, m in unet.named_modules() if name.endswith("attn2")]

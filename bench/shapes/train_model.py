@@ -47,8 +47,8 @@ CONFIGS = {
 
 
 # The 32×32 and 16×16 levels only, the mid block at 16×16 (`--two-levels`; tried, see the model card).
-TWO_LEVEL_UNET = dict(block_out_channels=[48, 96], down_block_types=["CrossAttnDownBlock2D"] * 2,
-                      up_block_types=["CrossAttnUpBlock2D"] * 2)
+TWO_LEVEL_UNET = {**CONFIGS["unet"], "block_out_channels": [48, 96], "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+                  "up_block_types": ["CrossAttnUpBlock2D"] * 2}
 
 
 def _render(seed: int):
@@ -393,7 +393,7 @@ def main() -> None:
                                         partial=args.partial_captions, init_from=args.init_from,
                                         distractors=args.distractors, self_qk_gain=args.self_qk_gain,
                                         previous_token=args.previous_token,
-                                        unet_config={**CONFIGS["unet"], **TWO_LEVEL_UNET} if args.two_levels else None)
+                                        unet_config=TWO_LEVEL_UNET if args.two_levels else None)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)
