@@ -153,3 +153,15 @@ def test_two_level_unet_reads_the_text_at_32_and_16_only():
         h.remove()
     assert sorted(set(grids.values())) == [16 * 16, 32 * 32]
     assert grids["mid_block.attentions.0.transformer_blocks.0.attn2"] == 16 * 16
+
+
+def test_a_step_budget_gives_the_same_run_twice():
+    ids = token_ids(["a red circle and a blue square", "a green star"])
+    latents = torch.randn(2, 4, 32, 32)
+    runs = [train_unet(latents, ids, minutes=0.0, batch=2, log=Log(), seed=0, frozen_text=True, token_mixing=False,
+                       steps=3) for _ in range(2)]
+    assert runs[0][2] == runs[1][2] == 3  # the minutes are ignored
+    for (name, p), q in zip(runs[0][0].named_parameters(), runs[1][0].parameters()):
+        assert torch.equal(p, q), name
+    fresh = train_unet(latents, ids, minutes=0.0, batch=2, log=Log(), seed=0, frozen_text=True, token_mixing=False)[0]
+    assert any(not torch.equal(p, q) for p, q in zip(runs[0][0].parameters(), fresh.parameters()))  # 3 steps trained

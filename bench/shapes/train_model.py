@@ -172,11 +172,11 @@ def lr_at(step_frac: float, base: float, warmup: float = 0.03) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step_frac - warmup) / (1 - warmup))))
 
 
-def train_vae(images: torch.Tensor, minutes: float, batch: int, log: Log, seed: int):
+def train_vae(images: torch.Tensor, minutes: float, batch: int, log: Log, seed: int, device: str = "cpu"):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**CONFIGS["vae"]).train()
+    vae = AutoencoderKL(**CONFIGS["vae"]).train().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     start, step, ema = time.time(), 0, None
@@ -185,9 +185,11 @@ def train_vae(images: torch.Tensor, minutes: float, batch: int, log: Log, seed: 
         for g in opt.param_groups:
             g["lr"] = lr_at(elapsed / budget, 1e-3)
         idx = torch.randint(len(images), (batch,), generator=gen)
-        x = images[idx].float() / 127.5 - 1
+        x = images[idx].to(device).float() / 127.5 - 1
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=gen)).sample
+        # The sample's noise is drawn on the CPU, so a run's random stream is the same on every device.
+        eps = torch.randn(post.mean.shape, generator=gen).to(device)
+        rec = vae.decode(post.mean + post.std * eps).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.mse_loss(rec, x) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
@@ -199,12 +201,15 @@ def train_vae(images: torch.Tensor, minutes: float, batch: int, log: Log, seed: 
             log.add("vae_loss", step, ema)
             print(f"vae step {step} loss {ema:.4f} ({elapsed / 60:.1f} min)", flush=True)
         step += 1
-    return vae.eval(), step
+    return vae.eval().cpu(), step
 
 
 @torch.no_grad()
-def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    out = [vae.encode(images[i : i + batch].float() / 127.5 - 1).latent_dist.mean for i in range(0, len(images), batch)]
+def encode_pool(vae, images: torch.Tensor, batch: int = 64, device: str = "cpu") -> torch.Tensor:
+    vae = vae.to(device)
+    out = [vae.encode(images[i : i + batch].to(device).float() / 127.5 - 1).latent_dist.mean.cpu()
+           for i in range(0, len(images), batch)]
+    vae.cpu()
     return torch.cat(out)
 
 
@@ -212,7 +217,8 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
                checkpoint_minutes: float = 15, lr: float = 5e-4, frozen_text: bool = False, qk_gain: float = 1.0,
                token_mixing: bool = True, phrases: list[list[str]] | None = None, partial: float = 0.0,
                init_from: Path | None = None, distractors: float = 0.0, self_qk_gain: float = 1.0,
-               previous_token: float = 0.0, unet_config: dict | None = None):
+               previous_token: float = 0.0, unet_config: dict | None = None, device: str = "cpu",
+               steps: int | None = None):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -251,6 +257,7 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
     else:
         text.train()
         params += list(text.parameters())
+    unet.to(device), text.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     alphas = ddpm_alphas_cumprod().float()
     empty = token_ids([""])[0]
@@ -259,13 +266,21 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
     start, step, ema = time.time(), 0, None
     budget = minutes * 60
     next_checkpoint = checkpoint_minutes * 60
-    while (elapsed := time.time() - start) < budget:
+
+    def progress() -> float:
+        # A step budget makes the schedule the same on any machine; a wall-time budget follows the machine's pace.
+        if steps is not None:
+            return step / steps
+        return (time.time() - start) / budget if budget > 0 else 1.0
+
+    while (frac := progress()) < 1:
+        elapsed = time.time() - start
         if on_checkpoint is not None and elapsed > next_checkpoint:
             next_checkpoint += checkpoint_minutes * 60
             on_checkpoint(unet.eval(), text.eval(), step)
             unet.train(), text.train(not frozen_text)
         for g in opt.param_groups:
-            g["lr"] = lr_at(elapsed / budget, lr)
+            g["lr"] = lr_at(frac, lr)
         idx = torch.randint(len(latents), (batch,), generator=gen)
         z0 = latents[idx]
         drop = torch.rand(batch, generator=gen) < dropout  # 10% caption dropout, for classifier-free guidance
@@ -290,9 +305,9 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
                     tok[row] = cache[words]
         tok[drop] = empty
         with torch.set_grad_enabled(not frozen_text):
-            ctx = text(tok).last_hidden_state
-        pred = unet(zt, t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(pred, noise)
+            ctx = text(tok.to(device)).last_hidden_state
+        pred = unet(zt.to(device), t.to(device), encoder_hidden_states=ctx).sample
+        loss = F.mse_loss(pred, noise.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -302,7 +317,7 @@ def train_unet(latents, ids, minutes: float, batch: int, log: Log, seed: int, dr
             log.add("unet_loss", step, ema)
             print(f"unet step {step} loss {ema:.4f} ({elapsed / 60:.1f} min)", flush=True)
         step += 1
-    return unet.eval(), text.eval(), step
+    return unet.eval().cpu(), text.eval().cpu(), step
 
 
 def save(out: Path, vae, unet, text, scaling: float, info: dict) -> None:
@@ -325,6 +340,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=12000)
     ap.add_argument("--vae-minutes", type=float, default=10)
     ap.add_argument("--unet-minutes", type=float, default=85)
+    ap.add_argument("--unet-steps", type=int, help="a UNet budget in steps instead of --unet-minutes: the same schedule anywhere")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the random stream is drawn on the CPU either way)")
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--unet-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -352,7 +369,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    images, phrases = scene_pool(args.scenes)
+    images, phrases = scene_pool(args.scenes, workers=max(2, args.threads))
     print(f"{len(images)} scenes in {time.time() - t0:.0f}s", flush=True)
     log = Log()
     if args.vae_from:
@@ -360,11 +377,11 @@ def main() -> None:
 
         vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32).eval()
         vae_steps = json.loads((args.vae_from / "train_log.json").read_text())["vae_steps"]
-        latents = encode_pool(vae, images)
+        latents = encode_pool(vae, images, device=args.device)
         scaling = float(vae.config.scaling_factor)
     else:
-        vae, vae_steps = train_vae(images, args.vae_minutes, args.vae_batch, log, args.seed)
-        latents = encode_pool(vae, images)
+        vae, vae_steps = train_vae(images, args.vae_minutes, args.vae_batch, log, args.seed, device=args.device)
+        latents = encode_pool(vae, images, device=args.device)
         scaling = float(1.0 / latents.std())
     latents = latents * scaling
     ids = token_ids([caption(p) for p in phrases])
@@ -377,6 +394,7 @@ def main() -> None:
             "previous_token": args.previous_token, "scaling_factor": scaling,
             "partial_captions": args.partial_captions, "distractors": args.distractors, "two_levels": args.two_levels,
             "init_from": str(args.init_from) if args.init_from else None,
+            "unet_step_budget": args.unet_steps, "device": args.device,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
             "params": {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text)]},
             "curves": log.curves,
@@ -393,7 +411,8 @@ def main() -> None:
                                         partial=args.partial_captions, init_from=args.init_from,
                                         distractors=args.distractors, self_qk_gain=args.self_qk_gain,
                                         previous_token=args.previous_token,
-                                        unet_config=TWO_LEVEL_UNET if args.two_levels else None)
+                                        unet_config=TWO_LEVEL_UNET if args.two_levels else None,
+                                        device=args.device, steps=args.unet_steps)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
     print(f"saved to {args.out} after {info['minutes']} min", flush=True)
