@@ -231,3 +231,21 @@ def test_context_positions_point_at_the_phrase(sd1_masker):
     assert len(flat) == token_map.context_length
     tokens = host.tokenizer.convert_ids_to_tokens([flat[p] for p in token_map.find("tiny zebra")])
     assert tokens == ["tiny</w>", "zebra</w>"]
+
+
+def test_noise_difference_blurs_away_pixel_noise():
+    from textmask.methods import noise_difference
+
+    gen = torch.Generator().manual_seed(0)
+    null = torch.randn(1, 4, 32, 32, generator=gen)
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:16, 8:20] = True
+    jitter = 0.2 * torch.randn(1, 1, 4, 32, 32, generator=gen)  # white, like half-precision rounding
+    text = null.unsqueeze(1) + 0.3 * inside + jitter
+    hits = {}
+    for sigma in (0.0, 1.0):
+        maps = noise_difference(text, null, sigma=sigma)
+        assert maps.shape == (1, 1, 32, 32) and maps.min() == 0 and maps.max() == 1
+        top = maps.flatten().topk(int(inside.sum())).indices
+        hits[sigma] = inside.flatten()[top].float().mean().item()
+    assert hits[1.0] > hits[0.0] + 0.1, hits  # the object's pixels rank first more often once blurred
