@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic GPU kernels, so a resumed run matches an unbroken one bit for bit (slower)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
     return ap.parse_args(argv)
 
@@ -165,7 +168,7 @@ def train(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     samples = load_split(args.data, args.split, args.format)  # bad data fails before anything is written
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
-    set_seed(args.seed)
+    set_seed(args.seed, deterministic=args.deterministic)
     host_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     if accelerator.device.type == "cpu":
         host_dtype = torch.float32
@@ -286,10 +289,17 @@ def train(args: argparse.Namespace) -> Path:
 def main(argv=None) -> None:
     from textmask.errors import TextMaskError
 
+    args = parse_args(argv)
+    if args.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        path = train(parse_args(argv))
+        path = train(args)
     except (FileNotFoundError, ValueError, TextMaskError) as e:  # bad data or model paths: one line, no traceback
         raise SystemExit(f"train_ldznet: error: {e}") from None
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)  # a global switch: leave the caller's as it was
     print(f"wrote {path}")
 
 
