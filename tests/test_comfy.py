@@ -41,9 +41,10 @@ def model_output(model, seed=0):
     """One plain forward of the ModelPatcher's model, the way a sampler would run it."""
     g = torch.Generator().manual_seed(seed)
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    dev = model.load_device  # the CPU, or the GPU under TEXTMASK_COMFY_GPU=1
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model])
-        return model.model.apply_model(x, torch.tensor([3.0]), c_crossattn=ctx)
+        return model.model.apply_model(x.to(dev), torch.tensor([3.0], device=dev), c_crossattn=ctx.to(dev))
 
 
 def hook_counts(model):
@@ -127,7 +128,7 @@ def test_sdxl_pooled_path(pack, sdxl):
     with torch.inference_mode():
         cond = host.encode_prompts(["a photo of a cat"])
         assert cond.extra["pooled"].shape == (1, 32)
-        x = torch.randn(1, 4, 8, 8)
+        x = torch.randn(1, 4, 8, 8).to(host.device, host.dtype)
         eps = host.predict_noise(x, 300, cond, x)
         cond.extra["pooled"] = cond.extra["pooled"] + 1
         assert not torch.allclose(eps, host.predict_noise(x, 300, cond, x))
@@ -202,17 +203,19 @@ def test_v_prediction_model_gives_epsilon(pack, sd15):
     config = comfy.supported_models.SD15(dict(comfy_env.SD15_UNET))
     base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     comfy_env.init_weights(base.diffusion_model, 0)
-    vmodel = comfy.model_patcher.ModelPatcher(base.eval(), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    dev = torch.device("cpu")  # also under TEXTMASK_COMFY_GPU=1: a MODEL loaded off the default device
+    vmodel = comfy.model_patcher.ModelPatcher(base.eval(), load_device=dev, offload_device=dev)
     host = pack.nodes.text_mask.ComfyHost(vmodel, sd15[1], sd15[2])
     with torch.inference_mode():
         cond = host.encode_prompts(["a cat"])
-        z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+        z0, noise = torch.randn(1, 4, 8, 8).to(dev), torch.randn(1, 4, 8, 8).to(dev)
         x = host.add_noise(z0, noise, 400)
         eps = host.predict_noise(x, 400, cond, z0)
         sigma = float(base.model_sampling.sigma(torch.tensor([400.0])))
         alpha_bar = 1 / (sigma**2 + 1)
         x_vp = x * alpha_bar**0.5  # ComfyUI's x = x_vp / √ᾱ
-        v = base.diffusion_model(x_vp, base.model_sampling.timestep(torch.tensor([sigma])).float(), context=cond.context)
+        t = base.model_sampling.timestep(torch.tensor([sigma])).float().to(dev)
+        v = base.diffusion_model(x_vp, t, context=cond.context)
         torch.testing.assert_close(eps, alpha_bar**0.5 * v + (1 - alpha_bar) ** 0.5 * x_vp, atol=1e-4, rtol=1e-4)
         mask, _ = run_node(pack, (vmodel, sd15[1], sd15[2]), torch.rand(1, 32, 32, 3))
     assert mask.shape == (1, 32, 32)

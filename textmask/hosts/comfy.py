@@ -72,7 +72,7 @@ class ComfyHost:
 
     @property
     def device(self) -> torch.device:
-        return model_management.get_torch_device()
+        return self.patcher.load_device  # where load_models_gpu puts this MODEL, as ComfyUI's samplers ask
 
     @property
     def dtype(self) -> torch.dtype:
