@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import assert_unchanged, state_snapshot
+from textmask.demo.evaluate import iou
 from textmask.demo.model import MODEL_DIR
 from textmask.demo.scenes import make_scene, split_seeds
 from textmask.masker import TextMasker
@@ -22,12 +23,6 @@ def scenes():
 @pytest.fixture(scope="module")
 def cpu_masker():
     return TextMasker.from_pretrained(MODEL_DIR, device="cpu", dtype=torch.float32)
-
-
-def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a > 0.5, b > 0.5
-    union = (a | b).sum().item()
-    return 1.0 if union == 0 else (a & b).sum().item() / union
 
 
 LDZNET = MODEL_DIR / "ldznet.safetensors"
@@ -50,11 +45,11 @@ def test_cuda_half_masks_match_cpu_fp32(scenes, cpu_masker, dtype, method):
     assert out.masks.device.type == "cpu" and out.masks.dtype == torch.float32  # what a host's MASK expects
     assert torch.isfinite(out.heatmaps).all()
     corr = np.corrcoef(out.heatmaps.flatten().numpy(), ref.heatmaps.flatten().numpy())[0, 1]
-    iou = _iou(out.masks, ref.masks)
-    print(f"\n{method} {dtype}: heatmap correlation {corr:.4f}, mask IoU {iou:.4f}")
+    agree = iou(out.masks.numpy() > 0.5, ref.masks.numpy() > 0.5)
+    print(f"\n{method} {dtype}: heatmap correlation {corr:.4f}, mask IoU {agree:.4f}")
     min_corr, min_iou = LOOSER.get((method, dtype), (0.97, 0.85))
     assert corr > min_corr, corr
-    assert iou > min_iou, iou
+    assert agree > min_iou, agree
 
 
 def test_cuda_model_bit_identical_after_masking(scenes):

@@ -165,3 +165,15 @@ def test_a_step_budget_gives_the_same_run_twice():
         assert torch.equal(p, q), name
     fresh = train_unet(latents, ids, minutes=0.0, batch=2, log=Log(), seed=0, frozen_text=True, token_mixing=False)[0]
     assert any(not torch.equal(p, q) for p, q in zip(runs[0][0].parameters(), fresh.parameters()))  # 3 steps trained
+
+
+def test_bad_budget_or_device_is_a_one_line_error_before_any_work(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "shapes" / "train_model.py"
+    for bad in (["--unet-steps", "0"], ["--device", "gpu"]):
+        run = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out"), *bad],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith("train_model.py: error: ")
+        assert not (tmp_path / "out").exists()

@@ -367,6 +367,14 @@ def main() -> None:
                     help="a UNet with the 32x32 and 16x16 levels only, its mid block at 16x16 (no 8x8 level); "
                          "not with --init-from, whose UNet is kept")
     args = ap.parse_args()
+    if args.unet_steps is not None and args.unet_steps < 1:
+        ap.error(f"--unet-steps must be at least 1, got {args.unet_steps}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device: unknown device '{args.device}' (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is available")  # before the scene pool, not after it
     torch.set_num_threads(args.threads)
     t0 = time.time()
     images, phrases = scene_pool(args.scenes, workers=max(2, args.threads))

@@ -18,4 +18,4 @@ def noise_difference(eps_text: torch.Tensor, eps_null: torch.Tensor, sigma: floa
     eps_text is [B, P, C, h, w] (one row per phrase), eps_null is [B, C, h, w]; returns [B, P, h, w].
     """
     diff = (eps_text.float() - eps_null.float().unsqueeze(1)).norm(dim=2)
-    return normalize(gaussian_blur(normalize(diff), sigma))
+    return normalize(gaussian_blur(normalize(diff), sigma))  # normalised first: the blur clamps to [0, 1]
