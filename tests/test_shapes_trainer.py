@@ -155,6 +155,22 @@ def test_two_level_unet_reads_the_text_at_32_and_16_only():
     assert grids["mid_block.attentions.0.transformer_blocks.0.attn2"] == 16 * 16
 
 
+def test_unet_channels_and_heads_widen_the_unet_and_keep_its_levels():
+    from argparse import Namespace
+
+    from diffusers import UNet2DConditionModel
+    from train_model import CONFIGS, unet_config
+
+    assert unet_config(Namespace(two_levels=False, unet_channels=None, unet_heads=None)) == CONFIGS["unet"]
+    config = unet_config(Namespace(two_levels=False, unet_channels=[64, 96, 144], unet_heads=8))
+    unet = UNet2DConditionModel(**config)
+    attn = unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
+    assert (attn.heads, attn.inner_dim) == (8, 64)
+    assert [b.resnets[0].out_channels for b in unet.down_blocks] == [64, 96, 144]
+    two = unet_config(Namespace(two_levels=True, unet_channels=[64, 128], unet_heads=None))
+    assert two["block_out_channels"] == [64, 128] and two["down_block_types"] == ["CrossAttnDownBlock2D"] * 2
+
+
 def test_a_step_budget_gives_the_same_run_twice():
     ids = token_ids(["a red circle and a blue square", "a green star"])
     latents = torch.randn(2, 4, 32, 32)
@@ -171,7 +187,7 @@ def test_bad_budget_or_device_is_a_one_line_error_before_any_work(tmp_path):
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "shapes" / "train_model.py"
-    for bad in (["--unet-steps", "0"], ["--device", "gpu"]):
+    for bad in (["--unet-steps", "0"], ["--device", "gpu"], ["--unet-channels", "64,96"], ["--unet-channels", "64,96,150"]):
         run = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out"), *bad],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and "Traceback" not in run.stderr

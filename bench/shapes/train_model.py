@@ -51,6 +51,16 @@ TWO_LEVEL_UNET = {**CONFIGS["unet"], "block_out_channels": [48, 96], "down_block
                   "up_block_types": ["CrossAttnUpBlock2D"] * 2}
 
 
+def unet_config(args) -> dict:
+    """The UNet config the command line asks for: release 3's, or two levels, with any channels or heads given."""
+    config = dict(TWO_LEVEL_UNET if args.two_levels else CONFIGS["unet"])
+    if args.unet_channels:
+        config["block_out_channels"] = list(args.unet_channels)
+    if args.unet_heads:
+        config["attention_head_dim"] = args.unet_heads  # diffusers' name for the number of heads
+    return config
+
+
 def _render(seed: int):
     s = make_scene(seed)
     return (s.image * 255 + 0.5).astype(np.uint8), [o.phrase for o in s.objects]
@@ -366,7 +376,13 @@ def main() -> None:
     ap.add_argument("--two-levels", action="store_true",
                     help="a UNet with the 32x32 and 16x16 levels only, its mid block at 16x16 (no 8x8 level); "
                          "not with --init-from, whose UNet is kept")
+    ap.add_argument("--unet-channels", type=lambda v: [int(c) for c in v.split(",")],
+                    help="the UNet's channels per level, e.g. 64,96,144 (default 48,64,96); not with --init-from")
+    ap.add_argument("--unet-heads", type=int, help="attention heads per transformer (default 4); not with --init-from")
     args = ap.parse_args()
+    if args.unet_channels is not None and (len(args.unet_channels) != (2 if args.two_levels else 3)
+                                           or any(c <= 0 or c % 16 for c in args.unet_channels)):
+        ap.error(f"--unet-channels: one positive multiple of 16 per level, got {args.unet_channels}")
     if args.unet_steps is not None and args.unet_steps < 1:
         ap.error(f"--unet-steps must be at least 1, got {args.unet_steps}")
     try:
@@ -401,6 +417,7 @@ def main() -> None:
             "qk_gain": args.qk_gain, "self_qk_gain": args.self_qk_gain, "token_mixing": args.token_mixing,
             "previous_token": args.previous_token, "scaling_factor": scaling,
             "partial_captions": args.partial_captions, "distractors": args.distractors, "two_levels": args.two_levels,
+            "unet_channels": args.unet_channels, "unet_heads": args.unet_heads,
             "init_from": str(args.init_from) if args.init_from else None,
             "unet_step_budget": args.unet_steps, "device": args.device,
             "minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "torch": torch.__version__,
@@ -419,7 +436,7 @@ def main() -> None:
                                         partial=args.partial_captions, init_from=args.init_from,
                                         distractors=args.distractors, self_qk_gain=args.self_qk_gain,
                                         previous_token=args.previous_token,
-                                        unet_config=TWO_LEVEL_UNET if args.two_levels else None,
+                                        unet_config=unet_config(args),
                                         device=args.device, steps=args.unet_steps)
     info = describe(unet_steps, unet, text)
     save(args.out, vae, unet, text, scaling, info)
