@@ -237,6 +237,21 @@ def test_kmeans_is_deterministic():
     assert kmeans(pts[:3], 32).shape == (3, 3)
 
 
+def test_kmeans_finds_separated_clusters_and_handles_degenerate_points(monkeypatch):
+    from textmask.ovdiff import prototypes
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.eye(4, 16) * 20
+    pts = means.repeat_interleave(200, 0) + torch.randn(800, 16, generator=g)
+    centres = kmeans(pts, 4, seed=3)
+    assert torch.cdist(centres, means).min(0).values.max() < 0.5  # each true centre found
+    assert torch.equal(kmeans(torch.ones(6, 16), 3), torch.ones(3, 16))  # identical points: no division by zero
+    assert kmeans(torch.zeros(0, 16), 4).shape == (0, 16)
+    monkeypatch.setattr(prototypes, "MAX_KMEANS_POINTS", 100)  # a deterministic subsample of the points
+    sub = kmeans(pts, 4, seed=3)
+    assert torch.equal(sub, kmeans(pts, 4, seed=3)) and torch.cdist(sub, means).min(0).values.max() < 2.0  # 25 points a cluster
+
+
 def test_windows():
     boxes = window_boxes(512, 512, 1.0)
     assert boxes[0] == (0, 0, 512, 512) and len(boxes) == 1 + 4 + 4
