@@ -66,7 +66,8 @@ class SelfAttentionAggregate:
 
     Keys are bilinearly upsampled to R×R and rows renormalised to sum 1; query rows of smaller layers
     are repeated (nearest) onto the R×R grid; layer weights are proportional to the side length.
-    The first self-attention layer of a UNet forward is the largest, which fixes R.
+    The first self-attention layer of a UNet forward is the largest, which fixes R. Chunks of R-sized
+    layers are added straight into the sum, so the only R²×R² tensor is the sum itself.
     """
 
     def __init__(self):
@@ -74,19 +75,24 @@ class SelfAttentionAggregate:
         self.sum: torch.Tensor | None = None
         self.weight_total = 0.0
         self._layer: AttentionLayer | None = None
-        self._buffer: torch.Tensor | None = None  # current layer, [B, n, R²]
+        self._buffer: torch.Tensor | None = None  # current smaller layer, [B, n, R²]
 
     def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
+        b, rows, _ = probs.shape
         if self.size is None:
             self.size = layer.size
-        if self._layer is None or layer.name != self._layer.name:
+        if self.sum is None:
+            n = self.size[0] * self.size[1]
+            self.sum = torch.zeros(b, n, n, device=probs.device)
+        if start == 0:  # a layer's first chunk in this forward
+            self.weight_total += float(layer.size[0])
+        if layer.size == self.size:
+            self.sum[:, start : start + rows].add_(probs, alpha=float(layer.size[0]))  # rows already sum to 1
+            return
+        if self._layer is None or layer.name != self._layer.name or start == 0:
             self._flush()
             self._layer = layer
-            self._buffer = torch.empty(probs.shape[0], layer.tokens, self.size[0] * self.size[1], device=probs.device)
-        b, rows, _ = probs.shape
-        if layer.size == self.size:
-            self._buffer[:, start : start + rows] = probs  # rows already sum to 1
-            return
+            self._buffer = torch.empty(b, layer.tokens, self.size[0] * self.size[1], device=probs.device)
         keys = F.interpolate(probs.reshape(b * rows, 1, *layer.size), size=self.size, mode="bilinear", align_corners=False)
         keys = keys.reshape(b, rows, -1)
         self._buffer[:, start : start + rows] = keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -98,15 +104,18 @@ class SelfAttentionAggregate:
             return
         r_h, r_w = self.size
         h, w = layer.size
-        if (h, w) != (r_h, r_w):
-            # Nearest-neighbour query upsampling: each R-grid cell takes its coarse cell's row.
-            rows = torch.arange(r_h, device=buf.device) * h // r_h
-            cols = torch.arange(r_w, device=buf.device) * w // r_w
-            index = (rows[:, None] * w + cols[None, :]).reshape(-1)
-            buf = buf.index_select(1, index)
         weight = float(h)
-        self.sum = buf * weight if self.sum is None else self.sum.add_(buf, alpha=weight)
-        self.weight_total += weight
+        b, n = buf.shape[0], buf.shape[-1]
+        if r_h % h == 0 and r_w % w == 0:
+            # Nearest-neighbour query upsampling as a broadcast add: no R²×R² temporary.
+            grid = self.sum.view(b, h, r_h // h, w, r_w // w, n)
+            grid.add_(buf.view(b, h, 1, w, 1, n), alpha=weight)
+            return
+        # Sizes that do not divide (odd latents): each R-grid cell takes its coarse cell's row.
+        rows = torch.arange(r_h, device=buf.device) * h // r_h
+        cols = torch.arange(r_w, device=buf.device) * w // r_w
+        index = (rows[:, None] * w + cols[None, :]).reshape(-1)
+        self.sum.add_(buf.index_select(1, index), alpha=weight)
 
     def result(self) -> torch.Tensor:
         """The aggregate [B, R², R²], rows summing to 1."""
@@ -132,13 +141,17 @@ def refine_with_self_attention(
     ca = ca.reshape(b, p, -1).transpose(1, 2).float()  # [B, N, P]
     sa = self_attention.float()
     if mode == "transpose":
-        walk = sa.transpose(1, 2)
-        walk = walk / walk.sum(-1, keepdim=True).clamp_min(1e-12)
+        # rownorm(SAᵀ)·CA as SAᵀ·CA over SA's column sums: no normalised N×N copy of SAᵀ.
+        column_sums = sa.sum(1).clamp_min(1e-12)[..., None]  # [B, N, 1]
+
+        def walk(x: torch.Tensor) -> torch.Tensor:
+            return (sa.transpose(1, 2) @ x) / column_sums
     elif mode == "forward":
-        walk = sa
+        def walk(x: torch.Tensor) -> torch.Tensor:
+            return sa @ x
     else:
         raise ValueError(f"unknown refine mode {mode!r}")
     for _ in range(max(1, steps)):
-        ca = walk @ ca
+        ca = walk(ca)
     out = ca.transpose(1, 2).reshape(b, p, *size)
     return normalize(out)
