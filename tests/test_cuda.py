@@ -91,3 +91,18 @@ def test_shapes_trainer_on_cuda():
                                    frozen_text=True, token_mixing=False, qk_gain=2.5, device="cuda", steps=3)
     assert steps == 3
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_cuda_ovdiff_builds_on_the_gpu_and_segments_like_the_cpu(scenes, cpu_masker, tmp_path):
+    gpu = TextMasker.from_pretrained(MODEL_DIR, device="cuda", dtype=torch.float16)
+    phrases = sorted({o.phrase for s in scenes[:2] for o in s.objects})[:2]
+    built = gpu.build_prototypes(phrases, images=2, steps=4, cache_dir=tmp_path / "gpu")  # features stay on the GPU
+    for c in built.classes:
+        assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in (*c.fg.values(), *c.bg.values()))
+    protos = cpu_masker.build_prototypes(phrases, images=2, steps=4, cache_dir=tmp_path / "cpu")
+    images = [s.image for s in scenes[:2]]
+    ref, out = cpu_masker.ovdiff(images, protos), gpu.ovdiff(images, protos)
+    assert out.masks.shape == ref.masks.shape and out.masks.device.type == "cpu"
+    agree = iou(out.masks.numpy() > 0.5, ref.masks.numpy() > 0.5)
+    print(f"\novdiff fp16 against CPU fp32, same prototypes: mask IoU {agree:.4f}")
+    assert agree > 0.85, agree

@@ -32,17 +32,19 @@ def anchor_grid(size: tuple[int, int], points: int = 16) -> torch.Tensor:
 
 def merge_once(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     """Greedily merge maps [M, N] whose symmetric KL to a not-yet-merged map is below ``threshold``."""
-    dist = symmetric_kl(maps, maps) < threshold
-    taken = torch.zeros(len(maps), dtype=torch.bool, device=maps.device)
-    merged = []
+    # The greedy pass runs on the CPU (a GPU would sync on every step); the means are one product on the device.
+    dist = (symmetric_kl(maps, maps) < threshold).cpu()
+    taken = torch.zeros(len(maps), dtype=torch.bool)
+    groups = []
     for i in range(len(maps)):
         if taken[i]:
             continue
         group = dist[i] & ~taken
         group[i] = True
         taken |= group
-        merged.append(maps[group].mean(0))
-    return torch.stack(merged)
+        groups.append(group)
+    members = torch.stack(groups).to(maps.device, maps.dtype)  # [G, M]
+    return (members @ maps) / members.sum(1, keepdim=True)
 
 
 def diffseg(

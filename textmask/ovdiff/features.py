@@ -28,8 +28,8 @@ def feature_layer(layer: AttentionLayer, cross_layers: int) -> bool:
 @torch.inference_mode()
 def extract(host: Host, latents: torch.Tensor, empty: Conditioning, seed: int, *,
             with_segments: bool = False) -> tuple[torch.Tensor, SelfAttentionAggregate | None]:
-    """Features [B, D, 64, 64] (float32, CPU) of host-scaled ``latents``; with ``with_segments`` also the
-    self-attention aggregate of the same forward, for DiffSeg."""
+    """Features [B, D, 64, 64] (float32, on the latents' device) of host-scaled ``latents``; with
+    ``with_segments`` also the self-attention aggregate of the same forward, for DiffSeg."""
     b = latents.shape[0]
     noise = image_noise(latents.shape[1:], seed, b).to(latents.device, latents.dtype)
     noisy = host.add_noise(latents, noise, FEATURE_TIMESTEP)
@@ -44,7 +44,7 @@ def extract(host: Host, latents: torch.Tensor, empty: Conditioning, seed: int, *
             continue
         q = cap.queries[layer.name].float()  # [B, h*w, C]
         grid = q.transpose(1, 2).reshape(b, q.shape[-1], *layer.size)
-        parts.append(F.interpolate(grid, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear", align_corners=False).cpu())
+        parts.append(F.interpolate(grid, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear", align_corners=False))
     if not parts:
         raise RuntimeError("no cross-attention queries were captured")
     return torch.cat(parts, dim=1), selfagg

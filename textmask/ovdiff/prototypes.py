@@ -137,8 +137,9 @@ def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None
         fg = F.interpolate(fg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
         bg = F.interpolate(bg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
         flat = feats[0].reshape(feats.shape[1], -1).T  # [64*64, D]
-        fg_feats.append(flat[fg.reshape(-1)])
-        bg_feats.append(flat[bg.reshape(-1)])
+        # Only the chosen pixels' features leave the device: 32 images' full features would not fit a small GPU.
+        fg_feats.append(flat[fg.reshape(-1).to(flat.device)].cpu())
+        bg_feats.append(flat[bg.reshape(-1).to(flat.device)].cpu())
     fg_protos = _prototypes(fg_feats, settings.kmeans, settings.seed)
     if not fg_protos:
         raise TextMaskError(f"OVDiff found no foreground for '{name}' in {len(images)} support images; try more images")

@@ -47,12 +47,17 @@ def window_boxes(height: int, width: int, scale: float) -> list[tuple[int, int, 
 
 
 def match(features: torch.Tensor, fg: list[torch.Tensor], bg: torch.Tensor) -> torch.Tensor:
-    """Scores [1 + C, h, w]: background first (max cosine over ``bg``), then each class's max over its ``fg``."""
+    """Scores [1 + C, h, w] on the CPU: background first (max cosine over ``bg``), then each class's max over its
+    ``fg``. The products run on the features' device; the prototypes go to it."""
     d, h, w = features.shape
     f = F.normalize(features.reshape(d, -1).T.float(), dim=-1)  # [N, D]
-    out = [(f @ F.normalize(bg.float(), dim=-1).T).max(-1).values if len(bg) else torch.full((h * w,), -1.0)]
-    out += [(f @ F.normalize(p.float(), dim=-1).T).max(-1).values for p in fg]
-    return torch.stack(out).reshape(-1, h, w)
+
+    def best(protos: torch.Tensor) -> torch.Tensor:
+        return (f @ F.normalize(protos.to(f.device).float(), dim=-1).T).max(-1).values
+
+    out = [best(bg) if len(bg) else torch.full((h * w,), -1.0, device=f.device)]
+    out += [best(p) for p in fg]
+    return torch.stack(out).reshape(-1, h, w).cpu()
 
 
 def clip_select(clip, image: torch.Tensor, names: Sequence[str], topk: int = 3) -> list[int]:
