@@ -1,6 +1,6 @@
-"""OVDiff's cost beyond the host's own work (full-size SD1.5 UNet, random weights, CPU).
+"""OVDiff's cost beyond the host's own work (full-size SD1.5 UNet, random weights).
 
-    python bench/ovdiff_overhead.py [--size 512] [--images 2] [--steps 4]
+    python bench/ovdiff_overhead.py [--size 512] [--images 2] [--steps 4] [--device cuda --dtype float16]
 
 Prototype building: the sampler's plain time against the whole build of one class, split into attribution
 captured during sampling (a per-forward cost, measured as the median of alternating hooked and plain
@@ -35,7 +35,7 @@ def stable_prompts(host):
 
     def encode(prompts):
         ctx = [torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(zlib.crc32(p.encode()))) for p in prompts]
-        return Conditioning(torch.cat(ctx), [TokenMap(tokenize(host.tokenizer, p)) for p in prompts])
+        return Conditioning(torch.cat(ctx).to(host.device, host.dtype), [TokenMap(tokenize(host.tokenizer, p)) for p in prompts])
 
     host.encode_prompts = encode
     return host
@@ -51,7 +51,7 @@ def capture_overhead(host, n: int, size: int, repeats: int = 5) -> float:
 
     cond = host.encode_prompts([support.PROMPT.format("cat")])
     both = host.encode_prompts([support.NEGATIVE, support.PROMPT.format("cat")]).select([0] * n + [1] * n)
-    x = torch.randn(2 * n, 4, size // 8, size // 8)
+    x = torch.randn(2 * n, 4, size // 8, size // 8).to(host.device, host.dtype)
     positions = cond.token_maps[0].find("cat")
 
     def plain():
@@ -75,6 +75,8 @@ def capture_overhead(host, n: int, size: int, repeats: int = 5) -> float:
 def timed(fn):
     t = time.perf_counter()
     out = fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # GPU kernels are queued, not done, when fn returns
     return time.perf_counter() - t, out
 
 
@@ -83,12 +85,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's dtype")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is available")
     torch.set_num_threads(2)
     from textmask.ovdiff import build_prototypes, segment
     from textmask.ovdiff import support
 
-    host = stable_prompts(build_host(args.size))
+    host = stable_prompts(build_host(args.size, args.device, getattr(torch, args.dtype)))
     n, steps = args.images, args.steps
     with torch.inference_mode():
         host.sample("warm up", support.NEGATIVE, 1, steps=1, cfg=8.0, seed=0)
@@ -107,7 +113,7 @@ def main() -> None:
 
         forwards = len(window_boxes(args.size, args.size, args.size / 512))
         empty = host.encode_prompts([""])
-        lat = torch.randn(1, 4, args.size // 8, args.size // 8)
+        lat = torch.randn(1, 4, args.size // 8, args.size // 8).to(host.device, host.dtype)
 
         def plain_forwards():
             for _ in range(forwards):
@@ -116,7 +122,8 @@ def main() -> None:
         plain_seg, _ = timed(plain_forwards)
     d = protos.classes[0].fg["mean"].shape[1]
     full = (1 + 32 + 32) * 2 * d * 2  # 32 images, K=32, fg and bg, fp16
-    print(f"SD1.5 UNet (random weights), {args.size}px, CPU 2 threads; {n} support images x {steps} steps")
+    where = torch.cuda.get_device_name() if host.device.type == "cuda" else "CPU 2 threads"
+    print(f"SD1.5 UNet (random weights), {args.dtype}, {args.size}px, {where}; {n} support images x {steps} steps")
     print(f"sampler alone: {plain:.1f}s; with attribution capture: {hooked:.1f}s; whole build: {total:.1f}s "
           f"(after sampling: {after:.1f}s for {n} images)")
     print(f"attribution capture per sampler forward: +{capture:.1%} (median of alternating runs)")

@@ -1,10 +1,11 @@
-"""Overhead of textmask's methods against one plain UNet forward (full-size SD1.5 UNet, random weights, CPU).
+"""Overhead of textmask's methods against one plain UNet forward (full-size SD1.5 UNet, random weights).
 
-    python bench/overhead.py [--size 512] [--repeats 3]
+    python bench/overhead.py [--size 512] [--repeats 3] [--device cuda --dtype float16]
 
 Each row times exactly what TextMasker.mask runs per batch once latents exist: the hooked UNet forward plus
 the method's decoding (textmask.masker.method_heatmaps). Peak extra memory is the RSS peak above the plain
-forward's own peak, sampled every 2 ms, as a share of the UNet's weight bytes.
+forward's own peak, sampled every 2 ms, as a share of the UNet's weight bytes; on CUDA it is the peak of
+allocated GPU memory above the plain forward's.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
-def build_host(size: int):
+def build_host(size: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from textmask.hosts.diffusers import CONFIGS, DiffusersHost
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd1" / "unet" / "config.json").read_text())).eval()
+    unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd1" / "unet" / "config.json").read_text()))
+    unet = unet.eval().to(device, dtype)
     # The VAE and text encoder are not timed (contexts are random); tiny stand-ins keep memory for the UNet.
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1)
@@ -41,7 +43,8 @@ def build_host(size: int):
 
         def encode_images(self, pixels):
             g = torch.Generator().manual_seed(1)
-            return torch.randn(pixels.shape[0], 4, pixels.shape[-2] // 8, pixels.shape[-1] // 8, generator=g)
+            z = torch.randn(pixels.shape[0], 4, pixels.shape[-2] // 8, pixels.shape[-1] // 8, generator=g)
+            return z.to(self.device, self.dtype)
 
         def encode_prompts(self, prompts):
             from textmask.hosts.base import Conditioning
@@ -50,9 +53,23 @@ def build_host(size: int):
 
             g = torch.Generator().manual_seed(2)
             maps = [TokenMap(tokenize(self.tokenizer, p)) for p in prompts]
-            return Conditioning(torch.randn(len(prompts), 77, 768, generator=g), maps)
+            return Conditioning(torch.randn(len(prompts), 77, 768, generator=g).to(self.device, self.dtype), maps)
 
     return BenchHost(unet, vae, te, resolution=size)
+
+
+class PeakCUDA:
+    """``peak`` is the most GPU memory allocated above the level at entry (CUDA's own peak counter)."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() - self.base
 
 
 class PeakRSS:
@@ -85,15 +102,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size / 8)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's dtype")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is available")
+    dtype = getattr(torch, args.dtype)
+    cuda = args.device.startswith("cuda")
+    peak_memory = PeakCUDA if cuda else PeakRSS
 
-    host = build_host(args.size)
+    host = build_host(args.size, args.device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in host.unet.parameters())
     side = args.size // 8
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, side, side, generator=g)
-    noisy = host.add_noise(latents, torch.randn(latents.shape, generator=g), DEFAULT_TIMESTEP)
-    cond = Conditioning(torch.randn(1, 77, 768, generator=g), [None])
+    latents = torch.randn(1, 4, side, side, generator=g).to(args.device, dtype)
+    noisy = host.add_noise(latents, torch.randn(latents.shape, generator=g).to(args.device, dtype), DEFAULT_TIMESTEP)
+    cond = Conditioning(torch.randn(1, 77, 768, generator=g).to(args.device, dtype), [None])
     one = [[5]]
     eight = [[5 + i] for i in range(8)]
 
@@ -118,14 +142,17 @@ def main() -> None:
         plain()  # warm-up
         for _ in range(args.repeats):
             for name, fn in rows.items():  # interleaved, so drift hits every row alike
-                with PeakRSS() as mem:
+                with peak_memory() as mem:
                     t0 = time.perf_counter()
                     fn()
+                    if cuda:
+                        torch.cuda.synchronize()  # kernels are queued, not done, when fn returns
                     times[name].append(time.perf_counter() - t0)
                 peaks[name] = max(peaks[name], mem.peak)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"SD1.5 UNet, random weights, {args.size}x{args.size} ({side}x{side} latent), {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"SD1.5 UNet, random weights, {args.dtype}, {args.size}x{args.size} ({side}x{side} latent), {where}, "
           f"median of {args.repeats}; weights {weight_bytes / 2**30:.2f} GiB")
     print(f"{'row':<22}{'seconds':>9}{'ratio':>8}{'peak +MiB':>11}")  # ratio against one plain forward
     for k in rows:
