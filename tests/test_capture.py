@@ -210,3 +210,41 @@ def test_row_selection():
     for name, p in full.probs.items():
         expected = p[1:2] if part.layer(name).kind == "self" else p
         torch.testing.assert_close(part.probs[name], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("big, small", [((8, 8), (4, 4)), ((6, 4), (3, 2)), ((5, 5), (3, 3))])
+def test_self_attention_aggregate_matches_its_definition(big, small):
+    """Keys bilinear to R×R and renormalised, queries nearest onto R×R, weights ∝ side, over chunks and forwards."""
+    import torch.nn.functional as F
+
+    from textmask.capture import AttentionLayer
+    from textmask.methods import SelfAttentionAggregate
+
+    g = torch.Generator().manual_seed(0)
+    n = big[0] * big[1]
+
+    def probs(size):
+        t = size[0] * size[1]
+        return (torch.rand(2, t, t, generator=g) * 4).softmax(-1)
+
+    layers = [("a", big, probs(big)), ("b", small, probs(small)), ("c", big, probs(big)), ("d", small, probs(small))]
+    agg = SelfAttentionAggregate()
+    for _ in range(2):  # two forwards: each counts once more
+        for name, size, p in layers:
+            layer = AttentionLayer(name, "self", 1, 1, size, 2)
+            for start in range(0, p.shape[1], 7):
+                agg(layer, start, p[:, start : start + 7])
+    expected = torch.zeros(2, n, n)
+    for name, size, p in layers:
+        if size == big:
+            expected += size[0] * p
+            continue
+        keys = F.interpolate(p.reshape(-1, 1, *size), size=big, mode="bilinear", align_corners=False).reshape(2, -1, n)
+        keys = keys / keys.sum(-1, keepdim=True)
+        rows = torch.arange(big[0]) * size[0] // big[0]
+        cols = torch.arange(big[1]) * size[1] // big[1]
+        expected += size[0] * keys[:, (rows[:, None] * size[1] + cols[None, :]).reshape(-1)]
+    expected /= sum(size[0] for _, size, _ in layers)
+    result = agg.result()
+    assert torch.allclose(result, expected, atol=1e-6)
+    assert torch.allclose(result.sum(-1), torch.ones(2, n), atol=1e-5)

@@ -48,6 +48,28 @@ def test_merging_is_monotone_in_tau():
     assert counts == sorted(counts, reverse=True) and counts[0] == 40 and counts[-1] == 1
 
 
+def test_merging_averages_each_greedy_group():
+    a = torch.tensor([0.7, 0.2, 0.1])
+    b = torch.tensor([0.1, 0.2, 0.7])
+    maps = torch.stack([a, torch.tensor([0.68, 0.22, 0.1]), b, torch.tensor([0.12, 0.2, 0.68])])
+    merged = merge_once(maps, 0.05)  # 0 takes 1, then 2 takes 3
+    torch.testing.assert_close(merged, torch.stack([maps[:2].mean(0), maps[2:].mean(0)]))
+
+
+def test_refinement_is_the_row_normalised_transpose_walk():
+    from textmask.methods import refine_with_self_attention
+    from textmask.postprocess import normalize
+
+    g = torch.Generator().manual_seed(2)
+    sa = (torch.rand(1, 16, 16, generator=g) * 3).softmax(-1)
+    ca = torch.rand(1, 2, 4, 4, generator=g)
+    walk = sa.transpose(1, 2) / sa.transpose(1, 2).sum(-1, keepdim=True)  # AggSD eq. 2, written out
+    expected = normalize((walk @ ca.reshape(1, 2, 16).transpose(1, 2)).transpose(1, 2).reshape(1, 2, 4, 4))
+    torch.testing.assert_close(refine_with_self_attention(ca, sa, (4, 4)), expected, atol=1e-5, rtol=0)
+    forward = normalize((sa @ ca.reshape(1, 2, 16).transpose(1, 2)).transpose(1, 2).reshape(1, 2, 4, 4))
+    torch.testing.assert_close(refine_with_self_attention(ca, sa, (4, 4), mode="forward"), forward, atol=1e-5, rtol=0)
+
+
 def test_anchor_grid():
     idx = anchor_grid((64, 64))
     assert len(idx) == 256 and idx.min() == 0 and idx.max() == 64 * 64 - 1
