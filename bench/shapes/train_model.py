@@ -383,6 +383,10 @@ def main() -> None:
     if args.unet_channels is not None and (len(args.unet_channels) != (2 if args.two_levels else 3)
                                            or any(c <= 0 or c % 16 for c in args.unet_channels)):
         ap.error(f"--unet-channels: one positive multiple of 16 per level, got {args.unet_channels}")
+    shaping = [f for f, on in (("--two-levels", args.two_levels), ("--unet-channels", args.unet_channels),
+                                ("--unet-heads", args.unet_heads), ("--previous-token", args.previous_token)) if on]
+    if args.init_from and shaping:
+        ap.error(f"--init-from keeps its model's UNet and text encoder, so {', '.join(shaping)} would do nothing")
     if args.unet_steps is not None and args.unet_steps < 1:
         ap.error(f"--unet-steps must be at least 1, got {args.unet_steps}")
     try:
