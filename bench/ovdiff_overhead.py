@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from overhead import build_host  # noqa: E402
+from overhead import add_device_arguments, build_host, parsed_device  # noqa: E402
 
 
 def stable_prompts(host):
@@ -85,16 +85,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's dtype")
+    add_device_arguments(ap)
     args = ap.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA GPU is available")
+    device, dtype = parsed_device(ap, args)
     torch.set_num_threads(2)
     from textmask.ovdiff import build_prototypes, segment
     from textmask.ovdiff import support
 
-    host = stable_prompts(build_host(args.size, args.device, getattr(torch, args.dtype)))
+    host = stable_prompts(build_host(args.size, device, dtype))
     n, steps = args.images, args.steps
     with torch.inference_mode():
         host.sample("warm up", support.NEGATIVE, 1, steps=1, cfg=8.0, seed=0)

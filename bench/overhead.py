@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
-def build_host(size: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def build_host(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -33,7 +33,7 @@ def build_host(size: int, device: str = "cpu", dtype: torch.dtype = torch.float3
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd1" / "unet" / "config.json").read_text()))
-    unet = unet.eval() if (device, dtype) == ("cpu", torch.float32) else unet.eval().to(device, dtype)
+    unet = unet.eval() if (torch.device(device).type, dtype) == ("cpu", torch.float32) else unet.eval().to(device, dtype)
     # The VAE and text encoder are not timed (contexts are random); tiny stand-ins keep memory for the UNet.
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1)
@@ -56,6 +56,23 @@ def build_host(size: int, device: str = "cpu", dtype: torch.dtype = torch.float3
             return Conditioning(torch.randn(len(prompts), 77, 768, generator=g).to(self.device, self.dtype), maps)
 
     return BenchHost(unet, vae, te, resolution=size)
+
+
+def add_device_arguments(ap: argparse.ArgumentParser) -> None:
+    """--device and --dtype, shared by the benchmarks."""
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's dtype")
+
+
+def parsed_device(ap: argparse.ArgumentParser, args) -> tuple[torch.device, torch.dtype]:
+    """The benchmark's device and dtype, or a one-line argparse error before any model is built."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device: unknown device '{args.device}' (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is available")
+    return device, getattr(torch, args.dtype)
 
 
 class PeakCUDA:
@@ -102,22 +119,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size / 8)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's dtype")
+    add_device_arguments(ap)
     args = ap.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA GPU is available")
-    dtype = getattr(torch, args.dtype)
-    cuda = args.device.startswith("cuda")
+    device, dtype = parsed_device(ap, args)
+    cuda = device.type == "cuda"
     peak_memory = PeakCUDA if cuda else PeakRSS
 
-    host = build_host(args.size, args.device, dtype)
+    host = build_host(args.size, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in host.unet.parameters())
     side = args.size // 8
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, side, side, generator=g).to(args.device, dtype)
-    noisy = host.add_noise(latents, torch.randn(latents.shape, generator=g).to(args.device, dtype), DEFAULT_TIMESTEP)
-    cond = Conditioning(torch.randn(1, 77, 768, generator=g).to(args.device, dtype), [None])
+    latents = torch.randn(1, 4, side, side, generator=g).to(device, dtype)
+    noisy = host.add_noise(latents, torch.randn(latents.shape, generator=g).to(device, dtype), DEFAULT_TIMESTEP)
+    cond = Conditioning(torch.randn(1, 77, 768, generator=g).to(device, dtype), [None])
     one = [[5]]
     eight = [[5 + i] for i in range(8)]
 

@@ -188,6 +188,7 @@ def test_bad_budget_or_device_is_a_one_line_error_before_any_work(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "bench" / "shapes" / "train_model.py"
     for bad in (["--unet-steps", "0"], ["--device", "gpu"], ["--unet-channels", "64,96"], ["--unet-channels", "64,96,150"],
+                ["--unet-channels", "64,x,96"], ["--unet-heads", "0"], ["--unet-heads", "5"],
                 ["--init-from", str(tmp_path), "--unet-heads", "8"]):
         run = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out"), *bad],
                              capture_output=True, text=True, timeout=120)

@@ -61,6 +61,11 @@ def unet_config(args) -> dict:
     return config
 
 
+def channel_list(value: str) -> list[int]:
+    """--unet-channels: comma-separated integers, e.g. 64,96,144."""
+    return [int(c) for c in value.split(",")]
+
+
 def _render(seed: int):
     s = make_scene(seed)
     return (s.image * 255 + 0.5).astype(np.uint8), [o.phrase for o in s.objects]
@@ -376,13 +381,17 @@ def main() -> None:
     ap.add_argument("--two-levels", action="store_true",
                     help="a UNet with the 32x32 and 16x16 levels only, its mid block at 16x16 (no 8x8 level); "
                          "not with --init-from, whose UNet is kept")
-    ap.add_argument("--unet-channels", type=lambda v: [int(c) for c in v.split(",")],
+    ap.add_argument("--unet-channels", type=channel_list,
                     help="the UNet's channels per level, e.g. 64,96,144 (default 48,64,96); not with --init-from")
     ap.add_argument("--unet-heads", type=int, help="attention heads per transformer (default 4); not with --init-from")
     args = ap.parse_args()
     if args.unet_channels is not None and (len(args.unet_channels) != (2 if args.two_levels else 3)
                                            or any(c <= 0 or c % 16 for c in args.unet_channels)):
         ap.error(f"--unet-channels: one positive multiple of 16 per level, got {args.unet_channels}")
+    if args.unet_heads is not None:
+        channels = args.unet_channels or unet_config(args)["block_out_channels"]
+        if args.unet_heads < 1 or any(c % args.unet_heads for c in channels):
+            ap.error(f"--unet-heads: a positive divisor of every level's channels {channels}, got {args.unet_heads}")
     shaping = [f for f, on in (("--two-levels", args.two_levels), ("--unet-channels", args.unet_channels),
                                 ("--unet-heads", args.unet_heads), ("--previous-token", args.previous_token)) if on]
     if args.init_from and shaping:
