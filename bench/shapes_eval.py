@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from textmask import TextMasker  # noqa: E402
 from textmask import masker as masker_module  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
-    Scores, ceiling_heatmap, centre_prior, hungarian_miou, object_phrases, otsu_mask, phrase_groups, wrong_phrase)
+    Scores, ceiling_heatmap, centre_prior, hungarian_miou, margin_heatmap, object_phrases, otsu_mask, phrase_groups,
+    wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
 from textmask.demo.scenes import caption as caption_of  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
@@ -204,10 +205,8 @@ def ovdiff_rows(masker, scenes, images: int) -> dict[str, dict]:
             res = masker.ovdiff(scene.image, protos, classes=classes)
             for p in phrases:
                 i = classes.index(p) + 1
-                # The label is an argmax over classes and background, so the heatmap is the phrase's margin over
-                # the best other label, mapped so that 0.5 is the decision boundary.
-                rest = torch.cat([res.scores[0, :i], res.scores[0, i + 1:]]).max(0).values
-                heat = 0.5 + 0.5 * (res.scores[0, i] - rest)
+                # The label is an argmax over classes and background, so the heatmap is the margin over the rest.
+                heat = margin_heatmap(res.scores[0], i)
                 scores.add(heat.numpy(), res.masks[0, i - 1].numpy(), scene.phrase_mask(p))
     return {"ovdiff (scene phrases)": given.summary(), f"ovdiff (all {len(vocabulary)} phrases)": every.summary()}
 

@@ -1,5 +1,6 @@
 """The bundled Shapes model and `textmask demo`: what a user runs first on a fresh machine."""
 
+import re
 
 from PIL import Image
 
@@ -8,9 +9,10 @@ from textmask.demo.model import MODEL_DIR, load_demo_masker
 from textmask.hosts.diffusers import DiffusersHost
 
 # Regression floors, set from the committed model's measured demo scores (see MODEL_CARD.md) minus a margin.
-# Measured on the committed model (4 test scenes, 6 phrases): attention IoU 0.37, attention+refine 0.46,
-# noise-diff 0.25, ld-znet 0.86.
-FLOORS = {"attention": 0.29, "attention+refine": 0.36, "noise-diff": 0.17, "ld-znet": 0.76}
+# Measured on the committed model (4 test scenes, 6 object phrases, 8 relational phrases): attention IoU 0.37,
+# attention+refine 0.46, noise-diff 0.25, ld-znet 0.86, named segments (tau 0.05) 0.17, ovdiff 0.35, refer 0.21.
+FLOORS = {"attention": 0.29, "attention+refine": 0.36, "noise-diff": 0.17, "ld-znet": 0.76,
+          "named-segments (tau 0.05)": 0.10, "ovdiff": 0.25, "refer": 0.13}
 
 
 def test_bundled_model_loads_through_the_diffusers_host():
@@ -22,17 +24,36 @@ def test_bundled_model_loads_through_the_diffusers_host():
     assert not list(MODEL_DIR.rglob("*.bin")) and not list(MODEL_DIR.rglob("*.ckpt"))  # safetensors only
 
 
-def test_demo_command(tmp_path, capsys):
+def test_demo_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEXTMASK_CACHE", str(tmp_path / "cache"))  # OVDiff's prototypes, built by the demo
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] > 128 * 8
     assert len(list(out.glob("*-mask.png"))) == len(list(out.glob("*-heatmap.png"))) > 0
-    scores = {}
-    for line in printed.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] == "IoU":
-            scores[parts[0]] = float(parts[2])
+    for method in ("attention", "ovdiff", "named-segments", "refer"):
+        assert list(out.glob(f"*-{method}-mask.png")), method
+    assert list((tmp_path / "cache" / "ovdiff").glob("*.safetensors"))
+    scores = dict(re.findall(r"^(\S.*?)\s+IoU (\d\.\d\d)", printed, re.M))
+    assert set(scores) == set(FLOORS), scores
     for method, floor in FLOORS.items():
-        assert scores[method] >= floor, (method, scores[method], floor)
+        assert float(scores[method]) >= floor, (method, scores[method], floor)
+
+
+def test_contact_sheet_packs_the_referring_cells_under_the_rows():
+    import numpy as np
+
+    from textmask.demo.demo import contact_sheet
+
+    tile = np.zeros((20, 30, 3), np.float32)
+    rows = [[tile] * 8 for _ in range(2)]
+    cells = [[tile + 0.5] * 3 for _ in range(5)]  # two per row of 8 tiles: three packed rows
+    sheet = contact_sheet(rows, [f"c{i}" for i in range(8)], cells, ["image", "target", "refer"])
+    header = 16
+    assert sheet.shape == (header + 2 * 20 + header + 3 * 20, 8 * 30, 3)
+    packed = sheet[header + 40 + header:]
+    assert (packed[:40, :180] == 0.5).all() and (packed[:40, 180:] == 1).all()  # cells on the left, blanks on the right
+    assert (packed[40:, :90] == 0.5).all() and (packed[40:, 90:] == 1).all()  # the fifth cell alone in the last row
+    alone = contact_sheet(rows, [f"c{i}" for i in range(8)], [], [])
+    assert alone.shape == (header + 40, 240, 3)

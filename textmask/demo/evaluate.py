@@ -73,6 +73,12 @@ def otsu_mask(heatmap: torch.Tensor) -> torch.Tensor:
     return (heatmap > pp.thresholds(heatmap, "auto")).float()
 
 
+def margin_heatmap(scores: torch.Tensor, label: int) -> torch.Tensor:
+    """OVDiff's heatmap for one label of [1 + K, H, W] scores: its margin over the best other label, 0.5 at the tie."""
+    rest = torch.cat([scores[:label], scores[label + 1:]]).max(0).values
+    return 0.5 + 0.5 * (scores[label] - rest)
+
+
 def object_phrases(scene: Scene) -> list[str]:
     return list(dict.fromkeys(o.phrase for o in scene.objects))
 
