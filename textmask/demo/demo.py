@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..io import overlay, save_mask, save_overlay
+from ..ovdiff.prototypes import default_cache_dir
 from .evaluate import Scores, margin_heatmap, object_phrases, otsu_mask
 from .model import MODEL_DIR, load_demo_masker
 from .scenes import Scene, make_scene, split_seeds
@@ -117,8 +118,8 @@ def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) ->
     shown = [*methods, NAMED_SEGMENTS, "ovdiff", "refer"]  # the order of _scene_maps, then refer
     scenes = [make_scene(seed) for seed in split_seeds("test", scenes)]
     vocabulary = sorted({p for scene in scenes for p in object_phrases(scene)})
-    echo(f"OVDiff: prototypes for {len(vocabulary)} phrases, {OVDIFF_SUPPORT['images']} support images each "
-         "(sampled once by the model, then cached)")
+    echo(f"OVDiff: prototypes for {len(vocabulary)} phrases, {OVDIFF_SUPPORT['images']} support images each, "
+         f"sampled by the model once and cached in {default_cache_dir()}")
     masker.host.show_progress = True
     try:
         prototypes = masker.build_prototypes(vocabulary, **OVDIFF_SUPPORT)
