@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import overlay, save_mask, save_overlay
+from ..io import overlay, save_mask, save_rgb
 from ..ovdiff.prototypes import default_cache_dir
 from .evaluate import Scores, margin_heatmap, object_phrases, otsu_mask
 from .model import MODEL_DIR, load_demo_masker
@@ -79,11 +79,11 @@ def contact_sheet(rows: list[list[np.ndarray]], names: list[str], cells: list[li
     return np.concatenate(parts, axis=0)
 
 
-def outlined(image: torch.Tensor, heat: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """The heatmap over the image with the mask's outline drawn in white: one contact-sheet tile."""
+def outlined(rgb: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """A copy of an [H, W, 3] image with the mask's outline drawn in white: one contact-sheet tile."""
     from skimage.segmentation import find_boundaries
 
-    tile = overlay(image, heat).numpy()
+    tile = rgb.numpy().copy()
     tile[find_boundaries(mask.numpy() > 0.5, mode="inner")] = 1.0
     return tile
 
@@ -106,8 +106,6 @@ def _scene_maps(masker, scene: Scene, methods: dict, prototypes) -> dict[str, di
 
 def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) -> dict[str, dict]:
     """Mask the objects of a few test scenes with every method; write PNGs and a contact sheet; return scores."""
-    from PIL import Image
-
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,12 +131,13 @@ def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) ->
         image = torch.from_numpy(scene.image)
         scores[method].add(heat.numpy(), mask.numpy(), gt)
         stem = f"scene{scene.seed}-{phrase.replace(' ', '_')}-{method.split()[0]}"
+        shown_heat = overlay(image, heat)
         save_mask(mask, out / f"{stem}-mask.png")
-        save_overlay(image, heat, out / f"{stem}-heatmap.png")
-        return _tile(outlined(image, heat, mask))
+        save_rgb(shown_heat, out / f"{stem}-heatmap.png")
+        return _tile(outlined(shown_heat, mask))
 
     for scene in scenes:
-        Image.fromarray((scene.image * 255 + 0.5).astype(np.uint8)).save(out / f"scene{scene.seed}.png")
+        save_rgb(torch.from_numpy(scene.image), out / f"scene{scene.seed}.png")
         maps = _scene_maps(masker, scene, methods, prototypes)
         for p in object_phrases(scene):
             gt = scene.phrase_mask(p)
@@ -150,7 +149,7 @@ def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) ->
             tile = score_and_save(scene, phrase, "refer", res.heatmaps[0], res.masks[0], gt)
             refer_cells.append([_tile(scene.image, label=phrase), _tile(_gray(gt)), tile])
     sheet = contact_sheet(object_rows, ["image", "exact mask", *maps], refer_cells, ["image", "target", "refer"])
-    Image.fromarray((sheet * 255 + 0.5).astype(np.uint8)).save(out / "contact_sheet.png")
+    save_rgb(torch.from_numpy(sheet), out / "contact_sheet.png")
     summary = {m: s.summary() for m, s in scores.items() if s.iou}  # refer is absent when no scene has relations
     objects, relations = len(scores["attention"].iou), len(scores["refer"].iou)
     echo(f"{objects} object phrases and {relations} relational phrases in {len(scenes)} scenes, "
