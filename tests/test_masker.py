@@ -249,3 +249,13 @@ def test_noise_difference_blurs_away_pixel_noise():
         top = maps.flatten().topk(int(inside.sum())).indices
         hits[sigma] = inside.flatten()[top].float().mean().item()
     assert hits[1.0] > hits[0.0] + 0.1, hits  # the object's pixels rank first more often once blurred
+
+
+def test_console_progress_stays_quiet_for_quick_work(capsys):
+    from textmask.hosts.base import tqdm_progress
+
+    assert tqdm_progress(1, "one step").disable and tqdm_progress(5, "off", enabled=False).disable
+    with tqdm_progress(5, "quick") as bar:  # done well within the delay: nothing drawn, nothing to clear
+        assert not bar.disable
+        bar.update(5)
+    assert capsys.readouterr().err == ""

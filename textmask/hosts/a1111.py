@@ -10,7 +10,6 @@ ComfyUI-style patcher, CLIP and VAE, so Forge goes through the ComfyUI adapter.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +19,7 @@ from ..capture import find_attention_modules, find_transformer_modules
 from ..errors import CaptureError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows, token_map_from_chunks
-from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts
+from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
 
 BOS, EOS = 49406, 49407
 
@@ -177,8 +176,4 @@ class A1111Host:
             raise InterruptedException
 
     def progress(self, total: int, desc: str):
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return contextlib.nullcontext(type("P", (), {"update": lambda self, n=1: None})())
-        return tqdm(total=total, desc=desc, disable=total <= 1, leave=False)
+        return tqdm_progress(total, desc)

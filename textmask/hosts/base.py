@@ -84,6 +84,14 @@ class Host(Protocol):
         """A progress bar with ``update(n)`` used as a context manager."""
 
 
+def tqdm_progress(total: int, desc: str, enabled: bool = True) -> Any:
+    """A console bar that clears itself when done; hidden for one step and for work that ends within half a second."""
+    from tqdm.auto import tqdm
+
+    # the delay keeps fast work (every OVDiff class already cached) from flashing a bar before the next print
+    return tqdm(total=total, desc=desc, disable=not enabled or total <= 1, leave=False, delay=0.5)
+
+
 class NullProgress(contextlib.AbstractContextManager):
     """A progress bar that shows nothing."""
 

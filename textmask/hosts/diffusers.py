@@ -20,7 +20,7 @@ from ..checkpoint import detect_architecture, read_state_dict
 from ..errors import CheckpointError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows
-from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts
+from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -318,6 +318,4 @@ class DiffusersHost:
         return None
 
     def progress(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, disable=not self.show_progress or total <= 1, leave=False)
+        return tqdm_progress(total, desc, self.show_progress)
