@@ -145,6 +145,7 @@ def test_single_file_fp16(tiny_checkpoint, tmp_path):
     assert out.masks.shape == (1, 30, 45) and torch.isfinite(out.heatmaps).all()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about the hostile pickle below
 def test_read_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         read_state_dict(tmp_path / "missing.safetensors")
