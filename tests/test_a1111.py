@@ -228,3 +228,33 @@ def test_installer_installs_only_what_is_missing(webui):
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     installed = [cmd for cmd, _ in launch.pip_calls]
     assert installed == ['install "einops>=0.7"', 'install "scipy>=1.10"', 'install "scikit-image>=0.22"']
+
+
+def test_the_vae_gets_its_own_dtype(webui, monkeypatch):
+    """--no-half-vae keeps the webui's VAE float32 beside a half UNet: images go in at the VAE's dtype."""
+    import modules.devices
+
+    model = webui_model.sd_model("sd1")
+    model.model.diffusion_model.to(torch.bfloat16)
+    model.cond_stage_model.to(torch.bfloat16)
+    monkeypatch.setattr(modules.devices, "dtype_unet", torch.bfloat16)
+    host = small_host(model)
+    assert (host.dtype, host.vae_dtype) == (torch.bfloat16, torch.float32)
+    assert host.encode_images(torch.rand(1, 3, 32, 32)).dtype == torch.bfloat16  # latents leave in the UNet's dtype
+    monkeypatch.setattr(modules, "devices", None)  # outside the webui: the modules' own dtypes
+    assert (host.dtype, host.vae_dtype) == (torch.bfloat16, torch.float32)
+    # A whole mask where the two differ (a half UNet needs the webui's CUDA autocast, so here the VAE is the half one)
+    model = webui_model.sd_model("sd1")
+    model.first_stage_model.to(torch.bfloat16)
+    res = TextMasker(small_host(model)).mask(torch.rand(1, 40, 40, 3), "car", refine=True)
+    assert res.masks.shape == (1, 40, 40) and torch.isfinite(res.heatmaps).all()
+
+def test_device_is_the_webuis_while_the_unet_waits_elsewhere(webui, monkeypatch):
+    """--medvram/--lowvram keep the UNet on the CPU until its forward: the compute device is the webui's own."""
+    import modules.devices
+
+    model = webui_model.sd_model("sd1")
+    model.model.to("meta")  # stands for weights parked off the compute device
+    monkeypatch.setattr(modules.devices, "dtype_unet", torch.float16)  # e.g. fp8 storage computing in float16
+    host = A1111Host(model)
+    assert host.device == torch.device("cpu") and host.dtype == torch.float16 and host.vae_dtype == torch.float32

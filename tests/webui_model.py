@@ -55,11 +55,26 @@ class CLIPWithChunks(nn.Module):
         return torch.cat(out)
 
 
-class LatentDiffusionStandIn(nn.Module):
-    def __init__(self, unet, conditioning_key="crossattn", parameterization="eps", pad_id=49407, sdxl=False):
+class FirstStage(nn.Module):
+    """ldm's AutoencoderKL, encoder side: encode(x) -> its posterior."""
+
+    def __init__(self):
         super().__init__()
         from ldm.modules.diffusionmodules.model import Encoder
 
+        self.encoder = Encoder(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 1, 1, 1),
+                               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+
+    def encode(self, x):
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+
+class LatentDiffusionStandIn(nn.Module):
+    def __init__(self, unet, conditioning_key="crossattn", parameterization="eps", pad_id=49407, sdxl=False):
+        super().__init__()
         self.model = nn.Module()
         self.model.diffusion_model = unet
         self.model.conditioning_key = conditioning_key
@@ -68,17 +83,13 @@ class LatentDiffusionStandIn(nn.Module):
         self.vectors_seen = []
         self.scale_factor = 0.18215
         self.cond_stage_model = CLIPWithChunks(pad_id)
-        self.encoder = Encoder(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 1, 1, 1),
-                               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.first_stage_model = FirstStage()
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
         self.eval()
 
     def encode_first_stage(self, x):
-        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, encoder_posterior):
         return self.scale_factor * encoder_posterior.sample()

@@ -50,6 +50,15 @@ def check_capturable(unet: nn.Module) -> None:
         raise CaptureError("Token Merging (ToMe) is patched into the UNet; set its ratio to 0 to make masks")
 
 
+def webui_devices() -> Any:
+    """The webui's ``modules.devices`` once it has chosen its device, else None (outside the webui)."""
+    try:
+        from modules import devices
+    except ImportError:
+        return None
+    return devices if getattr(devices, "device", None) is not None else None
+
+
 class A1111Host:
     """Runs textmask on an A1111 ``sd_model``; never patches it."""
 
@@ -65,13 +74,26 @@ class A1111Host:
         self.in_channels = int(getattr(self.unet, "in_channels", 4))
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().double().cpu()
 
+    # The webui's own settings, as its processing uses them: under --medvram/--lowvram the UNet and VAE wait on the
+    # CPU until their forward moves them, with fp8 storage the UNet's weights are not its compute dtype, and under
+    # --no-half-vae the VAE is float32 beside a half UNet.
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        devices = webui_devices()
+        return torch.device(devices.device) if devices is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        devices = webui_devices()
+        return getattr(devices, "dtype_unet", None) or next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        devices = webui_devices()
+        if getattr(devices, "dtype_vae", None) is not None:
+            return devices.dtype_vae
+        vae = getattr(self.model, "first_stage_model", None)
+        return next(vae.parameters()).dtype if vae is not None else self.dtype
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         check_capturable(self.unet)
@@ -84,7 +106,7 @@ class A1111Host:
         return find_transformer_modules(self.unet)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, self.dtype) * 2 - 1
+        x = pixels.to(self.device, self.vae_dtype) * 2 - 1
         encoded = self.model.encode_first_stage(x)
         if torch.is_tensor(encoded):  # sgm (SDXL) returns scaled latents
             return encoded.to(self.dtype)
