@@ -121,6 +121,51 @@ def test_lora_style_patch_is_honoured(pack, sd15):
     assert torch.equal(plain, again)  # the patch comes off again, and the VAE's sampled encode is seeded
 
 
+
+def test_low_vram_patch_through_the_module_call(pack, sd15, monkeypatch):
+    """In ComfyUI's low-VRAM mode a LoRA stays out of the stored weights; each Linear applies it in its call."""
+    import comfy.ops
+
+    model, clip, vae = sd15
+    image = torch.rand(1, 32, 32, 3)
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    stored = model.model.state_dict()[key].clone()
+    lora = torch.randn(stored.shape, generator=torch.Generator().manual_seed(5))
+    plain = run_node(pack, sd15, image, threshold="0.5")[1]
+    in_weights = model.clone()
+    in_weights.add_patches({key: (lora,)}, 1.0)
+    expected = run_node(pack, (in_weights, clip, vae), image, threshold="0.5")[1]
+    comfy.model_management.unload_all_models()
+
+    load, cast = comfy.model_management.LoadedModel.model_load, comfy.ops.cast_bias_weight
+    # every module over the budget: ComfyUI's low-VRAM path for the whole model
+    monkeypatch.setattr(comfy.model_management.LoadedModel, "model_load", lambda self, lowvram_model_memory=0: load(self, 1))
+
+    def offloaded(s, input):  # on a GPU the offloaded weight arrives as a copy; on the CPU .to() returns it itself
+        fn = s.weight_function
+        s.weight_function = (lambda w: fn(w.clone())) if fn is not None else None
+        try:
+            return cast(s, input)
+        finally:
+            s.weight_function = fn
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", offloaded)
+    low = model.clone()
+    low.add_patches({key: (lora,)}, 1.0)
+    to_k = low.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k
+    seen = []
+    handle = to_k.register_forward_pre_hook(lambda m, a: seen.append((m.comfy_cast_weights, m.weight_function)))
+    try:
+        in_call = run_node(pack, (low, clip, vae), image, threshold="0.5")[1]
+        assert torch.equal(low.model.state_dict()[key], stored)  # the LoRA never entered the stored weight
+    finally:
+        handle.remove()
+        comfy.model_management.unload_all_models()
+        monkeypatch.undo()
+    assert seen and all(cast_on and fn is not None for cast_on, fn in seen)  # the low-VRAM path ran
+    assert torch.allclose(in_call, expected, atol=1e-5) and not torch.allclose(in_call, plain)
+    assert torch.equal(plain, run_node(pack, sd15, image, threshold="0.5")[1])
+
 def test_sdxl_pooled_path(pack, sdxl):
     mask, _ = run_node(pack, sdxl, torch.rand(2, 37, 53, 3))
     assert mask.shape == (2, 37, 53)
