@@ -259,3 +259,31 @@ def test_console_progress_stays_quiet_for_quick_work(capsys):
         assert not bar.disable
         bar.update(5)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("offload", ["sequential", "model"])
+def test_accelerate_cpu_offload(offload):
+    """enable_sequential_cpu_offload parks the weights on meta, enable_model_cpu_offload on the CPU, until each call:
+    masks come out as without offload, and accelerate's hooks stay as they were."""
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    pipe = tiny_models.sd1_pipe()
+    image = images(1)
+    methods = [dict(refine=True), dict(method="noise-diff")]
+    plain = [TextMasker.from_pipe(pipe, resolution=64).mask(image, "cat | dog", **kw).heatmaps for kw in methods]
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # what diffusers' enable_*_cpu_offload call
+        if offload == "sequential":
+            cpu_offload(module, execution_device=torch.device("cpu"))
+        else:
+            cpu_offload_with_hook(module, execution_device=torch.device("cpu"))
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 32)
+
+    def forward():
+        with torch.no_grad():
+            return pipe.unet(x, t, encoder_hidden_states=ctx).sample
+
+    before, hooks = forward(), state_snapshot(pipe.unet)["hooks"]  # the weights themselves may sit on meta
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    for kw, expected in zip(methods, plain):
+        assert torch.equal(masker.mask(image, "cat | dog", **kw).heatmaps, expected)
+    assert state_snapshot(pipe.unet)["hooks"] == hooks and torch.equal(forward(), before)

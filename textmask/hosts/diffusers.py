@@ -66,6 +66,16 @@ def config_family(config: str | Path) -> dict[int, str]:
     return {int(unet["cross_attention_dim"]): family}
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate offload hook's device (enable_model_cpu_offload, sequential offload,
+    device maps keep the weights on the CPU or meta until the call), else its weights' device."""
+    for m in module.modules():  # as DiffusionPipeline._execution_device finds it
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next(module.parameters()).device
+
+
 class DiffusersHost:
     """Runs textmask on diffusers components; owns nothing it did not load."""
 
@@ -219,7 +229,7 @@ class DiffusersHost:
     # ---- Host protocol ------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return execution_device(self.unet)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -233,7 +243,7 @@ class DiffusersHost:
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        vdev, vdtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        vdev, vdtype = execution_device(vae), next(vae.parameters()).dtype
         posterior = vae.encode(pixels.to(vdev, vdtype) * 2 - 1).latent_dist
         latents = posterior.mean * vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
@@ -248,7 +258,7 @@ class DiffusersHost:
         return TokenMap(tokens, windows), [[tokens.ids[i] for i in w] for w in windows]
 
     def _encode_windows(self, encoder: nn.Module, windows: list[list[int]], pad: int, penultimate: bool):
-        ids = torch.tensor([[BOS] + w + [EOS] + [pad] * (75 - len(w)) for w in windows], device=encoder.device)
+        ids = torch.tensor([[BOS] + w + [EOS] + [pad] * (75 - len(w)) for w in windows], device=execution_device(encoder))
         out = encoder(ids, output_hidden_states=penultimate)
         hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
         pooled = getattr(out, "text_embeds", None)
