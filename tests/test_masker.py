@@ -287,3 +287,17 @@ def test_accelerate_cpu_offload(offload):
     for kw, expected in zip(methods, plain):
         assert torch.equal(masker.mask(image, "cat | dog", **kw).heatmaps, expected)
     assert state_snapshot(pipe.unet)["hooks"] == hooks and torch.equal(forward(), before)
+
+
+def test_sdxl_vae_loads_in_float32_beside_a_float16_unet(tmp_path, sdxl_pipe, sd1_pipe):
+    """SDXL's VAE overflows in float16; its config's force_upcast keeps the VAE this host loads in float32."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        getattr(sdxl_pipe, name).save_pretrained(tmp_path / "xl" / name)
+        if name != "text_encoder_2":
+            getattr(sd1_pipe, name).save_pretrained(tmp_path / "sd1" / name)
+    xl = TextMasker.from_pretrained(tmp_path / "xl", dtype=torch.float16, resolution=64)
+    assert (xl.host.dtype, xl.host.vae.dtype, xl.host.text_encoder_2.dtype) == (torch.float16, torch.float32, torch.float16)
+    assert xl.host.encode_images(torch.rand(1, 3, 64, 64)).dtype == torch.float16  # latents leave in the UNet's dtype
+    assert TextMasker.from_pretrained(tmp_path / "sd1", dtype=torch.float16).host.vae.dtype == torch.float16
+    out = xl.mask(images(1), "cat")
+    assert out.masks.shape == (1, 37, 53) and torch.isfinite(out.heatmaps).all()

@@ -76,6 +76,14 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def upcast_sdxl_vae(vae: nn.Module, text_encoder_2: nn.Module | None) -> nn.Module:
+    """A VAE this host loaded, in float32 where it is SDXL's in float16 and its config asks (``force_upcast``)."""
+    # SDXL's VAE overflows in float16 (NaN latents); diffusers' SDXL pipelines run it in float32 for the same reason
+    if text_encoder_2 is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return vae.float()
+    return vae
+
+
 class DiffusersHost:
     """Runs textmask on diffusers components; owns nothing it did not load."""
 
@@ -155,7 +163,7 @@ class DiffusersHost:
             import json
 
             pred = json.loads(sched_cfg.read_text()).get("prediction_type", "epsilon")
-        host = cls(unet, vae, te, text_encoder_2=te2, prediction_type=pred or "epsilon", **kwargs)
+        host = cls(unet, upcast_sdxl_vae(vae, te2), te, text_encoder_2=te2, prediction_type=pred or "epsilon", **kwargs)
         return host.to(device)
 
     @classmethod
@@ -215,7 +223,8 @@ class DiffusersHost:
         except (KeyError, ValueError, RuntimeError, OSError) as e:
             raise CheckpointError(f"checkpoint does not match the {arch.name} layout: {str(e).splitlines()[0][:200]}") from None
         pad = (EOS, 0) if arch.name == "sdxl" else ((0,) if arch.name == "sd2" else (EOS,))
-        host = cls(unet, vae, te, text_encoder_2=te2, prediction_type=arch.prediction_type, pad_ids=pad, **kwargs)
+        host = cls(unet, upcast_sdxl_vae(vae, te2), te, text_encoder_2=te2, prediction_type=arch.prediction_type, pad_ids=pad,
+                   **kwargs)
         host.architecture = arch
         return host.to(device)
 
