@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from textmask.cli import main
+from textmask.cli import build_parser, load_masker, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,18 @@ def test_all_options(tmp_path, model_args):
     assert code == 0 and Image.open(out).size == (45, 31)
     assert main(["segment", str(img), "cat", "--out", str(out), "--refine", "--prompt", "a cat on a mat", *model_args]) == 0
 
+
+
+def test_offload_gives_the_same_mask(tmp_path, model_args):
+    """--offload streams each layer to the device for its call (accelerate's sequential CPU offload)."""
+    img = write_image(tmp_path / "photo.png")
+    for name, extra in (("plain.png", []), ("offload.png", ["--offload", "--device", "cpu"])):
+        assert main(["segment", str(img), "red car", "--out", str(tmp_path / name), "--soft", *extra, *model_args]) == 0
+    plain, offload = (np.asarray(Image.open(tmp_path / n)) for n in ("plain.png", "offload.png"))
+    assert plain.any() and np.array_equal(plain, offload)
+    args = build_parser().parse_args(["segment", str(img), "x", "--out", "o.png", "--offload", "--device", "cpu", *model_args])
+    host = load_masker(args).host
+    assert next(host.unet.parameters()).device.type == "meta" and host.device.type == "cpu"  # weights parked, compute on cpu
 
 def test_folder_in_folder_out(tmp_path, model_args, capsys):
     src = tmp_path / "frames"

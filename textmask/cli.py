@@ -57,6 +57,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="diffusers-format config folder overriding the shipped configs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the weights in CPU memory and stream each layer to the device (least GPU memory, slower)")
 
 
 def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
@@ -152,11 +154,12 @@ def load_masker(args: argparse.Namespace):
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     ckpt = Path(args.checkpoint)
+    load_to = "cpu" if args.offload else device
     if ckpt.is_dir():
-        host = DiffusersHost.from_pretrained(ckpt, device=device, dtype=dtype, show_progress=True)
+        host = DiffusersHost.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=True)
     else:
-        host = DiffusersHost.from_single_file(ckpt, device=device, dtype=dtype, config=args.config, show_progress=True)
-    return TextMasker(host)
+        host = DiffusersHost.from_single_file(ckpt, device=load_to, dtype=dtype, config=args.config, show_progress=True)
+    return TextMasker(host.enable_sequential_cpu_offload(device) if args.offload else host)
 
 
 def _inputs(path: Path) -> list[Path]:

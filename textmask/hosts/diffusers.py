@@ -235,6 +235,15 @@ class DiffusersHost:
                 m.to(device).eval()
         return self
 
+    def enable_sequential_cpu_offload(self, device: str | torch.device) -> "DiffusersHost":
+        """Keep the weights this host loaded on the CPU and stream each layer to ``device`` for its call (least memory)."""
+        from accelerate import cpu_offload
+
+        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if m is not None:
+                cpu_offload(m.to("cpu"), execution_device=torch.device(device))
+        return self
+
     # ---- Host protocol ------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
