@@ -69,10 +69,11 @@ def config_family(config: str | Path) -> dict[int, str]:
 def execution_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: its accelerate offload hook's device (enable_model_cpu_offload, sequential offload,
     device maps keep the weights on the CPU or meta until the call), else its weights' device."""
-    for m in module.modules():  # as DiffusionPipeline._execution_device finds it
-        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device(device)
+    if hasattr(module, "_hf_hook"):  # accelerate hooks the top module whenever it offloads; diffusers asks first too
+        for m in module.modules():  # as DiffusionPipeline._execution_device finds it
+            device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)
     return next(module.parameters()).device
 
 
