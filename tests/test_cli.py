@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from textmask.cli import build_parser, load_masker, main
@@ -117,10 +118,13 @@ def test_bad_inputs(tmp_path, model_args, capsys, tiny_checkpoint):
     d, _ = tiny_checkpoint
     foreign = tmp_path / "foreign.safetensors"
     from safetensors.torch import save_file
-    import torch
 
     save_file({"x": torch.zeros(2)}, foreign)
     assert "unknown architecture" in run_bad(tmp_path, capsys, ["segment", str(img), "cat", "--out", out, "--checkpoint", str(foreign)])
+    if not torch.cuda.is_available():  # asking for a GPU this machine lacks, with or without offload
+        for extra in ([], ["--offload"]):
+            err = run_bad(tmp_path, capsys, ["segment", str(img), "cat", "--out", out, "--device", "cuda", *extra, *model_args])
+            assert "device 'cuda' is not available" in err
 
 
 def test_bad_option_values(tmp_path, model_args, capsys):

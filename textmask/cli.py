@@ -148,9 +148,13 @@ def load_masker(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise CliError(f"unknown device '{device}'") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(dev.type, True):
+        raise CliError(f"device '{device}' is not available on this machine (torch {torch.__version__})")
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     ckpt = Path(args.checkpoint)
