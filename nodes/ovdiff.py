@@ -53,7 +53,7 @@ class OVDiffPrototypes:
             },
             "optional": {
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
-                                       "tooltip": "Support image size in pixels; 0 = the model's native (512 SD1, 1024 SDXL)."}),
+                                       "tooltip": "Support image size in pixels; 0 = the model's native (512 SD1, 768 SD2-v, 1024 SDXL)."}),
             },
         }
 

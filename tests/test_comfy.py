@@ -251,6 +251,8 @@ def test_v_prediction_model_gives_epsilon(pack, sd15):
     dev = torch.device("cpu")  # also under TEXTMASK_COMFY_GPU=1: a MODEL loaded off the default device
     vmodel = comfy.model_patcher.ModelPatcher(base.eval(), load_device=dev, offload_device=dev)
     host = pack.nodes.text_mask.ComfyHost(vmodel, sd15[1], sd15[2])
+    assert host.resolution == 768  # SD2's v-prediction checkpoints are 768 px models
+    assert pack.nodes.text_mask.ComfyHost(*sd15).resolution == 512
     with torch.inference_mode():
         cond = host.encode_prompts(["a cat"])
         z0, noise = torch.randn(1, 4, 8, 8).to(dev), torch.randn(1, 4, 8, 8).to(dev)
@@ -362,3 +364,39 @@ def test_ovdiff_nodes_sample_through_comfyui(pack, sd15, tmp_path, monkeypatch):
     assert hook_counts(model) == counts and torch.equal(before, model_output(model))
     with pytest.raises(ValueError, match="not among"):
         node.run(protos, image, "tree", 0)
+
+
+def test_noise_diff_loads_the_patched_model(pack, sd15):
+    """noise-diff runs no capture, so the host loads the MODEL itself: a LoRA-style patch on a clone takes part."""
+    model, clip, vae = sd15
+    image = torch.rand(1, 32, 32, 3)
+    kw = dict(method="noise-diff", refine=False, soft=True)
+    plain = run_node(pack, sd15, image, **kw)[1]
+    comfy.model_management.load_models_gpu([model])  # an earlier node left the unpatched model loaded
+    patched = model.clone()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    weight = model.model.state_dict()[key]
+    patched.add_patches({key: (torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)),)}, 1.0)
+    assert not torch.allclose(plain, run_node(pack, (patched, clip, vae), image, **kw)[1])
+    assert torch.equal(plain, run_node(pack, sd15, image, **kw)[1])
+
+
+def test_model_sampling_patch_sets_the_noise(pack, sd15):
+    """A ModelSamplingDiscrete node (here zero-terminal-SNR) patches the schedule as an object patch; noising uses it."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, clip, vae = sd15
+    comfy.model_management.load_models_gpu([model])  # the unpatched schedule is the one in place
+    zsnr = ModelSamplingDiscrete().patch(model, "eps", True)[0]
+    schedule = zsnr.object_patches["model_sampling"]
+    plain_sigma = float(model.model.model_sampling.sigma(torch.tensor([999.0])))
+    host = pack.nodes.text_mask.ComfyHost(zsnr, clip, vae)
+    dev = host.device
+    z0, noise = torch.randn(1, 4, 8, 8).to(dev), torch.randn(1, 4, 8, 8).to(dev)
+    with torch.inference_mode():
+        noisy = host.add_noise(z0, noise, 999)
+    sigma = float(schedule.sigma(torch.tensor([999.0])))
+    assert sigma != plain_sigma
+    torch.testing.assert_close(noisy, z0 + sigma * noise)
+    comfy.model_management.load_models_gpu([model])  # the patch comes off with the clone
+    assert model.model.model_sampling is not schedule

@@ -63,12 +63,13 @@ class ComfyHost:
         unet = self.base.diffusion_model
         levels = len(getattr(unet, "channel_mult", (1, 2, 4, 4)))
         self.size_multiple = self.latent_factor * 2 ** (levels - 1)
-        self.resolution = 1024 if self.is_sdxl else 512
+        v_prediction = getattr(self.base.model_type, "name", "") == "V_PREDICTION"  # SD2's 768-v checkpoints
+        self.resolution = 1024 if self.is_sdxl else (768 if v_prediction else 512)
         self.in_channels = int(getattr(unet, "in_channels", 4))
 
     @property
     def is_sdxl(self) -> bool:
-        return type(self.base).__name__ == "SDXL"
+        return any(cls.__name__ == "SDXL" for cls in type(self.base).__mro__)  # SDXL_instructpix2pix too
 
     @property
     def device(self) -> torch.device:
@@ -78,14 +79,20 @@ class ComfyHost:
     def dtype(self) -> torch.dtype:
         return self.base.get_dtype()
 
+    def load(self) -> None:
+        """Load this MODEL as ComfyUI's samplers do, with its weight patches (LoRA) and object patches
+        (ModelSamplingDiscrete) in place; a no-op while it stays loaded."""
+        model_management.load_models_gpu([self.patcher])
+
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
-        model_management.load_models_gpu([self.patcher])  # applies the patcher's weight patches (LoRA)
+        self.load()
         modules = find_attention_modules(self.base.diffusion_model)
         if not modules:
             raise CaptureError("this MODEL has no attention modules textmask can hook (is it a UNet?)")
         return modules
 
     def transformer_modules(self) -> list[tuple[str, nn.Module]]:
+        self.load()
         return find_transformer_modules(self.base.diffusion_model)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -147,6 +154,7 @@ class ComfyHost:
         return Conditioning(context, maps, {"pooled": torch.cat(pooled).to(self.device)})
 
     def _sigma(self, timestep: int) -> torch.Tensor:
+        self.load()  # the schedule may be an object patch, which loading applies
         return self.base.model_sampling.sigma(torch.tensor([float(timestep)])).to(self.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
@@ -158,7 +166,7 @@ class ComfyHost:
     ) -> torch.Tensor:
         b, _, h, w = noisy.shape
         device = self.device
-        sigma = self._sigma(timestep).float().expand(b)
+        sigma = self._sigma(timestep).float().expand(b)  # also loads the weights this forward runs on
         width, height = w * self.latent_factor, h * self.latent_factor
         extra = self.base.extra_conds(
             cross_attn=cond.context, pooled_output=cond.extra["pooled"], width=width, height=height,
