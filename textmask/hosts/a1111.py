@@ -4,8 +4,8 @@ A1111 runs Stability's ldm (SD1, SD2) and sgm (SDXL) model classes. Conditioning
 own ``get_learned_conditioning`` (SDXL's is a dict of ``crossattn`` and ``vector``), latents from
 ``encode_first_stage``, noise from ``alphas_cumprod``, and the forward from ``apply_model``; inpainting
 checkpoints get ``c_concat``. The webui replaces attention ``forward`` at class level for its optimisations;
-textmask's instance hooks on ``to_q`` / ``to_k`` still fire. Forge's ``sd_model.forge_objects`` hold a
-ComfyUI-style patcher, CLIP and VAE, so Forge goes through the ComfyUI adapter.
+textmask's instance hooks on ``to_q`` / ``to_k`` still fire. ``make_host`` sends Forge's backend (since 2024-08)
+to the Forge adapter, and Forge's first release, whose ``forge_objects`` are ComfyUI's, to the ComfyUI adapter.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ BOS, EOS = 49406, 49407
 def make_host(sd_model: Any):
     """The right adapter for the webui's model: Forge's patcher objects, or A1111's ldm/sgm model."""
     objects = getattr(sd_model, "forge_objects", None)
-    if objects is not None:
+    if objects is not None and hasattr(getattr(objects.unet, "model", None), "predictor"):
+        from .forge import ForgeHost  # Forge's own backend (since 2024-08): the UNet is a KModel
+
+        return ForgeHost(sd_model)
+    if objects is not None:  # Forge's first release: ComfyUI's model management as ldm_patched
         try:
             from .comfy import ComfyHost
         except ImportError as e:
@@ -67,12 +71,15 @@ class A1111Host:
         self.unet = sd_model.model.diffusion_model
         self.is_sdxl = bool(getattr(sd_model, "is_sdxl", False)) or hasattr(sd_model, "conditioner")
         self.v_prediction = getattr(sd_model, "parameterization", "eps") == "v"
+        self._set_geometry()
+        self.alphas_cumprod = sd_model.alphas_cumprod.detach().double().cpu()
+
+    def _set_geometry(self) -> None:
         self.latent_factor = 8
         levels = len(getattr(self.unet, "channel_mult", (1, 2, 4, 4)))
         self.size_multiple = self.latent_factor * 2 ** (levels - 1)
         self.resolution = 1024 if self.is_sdxl else (768 if self.v_prediction else 512)
         self.in_channels = int(getattr(self.unet, "in_channels", 4))
-        self.alphas_cumprod = sd_model.alphas_cumprod.detach().double().cpu()
 
     # The webui's own settings, as its processing uses them: under --medvram/--lowvram the UNet and VAE wait on the
     # CPU until their forward moves them, with fp8 storage the UNet's weights are not its compute dtype, and under
@@ -118,9 +125,11 @@ class A1111Host:
             return self.model.get_first_stage_encoding(encoded).to(self.dtype)
 
     def _word_embedder(self):
-        """The webui's CLIP wrapper with ``tokenize_line`` (FrozenCLIPEmbedderWithCustomWords or its SDXL twin)."""
-        stage = self.model.cond_stage_model
-        for part in [stage, *getattr(stage, "embedders", [])]:
+        """The webui's CLIP wrapper with ``tokenize_line`` (FrozenCLIPEmbedderWithCustomWords, its SDXL twin, or
+        Forge's text processing engine, which chunks the same way)."""
+        stage = getattr(self.model, "cond_stage_model", None)
+        forge = [getattr(self.model, name, None) for name in ("text_processing_engine", "text_processing_engine_l")]
+        for part in [stage, *getattr(stage, "embedders", []), *forge]:
             if hasattr(part, "tokenize_line"):
                 return part
         return None

@@ -1,0 +1,126 @@
+"""Forge (stable-diffusion-webui-forge since its 2024-08 backend) against its own model classes, from $FORGE_ROOT.
+
+Forge is not on PyPI, so the tests that run its code skip without a checkout; the dispatch test always runs.
+"""
+
+import types
+
+import pytest
+import torch
+
+import forge_env
+from textmask import TextMasker
+from textmask.hosts.a1111 import make_host
+from textmask.hosts.forge import ForgeHost
+
+
+def test_forge_backend_models_get_the_forge_host():
+    """A KModel (it has a predictor) inside forge_objects means Forge's own backend, not its ComfyUI-era one."""
+    unet = types.SimpleNamespace(channel_mult=(1, 2), in_channels=4)
+    kmodel = types.SimpleNamespace(diffusion_model=unet, predictor=types.SimpleNamespace(prediction_type="v_prediction"),
+                                   computation_dtype=torch.float16)
+    objects = types.SimpleNamespace(unet=types.SimpleNamespace(model=kmodel, load_device=torch.device("cpu")))
+    host = make_host(types.SimpleNamespace(forge_objects=objects, is_sdxl=False))
+    assert isinstance(host, ForgeHost)
+    assert host.dtype == torch.float16 and host.resolution == 768 and host.size_multiple == 16
+
+
+needs_forge = pytest.mark.skipif(forge_env.forge_root() is None, reason="no Forge: set FORGE_ROOT to a checkout")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    forge_env.setup()
+    return forge_env.make_engine("sd15")
+
+
+def small_host(engine) -> ForgeHost:
+    host = make_host(engine)
+    host.resolution = 64  # the tiny UNet
+    return host
+
+
+def unet_output(engine):
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return engine.forge_objects.unet.model.diffusion_model(x, torch.tensor([300.0]), context=ctx)
+
+
+def hook_counts(engine):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in engine.forge_objects.unet.model.modules()]
+
+
+@needs_forge
+def test_masks_for_a_batch_at_the_image_size(engine):
+    host = small_host(engine)
+    assert isinstance(host, ForgeHost)
+    before, hooks = unet_output(engine), hook_counts(engine)
+    for method in ("attention", "noise-diff"):
+        out = TextMasker(host).mask(torch.rand(2, 37, 53, 3), "red car | truck", method=method, refine=True)
+        assert out.masks.shape == (2, 37, 53) and out.heatmaps.shape == (2, 37, 53)
+        assert 0 < float(out.heatmaps.std())
+    assert hook_counts(engine) == hooks
+    assert torch.equal(before, unet_output(engine))  # the model is unchanged
+
+
+@needs_forge
+def test_epsilon_is_the_unets_own(engine):
+    """ε from the host equals the raw UNet's output on the k-diffusion input Forge's KModel feeds it."""
+    host = small_host(engine)
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a red car"])
+        z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+        x = host.add_noise(z0, noise, 400)
+        eps = host.predict_noise(x, 400, cond, z0)
+        predictor = engine.forge_objects.unet.model.predictor
+        sigma = predictor.sigma(torch.tensor([400.0]))
+        torch.testing.assert_close(x, z0 + sigma * noise)
+        raw = engine.forge_objects.unet.model.diffusion_model(
+            x / (sigma**2 + 1) ** 0.5, predictor.timestep(sigma).float(), context=cond.context)
+    torch.testing.assert_close(eps, raw, atol=1e-5, rtol=1e-5)
+
+
+@needs_forge
+def test_token_positions_follow_forges_chunking(engine):
+    """Forge's emphasis syntax and 75-token chunks put the words where its text engine puts them."""
+    host = small_host(engine)
+    text = "(a red car:1.2), " + " ".join(["hills"] * 80) + " and a tiny zebra"
+    chunks, _ = engine.text_processing_engine.tokenize_line(text)
+    flat = [t for chunk in chunks for t in chunk.tokens]
+    tm = host._token_map(text)
+    assert tm.context_length == len(flat) == 154
+    tok = engine.text_processing_engine.tokenizer
+    assert tok.convert_ids_to_tokens([flat[p] for p in tm.find("tiny zebra")]) == ["tiny</w>", "zebra</w>"]
+    assert tok.convert_ids_to_tokens([flat[p] for p in tm.find("red car")]) == ["red</w>", "car</w>"]
+    assert all(p >= 77 for p in tm.find("zebra"))
+
+
+@needs_forge
+def test_interrupt_leaves_the_model_as_it_was(engine):
+    import modules.shared
+
+    host = small_host(engine)
+    before, hooks = unet_output(engine), hook_counts(engine)
+    modules.shared.state.interrupted = True
+    try:
+        with pytest.raises(BaseException):
+            TextMasker(host).mask(torch.rand(3, 32, 32, 3), "car", refine=True)
+    finally:
+        modules.shared.state.interrupted = False
+    assert hook_counts(engine) == hooks
+    assert torch.equal(before, unet_output(engine))
+
+
+@needs_forge
+def test_sdxl_and_inpainting_engines():
+    """SDXL's pooled vector reaches the UNet as ``y``; a 9-channel UNet gets (empty mask, image latents) concatenated."""
+    forge_env.setup()
+    for kind, channels in (("sdxl", 4), ("sd15", 9), ("sdxl", 9)):
+        engine = forge_env.make_engine(kind, in_channels=channels)
+        host = small_host(engine)
+        assert host.is_sdxl == (kind == "sdxl") and host.in_channels == channels
+        before = hook_counts(engine)
+        out = TextMasker(host).mask(torch.rand(1, 40, 56, 3), "red car", refine=True)
+        assert out.masks.shape == (1, 40, 56) and float(out.heatmaps.std()) > 0
+        assert hook_counts(engine) == before
