@@ -19,7 +19,7 @@ from ..capture import find_attention_modules, find_transformer_modules
 from ..errors import CaptureError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows, token_map_from_chunks
-from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
+from .base import Conditioning, ddpm_noise, epsilon_from_v, fixed_draw, pad_contexts, tqdm_progress
 
 BOS, EOS = 49406, 49407
 
@@ -117,11 +117,7 @@ class A1111Host:
         encoded = self.model.encode_first_stage(x)
         if torch.is_tensor(encoded):  # sgm (SDXL) returns scaled latents
             return encoded.to(self.dtype)
-        # ldm's get_first_stage_encoding draws from the posterior with the global RNG: draw in a forked,
-        # fixed RNG so a mask is deterministic and the user's seeds are untouched
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
+        with fixed_draw(self.device):  # ldm's get_first_stage_encoding samples the posterior
             return self.model.get_first_stage_encoding(encoded).to(self.dtype)
 
     def _word_embedder(self):

@@ -92,6 +92,15 @@ def tqdm_progress(total: int, desc: str, enabled: bool = True) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled or total <= 1, leave=False, delay=0.5)
 
 
+@contextlib.contextmanager
+def fixed_draw(device: torch.device) -> Iterator[None]:
+    """A forked global RNG seeded with 0: a host VAE that samples its posterior gives the same latents every time
+    (same image, same mask), and the user's own seeds are untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        yield
+
+
 class NullProgress(contextlib.AbstractContextManager):
     """A progress bar that shows nothing."""
 

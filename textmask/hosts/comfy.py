@@ -32,7 +32,7 @@ comfy_utils = comfy_module("utils")
 from ..capture import find_attention_modules, find_transformer_modules
 from ..errors import CaptureError
 from ..tokens import TokenMap, token_map_from_chunks
-from .base import Conditioning, pad_contexts
+from .base import Conditioning, fixed_draw, pad_contexts
 
 CHUNK = 77
 
@@ -96,11 +96,7 @@ class ComfyHost:
         return find_transformer_modules(self.base.diffusion_model)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # ComfyUI's VAE encode samples the posterior from the global RNG: fix the draw (same image, same mask)
-        # in a forked RNG so the user's own seeds are not disturbed.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
+        with fixed_draw(self.device):  # ComfyUI's VAE encode samples the posterior
             raw = self.vae.encode(pixels.movedim(1, -1).cpu())  # IMAGE layout in, un-scaled latents out
         return self.base.process_latent_in(raw.to(self.device)).to(self.dtype)
 

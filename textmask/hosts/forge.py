@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .a1111 import A1111Host
+from .base import fixed_draw
 
 
 def forge_backend(name: str):
@@ -43,31 +44,24 @@ class ForgeHost(A1111Host):
         return self.kmodel.computation_dtype
 
     def attention_modules(self) -> list:
-        self.load(None)
+        self.load()
         return super().attention_modules()
 
-    def load(self, x: torch.Tensor | None) -> None:
-        """Load the UNet as Forge's sampler does (weights, LoRA and object patches), for an input like ``x``."""
-        sampling = forge_backend("sampling.sampling_function")
-        if x is None:
-            forge_backend("memory_management").load_model_gpu(self.patcher)
-        else:
-            sampling.sampling_prepare(self.patcher, x)  # also reserves the forward's memory and moves online LoRAs
+    def load(self) -> None:
+        """Load the UNet with its LoRA and object patches, as Forge does before it samples."""
+        forge_backend("memory_management").load_model_gpu(self.patcher)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # Forge's VAE samples the posterior from the global RNG: fix the draw in a forked RNG, as for A1111
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
+        with fixed_draw(self.device):  # Forge's VAE samples the posterior
             latents = self.model.encode_first_stage(pixels.to(self.device, torch.float32) * 2 - 1)
         return latents.to(self.device, self.dtype)
 
     def _sigma(self, timestep: int) -> torch.Tensor:
-        self.load(None)  # the predictor may be an object patch, which loading applies
+        self.load()  # the predictor may be an object patch, which loading applies
         return self.kmodel.predictor.sigma(torch.tensor([float(timestep)])).float().to(self.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        return latents.float() + self._sigma(timestep).view(1, 1, 1, 1) * noise.float()
+        return self.kmodel.predictor.noise_scaling(self._sigma(timestep), noise.float(), latents.float())
 
     def predict_noise(self, noisy: torch.Tensor, timestep: int, cond, image_latents: torch.Tensor) -> torch.Tensor:
         b = noisy.shape[0]
@@ -78,7 +72,7 @@ class ForgeHost(A1111Host):
         if self.in_channels == 9:  # inpainting: (mask, masked-image latents); an empty mask shows the whole image
             kwargs["c_concat"] = torch.cat([torch.zeros_like(noisy[:, :1]), image_latents.to(noisy.dtype)], dim=1)
         sampling = forge_backend("sampling.sampling_function")
-        self.load(noisy)
+        sampling.sampling_prepare(self.patcher, noisy)  # reserves the forward's memory and moves online LoRAs
         try:
             denoised = self.kmodel.apply_model(noisy.float(), sigma, **kwargs)
         finally:
