@@ -44,6 +44,26 @@ def test_single_image(tmp_path, model_args):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".textmask-")]
 
 
+def test_phone_photo_is_masked_upright(tmp_path, model_args):
+    """A JPEG stored sideways with an EXIF orientation tag gets a mask that lines up with it as shown."""
+    from PIL import ImageOps
+
+    from textmask.images import load_image
+
+    a = np.zeros((31, 45, 3), np.uint8)
+    a[:, :15] = 255  # a white band on the stored image's left edge
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display", as phones write it
+    img = tmp_path / "phone.jpg"
+    Image.fromarray(a).save(img, exif=exif, quality=95)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(img)), dtype=np.float32) / 255
+    assert upright.shape == (45, 31, 3)
+    assert np.array_equal(load_image(img), upright)  # the band is now along the top
+    out = tmp_path / "mask.png"
+    assert main(["segment", str(img), "cat", "--out", str(out), "--heatmap", str(tmp_path / "heat.png"), *model_args]) == 0
+    assert Image.open(out).size == (31, 45) and Image.open(tmp_path / "heat.png").size == (31, 45)
+
+
 def test_all_options(tmp_path, model_args):
     img = write_image(tmp_path / "photo.jpg")
     out = tmp_path / "m.png"

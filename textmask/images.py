@@ -28,13 +28,15 @@ def _pil_to_array(img) -> np.ndarray:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as float RGB [H, W, 3] in [0, 1]; raises ImageError with the file name."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file upright (EXIF orientation applied) as float RGB [H, W, 3] in [0, 1]; raises ImageError."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
-            return _pil_to_array(img)
+            # A phone photo stores its pixels sideways plus an EXIF tag; viewers, ComfyUI's LoadImage and the
+            # webui show it upright, so the mask must be upright too to line up with it.
+            return _pil_to_array(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
