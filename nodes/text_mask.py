@@ -60,7 +60,7 @@ class TextMask:
         host = ComfyHost(model, clip, vae)
         latents = None
         if latent is not None:
-            latents = host.base.process_latent_in(latent["samples"].to(host.device))
+            latents = host.latents_in(latent["samples"])
         result = TextMasker(host).mask(
             image, mask_prompt, negative=negative or None, method=method, refine=refine,
             threshold=parse_threshold(threshold), soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,

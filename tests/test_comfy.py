@@ -400,3 +400,37 @@ def test_model_sampling_patch_sets_the_noise(pack, sd15):
     torch.testing.assert_close(noisy, z0 + sigma * noise)
     comfy.model_management.load_models_gpu([model])  # the patch comes off with the clone
     assert model.model.model_sampling is not schedule
+
+
+@pytest.mark.parametrize("sampling", ["v_prediction", "edm_playground_v2.5"])
+def test_edm_schedule_noises_at_the_same_noise_level(pack, sd15, sampling):
+    """A continuous EDM schedule (CosXL, Playground v2.5; here ComfyUI's ModelSamplingContinuousEDM node) takes log-σ
+    timesteps, where 300 means σ = e^1200 and the masks came out empty. textmask's timestep keeps SD's
+    signal-to-noise ratio, in units of the schedule's σ_data; Playground's latent format (an object patch) scales the
+    latents even before anything loaded the MODEL."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    from textmask.hosts.base import fixed_draw
+
+    model, clip, vae = sd15
+    comfy.model_management.load_models_gpu([model])  # the unpatched MODEL is the one in place
+    sd_sigma = float(model.model.model_sampling.sigma(torch.tensor([300.0])))  # SD's own discrete schedule
+    edm = ModelSamplingContinuousEDM().patch(model, sampling, 120.0, 0.002)[0]
+    schedule = edm.object_patches["model_sampling"]
+    host = pack.nodes.text_mask.ComfyHost(edm, clip, vae)
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with fixed_draw(host.device):  # ComfyUI's VAE samples its posterior; the host draws the same way
+            raw = vae.encode(image)
+        latents = host.encode_images(image.movedim(-1, 1))
+        expected = edm.object_patches.get("latent_format", model.model.latent_format).process_in(raw)
+        torch.testing.assert_close(latents.float().cpu(), expected.float())
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(latents)
+        noisy = host.add_noise(latents, noise, 300)
+        sigma = float(host._sigma(300))
+        assert sigma == pytest.approx(sd_sigma * schedule.sigma_data, rel=1e-4)
+        torch.testing.assert_close(noisy, latents.float() + sigma * noise.float())
+        for method in ("attention", "noise-diff"):
+            mask, heat = run_node(pack, (edm, clip, vae), image, "red car", method=method)
+            assert torch.isfinite(heat).all() and 0 < float(mask.mean()) < 1
+    comfy.model_management.load_models_gpu([model])

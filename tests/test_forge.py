@@ -124,3 +124,22 @@ def test_sdxl_and_inpainting_engines():
         out = TextMasker(host).mask(torch.rand(1, 40, 56, 3), "red car", refine=True)
         assert out.masks.shape == (1, 40, 56) and float(out.heatmaps.std()) > 0
         assert hook_counts(engine) == before
+
+
+@needs_forge
+def test_continuous_edm_predictor_noises_at_sds_noise_level():
+    """A continuous EDM predictor (an object patch here) takes log-σ timesteps: 300 would be σ = e^1200 and empty
+    masks. The host noises at the σ with SD's signal-to-noise ratio at that timestep, in units of σ_data."""
+    forge_env.setup()
+    from backend.modules.k_prediction import PredictionContinuousEDM
+
+    engine = forge_env.make_engine("sd15")
+    sd_sigma = float(engine.forge_objects.unet.model.predictor.sigma(torch.tensor([300.0])))
+    edm = PredictionContinuousEDM(sigma_data=0.5, prediction_type="v_prediction", sigma_min=0.002, sigma_max=120.0)
+    engine.forge_objects.unet.add_object_patch("predictor", edm)
+    host = small_host(engine)
+    with torch.inference_mode():
+        z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+        torch.testing.assert_close(host.add_noise(z0, noise, 300), z0 + 0.5 * sd_sigma * noise)
+        out = TextMasker(host).mask(torch.rand(1, 40, 56, 3), "red car", method="noise-diff")
+    assert torch.isfinite(out.heatmaps).all() and 0 < float(out.masks.mean()) < 1

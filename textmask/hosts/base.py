@@ -117,6 +117,29 @@ def iter_chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(n, i + size))
 
 
+def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """SD's "scaled_linear" training schedule, ᾱ_t for t = 0..steps-1."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def schedule_sigma(schedule: Any, timestep: int) -> torch.Tensor:
+    """σ [1] for a textmask timestep under a host's schedule object (ComfyUI's model_sampling, Forge's predictor).
+
+    A discrete schedule (SD's, zero-SNR, a ModelSamplingDiscrete patch) indexes its σ table by timestep and is read
+    as it is. A continuous one (EDM: Playground v2.5, CosXL, ComfyUI's ModelSamplingContinuousEDM) takes log-σ
+    "timesteps", where 300 means σ = e^1200; it gets the σ at which SD's schedule has the same signal-to-noise ratio,
+    in units of its σ_data and within its range, so ``timestep`` names the same noise level on every model.
+    """
+    sigma = schedule.sigma(torch.tensor([float(timestep)])).detach().float().cpu()
+    table = getattr(schedule, "sigmas", None)
+    if table is not None and timestep < len(table) and torch.allclose(sigma, table[timestep].detach().float().cpu()):
+        return sigma
+    a = float(ddpm_alphas_cumprod()[timestep])
+    matched = ((1 - a) / a) ** 0.5 * float(getattr(schedule, "sigma_data", 1.0))
+    return torch.tensor([matched]).clamp(float(schedule.sigma_min), float(schedule.sigma_max))
+
+
 def ddpm_noise(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
     """Forward diffusion q(z_t | z_0) = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε under a discrete DDPM schedule."""
     a = float(alphas_cumprod[timestep])

@@ -32,7 +32,7 @@ comfy_utils = comfy_module("utils")
 from ..capture import find_attention_modules, find_transformer_modules
 from ..errors import CaptureError
 from ..tokens import TokenMap, token_map_from_chunks
-from .base import Conditioning, fixed_draw, pad_contexts
+from .base import Conditioning, fixed_draw, pad_contexts, schedule_sigma
 
 CHUNK = 77
 
@@ -95,10 +95,15 @@ class ComfyHost:
         self.load()
         return find_transformer_modules(self.base.diffusion_model)
 
+    def latents_in(self, samples: torch.Tensor) -> torch.Tensor:
+        """A LATENT's samples (VAE Encode's scale) in the model's own scale, under its loaded latent format."""
+        self.load()  # the latent format may be an object patch (Playground v2.5's), which loading applies
+        return self.base.process_latent_in(samples.to(self.device)).to(self.dtype)
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with fixed_draw(self.device):  # ComfyUI's VAE encode samples the posterior
             raw = self.vae.encode(pixels.movedim(1, -1).cpu())  # IMAGE layout in, un-scaled latents out
-        return self.base.process_latent_in(raw.to(self.device)).to(self.dtype)
+        return self.latents_in(raw)
 
     def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(top, left, h, w) of the pixels a LATENT covers: VAE Encode centre-crops to multiples of 8."""
@@ -151,7 +156,7 @@ class ComfyHost:
 
     def _sigma(self, timestep: int) -> torch.Tensor:
         self.load()  # the schedule may be an object patch, which loading applies
-        return self.base.model_sampling.sigma(torch.tensor([float(timestep)])).to(self.device)
+        return schedule_sigma(self.base.model_sampling, timestep).to(self.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         sigma = self._sigma(timestep).float()
@@ -191,7 +196,7 @@ class ComfyHost:
             self._comfy_conditioning(negative), empty, callback=lambda *a: self.check_interrupt(), disable_pbar=True,
             seed=seed,
         )
-        return self.base.process_latent_in(samples.to(self.device)).to(self.dtype)
+        return self.latents_in(samples)
 
     def check_interrupt(self) -> None:
         model_management.throw_exception_if_processing_interrupted()

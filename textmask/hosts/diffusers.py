@@ -20,7 +20,7 @@ from ..checkpoint import detect_architecture, read_state_dict
 from ..errors import CheckpointError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows
-from .base import Conditioning, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
+from .base import Conditioning, ddpm_alphas_cumprod, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -41,12 +41,6 @@ def _quiet_diffusers():
             hf_logging.disable_progress_bar()
             stack.callback(hf_logging.enable_progress_bar)
     return stack
-
-
-def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """SD's "scaled_linear" training schedule, ᾱ_t for t = 0..steps-1."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
 
 
 def config_family(config: str | Path) -> dict[int, str]:

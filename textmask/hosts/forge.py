@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .a1111 import A1111Host
-from .base import fixed_draw
+from .base import fixed_draw, schedule_sigma
 
 
 def forge_backend(name: str):
@@ -58,7 +58,7 @@ class ForgeHost(A1111Host):
 
     def _sigma(self, timestep: int) -> torch.Tensor:
         self.load()  # the predictor may be an object patch, which loading applies
-        return self.kmodel.predictor.sigma(torch.tensor([float(timestep)])).float().to(self.device)
+        return schedule_sigma(self.kmodel.predictor, timestep).to(self.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         return self.kmodel.predictor.noise_scaling(self._sigma(timestep), noise.float(), latents.float())
