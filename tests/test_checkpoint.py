@@ -52,10 +52,50 @@ def test_detect_real_shapes():
     assert inpaint.inpainting and inpaint.prediction_type == "epsilon"
     assert detect_architecture(ldm_unet_meta("sd2", in_channels=9)).prediction_type == "epsilon"
     assert detect_architecture(ldm_unet_meta("sd2"), prediction_type="epsilon").prediction_type == "epsilon"
+    assert detect_architecture(ldm_unet_meta("sd2", in_channels=9)).resolution == 512
     xl = sdxl_meta()
     assert detect_architecture(xl).name == "sdxl" and detect_architecture(xl).prediction_type == "epsilon"
+    assert detect_architecture(xl).resolution == 1024
     xl["v_pred"] = torch.empty(0)
     assert detect_architecture(xl).prediction_type == "v_prediction"
+
+
+def test_sd2_base_is_epsilon_and_edm_checkpoints_are_refused():
+    """SD2's 512 px base models are ε and its 768 px models v, told apart as ComfyUI and Forge tell them: the std of the
+    last transformer's first norm bias. SDXL checkpoints with an EDM schedule (Playground v2.5, CosXL) are refused."""
+    key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    g = torch.Generator().manual_seed(0)
+    for std, expected in ((0.2, "v_prediction"), (0.02, "epsilon")):
+        sd = ldm_unet_meta("sd2")
+        sd[key] = torch.randn(1024, generator=g) * std
+        assert detect_architecture(sd).prediction_type == expected
+        assert detect_architecture(sd).resolution == (768 if expected == "v_prediction" else 512)
+        assert detect_architecture(sd, prediction_type="v_prediction").prediction_type == "v_prediction"
+    for marker in (("edm_mean", "edm_std"), ("edm_vpred.sigma_max",)):
+        xl = sdxl_meta()
+        xl.update({k: torch.zeros(1) for k in marker})
+        with pytest.raises(CheckpointError, match="EDM noise schedule") as e:
+            detect_architecture(xl)
+        assert "\n" not in str(e.value)
+
+
+def test_zero_snr_checkpoint_gets_the_rescaled_schedule(tiny_checkpoint, tmp_path):
+    """A "v_pred" + "ztsnr" checkpoint (NoobAI-style v-prediction finetunes) is noised and converted to ε under SD's
+    schedule rescaled to zero terminal SNR, as diffusers' own rescaling gives it."""
+    from diffusers import DDPMScheduler
+
+    d, sd = tiny_checkpoint
+    save_file({**sd, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, tmp_path / "zsnr.safetensors")
+    host = DiffusersHost.from_single_file(tmp_path / "zsnr.safetensors", config=d / "config")
+    assert host.architecture.zero_snr and host.prediction_type == "v_prediction"
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              rescale_betas_zero_snr=True).alphas_cumprod.double()
+    torch.testing.assert_close(host.alphas_cumprod[:-1], reference[:-1], rtol=1e-5, atol=1e-7)  # theirs is fp32
+    assert 0 < float(host.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR, kept finite
+    plain = DiffusersHost.from_single_file(d / "tiny.safetensors", config=d / "config")
+    assert not plain.architecture.zero_snr and float(plain.alphas_cumprod[-1]) > 1e-3
+    out = TextMasker(host).mask(torch.rand(1, 30, 45, 3), "cat", method="noise-diff", timestep=999)
+    assert torch.isfinite(out.heatmaps).all()
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2"])

@@ -223,6 +223,44 @@ def test_from_pretrained_folder(tmp_path, sd1_pipe):
         TextMasker.from_pretrained(tmp_path / "vae")
 
 
+def test_folder_and_pipe_schedules(tmp_path, sd1_pipe):
+    """A folder's scheduler config sets the training schedule (here zero terminal SNR, as v-prediction finetunes ship
+    it), whatever sampler it names; an EDM scheduler, whose UNet takes log-σ timesteps, is refused in one line."""
+    import json
+
+    from diffusers import DDIMScheduler, EDMEulerScheduler
+
+    from textmask.errors import CheckpointError
+    from textmask.hosts.base import ddpm_alphas_cumprod
+
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(sd1_pipe, name).save_pretrained(tmp_path / name)
+    zsnr = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+                         rescale_betas_zero_snr=True)
+    zsnr.save_pretrained(tmp_path / "scheduler")
+    host = TextMasker.from_pretrained(tmp_path, resolution=64).host
+    assert host.prediction_type == "v_prediction"
+    torch.testing.assert_close(host.alphas_cumprod[:-1], ddpm_alphas_cumprod(zero_snr=True)[:-1], rtol=1e-5, atol=1e-7)
+    assert float(host.alphas_cumprod[-1]) == 2**-24  # zero terminal SNR, kept finite
+    edm = EDMEulerScheduler(sigma_data=0.5)
+    try:
+        sd1_pipe.scheduler = zsnr  # DDIM leaves ᾱ = 0 at the end
+        assert float(DiffusersHost.from_pipe(sd1_pipe).alphas_cumprod[-1]) == 2**-24
+        with torch.no_grad():
+            latents = DiffusersHost.from_pipe(sd1_pipe, resolution=32).sample("cat", "", 1, steps=2, cfg=2.0, seed=0)
+        assert torch.isfinite(latents).all()
+        sd1_pipe.scheduler = edm
+        with pytest.raises(CheckpointError, match="EDMEulerScheduler has no DDPM noise schedule"):
+            DiffusersHost.from_pipe(sd1_pipe)
+    finally:
+        sd1_pipe.scheduler = None  # the session's pipe, as the fixture made it
+    edm.save_pretrained(tmp_path / "scheduler")
+    assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "EDMEulerScheduler"
+    with pytest.raises(CheckpointError, match="has no DDPM noise schedule") as e:
+        TextMasker.from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_context_positions_point_at_the_phrase(sd1_masker):
     host = sd1_masker.host
     text = " ".join(["hill"] * 80) + " tiny zebra"

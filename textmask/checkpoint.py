@@ -22,10 +22,16 @@ class Architecture:
     name: ArchName
     in_channels: int  # 4, or 9 for inpainting checkpoints
     prediction_type: Literal["epsilon", "v_prediction"]
+    zero_snr: bool = False  # SD's schedule rescaled to zero terminal SNR (v-prediction SDXL finetunes mark it "ztsnr")
 
     @property
     def inpainting(self) -> bool:
         return self.in_channels == 9
+
+    @property
+    def resolution(self) -> int:
+        """The side in pixels it was trained at: SDXL 1024, SD2's v-prediction models 768, the rest 512."""
+        return 1024 if self.name == "sdxl" else (768 if self.prediction_type == "v_prediction" and self.name == "sd2" else 512)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -73,13 +79,26 @@ def detect_architecture(
         raise CheckpointError(f"unknown architecture: cross-attention context width {dim}{hint}")
     if name == "sdxl" and UNET + "label_emb.0.0.weight" not in state_dict:
         raise CheckpointError("unknown architecture: 2048-wide context without SDXL's label embedding")
+    if "edm_mean" in state_dict or "edm_vpred.sigma_max" in state_dict:
+        raise CheckpointError("this checkpoint uses an EDM noise schedule (Playground v2.5, CosXL), which textmask's "
+                              "diffusers loader does not support; mask with it in ComfyUI or Forge")
     in_channels = int(first_conv.shape[1])
     if in_channels not in (4, 9):
         raise CheckpointError(f"unsupported UNet with {in_channels} input channels (4, or 9 for inpainting)")
     if prediction_type is None:
-        # SD2's flagship 768 model is v-prediction; SDXL v-pred finetunes carry a "v_pred" marker key.
-        v_pred = (name == "sd2" and in_channels == 4) or "v_pred" in state_dict
+        # SDXL v-pred finetunes carry a "v_pred" marker key; SD2 inpainting models are ε.
+        v_pred = sd2_is_v_prediction(state_dict) if name == "sd2" and in_channels == 4 else "v_pred" in state_dict
         prediction_type = "v_prediction" if v_pred else "epsilon"
     if prediction_type not in ("epsilon", "v_prediction"):
         raise CheckpointError(f"unknown prediction type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
-    return Architecture(name=name, in_channels=in_channels, prediction_type=prediction_type)
+    return Architecture(name=name, in_channels=in_channels, prediction_type=prediction_type,
+                        zero_snr="ztsnr" in state_dict)
+
+
+def sd2_is_v_prediction(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether an SD2 checkpoint is the 768 px v-prediction kind, not the 512 px ε one (2.x-base), by ComfyUI's and
+    Forge's test: the last transformer's first norm bias is spread out (std > 0.09) in v models only."""
+    bias = state_dict.get(UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias")
+    if bias is None or bias.is_meta:
+        return True  # no values to read: SD2's flagship 768-v
+    return float(bias.float().std(unbiased=False)) > 0.09

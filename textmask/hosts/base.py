@@ -117,9 +117,15 @@ def iter_chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(n, i + size))
 
 
-def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """SD's "scaled_linear" training schedule, ᾱ_t for t = 0..steps-1."""
+def ddpm_alphas_cumprod(
+    steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, zero_snr: bool = False
+) -> torch.Tensor:
+    """SD's "scaled_linear" training schedule, ᾱ_t for t = 0..steps-1, optionally rescaled to zero terminal SNR."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    if zero_snr:
+        from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+        betas = rescale_zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
 
 

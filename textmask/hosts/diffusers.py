@@ -43,6 +43,21 @@ def _quiet_diffusers():
     return stack
 
 
+def _folder_schedule(directory: Path):
+    """The training schedule a diffusers folder's scheduler config describes (betas, zero-SNR rescaling, prediction
+    type), read through DDPMScheduler whatever sampler class the folder names."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    name = json.loads((directory / "scheduler" / "scheduler_config.json").read_text()).get("_class_name", "")
+    if "EDM" in name or "FlowMatch" in name:
+        raise CheckpointError(f"{directory.name}'s {name} has no DDPM noise schedule, which textmask's diffusers host "
+                              "needs; EDM models run in the ComfyUI and Forge hosts")
+    with _quiet_diffusers():
+        return DDPMScheduler.from_pretrained(directory, subfolder="scheduler", local_files_only=True)
+
+
 def config_family(config: str | Path) -> dict[int, str]:
     """{context width: family} for a diffusers-format config folder that overrides the shipped ones."""
     import json
@@ -98,7 +113,9 @@ class DiffusersHost:
     ):
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer = tokenizer if tokenizer is not None and getattr(tokenizer, "is_fast", False) else clip_tokenizer()
-        self.alphas_cumprod = (alphas_cumprod if alphas_cumprod is not None else ddpm_alphas_cumprod()).double().cpu()
+        alphas_cumprod = alphas_cumprod if alphas_cumprod is not None else ddpm_alphas_cumprod()
+        # a zero-terminal-SNR schedule ends at ᾱ = 0; keep the last step finite, as diffusers' samplers do
+        self.alphas_cumprod = alphas_cumprod.double().cpu().clamp(min=2**-24)
         if prediction_type not in ("epsilon", "v_prediction"):
             raise CheckpointError(f"unsupported prediction type {prediction_type!r}")
         self.prediction_type = prediction_type
@@ -118,6 +135,9 @@ class DiffusersHost:
         """Wrap an already-built diffusers pipeline (its modules are shared, never modified)."""
         sched = getattr(pipe, "scheduler", None)
         alphas = getattr(sched, "alphas_cumprod", None)
+        if sched is not None and alphas is None:  # EDM (Playground v2.5) and flow-matching schedulers have no ᾱ_t
+            raise CheckpointError(f"this pipeline's {type(sched).__name__} has no DDPM noise schedule (alphas_cumprod), "
+                                  "which textmask's diffusers host needs; EDM models run in the ComfyUI and Forge hosts")
         pred = kwargs.pop("prediction_type", None) or getattr(getattr(sched, "config", None), "prediction_type", "epsilon")
         return cls(
             pipe.unet,
@@ -153,11 +173,10 @@ class DiffusersHost:
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot load diffusers folder {directory}: {str(e).splitlines()[0]}") from None
         pred = kwargs.pop("prediction_type", None)
-        sched_cfg = directory / "scheduler" / "scheduler_config.json"
-        if pred is None and sched_cfg.is_file():
-            import json
-
-            pred = json.loads(sched_cfg.read_text()).get("prediction_type", "epsilon")
+        if (directory / "scheduler" / "scheduler_config.json").is_file():
+            schedule = _folder_schedule(directory)
+            pred = pred or schedule.config.prediction_type
+            kwargs.setdefault("alphas_cumprod", schedule.alphas_cumprod)
         host = cls(unet, upcast_sdxl_vae(vae, te2), te, text_encoder_2=te2, prediction_type=pred or "epsilon", **kwargs)
         return host.to(device)
 
@@ -218,6 +237,10 @@ class DiffusersHost:
         except (KeyError, ValueError, RuntimeError, OSError) as e:
             raise CheckpointError(f"checkpoint does not match the {arch.name} layout: {str(e).splitlines()[0][:200]}") from None
         pad = (EOS, 0) if arch.name == "sdxl" else ((0,) if arch.name == "sd2" else (EOS,))
+        if arch.zero_snr:
+            kwargs.setdefault("alphas_cumprod", ddpm_alphas_cumprod(zero_snr=True))
+        if config is None:  # the shipped SD2 config says 768 px, which SD2's ε models (2.x-base, inpainting) are not
+            kwargs.setdefault("resolution", arch.resolution)
         host = cls(unet, upcast_sdxl_vae(vae, te2), te, text_encoder_2=te2, prediction_type=arch.prediction_type, pad_ids=pad,
                    **kwargs)
         host.architecture = arch
