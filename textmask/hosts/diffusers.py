@@ -23,7 +23,6 @@ from ..tokens import TokenMap, split_windows
 from .base import Conditioning, ddpm_alphas_cumprod, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 BOS, EOS = 49406, 49407
 
 
