@@ -249,6 +249,7 @@ def test_the_vae_gets_its_own_dtype(webui, monkeypatch):
     res = TextMasker(small_host(model)).mask(torch.rand(1, 40, 40, 3), "car", refine=True)
     assert res.masks.shape == (1, 40, 40) and torch.isfinite(res.heatmaps).all()
 
+
 def test_device_is_the_webuis_while_the_unet_waits_elsewhere(webui, monkeypatch):
     """--medvram/--lowvram keep the UNet on the CPU until its forward: the compute device is the webui's own."""
     import modules.devices

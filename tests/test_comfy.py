@@ -413,6 +413,7 @@ def test_edm_schedule_noises_at_the_same_noise_level(pack, sd15, sampling):
     from textmask.hosts.base import fixed_draw
 
     model, clip, vae = sd15
+    before, hooks = model_output(model), hook_counts(model)
     comfy.model_management.load_models_gpu([model])  # the unpatched MODEL is the one in place
     sd_sigma = float(model.model.model_sampling.sigma(torch.tensor([300.0])))  # SD's own discrete schedule
     edm = ModelSamplingContinuousEDM().patch(model, sampling, 120.0, 0.002)[0]
@@ -434,3 +435,4 @@ def test_edm_schedule_noises_at_the_same_noise_level(pack, sd15, sampling):
             mask, heat = run_node(pack, (edm, clip, vae), image, "red car", method=method)
             assert torch.isfinite(heat).all() and 0 < float(mask.mean()) < 1
     comfy.model_management.load_models_gpu([model])
+    assert hook_counts(model) == hooks and torch.equal(before, model_output(model))  # the patches came off

@@ -259,6 +259,11 @@ def test_folder_and_pipe_schedules(tmp_path, sd1_pipe):
     with pytest.raises(CheckpointError, match="has no DDPM noise schedule") as e:
         TextMasker.from_pretrained(tmp_path)
     assert "\n" not in str(e.value)
+    for broken in ("{not json", json.dumps({"beta_schedule": "no-such-schedule"})):
+        (tmp_path / "scheduler" / "scheduler_config.json").write_text(broken)
+        with pytest.raises(CheckpointError, match="cannot read .*scheduler_config.json") as e:
+            TextMasker.from_pretrained(tmp_path)
+        assert "\n" not in str(e.value)
 
 
 def test_context_positions_point_at_the_phrase(sd1_masker):

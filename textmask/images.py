@@ -39,7 +39,7 @@ def load_image(path: str | Path) -> np.ndarray:
             return _pil_to_array(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # ValueError: e.g. a malformed EXIF block
         raise ImageError(f"cannot read image {path}: {e}") from None
 
 

@@ -49,12 +49,19 @@ def _folder_schedule(directory: Path):
 
     from diffusers import DDPMScheduler
 
-    name = json.loads((directory / "scheduler" / "scheduler_config.json").read_text()).get("_class_name", "")
+    config = directory / "scheduler" / "scheduler_config.json"
+    try:
+        name = json.loads(config.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, or not a JSON object
+        raise CheckpointError(f"cannot read {config}: {str(e).splitlines()[0]}") from None
     if "EDM" in name or "FlowMatch" in name:
         raise CheckpointError(f"{directory.name}'s {name} has no DDPM noise schedule, which textmask's diffusers host "
                               "needs; EDM models run in the ComfyUI and Forge hosts")
-    with _quiet_diffusers():
-        return DDPMScheduler.from_pretrained(directory, subfolder="scheduler", local_files_only=True)
+    try:
+        with _quiet_diffusers():
+            return DDPMScheduler.from_pretrained(directory, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError, TypeError, NotImplementedError) as e:  # e.g. an unknown beta_schedule
+        raise CheckpointError(f"cannot read {config}: {str(e).splitlines()[0]}") from None
 
 
 def config_family(config: str | Path) -> dict[int, str]:
