@@ -248,3 +248,30 @@ def test_self_attention_aggregate_matches_its_definition(big, small):
     result = agg.result()
     assert torch.allclose(result, expected, atol=1e-6)
     assert torch.allclose(result.sum(-1), torch.ones(2, n), atol=1e-5)
+
+
+def test_cross_attention_maps_match_their_definition():
+    """Each layer's phrase map (the mean over its tokens) bicubic to the largest grid, weighted 1/side, over chunks."""
+    import torch.nn.functional as F
+
+    from textmask.capture import AttentionLayer
+    from textmask.methods import CrossAttentionMaps
+    from textmask.postprocess import normalize
+
+    g = torch.Generator().manual_seed(0)
+    groups = [[1, 2], [5]]
+    maps = CrossAttentionMaps(groups)
+    expected = torch.zeros(2, 2, 8, 8)
+    sizes = [(8, 8), (4, 4), (8, 8), (2, 2)]
+    for i, size in enumerate(sizes):
+        t = size[0] * size[1]
+        p = (torch.rand(2, t, 10, generator=g) * 4).softmax(-1)
+        layer = AttentionLayer(f"layer{i}", "cross", i + 1, i + 1, size, 2)
+        for start in range(0, t, 5):
+            maps(layer, start, p[:, start : start + 5])
+        m = torch.stack([p[..., group].mean(-1) for group in groups], 1).reshape(2, 2, *size)
+        if size != (8, 8):
+            m = F.interpolate(m, size=(8, 8), mode="bicubic", align_corners=False)
+        expected += m / size[0]
+    expected /= sum(1 / size[0] for size in sizes)
+    torch.testing.assert_close(maps.aggregate(), normalize(expected.clamp_min(0)), atol=1e-5, rtol=0)

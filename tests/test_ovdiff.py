@@ -141,6 +141,30 @@ def test_segment_end_to_end(masker, tmp_path):
         masker.ovdiff(torch.rand(1, 40, 40, 3), protos, classes=["tree"])
 
 
+def test_attribution_sums_tokens_layers_and_forwards():
+    import torch.nn.functional as F
+
+    from textmask.capture import AttentionLayer
+    from textmask.ovdiff.support import AttributionSum
+
+    g = torch.Generator().manual_seed(0)
+    attribution = AttributionSum([1, 3], count=2, size=(8, 8))
+    assert torch.equal(attribution.result(), torch.zeros(2, 8, 8))  # nothing captured
+    expected = torch.zeros(2, 8, 8)
+    for _ in range(2):  # two sampler forwards
+        for i, size in enumerate([(8, 8), (4, 4), (2, 2)]):
+            t = size[0] * size[1]
+            p = torch.rand(2, t, 6, generator=g).softmax(-1)
+            layer = AttentionLayer(f"layer{i}", "cross", i + 1, i + 1, size, 2)
+            for start in range(0, t, 3):
+                attribution(layer, start, p[:, start : start + 3])
+            m = p[..., [1, 3]].sum(-1).reshape(2, 1, *size)
+            expected += F.interpolate(m, size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(attribution.result(), expected, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="expected 2 conditional rows"):
+        attribution(layer, 0, p[:1])
+
+
 def test_bad_input(masker, tmp_path):
     with pytest.raises(TextMaskError, match="duplicate"):
         masker.build_prototypes(["cat", "Cat"], cache_dir=tmp_path)

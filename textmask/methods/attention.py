@@ -7,7 +7,7 @@ Both collectors are capture sinks: they reduce probability chunks as they arrive
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,49 +16,65 @@ from ..capture import AttentionLayer
 from ..postprocess import normalize
 
 
-class CrossAttentionMaps:
-    """Collects, per cross-attention layer, the mean attention of each phrase's token positions."""
+def side_weight(layer: AttentionLayer) -> float:
+    """AggSD's layer weight: 1 / the side of the layer's grid."""
+    return 1.0 / math.sqrt(layer.tokens)
 
-    def __init__(self, token_groups: Sequence[Sequence[int]]):
+
+class CrossAttentionMaps:
+    """Sums each phrase's mean token attention over cross-attention layers, weighted per layer, one sum per grid.
+
+    Each chunk is added into its grid's sum with one batched product, and only the sums are resized at the end:
+    resizing is linear, so this equals resizing every layer's map, with a few kernels in place of a few per layer.
+    """
+
+    def __init__(self, token_groups: Sequence[Sequence[int]], layer_weight: Callable[[AttentionLayer], float] = side_weight):
         self.groups = [list(g) for g in token_groups]
-        self.maps: dict[str, torch.Tensor] = {}  # layer name -> [B, P, h, w]
-        self.layers: dict[str, AttentionLayer] = {}
+        self.layer_weight = layer_weight
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}  # grid (h, w) -> [B, h*w, P]
+        self.weight_total = 0.0  # each layer's weight, counted once
+        self._seen: set[str] = set()
         self._selector: torch.Tensor | None = None
 
     def _select(self, keys: int, device: torch.device) -> torch.Tensor:
         # [keys, P] averaging matrix, so a chunk reduces with one matmul.
         if self._selector is None or self._selector.shape[0] != keys or self._selector.device != device:
-            sel = torch.zeros(keys, len(self.groups), device=device)
+            sel = torch.zeros(keys, len(self.groups))
             for p, group in enumerate(self.groups):
                 sel[group, p] = 1.0 / len(group)
-            self._selector = sel
+            self._selector = sel.to(device)
         return self._selector
 
     def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
         b, rows, keys = probs.shape
-        h, w = layer.size
-        out = self.maps.get(layer.name)
-        if out is None:
-            out = self.maps[layer.name] = torch.zeros(b, len(self.groups), h * w, device=probs.device)
-            self.layers[layer.name] = layer
-        out[:, :, start : start + rows] = (probs @ self._select(keys, probs.device)).transpose(1, 2)
+        acc = self.sums.get(layer.size)
+        if acc is None:
+            acc = self.sums[layer.size] = torch.zeros(b, layer.tokens, len(self.groups), device=probs.device)
+        weight = self.layer_weight(layer)
+        if layer.name not in self._seen:
+            self._seen.add(layer.name)
+            self.weight_total += weight
+        sel = self._select(keys, probs.device)
+        acc[:, start : start + rows].baddbmm_(probs, sel.expand(b, *sel.shape), alpha=weight)
+
+    def total(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+        """The weighted sum over layers, [B, P, *size]: each grid's sum resized to ``size``."""
+        if not self.sums:
+            raise RuntimeError("no cross-attention was captured")
+        out = None
+        for grid, flat in self.sums.items():
+            m = flat.transpose(1, 2).reshape(flat.shape[0], flat.shape[2], *grid)
+            if grid != tuple(size):
+                m = F.interpolate(m, size=size, mode=mode, align_corners=False)
+            out = m if out is None else out + m
+        return out
 
     def aggregate(self) -> torch.Tensor:
         """[B, P, H, W] at the largest layer size: bicubic upsampling, weights ∝ 1/side, min-max normalised."""
-        if not self.maps:
+        if not self.sums:
             raise RuntimeError("no cross-attention was captured")
-        size = max((l.size for l in self.layers.values()), key=lambda s: s[0] * s[1])
-        weights = {n: 1.0 / math.sqrt(l.tokens) for n, l in self.layers.items()}
-        total = sum(weights.values())
-        acc = None
-        for name, flat in self.maps.items():
-            layer = self.layers[name]
-            m = flat.reshape(flat.shape[0], flat.shape[1], *layer.size)
-            if layer.size != size:
-                m = F.interpolate(m, size=size, mode="bicubic", align_corners=False)
-            term = m * (weights[name] / total)
-            acc = term if acc is None else acc + term
-        return normalize(acc.clamp_min(0))
+        size = max(self.sums, key=lambda s: s[0] * s[1])
+        return normalize((self.total(size) / self.weight_total).clamp_min(0))
 
 
 class SelfAttentionAggregate:

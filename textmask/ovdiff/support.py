@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import binary_erosion
 
 from .. import postprocess as pp
 from ..capture import AttentionCapture, AttentionLayer
 from ..hosts.base import Host
+from ..methods.attention import CrossAttentionMaps
 from ..methods.diffseg import diffseg
 
 PROMPT = "A good picture of a {}"
@@ -19,25 +19,27 @@ NEGATIVE = "text, low quality, blurry, cartoon, meme, low resolution, bad, poor,
 FG_FALLBACK, BG_THRESHOLD = 0.5, 0.2
 
 
-class AttributionSum:
-    """Capture sink: the class tokens' cross-attention summed over layers, heads and forwards, at ``size``."""
+class AttributionSum(CrossAttentionMaps):
+    """Capture sink: the class tokens' cross-attention summed over layers, heads and forwards, at ``size``.
+
+    It stays on the device while sampling (a copy to the CPU per layer synced every forward); ``result()`` reads it.
+    """
 
     def __init__(self, positions: list[int], count: int, size: tuple[int, int]):
-        self.positions, self.count, self.size = positions, count, size
-        self.total = torch.zeros(count, *size)
-        self._buffers: dict[str, torch.Tensor] = {}
+        # Every layer alike, and a sum over the class tokens rather than their mean.
+        super().__init__([positions], layer_weight=lambda layer: float(len(positions)))
+        self.count, self.size = count, size
 
     def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
         if probs.shape[0] != self.count:
             raise RuntimeError(f"expected {self.count} conditional rows per forward, got {probs.shape[0]}")
-        buf = self._buffers.setdefault(layer.name, torch.zeros(self.count, layer.tokens, device=probs.device))
-        rows = probs.shape[1]
-        buf[:, start : start + rows] = probs[..., self.positions].sum(-1)
-        if start + rows == layer.tokens:
-            m = buf.reshape(self.count, 1, *layer.size).float()
-            if layer.size != self.size:
-                m = F.interpolate(m, size=self.size, mode="bilinear", align_corners=False)
-            self.total += m[:, 0].cpu()
+        super().__call__(layer, start, probs)
+
+    def result(self) -> torch.Tensor:
+        """The sum [count, *size] on the CPU (zeros if nothing was captured)."""
+        if not self.sums:
+            return torch.zeros(self.count, *self.size)
+        return self.total(self.size, mode="bilinear")[:, 0].cpu()
 
 
 def context_matcher(target: torch.Tensor):
@@ -74,8 +76,9 @@ def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float,
         with AttentionCapture(host.attention_modules(), (side, side), probs=lambda l: l.kind == "cross",
                               sink=attribution, context_rows=context_matcher(cond.context)):
             latents = host.sample(prompt, NEGATIVE, n, steps=steps, cfg=cfg, seed=seed + start, resolution=resolution)
+        total = attribution.result()
         for i in range(n):
-            out.append(SupportImage(latents[i].detach(), pp.normalize(attribution.total[i][None])[0]))
+            out.append(SupportImage(latents[i].detach(), pp.normalize(total[i][None])[0]))
             if on_image is not None:
                 on_image()
     return out
