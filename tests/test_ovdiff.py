@@ -141,6 +141,22 @@ def test_segment_end_to_end(masker, tmp_path):
         masker.ovdiff(torch.rand(1, 40, 40, 3), protos, classes=["tree"])
 
 
+def test_windows_share_forwards_and_change_nothing(masker, tmp_path):
+    protos = masker.build_prototypes(["cat", "grass"], cache_dir=tmp_path, images=2, steps=2)
+    image = torch.rand(1, 64, 64, 3)  # at the model's 64 px: the full image and 8 windows
+    count = Counter(masker.host)
+    try:
+        one = masker.ovdiff(image, protos, batch_size=1)
+        assert count.forwards == 9
+        count.forwards = 0
+        four = masker.ovdiff(image, protos)  # the default: 4 windows to a forward
+        assert count.forwards == 1 + 2
+    finally:
+        count.close()
+    torch.testing.assert_close(four.scores, one.scores, atol=1e-5, rtol=0)
+    assert (four.labels == one.labels).float().mean() > 0.999
+
+
 def test_attribution_sums_tokens_layers_and_forwards():
     import torch.nn.functional as F
 
@@ -216,7 +232,7 @@ def test_segment_with_synthetic_prototypes(masker, monkeypatch):
 
     host = masker.host
     monkeypatch.setattr(host, "encode_images", lambda px: px)
-    monkeypatch.setattr(seg, "extract", lambda h, lat, empty, seed: (F.interpolate(lat, size=(64, 64), mode="nearest"), None))
+    monkeypatch.setattr(seg, "extract", lambda h, lat, empty, seed, **kw: (F.interpolate(lat, size=(64, 64), mode="nearest"), None))
     e = torch.eye(3)
     protos = Prototypes([proto("red", e[:1], []), proto("blue", e[2:], [])], host)
     image = torch.zeros(1, 60, 90, 3)

@@ -181,7 +181,7 @@ class TextMasker:
                                 overrides=overrides, cache_dir=cache_dir, resolution=resolution)
 
     def ovdiff(self, images, prototypes, *, classes: Sequence[str] | None = None, clip=None, seed: int = 0,
-               resolution: int | None = None):
+               resolution: int | None = None, batch_size: int = 4):
         """OVDiff: a label map and one mask per class by nearest-prototype matching (``clip``: optional pre-filter)."""
         from .ovdiff import segment
 
@@ -189,7 +189,8 @@ class TextMasker:
             from .referring import ClipScorer
 
             clip = ClipScorer(clip, device=self.host.device)
-        return segment(prototypes, images, host=self.host, classes=classes, clip=clip, seed=seed, resolution=resolution)
+        return segment(prototypes, images, host=self.host, classes=classes, clip=clip, seed=seed, resolution=resolution,
+                       batch_size=batch_size)
 
     def load_ldznet(self, path: str | Path):
         """Load LD-ZNet weights (textmask safetensors) onto this host's device."""

@@ -27,11 +27,13 @@ def feature_layer(layer: AttentionLayer, cross_layers: int) -> bool:
 
 @torch.inference_mode()
 def extract(host: Host, latents: torch.Tensor, empty: Conditioning, seed: int, *,
-            with_segments: bool = False) -> tuple[torch.Tensor, SelfAttentionAggregate | None]:
+            with_segments: bool = False, shared_noise: bool = False) -> tuple[torch.Tensor, SelfAttentionAggregate | None]:
     """Features [B, D, 64, 64] (float32, on the latents' device) of host-scaled ``latents``; with
-    ``with_segments`` also the self-attention aggregate of the same forward, for DiffSeg."""
+    ``with_segments`` also the self-attention aggregate of the same forward, for DiffSeg. Row i draws noise
+    seeded ``seed`` + i, or ``seed`` for every row with ``shared_noise`` (the windows of one image)."""
     b = latents.shape[0]
-    noise = image_noise(latents.shape[1:], seed, b).to(latents.device, latents.dtype)
+    noise = image_noise(latents.shape[1:], seed, 1 if shared_noise else b).expand(b, *latents.shape[1:])
+    noise = noise.to(latents.device, latents.dtype)
     noisy = host.add_noise(latents, noise, FEATURE_TIMESTEP)
     selfagg = SelfAttentionAggregate() if with_segments else None
     with AttentionCapture(host.attention_modules(), tuple(latents.shape[-2:]), queries=lambda l: l.kind == "cross",

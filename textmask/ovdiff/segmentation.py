@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TextMaskError
-from ..hosts.base import Host
+from ..hosts.base import Host, iter_chunks
 from ..images import to_batch, working_size
 from .features import extract
 from .prototypes import Prototypes, stuff_filter
@@ -46,18 +46,24 @@ def window_boxes(height: int, width: int, scale: float) -> list[tuple[int, int, 
     return boxes
 
 
-def match(features: torch.Tensor, fg: list[torch.Tensor], bg: torch.Tensor) -> torch.Tensor:
-    """Scores [1 + C, h, w] on the CPU: background first (max cosine over ``bg``), then each class's max over its
-    ``fg``. The products run on the features' device; the prototypes go to it."""
+def match(features: torch.Tensor, fg: list[torch.Tensor], bg: torch.Tensor, unit: bool = False) -> torch.Tensor:
+    """Scores [1 + C, h, w] on the features' device: background first (max cosine over ``bg``), then each
+    class's max over its ``fg``. ``unit``: the prototypes are already unit rows on that device."""
     d, h, w = features.shape
     f = F.normalize(features.reshape(d, -1).T.float(), dim=-1)  # [N, D]
 
     def best(protos: torch.Tensor) -> torch.Tensor:
-        return (f @ F.normalize(protos.to(f.device).float(), dim=-1).T).max(-1).values
+        protos = protos.to(f.device) if unit else unit_rows(protos, f.device)
+        return (f @ protos.T).max(-1).values
 
     out = [best(bg) if len(bg) else torch.full((h * w,), -1.0, device=f.device)]
     out += [best(p) for p in fg]
-    return torch.stack(out).reshape(-1, h, w).cpu()
+    return torch.stack(out).reshape(-1, h, w)
+
+
+def unit_rows(protos: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Prototypes [K, D] as float32 unit rows on ``device``."""
+    return F.normalize(protos.to(device).float(), dim=-1)
 
 
 def clip_select(clip, image: torch.Tensor, names: Sequence[str], topk: int = 3) -> list[int]:
@@ -76,8 +82,9 @@ def clip_select(clip, image: torch.Tensor, names: Sequence[str], topk: int = 3) 
 
 @torch.inference_mode()
 def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes: Sequence[str] | None = None,
-            clip=None, seed: int = 0, resolution: int | None = None) -> OVDiffResult:
-    """Label every pixel with the nearest class prototype (or background), per image."""
+            clip=None, seed: int = 0, resolution: int | None = None, batch_size: int = 4) -> OVDiffResult:
+    """Label every pixel with the nearest class prototype (or background), per image; ``batch_size`` windows
+    share a UNet forward."""
     host = host or prototypes.host
     if host is None:
         raise TextMaskError("these prototypes carry no model; pass the host that built them")
@@ -89,8 +96,9 @@ def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes
             raise TextMaskError(f"no prototypes for: {', '.join(missing)}; build them first")
         protos = [index[c.lower()] for c in classes]
     names = [c.name for c in protos]
-    bg_all = stuff_filter(protos)
-    fg_all = [c.foreground() for c in protos]
+    # Normalised once and kept on the device: per window they cost more than the matching itself.
+    bg_all = [unit_rows(b, host.device) for b in stuff_filter(protos)]
+    fg_all = [unit_rows(c.foreground(), host.device) for c in protos]
     pixels = to_batch(images)
     height, width = pixels.shape[-2:]
     native = resolution or prototypes.settings.resolution or host.resolution  # as the support images were made
@@ -106,20 +114,27 @@ def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes
             if clip is not None and len(protos) > 1:
                 chosen = clip_select(clip, pixels[b], names)
             fg = [fg_all[i] for i in chosen]
-            bg = torch.cat([bg_all[i] for i in chosen]) if chosen else torch.zeros(0, fg_all[0].shape[1])
-            total = torch.zeros(1 + len(chosen), *size)
-            count = torch.zeros(1, *size)
-            for k, (t, l, h, w) in enumerate(window_boxes(*size, scale)):
-                crop = image[..., t : t + h, l : l + w]
-                if k:  # a window is seen at the model's native size, like a full image
-                    side = native
-                    crop = F.interpolate(crop, size=(side, side), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-                latents = host.encode_images(crop.to(host.device))
-                feats, _ = extract(host, latents, empty, seed + b)
-                s = match(feats[0], fg, bg)
-                total[:, t : t + h, l : l + w] += F.interpolate(s[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-                count[:, t : t + h, l : l + w] += 1
-            mean = total / count
+            bg = torch.cat([bg_all[i] for i in chosen]) if chosen else fg_all[0][:0]
+            # The window sums stay on the device: one copy to the CPU per image, not one sync per window.
+            total = torch.zeros(1 + len(chosen), *size, device=host.device)
+            count = torch.zeros(1, *size, device=host.device)
+            def add_scores(crops: torch.Tensor, boxes: list[tuple[int, int, int, int]]) -> None:
+                latents = host.encode_images(crops.to(host.device))
+                feats, _ = extract(host, latents, empty, seed + b, shared_noise=True)
+                for f, (t, l, h, w) in zip(feats, boxes):
+                    s = match(f, fg, bg, unit=True)[None].to(total.device)
+                    total[:, t : t + h, l : l + w] += F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)[0]
+                    count[:, t : t + h, l : l + w] += 1
+
+            whole, *windows = window_boxes(*size, scale)
+            add_scores(image, [whole])  # alone: the working size need not be square
+            for rows in iter_chunks(len(windows), batch_size):
+                host.check_interrupt()
+                # A window is seen at the model's native size, like a full image; so the windows batch.
+                crops = [F.interpolate(image[..., t : t + h, l : l + w], size=(native, native), mode="bicubic",
+                                       align_corners=False, antialias=True) for t, l, h, w in windows[rows]]
+                add_scores(torch.cat(crops).clamp(0, 1), windows[rows])
+            mean = (total / count).cpu()
             full = F.interpolate(mean[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             lab_local = full.argmax(0)
             lab = torch.zeros_like(lab_local)
