@@ -125,3 +125,18 @@ def test_cuda_ovdiff_builds_on_the_gpu_and_segments_like_the_cpu(scenes, cpu_mas
     agree = iou(out.masks.numpy() > 0.5, ref.masks.numpy() > 0.5)
     print(f"\novdiff fp16 against CPU fp32, same prototypes: mask IoU {agree:.4f}")
     assert agree > 0.85, agree
+
+
+def test_cuda_kmeans_runs_on_the_gpu_and_finds_the_centres():
+    from textmask.ovdiff.prototypes import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.eye(4, 16) * 20
+    pts = means.repeat_interleave(200, 0) + torch.randn(800, 16, generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    centres = kmeans(pts, 4, seed=3, device="cuda")
+    assert torch.cuda.max_memory_allocated() - before >= pts.numel() * 4  # the points went to the GPU
+    assert centres.device.type == "cpu"  # and the centres came back to the points' device
+    assert torch.cdist(centres, means).min(0).values.max() < 0.5

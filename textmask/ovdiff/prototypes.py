@@ -75,8 +75,10 @@ class Prototypes:
         return [c.name for c in self.classes]
 
 
-def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20) -> torch.Tensor:
-    """K-means centres [min(k, N), D] of ``points`` [N, D], deterministic (k-means++ init from ``seed``)."""
+def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """K-means centres [min(k, N), D] of ``points`` [N, D], deterministic (k-means++ init from ``seed``), computed
+    on ``device`` (default: the points') and returned on the points' device."""
     # In torch, not scipy's kmeans2: its k-means++ init alone took 32 s on 16 000 support features of width
     # 7 680 (2 cores), where these matrix products take about a second, and on a GPU machine dwarfed the sampler.
     if len(points) == 0:
@@ -85,7 +87,7 @@ def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20) ->
     if len(points) > MAX_KMEANS_POINTS:
         idx = torch.randperm(len(points), generator=gen)[:MAX_KMEANS_POINTS]
         points = points[idx.sort().values]
-    x = points.float()
+    x = points.to(device or points.device).float()  # the draws stay on the CPU generator, wherever x is
     k = min(k, len(x))
     norms = (x * x).sum(1)
 
@@ -96,7 +98,7 @@ def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20) ->
     nearest = dist2(chosen[0])
     for _ in range(1, k):  # k-means++: the next centre is drawn with probability ∝ squared distance
         weights = nearest if nearest.sum() > 0 else torch.ones_like(nearest)  # all points on the centres
-        chosen.append(int(torch.multinomial(weights, 1, generator=gen)))
+        chosen.append(int(torch.multinomial(weights.cpu(), 1, generator=gen)))
         nearest = torch.minimum(nearest, dist2(chosen[-1]))
     centres = x[chosen]
     for _ in range(iterations):  # Lloyd's steps; an emptied cluster keeps its centre
@@ -107,17 +109,21 @@ def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20) ->
         if torch.equal(moved, centres):
             break
         centres = moved
-    return centres
+    return centres.to(points.device)
 
 
-def _prototypes(per_image: list[torch.Tensor], k: int, seed: int) -> dict[str, torch.Tensor]:
-    """Class mean, one mean per support image, and K-means parts of the pooled features."""
+def _prototypes(per_image: list[torch.Tensor], k: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Class mean, one mean per support image, and K-means parts of the pooled features (run on ``device``)."""
     per_image = [f for f in per_image if len(f)]
     if not per_image:
         return {}
     pooled = torch.cat(per_image)
+    # K-means on the GPU where it has room (seconds on the CPU at this width), else on the CPU.
+    need = 4 * min(len(pooled), MAX_KMEANS_POINTS) * pooled.shape[1] * 4  # points and products, fp32
+    if device.type != "cuda" or torch.cuda.mem_get_info(device)[0] < need:
+        device = torch.device("cpu")
     return {"mean": pooled.mean(0, keepdim=True), "instances": torch.stack([f.mean(0) for f in per_image]),
-            "kmeans": kmeans(pooled, k, seed)}
+            "kmeans": kmeans(pooled, k, seed, device=device)}
 
 
 @torch.inference_mode()
@@ -140,10 +146,10 @@ def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None
         # Only the chosen pixels' features leave the device: 32 images' full features would not fit a small GPU.
         fg_feats.append(flat[fg.reshape(-1).to(flat.device)].cpu())
         bg_feats.append(flat[bg.reshape(-1).to(flat.device)].cpu())
-    fg_protos = _prototypes(fg_feats, settings.kmeans, settings.seed)
+    fg_protos = _prototypes(fg_feats, settings.kmeans, settings.seed, host.device)
     if not fg_protos:
         raise TextMaskError(f"OVDiff found no foreground for '{name}' in {len(images)} support images; try more images")
-    bg_protos = {} if stuff else _prototypes(bg_feats, settings.kmeans, settings.seed)
+    bg_protos = {} if stuff else _prototypes(bg_feats, settings.kmeans, settings.seed, host.device)
     d = fg_protos["mean"].shape[1]
     empty_kinds = {k: torch.zeros(0, d) for k in KINDS}
     return ClassPrototypes(name, stuff, fg_protos, bg_protos or empty_kinds)
