@@ -89,7 +89,7 @@ def attention_probs(
     # kernel counts: on a GPU a UNet forward is bound by kernel launches, not arithmetic.
     qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
     kt = (k.float() * scale).reshape(b, m, heads, d).permute(0, 2, 3, 1)
-    if b > 1:  # matmul folds (batch, head) into one dimension, a view only of contiguous tensors: copy once, not per chunk
+    if b > 1:  # matmul folds (batch, head) into one dimension, a view only if contiguous: copy once, not per chunk
         qh, kt = qh.contiguous(), kt.contiguous()
     rows = max(1, budget // max(1, b * heads * m * 4))
     for i in range(0, n, rows):

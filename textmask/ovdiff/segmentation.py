@@ -118,6 +118,7 @@ def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes
             # The window sums stay on the device: one copy to the CPU per image, not one sync per window.
             total = torch.zeros(1 + len(chosen), *size, device=host.device)
             count = torch.zeros(1, *size, device=host.device)
+
             def add_scores(crops: torch.Tensor, boxes: list[tuple[int, int, int, int]]) -> None:
                 latents = host.encode_images(crops.to(host.device))
                 feats, _ = extract(host, latents, empty, seed + b, shared_noise=True)

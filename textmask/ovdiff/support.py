@@ -22,7 +22,7 @@ FG_FALLBACK, BG_THRESHOLD = 0.5, 0.2
 class AttributionSum(CrossAttentionMaps):
     """Capture sink: the class tokens' cross-attention summed over layers, heads and forwards, at ``size``.
 
-    It stays on the device while sampling (a copy to the CPU per layer synced every forward); ``result()`` reads it.
+    It stays on the device while sampling, so no forward waits on a copy to the CPU; ``result()`` reads it.
     """
 
     def __init__(self, positions: list[int], count: int, size: tuple[int, int]):
