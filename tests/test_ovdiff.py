@@ -157,6 +157,29 @@ def test_windows_share_forwards_and_change_nothing(masker, tmp_path):
     assert (four.labels == one.labels).float().mean() > 0.999
 
 
+def test_windows_fall_back_to_smaller_batches_when_the_gpu_is_full(masker, tmp_path, monkeypatch):
+    import textmask.ovdiff.segmentation as seg
+
+    protos = masker.build_prototypes(["cat"], cache_dir=tmp_path, images=2, steps=2)
+    image = torch.rand(1, 64, 64, 3)
+    one = masker.ovdiff(image, protos, batch_size=1)
+    extract, sizes = seg.extract, []
+
+    def small_gpu(host, latents, *args, **kw):  # room for two windows at a time
+        sizes.append(latents.shape[0])
+        if latents.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return extract(host, latents, *args, **kw)
+
+    monkeypatch.setattr(seg, "extract", small_gpu)
+    out = masker.ovdiff(image, protos, batch_size=8)
+    assert sizes == [1, 8, 4, 2, 2, 2, 2]  # the full image, then halved until the windows fit
+    torch.testing.assert_close(out.scores, one.scores, atol=1e-5, rtol=0)
+    monkeypatch.setattr(seg, "extract", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("full")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one window fits: the host's error, unchanged
+        masker.ovdiff(image, protos, batch_size=1)
+
+
 def test_attribution_sums_tokens_layers_and_forwards():
     import torch.nn.functional as F
 

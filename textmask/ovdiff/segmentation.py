@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TextMaskError
-from ..hosts.base import Host, iter_chunks
+from ..hosts.base import Host
 from ..images import to_batch, working_size
 from .features import extract
 from .prototypes import Prototypes, stuff_filter
@@ -84,7 +84,7 @@ def clip_select(clip, image: torch.Tensor, names: Sequence[str], topk: int = 3) 
 def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes: Sequence[str] | None = None,
             clip=None, seed: int = 0, resolution: int | None = None, batch_size: int = 4) -> OVDiffResult:
     """Label every pixel with the nearest class prototype (or background), per image; ``batch_size`` windows
-    share a UNet forward."""
+    share a UNet forward (fewer if the GPU runs out of memory)."""
     host = host or prototypes.host
     if host is None:
         raise TextMaskError("these prototypes carry no model; pass the host that built them")
@@ -119,22 +119,34 @@ def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes
             total = torch.zeros(1 + len(chosen), *size, device=host.device)
             count = torch.zeros(1, *size, device=host.device)
 
-            def add_scores(crops: torch.Tensor, boxes: list[tuple[int, int, int, int]]) -> None:
-                latents = host.encode_images(crops.to(host.device))
-                feats, _ = extract(host, latents, empty, seed + b, shared_noise=True)
-                for f, (t, l, h, w) in zip(feats, boxes):
-                    s = match(f, fg, bg, unit=True)[None].to(total.device)
+            def add_scores(crops: torch.Tensor, boxes: list[tuple[int, int, int, int]], may_fail: bool = False) -> bool:
+                try:
+                    latents = host.encode_images(crops.to(host.device))
+                    feats, _ = extract(host, latents, empty, seed + b, shared_noise=True)
+                    scores = [match(f, fg, bg, unit=True)[None].to(total.device) for f in feats]  # all before adding
+                except torch.cuda.OutOfMemoryError:
+                    if not may_fail:
+                        raise
+                    return False
+                for s, (t, l, h, w) in zip(scores, boxes):
                     total[:, t : t + h, l : l + w] += F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)[0]
                     count[:, t : t + h, l : l + w] += 1
+                return True
 
             whole, *windows = window_boxes(*size, scale)
             add_scores(image, [whole])  # alone: the working size need not be square
-            for rows in iter_chunks(len(windows), batch_size):
+            done, per_forward = 0, max(1, batch_size)
+            while done < len(windows):
                 host.check_interrupt()
+                boxes = windows[done : done + per_forward]
                 # A window is seen at the model's native size, like a full image; so the windows batch.
                 crops = [F.interpolate(image[..., t : t + h, l : l + w], size=(native, native), mode="bicubic",
-                                       align_corners=False, antialias=True) for t, l, h, w in windows[rows]]
-                add_scores(torch.cat(crops).clamp(0, 1), windows[rows])
+                                       align_corners=False, antialias=True) for t, l, h, w in boxes]
+                if add_scores(torch.cat(crops).clamp(0, 1), boxes, may_fail=per_forward > 1):
+                    done += len(boxes)
+                else:  # out of GPU memory: fewer windows to a forward, as ComfyUI's VAE falls back to tiles
+                    per_forward //= 2
+                    torch.cuda.empty_cache()
             mean = (total / count).cpu()
             full = F.interpolate(mean[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             lab_local = full.argmax(0)
