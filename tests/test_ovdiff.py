@@ -180,6 +180,24 @@ def test_windows_fall_back_to_smaller_batches_when_the_gpu_is_full(masker, tmp_p
         masker.ovdiff(image, protos, batch_size=1)
 
 
+def test_context_rows_are_found_once_per_context_tensor(monkeypatch):
+    from textmask.ovdiff import support
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(1, 77, 8, generator=g), torch.randn(1, 77, 8, generator=g)
+    rows = support.context_matcher(cond)
+    calls = []
+    nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append(1) or nonzero(*a, **k))
+    batch = torch.cat([uncond, cond, uncond, cond])
+    assert rows(batch).tolist() == [1, 3]
+    for _ in range(15):  # the other cross-attention layers of the forward: no search, no GPU sync
+        assert rows(batch).tolist() == [1, 3]
+    assert len(calls) == 1
+    assert rows(torch.cat([cond, uncond])).tolist() == [0]  # a new context tensor is searched again
+    assert rows(uncond.clone()).numel() == 0 and len(calls) == 3
+
+
 def test_attribution_sums_tokens_layers_and_forwards():
     import torch.nn.functional as F
 
