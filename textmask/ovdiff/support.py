@@ -49,7 +49,7 @@ def context_matcher(target: torch.Tensor):
     for all its steps, so the rows are found once per tensor: finding them syncs a GPU (``nonzero``).
     """
     ref = target[0].float()
-    last: list = [None, None]  # the context tensor last seen (held, so its id cannot be reused) and its rows
+    last: list = [None, None]  # the context tensor last seen and its rows
 
     def rows(context: torch.Tensor) -> torch.Tensor:
         if context is last[0]:
