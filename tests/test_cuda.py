@@ -140,3 +140,16 @@ def test_cuda_kmeans_runs_on_the_gpu_and_finds_the_centres():
     assert torch.cuda.max_memory_allocated() - before >= pts.numel() * 4  # the points went to the GPU
     assert centres.device.type == "cpu"  # and the centres came back to the points' device
     assert torch.cdist(centres, means).min(0).values.max() < 0.5
+
+
+@pytest.mark.parametrize("budget", [256 << 20, 0])  # on the GPU, and on the CPU past the budget
+def test_cuda_full_res_segment_labels_match_the_cpus(budget, monkeypatch):
+    from textmask import segments
+
+    monkeypatch.setattr(segments, "FULL_RES_BYTES", budget)
+    g = torch.Generator().manual_seed(0)
+    maps = (torch.rand(6, 16 * 16, generator=g) * 5).softmax(0)
+    cpu = segments._full_res_labels(maps, (16, 16), (300, 200))
+    gpu = segments._full_res_labels(maps.cuda(), (16, 16), (300, 200))
+    assert gpu.device.type == "cpu" and gpu.shape == (300, 200)
+    assert (gpu == cpu).float().mean() > 0.999  # argmax ties may fall either way

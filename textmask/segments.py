@@ -53,10 +53,19 @@ def _capture(host: Host, pixels, size, prompt: str, groups, timestep: int, seed:
         yield selfagg.result(), selfagg.size, (cross.aggregate() if cross else None)
 
 
+# Upsampled segment maps stay on the GPU up to this size; a larger stack (a huge image) is resized on the CPU.
+FULL_RES_BYTES = 256 << 20
+
+
+def _upsampled_argmax(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The index of the highest of the segment maps [K, N], each upsampled to ``size``, per pixel (on the CPU)."""
+    on = maps.device if len(maps) * size[0] * size[1] * 4 <= FULL_RES_BYTES else torch.device("cpu")
+    return pp.resize(maps.reshape(-1, *grid).float().to(on), size).argmax(0).cpu()
+
+
 def _full_res_labels(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """Upsample segment maps [K, N] to the image and take the argmax, relabelled by decreasing area."""
-    up = pp.resize(maps.reshape(-1, *grid).float().cpu(), size)
-    labels = up.argmax(0)
+    labels = _upsampled_argmax(maps, grid, size)
     counts = torch.bincount(labels.reshape(-1), minlength=len(maps))
     order = [int(k) for k in counts.argsort(descending=True) if counts[k] > 0]
     remap = torch.full((len(maps),), -1, dtype=torch.long)
@@ -114,7 +123,7 @@ def named_segments(
                 seg = seg.cpu()
                 score = torch.stack([ca[:, seg == k].mean(-1) for k in range(len(maps))])  # [K, 1 + names]
                 segment_label = score.argmax(-1)
-                pixel_segment = pp.resize(maps.reshape(-1, *grid).float().cpu(), (height, width)).argmax(0)
+                pixel_segment = _upsampled_argmax(maps, grid, (height, width))
                 label = segment_label[pixel_segment]
                 all_labels.append(label)
                 all_masks.append(torch.stack([(label == i + 1).float() for i in range(len(names))]))
