@@ -5,7 +5,7 @@ maths and stuff-filter rules on synthetic features, sampler/forward counts, wind
 import numpy as np
 import pytest
 import torch
-from conftest import state_snapshot
+from conftest import assert_unchanged, state_snapshot
 from PIL import Image
 
 import tiny_models
@@ -157,27 +157,35 @@ def test_windows_share_forwards_and_change_nothing(masker, tmp_path):
     assert (four.labels == one.labels).float().mean() > 0.999
 
 
-def test_windows_fall_back_to_smaller_batches_when_the_gpu_is_full(masker, tmp_path, monkeypatch):
-    import textmask.ovdiff.segmentation as seg
-
+def test_windows_fall_back_to_smaller_batches_when_the_gpu_is_full(masker, tmp_path):
+    unet = masker.host.unet
     protos = masker.build_prototypes(["cat"], cache_dir=tmp_path, images=2, steps=2)
     image = torch.rand(1, 64, 64, 3)
     one = masker.ovdiff(image, protos, batch_size=1)
-    extract, sizes = seg.extract, []
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before_out = unet(x, t, encoder_hidden_states=ctx).sample
+    before = state_snapshot(unet)
+    sizes, room = [], [2]
 
-    def small_gpu(host, latents, *args, **kw):  # room for two windows at a time
-        sizes.append(latents.shape[0])
-        if latents.shape[0] > 2:
+    def small_gpu(module, args):  # out of memory midway through a hooked forward of more than `room` windows
+        sizes.append(args[0].shape[0])
+        if args[0].shape[0] > room[0]:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return extract(host, latents, *args, **kw)
 
-    monkeypatch.setattr(seg, "extract", small_gpu)
-    out = masker.ovdiff(image, protos, batch_size=8)
-    assert sizes == [1, 8, 4, 2, 2, 2, 2]  # the full image, then halved until the windows fit
+    handle = unet.mid_block.register_forward_pre_hook(small_gpu)
+    try:
+        out = masker.ovdiff(image, protos, batch_size=8)
+        assert sizes == [1, 8, 4, 2, 2, 2, 2]  # the full image, then halved until the windows fit
+        room[0] = 0
+        with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one window fits: the host's error, unchanged
+            masker.ovdiff(image, protos, batch_size=1)
+    finally:
+        handle.remove()
     torch.testing.assert_close(out.scores, one.scores, atol=1e-5, rtol=0)
-    monkeypatch.setattr(seg, "extract", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("full")))
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one window fits: the host's error, unchanged
-        masker.ovdiff(image, protos, batch_size=1)
+    assert_unchanged(before, state_snapshot(unet))  # no hook left behind by the failed forwards
+    with torch.no_grad():
+        assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
 
 
 def test_context_rows_are_found_once_per_context_tensor(monkeypatch):
