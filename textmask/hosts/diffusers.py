@@ -42,6 +42,12 @@ def _quiet_diffusers():
     return stack
 
 
+def no_ddpm_schedule(what: str) -> CheckpointError:
+    """The one-line refusal for a schedule without DDPM's ᾱ_t (EDM, flow matching)."""
+    return CheckpointError(f"{what} has no DDPM noise schedule (alphas_cumprod), which textmask's diffusers host "
+                           "needs; EDM UNets (Playground v2.5, CosXL) run in the ComfyUI and Forge hosts")
+
+
 def _folder_schedule(directory: Path):
     """The training schedule a diffusers folder's scheduler config describes (betas, zero-SNR rescaling, prediction
     type), read through DDPMScheduler whatever sampler class the folder names."""
@@ -55,8 +61,7 @@ def _folder_schedule(directory: Path):
     except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, or not a JSON object
         raise CheckpointError(f"cannot read {config}: {str(e).splitlines()[0]}") from None
     if "EDM" in name or "FlowMatch" in name:
-        raise CheckpointError(f"{directory.name}'s {name} has no DDPM noise schedule, which textmask's diffusers host "
-                              "needs; EDM models run in the ComfyUI and Forge hosts")
+        raise no_ddpm_schedule(f"{directory.name}'s {name}")
     try:
         with _quiet_diffusers():
             return DDPMScheduler.from_pretrained(directory, subfolder="scheduler", local_files_only=True)
@@ -142,8 +147,7 @@ class DiffusersHost:
         sched = getattr(pipe, "scheduler", None)
         alphas = getattr(sched, "alphas_cumprod", None)
         if sched is not None and alphas is None:  # EDM (Playground v2.5) and flow-matching schedulers have no ᾱ_t
-            raise CheckpointError(f"this pipeline's {type(sched).__name__} has no DDPM noise schedule (alphas_cumprod), "
-                                  "which textmask's diffusers host needs; EDM models run in the ComfyUI and Forge hosts")
+            raise no_ddpm_schedule(f"this pipeline's {type(sched).__name__}")
         pred = kwargs.pop("prediction_type", None) or getattr(getattr(sched, "config", None), "prediction_type", "epsilon")
         return cls(
             pipe.unet,
