@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import processing, scripts, shared
+from modules import processing, scripts, sd_models, shared
 
 EXTENSION_ROOT = Path(__file__).resolve().parents[1]
 if str(EXTENSION_ROOT) not in sys.path:
@@ -29,7 +29,7 @@ MODES = ["replace", "add", "subtract"]
 
 
 def mask_controls(script: scripts.Script):
-    """The shared controls, in the order run() / before_process() receive them."""
+    """The shared controls, in the order run() / process() receive them."""
     prompt = gr.Textbox(label="Mask prompt", placeholder="red car | truck AND NOT wheels", lines=1,
                         elem_id=script.elem_id("prompt"))
     negative = gr.Textbox(label="Negative mask prompt", lines=1, elem_id=script.elem_id("negative"))
@@ -48,12 +48,22 @@ def mask_controls(script: scripts.Script):
     return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show]
 
 
+def webui_model():
+    """The model this generation runs. Forge loads the selected checkpoint only once processing starts, after the
+    scripts' ``run`` and ``before_process``; its reload is a no-op when that checkpoint is loaded already."""
+    reload = getattr(sd_models, "forge_model_reload", None)
+    model = reload()[0] if reload is not None else shared.sd_model
+    if model is None:
+        raise ValueError("Text Mask: no model is loaded; pick a checkpoint first")
+    return model
+
+
 def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft):
     """Masks [N, H, W] and heatmaps for p.init_images at their own size, from the webui's model."""
     if not prompt or not prompt.strip():
         raise ValueError("Text Mask: type what to mask")
     images = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in p.init_images]
-    masker = TextMasker(make_host(shared.sd_model))
+    masker = TextMasker(make_host(webui_model()))
     kwargs = dict(negative=negative or None, method=method, threshold=pp.parse_threshold(threshold), soft=soft,
                   blur=blur, grow=grow, invert=invert, seed=int(getattr(p, "seed", 0) or 0) % 2**31)
     if method == "ld-znet":
@@ -135,8 +145,10 @@ class TextMaskInpaint(scripts.Script):
             controls = mask_controls(self)
         return [enabled, mode, *controls]
 
-    def before_process(self, p, enabled, mode, prompt, negative, method, ldznet, refine, threshold, blur, grow,
-                       invert, soft, show):
+    # process(), not before_process(): the webui applies a request's override_settings (a checkpoint among them) and
+    # Forge loads its model between the two, and both read image_mask only after process(), in p.init.
+    def process(self, p, enabled, mode, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft,
+                show):
         if not enabled or not getattr(p, "init_images", None):
             return
         masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft)

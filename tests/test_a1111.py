@@ -198,14 +198,51 @@ def test_inpaint_accordion_combines_with_the_painted_mask(webui, monkeypatch, mo
     painted = np.zeros((37, 53), np.uint8)
     painted[5:20, 10:40] = 255
     p = processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=Image.fromarray(painted), seed=0)
-    script.before_process(p, True, mode, *ARGS.values())
+    script.process(p, True, mode, *ARGS.values())
     ours = TextMasker(small_host(model)).mask(np.asarray(image, np.float32) / 255, "red car", refine=True).masks[0]
     expected = pp.combine(ours, torch.from_numpy(painted / 255.0).float(), mode)
     got = torch.from_numpy(np.asarray(p.image_mask, np.float32) / 255)
     assert p.image_mask.size == (53, 37) and torch.allclose(got, expected, atol=1 / 255 + 1e-6)
     untouched = processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=Image.fromarray(painted))
-    script.before_process(untouched, False, mode, *ARGS.values())  # disabled: the painted mask stays
+    script.process(untouched, False, mode, *ARGS.values())  # disabled: the painted mask stays
     assert np.array_equal(np.asarray(untouched.image_mask), painted)
+
+
+def test_scripts_mask_with_the_model_processing_will_load(webui, monkeypatch):
+    """Forge loads the selected checkpoint only once processing starts: the script loads it first, the same way."""
+    import modules.sd_models
+
+    script_mod, shared, processing = webui
+    model = webui_model.sd_model("sd1")
+    monkeypatch.setattr(script_mod, "make_host", small_host)
+    monkeypatch.setattr(shared, "sd_model", None)  # A1111 with no checkpoint: a one-line error, nothing else
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
+    with pytest.raises(ValueError, match="no model is loaded"):
+        script_mod.TextMaskScript().run(p, *ARGS.values())
+    reloads = []
+    monkeypatch.setattr(modules.sd_models, "forge_model_reload", lambda: reloads.append(1) or (model, True), raising=False)
+    script_mod.TextMaskScript().run(p, *ARGS.values())
+    script_mod.TextMaskInpaint().process(p, True, "replace", *ARGS.values())
+    assert len(reloads) == 2 and processing.calls[-1]["image_mask"].size == (53, 37)
+
+
+def test_noise_follows_the_webuis_schedule_settings(webui, monkeypatch):
+    """Processing re-derives ᾱ from its original and the settings only once it samples, after the script masks."""
+    import modules.sd_models
+
+    _, shared, _ = webui
+    model = webui_model.sd_model("sd1")
+    original = model.alphas_cumprod.clone()
+    model.alphas_cumprod_original = original
+    model.alphas_cumprod = modules.sd_models.rescale_zero_terminal_snr_abar(original)  # the last generation's
+    stale = model.alphas_cumprod.clone()
+    assert torch.equal(A1111Host(model).alphas_cumprod, original.double())  # the setting is back to Default
+    monkeypatch.setattr(shared.opts, "sd_noise_schedule", "Zero Terminal SNR")
+    monkeypatch.setattr(shared.opts, "use_downcasted_alpha_bar", True)
+    zero_snr = A1111Host(model).alphas_cumprod
+    assert torch.equal(zero_snr, modules.sd_models.rescale_zero_terminal_snr_abar(original.half()).double())
+    assert float(zero_snr[-1]) < 1e-7 and not torch.equal(zero_snr, original.double())
+    assert torch.equal(model.alphas_cumprod, stale) and torch.equal(model.alphas_cumprod_original, original)
 
 
 def test_ui_builds_under_gradio(webui):

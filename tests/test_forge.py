@@ -82,6 +82,23 @@ def test_epsilon_is_the_unets_own(engine):
 
 
 @needs_forge
+def test_zero_terminal_snr_noises_as_forge_samples(engine, monkeypatch):
+    """Forge swaps in the zero-terminal-SNR σ table only while it samples: the host noises at that table's σ."""
+    import sys
+
+    from backend.modules.k_prediction import rescale_zero_terminal_snr_sigmas
+
+    predictor = engine.forge_objects.unet.model.predictor
+    table = predictor.sigmas.clone()
+    z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    plain = small_host(engine).add_noise(z0, noise, 400)
+    monkeypatch.setattr(sys.modules["modules.shared"].opts, "sd_noise_schedule", "Zero Terminal SNR", raising=False)
+    sigma = rescale_zero_terminal_snr_sigmas(table.clone())[400]
+    torch.testing.assert_close(small_host(engine).add_noise(z0, noise, 400), z0 + sigma * noise)
+    assert not torch.allclose(plain, z0 + sigma * noise) and torch.equal(predictor.sigmas, table)
+
+
+@needs_forge
 def test_token_positions_follow_forges_chunking(engine):
     """Forge's emphasis syntax and 75-token chunks put the words where its text engine puts them."""
     host = small_host(engine)

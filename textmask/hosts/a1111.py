@@ -54,6 +54,26 @@ def check_capturable(unet: nn.Module) -> None:
         raise CaptureError("Token Merging (ToMe) is patched into the UNet; set its ratio to 0 to make masks")
 
 
+def webui_alphas_cumprod(sd_model: Any) -> torch.Tensor:
+    """ᾱ as the webui's next sampling uses it. Processing re-derives ``alphas_cumprod`` from its original and the
+    settings (downcast, zero terminal SNR) just before it samples, after scripts have masked, so the model's own
+    attribute still holds the last generation's settings."""
+    original = getattr(sd_model, "alphas_cumprod_original", None)
+    try:
+        from modules import sd_models, shared
+    except ImportError:
+        original = None
+    if original is None:
+        return sd_model.alphas_cumprod
+    opts = getattr(shared, "opts", None)
+    alphas = original
+    if getattr(opts, "use_downcasted_alpha_bar", False):
+        alphas = alphas.half()
+    if getattr(opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR":
+        alphas = sd_models.rescale_zero_terminal_snr_abar(alphas.clone())
+    return alphas
+
+
 def webui_devices() -> Any:
     """The webui's ``modules.devices`` once it has chosen its device, else None (outside the webui)."""
     try:
@@ -72,7 +92,7 @@ class A1111Host:
         self.is_sdxl = bool(getattr(sd_model, "is_sdxl", False)) or hasattr(sd_model, "conditioner")
         self.v_prediction = getattr(sd_model, "parameterization", "eps") == "v"
         self._set_geometry()
-        self.alphas_cumprod = sd_model.alphas_cumprod.detach().double().cpu()
+        self.alphas_cumprod = webui_alphas_cumprod(sd_model).detach().double().cpu()
 
     def _set_geometry(self) -> None:
         self.latent_factor = 8

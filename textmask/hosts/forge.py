@@ -23,6 +23,16 @@ def forge_backend(name: str):
     return importlib.import_module(f"backend.{name}")
 
 
+def zero_terminal_snr(sd_model: Any) -> bool:
+    """Whether Forge samples this model with zero terminal SNR: its noise-schedule setting, or a ztsnr checkpoint."""
+    try:
+        from modules import shared
+    except ImportError:
+        shared = None
+    setting = getattr(getattr(shared, "opts", None), "sd_noise_schedule", "Default")
+    return setting == "Zero Terminal SNR" or bool(getattr(getattr(sd_model, "model_config", None), "ztsnr", False))
+
+
 class ForgeHost(A1111Host):
     """Runs textmask on a Forge ``sd_model`` (a ForgeDiffusionEngine); never patches it."""
 
@@ -58,7 +68,11 @@ class ForgeHost(A1111Host):
 
     def _sigma(self, timestep: int) -> torch.Tensor:
         self.load()  # the predictor may be an object patch, which loading applies
-        return schedule_sigma(self.kmodel.predictor, timestep).to(self.device)
+        predictor = self.kmodel.predictor
+        if zero_terminal_snr(self.model):  # Forge rescales the σ table only while it samples, then restores it
+            rescale = forge_backend("modules.k_prediction").rescale_zero_terminal_snr_sigmas
+            return rescale(predictor.sigmas.detach().float().cpu().clone())[timestep : timestep + 1].to(self.device)
+        return schedule_sigma(predictor, timestep).to(self.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         return self.kmodel.predictor.noise_scaling(self._sigma(timestep), noise.float(), latents.float())

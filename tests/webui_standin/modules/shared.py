@@ -1,4 +1,4 @@
-"""Stand-in of modules/shared.py: the loaded model and the job state."""
+"""Stand-in of modules/shared.py: the loaded model, the job state and the settings textmask reads."""
 
 
 class State:
@@ -8,3 +8,11 @@ class State:
 
 state = State()
 sd_model = None
+
+
+class Options:
+    use_downcasted_alpha_bar = False
+    sd_noise_schedule = "Default"
+
+
+opts = Options()
