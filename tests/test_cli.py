@@ -76,15 +76,22 @@ def test_all_options(tmp_path, model_args):
 
 
 def test_offload_gives_the_same_mask(tmp_path, model_args):
-    """--offload streams each layer to the device for its call (accelerate's sequential CPU offload)."""
+    """--offload streams each layer to the device for its call (accelerate's sequential CPU offload); --offload model
+    moves each component whole (accelerate's hooks, as diffusers' enable_model_cpu_offload)."""
     img = write_image(tmp_path / "photo.png")
-    for name, extra in (("plain.png", []), ("offload.png", ["--offload", "--device", "cpu"])):
+    runs = {"plain.png": [], "sequential.png": ["--offload", "--device", "cpu"],
+            "model.png": ["--offload", "model", "--device", "cpu"]}
+    for name, extra in runs.items():
         assert main(["segment", str(img), "red car", "--out", str(tmp_path / name), "--soft", *extra, *model_args]) == 0
-    plain, offload = (np.asarray(Image.open(tmp_path / n)) for n in ("plain.png", "offload.png"))
-    assert plain.any() and np.array_equal(plain, offload)
+    plain, sequential, model = (np.asarray(Image.open(tmp_path / n)) for n in runs)
+    assert plain.any() and np.array_equal(plain, sequential) and np.array_equal(plain, model)
     args = build_parser().parse_args(["segment", str(img), "x", "--out", "o.png", "--offload", "--device", "cpu", *model_args])
     host = load_masker(args).host
     assert next(host.unet.parameters()).device.type == "meta" and host.device.type == "cpu"  # weights parked, compute on cpu
+    args = build_parser().parse_args(["segment", str(img), "x", "--out", "o.png", "--offload", "model", "--device", "cpu",
+                                      *model_args])
+    host = load_masker(args).host
+    assert all(hasattr(m, "_hf_hook") for m in (host.unet, host.vae, host.text_encoder)) and host.device.type == "cpu"
 
 def test_folder_in_folder_out(tmp_path, model_args, capsys):
     src = tmp_path / "frames"

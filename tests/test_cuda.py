@@ -79,7 +79,7 @@ def test_cuda_model_bit_identical_after_masking(scenes):
         assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
 
 
-@pytest.mark.parametrize("offload", ["sequential", "model"])
+@pytest.mark.parametrize("offload", ["sequential", "model", "host-model"])
 def test_cuda_cpu_offload_matches_a_resident_model(scenes, offload):
     """diffusers' enable_sequential_cpu_offload / enable_model_cpu_offload: the weights wait on meta or the CPU and
     compute on the GPU; the host follows accelerate's execution device."""
@@ -88,7 +88,9 @@ def test_cuda_cpu_offload_matches_a_resident_model(scenes, offload):
     images, phrase = [s.image for s in scenes[:2]], scenes[0].objects[0].phrase
     ref = TextMasker.from_pretrained(MODEL_DIR, device="cuda", dtype=torch.float16).mask(images, phrase, refine=True)
     host = TextMasker.from_pretrained(MODEL_DIR, device="cpu", dtype=torch.float16).host
-    for module in (host.unet, host.vae, host.text_encoder):
+    if offload == "host-model":  # the CLI's --offload model
+        host.enable_model_cpu_offload("cuda")
+    for module in (host.unet, host.vae, host.text_encoder) if offload != "host-model" else ():
         if offload == "sequential":
             cpu_offload(module, execution_device=torch.device("cuda"))
         else:
@@ -97,6 +99,9 @@ def test_cuda_cpu_offload_matches_a_resident_model(scenes, offload):
     out = TextMasker(host).mask(images, phrase, refine=True)
     assert out.masks.device.type == "cpu" and out.masks.shape == ref.masks.shape
     assert torch.allclose(out.heatmaps, ref.heatmaps, atol=1e-3)
+    if offload == "host-model":  # the chain sent the text encoder back once the VAE was called
+        assert next(host.text_encoder.parameters()).device.type == "cpu"
+
 
 def test_shapes_trainer_on_cuda():
     import sys

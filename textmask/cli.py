@@ -57,8 +57,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="diffusers-format config folder overriding the shipped configs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--offload", action="store_true",
-                   help="keep the weights in CPU memory and stream each layer to the device (least GPU memory, slower)")
+    p.add_argument("--offload", nargs="?", const="sequential", choices=("model", "sequential"), default=None,
+                   help="keep the weights in CPU memory: 'model' moves one component at a time to the device, "
+                        "'sequential' (the default) streams each layer (least GPU memory, slowest)")
 
 
 def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
@@ -163,7 +164,11 @@ def load_masker(args: argparse.Namespace):
         host = DiffusersHost.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=True)
     else:
         host = DiffusersHost.from_single_file(ckpt, device=load_to, dtype=dtype, config=args.config, show_progress=True)
-    return TextMasker(host.enable_sequential_cpu_offload(device) if args.offload else host)
+    if args.offload == "model":
+        host.enable_model_cpu_offload(device)
+    elif args.offload == "sequential":
+        host.enable_sequential_cpu_offload(device)
+    return TextMasker(host)
 
 
 def _inputs(path: Path) -> list[Path]:
