@@ -29,6 +29,8 @@ from textmask.hosts.a1111 import A1111Host, make_host  # noqa: E402
 @pytest.fixture(scope="module")
 def webui():
     """Import scripts/text_mask.py the way the webui does: by path, with ``modules`` importable."""
+    # Forge's tests (with $FORGE_ROOT) import Forge's own ``modules``: set them aside while the stand-in is in use
+    others = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "modules" or k.startswith("modules.")}
     sys.path.insert(0, str(STANDIN))
     try:
         spec = importlib.util.spec_from_file_location("text_mask_script", ROOT / "scripts" / "text_mask.py")
@@ -40,6 +42,10 @@ def webui():
         yield module, modules.shared, modules.processing
     finally:
         sys.path.remove(str(STANDIN))
+        if others:
+            for k in [k for k in sys.modules if k == "modules" or k.startswith("modules.")]:
+                del sys.modules[k]
+            sys.modules.update(others)
 
 
 def small_host(model) -> A1111Host:
