@@ -125,11 +125,11 @@ def test_refcoco_miou_oiou():
 
 
 # ---- training -----------------------------------------------------------------------------------------
-def write_shapes_phrasecut(root: Path, n: int = 2) -> Path:
+def write_shapes_phrasecut(root: Path, n: int = 2, tasks: int = 2) -> Path:
     from textmask.demo.phrasecut import export_phrasecut
 
     export_phrasecut(root, {"train": n, "val": 1})
-    tasks = json.loads((root / "refer_train.json").read_text())[:2]  # two tasks: one batch
+    tasks = json.loads((root / "refer_train.json").read_text())[:tasks]  # two tasks: one batch
     (root / "refer_train.json").write_text(json.dumps(tasks))
     return root
 
@@ -168,6 +168,40 @@ def test_resume_is_bit_exact(tmp_path):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)  # the exported EMA weights too
     first = load_file(straight / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(first[k], a[k]) for k in a)  # steps 3-4 did change the weights
+
+
+def test_two_processes_train_and_resume_bit_exact(tmp_path):
+    """Data-parallel training as on several GPUs, here two CPU processes over gloo under torchrun: one log of the
+    ranks' mean loss, each rank's RNG state in the checkpoint, and a resume that continues bit-exactly."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_shapes_phrasecut(tmp_path / "data", n=6, tasks=12)  # 3 batches of 2 per rank: resuming skips 2
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+
+    def launch(name, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "train.train_ldznet", "--base", "shapes", "--data", str(data), "--out", str(tmp_path / name),
+               "--batch-size", "2", "--resolution", "64", "--num-workers", "0", "--log-every", "1", "--ema", "0.9",
+               "--lr", "1e-3", "--save-every", "2", "--deterministic", *extra]
+        run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return tmp_path / name, run.stdout
+
+    straight, stdout = launch("a", "--steps", "4")
+    assert stdout.count("wrote ") == 1  # the main process reports, once
+    assert len((straight / "log.jsonl").read_text().splitlines()) == 4  # one log, written by the main process
+    assert {f.name for f in (straight / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}  # two ranks really ran
+    launch("b", "--steps", "2")
+    resumed, _ = launch("b", "--steps", "4", "--resume")
+    a = load_file(straight / "checkpoint-4" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = load_file(straight / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(first[k], a[k]) for k in a)
 
 
 def test_evaluate_end_to_end(tmp_path, capsys):

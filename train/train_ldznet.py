@@ -253,7 +253,7 @@ def train(args: argparse.Namespace) -> Path:
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                running.append(loss.detach().float().item())
+                running.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())  # all ranks'
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -300,7 +300,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"train_ldznet: error: {e}") from None
     finally:
         torch.use_deterministic_algorithms(was_deterministic)  # a global switch: leave the caller's as it was
-    print(f"wrote {path}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
