@@ -18,6 +18,7 @@ pytest.importorskip("gradio")
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "webui_standin"
 
+import forge_env  # noqa: E402
 import webui_model  # noqa: E402
 
 from textmask import TextMasker  # noqa: E402
@@ -230,6 +231,45 @@ def test_scripts_mask_with_the_model_processing_will_load(webui, monkeypatch):
     script_mod.TextMaskScript().run(p, *ARGS.values())
     script_mod.TextMaskInpaint().process(p, True, "replace", *ARGS.values())
     assert len(reloads) == 2 and processing.calls[-1]["image_mask"].size == (53, 37)
+
+
+@pytest.mark.skipif(forge_env.forge_root() is None, reason="no Forge: set FORGE_ROOT to a checkout")
+def test_scripts_on_a_forge_engine(webui, monkeypatch):
+    """The script end to end on Forge's own engine classes: the checkpoint Forge loads at the start of processing,
+    a mask at the init image's size from both entries, and the engine's UNet as it was."""
+    import modules.sd_models
+
+    from textmask.hosts.forge import ForgeHost
+
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "opts", shared.opts)  # forge_env.setup() sets its own; the stand-in's comes back
+    forge_env.setup()
+    engine = forge_env.make_engine("sd15")
+    monkeypatch.setattr(modules.sd_models, "forge_model_reload", lambda: (engine, False), raising=False)
+    monkeypatch.setattr(shared, "sd_model", None)  # Forge has loaded nothing before the first generation
+
+    make_host = script_mod.make_host
+
+    def forge_host(model):
+        host = make_host(model)
+        assert isinstance(host, ForgeHost)
+        host.resolution = 64  # the tiny UNet
+        return host
+
+    monkeypatch.setattr(script_mod, "make_host", forge_host)
+    unet = engine.forge_objects.unet.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        before = unet(x, torch.tensor([300.0]), context=ctx)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], seed=3)
+    script_mod.TextMaskScript().run(p, *ARGS.values())
+    assert processing.calls[-1]["image_mask"].size == (53, 37)
+    painted = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.new("L", (53, 37)))
+    script_mod.TextMaskInpaint().process(painted, True, "add", *dict(ARGS, method="noise-diff").values())
+    assert painted.image_mask.size == (53, 37) and np.asarray(painted.image_mask).any()
+    with torch.no_grad():
+        assert torch.equal(before, unet(x, torch.tensor([300.0]), context=ctx))
 
 
 def test_noise_follows_the_webuis_schedule_settings(webui, monkeypatch):
