@@ -1,7 +1,8 @@
 """The A1111 / Forge extension against the webui's own model classes (Stability's ldm UNetModel, from
 stable-diffusion-sdkit) and the smallest stand-in of the ``modules`` API it touches (tests/webui_standin:
-``scripts.Script``, ``processing.process_images``, ``shared.sd_model``, ``launch.run_pip``), whose signatures
-mirror the webui's source (modules/scripts.py, modules/processing.py, modules/shared.py, launch.py)."""
+``scripts.Script``, ``processing.process_images``, ``shared.sd_model`` and ``shared.opts``, the zero-SNR rescale in
+``sd_models``, ``launch.run_pip``), whose signatures mirror the webui's source (modules/scripts.py,
+modules/processing.py, modules/shared.py, modules/sd_models.py, launch.py)."""
 
 import importlib.util
 import sys
