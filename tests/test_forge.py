@@ -96,6 +96,9 @@ def test_zero_terminal_snr_noises_as_forge_samples(engine, monkeypatch):
     sigma = rescale_zero_terminal_snr_sigmas(table.clone())[400]
     torch.testing.assert_close(small_host(engine).add_noise(z0, noise, 400), z0 + sigma * noise)
     assert not torch.allclose(plain, z0 + sigma * noise) and torch.equal(predictor.sigmas, table)
+    monkeypatch.setattr(sys.modules["modules.shared"].opts, "sd_noise_schedule", "Default")
+    monkeypatch.setattr(engine.model_config, "ztsnr", True, raising=False)  # a ztsnr checkpoint, whatever the setting
+    torch.testing.assert_close(small_host(engine).add_noise(z0, noise, 400), z0 + sigma * noise)
 
 
 @needs_forge
