@@ -79,7 +79,8 @@ def test_offload_gives_the_same_mask(tmp_path, model_args):
     """--offload streams each layer to the device for its call (accelerate's sequential CPU offload); --offload model
     moves each component whole (accelerate's hooks, as diffusers' enable_model_cpu_offload)."""
     img = write_image(tmp_path / "photo.png")
-    runs = {"plain.png": [], "sequential.png": ["--offload", "--device", "cpu"],
+    # Every run on the CPU: on a machine with a GPU, a run without --device would compute on it, in other kernels.
+    runs = {"plain.png": ["--device", "cpu"], "sequential.png": ["--offload", "--device", "cpu"],
             "model.png": ["--offload", "model", "--device", "cpu"]}
     for name, extra in runs.items():
         assert main(["segment", str(img), "red car", "--out", str(tmp_path / name), "--soft", *extra, *model_args]) == 0
@@ -92,6 +93,7 @@ def test_offload_gives_the_same_mask(tmp_path, model_args):
                                       *model_args])
     host = load_masker(args).host
     assert all(hasattr(m, "_hf_hook") for m in (host.unet, host.vae, host.text_encoder)) and host.device.type == "cpu"
+
 
 def test_folder_in_folder_out(tmp_path, model_args, capsys):
     src = tmp_path / "frames"
@@ -165,7 +167,7 @@ def test_bad_option_values(tmp_path, model_args, capsys):
 
 def test_entry_point_subprocess(tmp_path, model_args):
     img = write_image(tmp_path / "photo.png")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     ok = subprocess.run([sys.executable, "-m", "textmask", "segment", str(img), "cat", "--out", str(tmp_path / "m.png"),
                          *model_args], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
