@@ -107,6 +107,30 @@ def test_model_bit_identical_after_node_and_interrupt(pack, sd15):
     assert torch.equal(before, model_output(model))
 
 
+@pytest.mark.parametrize("method", ["attention", "noise-diff"])
+def test_the_model_is_loaded_with_room_for_the_batch(pack, sd15, monkeypatch, method):
+    """As ComfyUI's samplers do: load_models_gpu is told what the forward needs, so ComfyUI can free other models or
+    load this one partly (low VRAM) first."""
+    model = sd15[0]
+    asked = []
+    load = comfy.model_management.load_models_gpu
+
+    def recording_load(models, memory_required=0, **kw):
+        if model in models:
+            asked.append(memory_required)
+        return load(models, memory_required, **kw)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", recording_load)
+    for batch in (1, 3):
+        asked.clear()
+        run_node(pack, sd15, torch.rand(batch, 64, 64, 3), method=method, refine=False)  # 8x8 latents
+        # at least a sampler's reservation for the batch's cond and uncond rows
+        assert max(asked) >= model.memory_required([2 * batch, 4, 8, 8]) > 0, (batch, asked)
+        if batch == 1:
+            one = max(asked)
+    assert max(asked) > one
+
+
 def test_lora_style_patch_is_honoured(pack, sd15):
     model, clip, vae = sd15
     image = torch.rand(1, 32, 32, 3)

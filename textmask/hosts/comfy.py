@@ -29,7 +29,7 @@ def comfy_module(name: str):
 model_management = comfy_module("model_management")
 comfy_utils = comfy_module("utils")
 
-from ..capture import find_attention_modules, find_transformer_modules
+from ..capture import default_chunk_bytes, find_attention_modules, find_transformer_modules
 from ..errors import CaptureError
 from ..tokens import TokenMap, token_map_from_chunks
 from .base import Conditioning, fixed_draw, pad_contexts, schedule_sigma
@@ -79,10 +79,17 @@ class ComfyHost:
     def dtype(self) -> torch.dtype:
         return self.base.get_dtype()
 
-    def load(self) -> None:
+    def load(self, batch_shape: Sequence[int] | None = None) -> None:
         """Load this MODEL as ComfyUI's samplers do, with its weight patches (LoRA) and object patches
-        (ModelSamplingDiscrete) in place; a no-op while it stays loaded."""
-        model_management.load_models_gpu([self.patcher])
+        (ModelSamplingDiscrete) in place, and room for a forward of ``batch_shape`` latents."""
+        memory = 0
+        if batch_shape is not None:
+            # A sampler's own reservation (its cond and uncond rows: noise-diff and refer run two rows per image too)
+            # plus the capture's score chunks, doubled by the softmax: so ComfyUI can free other models, or load this
+            # one partly (low VRAM), before the forward rather than run out of memory in it.
+            rows = [2 * int(batch_shape[0]), *(int(n) for n in batch_shape[1:])]
+            memory = self.patcher.memory_required(rows) + 2 * default_chunk_bytes(torch.device(self.device))
+        model_management.load_models_gpu([self.patcher], memory_required=memory)
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         self.load()
@@ -97,7 +104,7 @@ class ComfyHost:
 
     def latents_in(self, samples: torch.Tensor) -> torch.Tensor:
         """A LATENT's samples (VAE Encode's scale) in the model's own scale, under its loaded latent format."""
-        self.load()  # the latent format may be an object patch (Playground v2.5's), which loading applies
+        self.load(samples.shape)  # the latent format may be an object patch (Playground v2.5's), which loading applies
         return self.base.process_latent_in(samples.to(self.device)).to(self.dtype)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -166,8 +173,9 @@ class ComfyHost:
         self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
     ) -> torch.Tensor:
         b, _, h, w = noisy.shape
+        self.load(noisy.shape)
         device = self.device
-        sigma = self._sigma(timestep).float().expand(b)  # also loads the weights this forward runs on
+        sigma = self._sigma(timestep).float().expand(b)
         width, height = w * self.latent_factor, h * self.latent_factor
         extra = self.base.extra_conds(
             cross_attn=cond.context, pooled_output=cond.extra["pooled"], width=width, height=height,
