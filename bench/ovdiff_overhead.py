@@ -96,9 +96,12 @@ def main() -> None:
     host = stable_prompts(build_host(args.size, device, dtype))
     n, steps = args.images, args.steps
     with torch.inference_mode():
-        host.sample("warm up", support.NEGATIVE, 1, steps=1, cfg=8.0, seed=0)
         # The sampler's own time is that of the batches the build samples in (sample_support's default).
         batch = inspect.signature(support.sample_support).parameters["batch_size"].default
+        # Warm-up: a whole build at one step, so that no timed run pays for a first call's kernel setup (on a GPU
+        # the first build took a second longer, and the first plain sampling ran slower than the hooked one).
+        with tempfile.TemporaryDirectory() as cache:
+            build_prototypes(host, ["dog"], images=min(batch, n), steps=1, cache_dir=cache)
 
         def sample_plain():
             for start in range(0, n, batch):

@@ -60,9 +60,10 @@ def test_build_cache_hit_and_added_class(masker, tmp_path):
         assert cat.fg["mean"].shape[0] == 1 and cat.fg["instances"].shape[0] == 2 and len(cat.background()) > 0
         assert len(sky.background()) == 0  # stuff classes give no background prototypes
         # One sampler call per class (2 images in one batch); forwards: 2 steps x 1 CFG batch per class, one
-        # feature forward per support image, one fingerprint forward. No second pass for attribution.
+        # feature forward per class (its 2 support images in one batch), one fingerprint forward. No second pass
+        # for attribution.
         assert count.samples == 2
-        assert count.forwards == 2 * 2 + 2 * 2 + 1
+        assert count.forwards == 2 * 2 + 2 + 1
         count.samples = count.forwards = 0
         again = masker.build_prototypes(["cat", "sky", "dog"], cache_dir=tmp_path, images=2, steps=2)
         assert count.samples == 1  # only the new class
@@ -74,6 +75,60 @@ def test_build_cache_hit_and_added_class(masker, tmp_path):
     assert after["hooks"] == before["hooks"]
     with torch.no_grad():
         assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_feature_forwards_in_batches_give_the_prototypes_of_one_image_at_a_time(masker, tmp_path, monkeypatch):
+    from textmask.ovdiff import prototypes
+
+    settings = dict(images=5, steps=2, kmeans_parts=4, use_cache=False, cache_dir=tmp_path)
+    built = {}
+    for name, budget in (("batched", prototypes.AGGREGATE_BUDGET), ("single", 1)):  # 1 byte: one image a forward
+        monkeypatch.setattr(prototypes, "AGGREGATE_BUDGET", budget)
+        count = Counter(masker.host)
+        try:
+            built[name] = prototypes.build_prototypes(masker.host, ["cat"], **settings).classes[0]
+        finally:
+            count.close()
+        # sampler: 2 batches (4 + 1 images) x 2 steps; features: 4 + 1 images, or 5 forwards of one; fingerprint
+        assert count.forwards == 2 * 2 + (2 if name == "batched" else 5) + 1, name
+    for side in ("fg", "bg"):
+        for kind in ("mean", "instances", "kmeans"):
+            a, b = getattr(built["batched"], side)[kind], getattr(built["single"], side)[kind]
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), (side, kind)
+
+
+def test_feature_forwards_fall_back_to_smaller_batches_when_the_gpu_is_full(masker, tmp_path, monkeypatch):
+    from textmask.ovdiff import prototypes
+
+    unet = masker.host.unet
+    settings = dict(images=4, steps=2, kmeans_parts=4, use_cache=False, cache_dir=tmp_path)
+    ref = prototypes.build_prototypes(masker.host, ["cat"], **settings).classes[0]
+    before = state_snapshot(unet)
+    sizes, room = [], [1]
+    extract = prototypes.extract
+
+    def small_gpu(module, args):  # out of memory midway through a hooked feature forward of more than `room` images
+        sizes.append(args[0].shape[0])
+        if args[0].shape[0] > room[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def extract_on_a_small_gpu(*args, **kwargs):  # the sampler's forwards are left alone
+        handle = unet.mid_block.register_forward_pre_hook(small_gpu)
+        try:
+            return extract(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(prototypes, "extract", extract_on_a_small_gpu)
+    out = prototypes.build_prototypes(masker.host, ["cat"], **settings).classes[0]
+    assert sizes == [4, 2, 1, 1, 1, 1]  # halved until the images fit, then one a forward to the end
+    for side in ("fg", "bg"):
+        for kind in ("mean", "instances", "kmeans"):
+            torch.testing.assert_close(getattr(out, side)[kind], getattr(ref, side)[kind], atol=1e-4, rtol=0)
+    room[0] = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one image fits: the host's error, unchanged
+        prototypes.build_prototypes(masker.host, ["cat"], **settings)
+    assert_unchanged(before, state_snapshot(unet))  # no hook left behind by the failed forwards
 
 
 def test_cache_invalidated_by_model_change_and_corruption(masker, tmp_path):

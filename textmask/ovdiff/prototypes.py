@@ -24,6 +24,8 @@ VERSION = "2"  # 2: K-means in torch (other centres than scipy's for the same se
 KINDS = ("mean", "instances", "kmeans")
 STUFF_SIMILARITY = 0.85
 MAX_KMEANS_POINTS = 20000  # K-means runs on a deterministic subsample of the support pixels
+FEATURE_BATCH = 4  # support images to a feature forward
+AGGREGATE_BUDGET = 256 << 20  # bytes of fp32 self-attention aggregates in one feature forward (64 MiB each at SD1.5 512 px)
 
 
 @dataclass(frozen=True)
@@ -134,18 +136,35 @@ def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None
                                     on_image=(lambda: bar.update(1)) if bar else None)
     empty = host.encode_prompts([""])
     fg_feats, bg_feats = [], []
-    for i, img in enumerate(images):
+    # Several images to a feature forward: on a GPU a forward costs its kernel launches, whatever the batch.
+    side = images[0].latents.shape[-2] * images[0].latents.shape[-1]
+    batch = max(1, min(FEATURE_BATCH, AGGREGATE_BUDGET // (side * side * 4)))
+    done = 0
+    while done < len(images):
         host.check_interrupt()
-        feats, selfagg = extract(host, img.latents[None].to(host.device, host.dtype), empty, settings.seed + i,
-                                 with_segments=True)
-        fg, bg = support.split_foreground(selfagg.result()[0], selfagg.size, img.attribution, settings.tau)
-        size = (settings.feature_size, settings.feature_size)
-        fg = F.interpolate(fg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
-        bg = F.interpolate(bg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
-        flat = feats[0].reshape(feats.shape[1], -1).T  # [64*64, D]
-        # Only the chosen pixels' features leave the device: 32 images' full features would not fit a small GPU.
-        fg_feats.append(flat[fg.reshape(-1).to(flat.device)].cpu())
-        bg_feats.append(flat[bg.reshape(-1).to(flat.device)].cpu())
+        chunk = images[done : done + batch]
+        latents = torch.stack([img.latents for img in chunk]).to(host.device, host.dtype)
+        feats = selfagg = aggregate = None  # the last batch's tensors go before this forward
+        try:
+            feats, selfagg = extract(host, latents, empty, settings.seed + done, with_segments=True)  # row i: seed + i
+            aggregate = selfagg.result()
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+        if aggregate is None:  # out of GPU memory: fewer images to a forward (outside the except: its frames are gone)
+            batch //= 2
+            torch.cuda.empty_cache()
+            continue
+        done += len(chunk)
+        for i, img in enumerate(chunk):
+            fg, bg = support.split_foreground(aggregate[i], selfagg.size, img.attribution, settings.tau)
+            size = (settings.feature_size, settings.feature_size)
+            fg = F.interpolate(fg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
+            bg = F.interpolate(bg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
+            flat = feats[i].reshape(feats.shape[1], -1).T  # [64*64, D]
+            # Only the chosen pixels' features leave the device: 32 images' full features would not fit a small GPU.
+            fg_feats.append(flat[fg.reshape(-1).to(flat.device)].cpu())
+            bg_feats.append(flat[bg.reshape(-1).to(flat.device)].cpu())
     fg_protos = _prototypes(fg_feats, settings.kmeans, settings.seed, host.device)
     if not fg_protos:
         raise TextMaskError(f"OVDiff found no foreground for '{name}' in {len(images)} support images; try more images")
