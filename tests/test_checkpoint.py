@@ -60,9 +60,10 @@ def test_detect_real_shapes():
     assert detect_architecture(xl).prediction_type == "v_prediction"
 
 
-def test_sd2_base_is_epsilon_and_edm_checkpoints_are_refused():
+def test_sd2_base_is_epsilon_and_edm_checkpoints_are_detected():
     """SD2's 512 px base models are ε and its 768 px models v, told apart as ComfyUI and Forge tell them: the std of the
-    last transformer's first norm bias. SDXL checkpoints with an EDM schedule (Playground v2.5, CosXL) are refused."""
+    last transformer's first norm bias. SDXL checkpoints with an EDM schedule are read from ComfyUI's markers:
+    Playground v2.5 (ε-parametrised, σ_data 0.5) and CosXL (v, σ_data 1, its σ range in the file)."""
     key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
     g = torch.Generator().manual_seed(0)
     for std, expected in ((0.2, "v_prediction"), (0.02, "epsilon")):
@@ -71,12 +72,15 @@ def test_sd2_base_is_epsilon_and_edm_checkpoints_are_refused():
         assert detect_architecture(sd).prediction_type == expected
         assert detect_architecture(sd).resolution == (768 if expected == "v_prediction" else 512)
         assert detect_architecture(sd, prediction_type="v_prediction").prediction_type == "v_prediction"
-    for marker in (("edm_mean", "edm_std"), ("edm_vpred.sigma_max",)):
-        xl = sdxl_meta()
-        xl.update({k: torch.zeros(1) for k in marker})
-        with pytest.raises(CheckpointError, match="EDM noise schedule") as e:
-            detect_architecture(xl)
-        assert "\n" not in str(e.value)
+    xl = sdxl_meta()
+    assert detect_architecture(xl).edm is None
+    xl.update({"edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)})
+    playground = detect_architecture(xl)
+    assert playground.edm == (0.002, 80.0, 0.5) and playground.prediction_type == "epsilon"
+    xl = sdxl_meta()
+    xl.update({"edm_vpred.sigma_max": torch.tensor([120.0]), "edm_vpred.sigma_min": torch.tensor([0.001])})
+    cosxl = detect_architecture(xl)
+    assert cosxl.edm == (pytest.approx(0.001), 120.0, 1.0) and cosxl.prediction_type == "v_prediction"
 
 
 def test_zero_snr_checkpoint_gets_the_rescaled_schedule(tiny_checkpoint, tmp_path):
@@ -96,6 +100,27 @@ def test_zero_snr_checkpoint_gets_the_rescaled_schedule(tiny_checkpoint, tmp_pat
     assert not plain.architecture.zero_snr and float(plain.alphas_cumprod[-1]) > 1e-3
     out = TextMasker(host).mask(torch.rand(1, 30, 45, 3), "cat", method="noise-diff", timestep=999)
     assert torch.isfinite(out.heatmaps).all()
+
+
+def test_edm_checkpoint_loads_with_its_schedule_and_latent_statistics(tiny_checkpoint, tmp_path):
+    """A single file with Playground v2.5's markers: EDM at σ_data 0.5, and its VAE normalises each latent channel
+    by the file's edm_mean / edm_std at scale 0.5, as Playground's pipeline does."""
+    from textmask.hosts.base import EDMSchedule
+
+    d, sd = tiny_checkpoint
+    mean, std = torch.tensor([0.5, -1.0, 0.25, 2.0]), torch.tensor([4.0, 2.0, 1.0, 8.0])
+    save_file({**sd, "edm_mean": mean.view(1, 4, 1, 1), "edm_std": std.view(1, 4, 1, 1)}, tmp_path / "pg.safetensors")
+    host = DiffusersHost.from_single_file(tmp_path / "pg.safetensors", config=d / "config")
+    assert host.edm == EDMSchedule(0.002, 80.0, 0.5) and host.prediction_type == "epsilon"
+    assert host.vae.config.scaling_factor == 0.5 and host.vae.config.latents_mean == mean.tolist()
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = host.vae.encode(pixels * 2 - 1).latent_dist.mean
+        torch.testing.assert_close(host.encode_images(pixels), (raw - mean.view(1, 4, 1, 1)) / std.view(1, 4, 1, 1))
+    plain = DiffusersHost.from_single_file(d / "tiny.safetensors", config=d / "config")
+    assert plain.edm is None and plain.vae.config.latents_mean is None  # the shipped config is left as it was
+    out = TextMasker(host).mask(torch.rand(1, 30, 45, 3), "cat", refine=True)
+    assert out.masks.shape == (1, 30, 45) and torch.isfinite(out.heatmaps).all()
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2"])

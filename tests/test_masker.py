@@ -225,10 +225,11 @@ def test_from_pretrained_folder(tmp_path, sd1_pipe):
 
 def test_folder_and_pipe_schedules(tmp_path, sd1_pipe):
     """A folder's scheduler config sets the training schedule (here zero terminal SNR, as v-prediction finetunes ship
-    it), whatever sampler it names; an EDM scheduler, whose UNet takes log-σ timesteps, is refused in one line."""
+    it), whatever sampler it names; a flow-matching scheduler, which is neither DDPM's nor EDM's, is refused in one
+    line."""
     import json
 
-    from diffusers import DDIMScheduler, EDMEulerScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     from textmask.errors import CheckpointError
     from textmask.hosts.base import ddpm_alphas_cumprod
@@ -242,21 +243,20 @@ def test_folder_and_pipe_schedules(tmp_path, sd1_pipe):
     assert host.prediction_type == "v_prediction"
     torch.testing.assert_close(host.alphas_cumprod[:-1], ddpm_alphas_cumprod(zero_snr=True)[:-1], rtol=1e-5, atol=1e-7)
     assert float(host.alphas_cumprod[-1]) == 2**-24  # zero terminal SNR, kept finite
-    edm = EDMEulerScheduler(sigma_data=0.5)
+    flow = FlowMatchEulerDiscreteScheduler()
     try:
         sd1_pipe.scheduler = zsnr  # DDIM leaves ᾱ = 0 at the end
         assert float(DiffusersHost.from_pipe(sd1_pipe).alphas_cumprod[-1]) == 2**-24
         with torch.no_grad():
             latents = DiffusersHost.from_pipe(sd1_pipe, resolution=32).sample("cat", "", 1, steps=2, cfg=2.0, seed=0)
         assert torch.isfinite(latents).all()
-        sd1_pipe.scheduler = edm
-        with pytest.raises(CheckpointError, match="EDMEulerScheduler has no DDPM noise schedule"):
+        sd1_pipe.scheduler = flow
+        with pytest.raises(CheckpointError, match="FlowMatchEulerDiscreteScheduler has neither a DDPM noise schedule"):
             DiffusersHost.from_pipe(sd1_pipe)
     finally:
         sd1_pipe.scheduler = None  # the session's pipe, as the fixture made it
-    edm.save_pretrained(tmp_path / "scheduler")
-    assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "EDMEulerScheduler"
-    with pytest.raises(CheckpointError, match="has no DDPM noise schedule") as e:
+    flow.save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(CheckpointError, match="has neither a DDPM noise schedule") as e:
         TextMasker.from_pretrained(tmp_path)
     assert "\n" not in str(e.value)
     for broken in ("{not json", json.dumps({"beta_schedule": "no-such-schedule"})):
@@ -264,6 +264,68 @@ def test_folder_and_pipe_schedules(tmp_path, sd1_pipe):
         with pytest.raises(CheckpointError, match="cannot read .*scheduler_config.json") as e:
             TextMasker.from_pretrained(tmp_path)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_edm_model_matches_diffusers_preconditioning(sd1_pipe, prediction):
+    """An EDM pipeline (Playground v2.5 is ε-parametrised, CosXL v) is read at SD's noise levels: noising, c_in, c_noise
+    and the output's conversion to ε agree with diffusers' own EDM scheduler at the matched σ."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    from textmask.hosts.base import ddpm_alphas_cumprod
+
+    sched = EDMDPMSolverMultistepScheduler(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, prediction_type=prediction)
+    try:
+        sd1_pipe.scheduler = sched
+        host = DiffusersHost.from_pipe(sd1_pipe, resolution=64)
+    finally:
+        sd1_pipe.scheduler = None
+    assert host.edm.sigma_data == 0.5 and host.prediction_type == prediction
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)  # the host's latents are in units of σ_data
+    noise = torch.randn(latents.shape, generator=g)
+    cond = host.encode_prompts(["a red car", "a cat"])
+    for t in (20, 300, 900):
+        sigma = torch.tensor(0.5 * ((1 - float(ddpm_alphas_cumprod()[t])) / float(ddpm_alphas_cumprod()[t])) ** 0.5)
+        with torch.no_grad():
+            eps = host.predict_noise(host.add_noise(latents, noise, t), t, cond, latents)
+            x = latents * 0.5 + sigma * noise  # EDM's own noising of the same image and noise
+            out = sd1_pipe.unet(sched.precondition_inputs(x, sigma), sched.precondition_noise(sigma).expand(2),
+                                encoder_hidden_states=cond.context).sample
+            expected = (x - sched.precondition_outputs(x, out, sigma)) / sigma
+        torch.testing.assert_close(eps, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_edm_folder_masks_and_samples(tmp_path, sd1_pipe):
+    """A Playground-style diffusers folder: an EDM scheduler config and a VAE with per-channel latent statistics."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    from textmask.hosts.base import EDMSchedule
+
+    for name in ("unet", "text_encoder"):
+        getattr(sd1_pipe, name).save_pretrained(tmp_path / name)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [2.0, 1.5, 1.0, 0.5]
+    vae = sd1_pipe.vae
+    saved = dict(vae.config)
+    try:
+        vae.register_to_config(latents_mean=mean, latents_std=std, scaling_factor=0.5)
+        vae.save_pretrained(tmp_path / "vae")
+    finally:
+        vae.register_to_config(**{k: saved.get(k) for k in ("latents_mean", "latents_std", "scaling_factor")})
+    EDMDPMSolverMultistepScheduler(sigma_data=0.5, sigma_max=80.0).save_pretrained(tmp_path / "scheduler")
+    masker = TextMasker.from_pretrained(tmp_path, resolution=64)
+    host = masker.host
+    assert host.edm == EDMSchedule(0.002, 80.0, 0.5) and host.prediction_type == "epsilon"
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        raw = host.vae.encode(pixels * 2 - 1).latent_dist.mean
+        expected = (raw - torch.tensor(mean).view(1, -1, 1, 1)) * 0.5 / torch.tensor(std).view(1, -1, 1, 1) / 0.5
+        torch.testing.assert_close(host.encode_images(pixels), expected)
+        latents = host.sample("a cat", "", 1, steps=3, cfg=2.0, seed=0)
+    side = 64 // host.latent_factor
+    assert latents.shape == (1, 4, side, side) and torch.isfinite(latents).all()
+    result = masker.mask(torch.rand(2, 40, 56, 3), "red car", refine=True)
+    assert result.masks.shape == (2, 40, 56) and torch.isfinite(result.heatmaps).all()
 
 
 def test_context_positions_point_at_the_phrase(sd1_masker):

@@ -23,6 +23,7 @@ class Architecture:
     in_channels: int  # 4, or 9 for inpainting checkpoints
     prediction_type: Literal["epsilon", "v_prediction"]
     zero_snr: bool = False  # SD's schedule rescaled to zero terminal SNR (v-prediction SDXL finetunes mark it "ztsnr")
+    edm: tuple[float, float, float] | None = None  # an EDM schedule's (σ_min, σ_max, σ_data): Playground v2.5, CosXL
 
     @property
     def inpainting(self) -> bool:
@@ -79,9 +80,13 @@ def detect_architecture(
         raise CheckpointError(f"unknown architecture: cross-attention context width {dim}{hint}")
     if name == "sdxl" and UNET + "label_emb.0.0.weight" not in state_dict:
         raise CheckpointError("unknown architecture: 2048-wide context without SDXL's label embedding")
-    if "edm_mean" in state_dict or "edm_vpred.sigma_max" in state_dict:
-        raise CheckpointError("this checkpoint uses an EDM noise schedule (Playground v2.5, CosXL), which textmask's "
-                              "diffusers loader does not support; mask with it in ComfyUI or Forge")
+    edm = None  # the EDM schedules ComfyUI reads from these markers
+    if "edm_mean" in state_dict:  # Playground v2.5: EDM, ε-parametrised
+        edm, prediction_type = (0.002, 80.0, 0.5), prediction_type or "epsilon"
+    elif "edm_vpred.sigma_max" in state_dict:  # CosXL: EDM v-prediction
+        sigma_min = state_dict.get("edm_vpred.sigma_min")
+        edm = (float(sigma_min) if sigma_min is not None else 0.002, float(state_dict["edm_vpred.sigma_max"]), 1.0)
+        prediction_type = prediction_type or "v_prediction"
     in_channels = int(first_conv.shape[1])
     if in_channels not in (4, 9):
         raise CheckpointError(f"unsupported UNet with {in_channels} input channels (4, or 9 for inpainting)")
@@ -92,7 +97,7 @@ def detect_architecture(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise CheckpointError(f"unknown prediction type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
     return Architecture(name=name, in_channels=in_channels, prediction_type=prediction_type,
-                        zero_snr="ztsnr" in state_dict)
+                        zero_snr="ztsnr" in state_dict, edm=edm)
 
 
 def sd2_is_v_prediction(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -141,9 +141,31 @@ def schedule_sigma(schedule: Any, timestep: int) -> torch.Tensor:
     table = getattr(schedule, "sigmas", None)
     if table is not None and timestep < len(table) and torch.allclose(sigma, table[timestep].detach().float().cpu()):
         return sigma
-    a = float(ddpm_alphas_cumprod()[timestep])
-    matched = ((1 - a) / a) ** 0.5 * float(getattr(schedule, "sigma_data", 1.0))
-    return torch.tensor([matched]).clamp(float(schedule.sigma_min), float(schedule.sigma_max))
+    edm = EDMSchedule(float(schedule.sigma_min), float(schedule.sigma_max), float(getattr(schedule, "sigma_data", 1.0)))
+    return edm.sigmas()[timestep : timestep + 1].float()
+
+
+@dataclass(frozen=True)
+class EDMSchedule:
+    """A continuous EDM schedule (Playground v2.5, CosXL): the UNet takes c_in·x and c_noise = ¼·ln σ.
+
+    textmask reads such a model at SD's noise levels: timestep t is the σ with SD's signal-to-noise ratio at t, in
+    units of σ_data (as ``schedule_sigma``). With latents in units of σ_data, c_in·(x₀ + σ·ε) is then exactly SD's
+    √ᾱ·x₀ + √(1−ᾱ)·ε under ᾱ = σ_data² / (σ² + σ_data²), so noising stays DDPM's and only the forward differs.
+    """
+
+    sigma_min: float
+    sigma_max: float
+    sigma_data: float
+
+    def sigmas(self, steps: int = 1000) -> torch.Tensor:
+        """σ for t = 0..steps-1: SD's noise levels in units of σ_data, within the model's range (float64)."""
+        a = ddpm_alphas_cumprod(steps)
+        return (((1 - a) / a).sqrt() * self.sigma_data).clamp(self.sigma_min, self.sigma_max)
+
+    def alphas_cumprod(self, steps: int = 1000) -> torch.Tensor:
+        """ᾱ_t of the DDPM schedule equivalent to reading the model at ``sigmas``."""
+        return self.sigma_data**2 / (self.sigmas(steps) ** 2 + self.sigma_data**2)
 
 
 def ddpm_noise(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:

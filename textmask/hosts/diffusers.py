@@ -20,7 +20,7 @@ from ..checkpoint import detect_architecture, read_state_dict
 from ..errors import CheckpointError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows
-from .base import Conditioning, ddpm_alphas_cumprod, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
+from .base import Conditioning, EDMSchedule, ddpm_alphas_cumprod, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BOS, EOS = 49406, 49407
@@ -43,30 +43,46 @@ def _quiet_diffusers():
 
 
 def no_ddpm_schedule(what: str) -> CheckpointError:
-    """The one-line refusal for a schedule without DDPM's ᾱ_t (EDM, flow matching)."""
-    return CheckpointError(f"{what} has no DDPM noise schedule (alphas_cumprod), which textmask's diffusers host "
-                           "needs; EDM UNets (Playground v2.5, CosXL) run in the ComfyUI and Forge hosts")
+    """The one-line refusal for a schedule that is neither DDPM's ᾱ_t nor EDM's σ (flow matching)."""
+    return CheckpointError(f"{what} has neither a DDPM noise schedule (alphas_cumprod) nor an EDM one (sigma_data), "
+                           "which textmask's diffusers host needs")
 
 
-def _folder_schedule(directory: Path):
-    """The training schedule a diffusers folder's scheduler config describes (betas, zero-SNR rescaling, prediction
-    type), read through DDPMScheduler whatever sampler class the folder names."""
+def edm_schedule(class_name: str, config: Any) -> EDMSchedule | None:
+    """The EDM schedule of a diffusers scheduler (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) from its class
+    name and config mapping, or None for any other."""
+    if "EDM" not in class_name or config.get("sigma_data") is None:
+        return None
+    return EDMSchedule(float(config.get("sigma_min", 0.002)), float(config.get("sigma_max", 80.0)),
+                       float(config["sigma_data"]))
+
+
+def _folder_schedule(directory: Path) -> tuple[torch.Tensor | None, EDMSchedule | None, str]:
+    """(ᾱ_t, EDM schedule, prediction type) of the training schedule a diffusers folder's scheduler config describes
+    (betas, zero-SNR rescaling, EDM's σ), read through DDPMScheduler whatever DDPM-family sampler the folder names."""
     import json
 
     from diffusers import DDPMScheduler
 
     config = directory / "scheduler" / "scheduler_config.json"
     try:
-        name = json.loads(config.read_text()).get("_class_name", "")
+        data = json.loads(config.read_text())
+        name = data.get("_class_name", "")
     except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, or not a JSON object
         raise CheckpointError(f"cannot read {config}: {str(e).splitlines()[0]}") from None
-    if "EDM" in name or "FlowMatch" in name:
+    if "EDM" in name:
+        edm = edm_schedule(name, data)
+        if edm is None:
+            raise CheckpointError(f"cannot read {config}: {name} without sigma_data")
+        return None, edm, data.get("prediction_type", "epsilon")
+    if "FlowMatch" in name:
         raise no_ddpm_schedule(f"{directory.name}'s {name}")
     try:
         with _quiet_diffusers():
-            return DDPMScheduler.from_pretrained(directory, subfolder="scheduler", local_files_only=True)
+            sched = DDPMScheduler.from_pretrained(directory, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, TypeError, NotImplementedError) as e:  # e.g. an unknown beta_schedule
         raise CheckpointError(f"cannot read {config}: {str(e).splitlines()[0]}") from None
+    return sched.alphas_cumprod, None, sched.config.prediction_type
 
 
 def config_family(config: str | Path) -> dict[int, str]:
@@ -117,6 +133,7 @@ class DiffusersHost:
         text_encoder_2: nn.Module | None = None,
         tokenizer: Any = None,
         alphas_cumprod: torch.Tensor | None = None,
+        edm: EDMSchedule | None = None,
         prediction_type: str = "epsilon",
         pad_ids: tuple[int, ...] | None = None,
         resolution: int | None = None,
@@ -124,6 +141,10 @@ class DiffusersHost:
     ):
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer = tokenizer if tokenizer is not None and getattr(tokenizer, "is_fast", False) else clip_tokenizer()
+        self.edm = edm  # a continuous EDM schedule, read at SD's noise levels through its equivalent ᾱ_t
+        if edm is not None:
+            alphas_cumprod = edm.alphas_cumprod()
+            self._edm_log_sigmas = edm.sigmas().log()
         alphas_cumprod = alphas_cumprod if alphas_cumprod is not None else ddpm_alphas_cumprod()
         # a zero-terminal-SNR schedule ends at ᾱ = 0; keep the last step finite, as diffusers' samplers do
         self.alphas_cumprod = alphas_cumprod.double().cpu().clamp(min=2**-24)
@@ -146,7 +167,8 @@ class DiffusersHost:
         """Wrap an already-built diffusers pipeline (its modules are shared, never modified)."""
         sched = getattr(pipe, "scheduler", None)
         alphas = getattr(sched, "alphas_cumprod", None)
-        if sched is not None and alphas is None:  # EDM (Playground v2.5) and flow-matching schedulers have no ᾱ_t
+        edm = edm_schedule(type(sched).__name__, getattr(sched, "config", {})) if sched is not None else None
+        if sched is not None and alphas is None and edm is None:  # flow-matching schedulers have neither
             raise no_ddpm_schedule(f"this pipeline's {type(sched).__name__}")
         pred = kwargs.pop("prediction_type", None) or getattr(getattr(sched, "config", None), "prediction_type", "epsilon")
         return cls(
@@ -155,7 +177,8 @@ class DiffusersHost:
             pipe.text_encoder,
             text_encoder_2=getattr(pipe, "text_encoder_2", None),
             tokenizer=getattr(pipe, "tokenizer", None),
-            alphas_cumprod=alphas,
+            alphas_cumprod=None if edm is not None else alphas,
+            edm=edm,
             prediction_type=pred,
             **kwargs,
         )
@@ -184,9 +207,10 @@ class DiffusersHost:
             raise CheckpointError(f"cannot load diffusers folder {directory}: {str(e).splitlines()[0]}") from None
         pred = kwargs.pop("prediction_type", None)
         if (directory / "scheduler" / "scheduler_config.json").is_file():
-            schedule = _folder_schedule(directory)
-            pred = pred or schedule.config.prediction_type
-            kwargs.setdefault("alphas_cumprod", schedule.alphas_cumprod)
+            alphas, edm, folder_pred = _folder_schedule(directory)
+            pred = pred or folder_pred
+            kwargs.setdefault("alphas_cumprod", alphas)
+            kwargs.setdefault("edm", edm)
         host = cls(unet, upcast_sdxl_vae(vae, te2), te, text_encoder_2=te2, prediction_type=pred or "epsilon", **kwargs)
         return host.to(device)
 
@@ -249,6 +273,11 @@ class DiffusersHost:
         pad = (EOS, 0) if arch.name == "sdxl" else ((0,) if arch.name == "sd2" else (EOS,))
         if arch.zero_snr:
             kwargs.setdefault("alphas_cumprod", ddpm_alphas_cumprod(zero_snr=True))
+        if arch.edm is not None:
+            kwargs.setdefault("edm", EDMSchedule(*arch.edm))
+        if "edm_mean" in state and "edm_std" in state:  # Playground v2.5: per-channel latent statistics, scale 0.5
+            vae.register_to_config(scaling_factor=0.5, latents_mean=state["edm_mean"].flatten().tolist(),
+                                   latents_std=state["edm_std"].flatten().tolist())
         if config is None:  # the shipped SD2 config says 768 px, which SD2's ε models (2.x-base, inpainting) are not
             kwargs.setdefault("resolution", arch.resolution)
         host = cls(unet, upcast_sdxl_vae(vae, te2), te, text_encoder_2=te2, prediction_type=arch.prediction_type, pad_ids=pad,
@@ -305,6 +334,12 @@ class DiffusersHost:
         latents = posterior.mean * vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             latents = latents - vae.config.shift_factor * vae.config.scaling_factor
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:  # Playground v2.5's per-channel statistics, as its pipeline does
+            stats = [torch.tensor(v, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1) for v in (mean, std)]
+            latents = (posterior.mean - stats[0]) * vae.config.scaling_factor / stats[1]
+        if self.edm is not None:
+            latents = latents / self.edm.sigma_data  # in units of σ_data (see EDMSchedule)
         if not torch.isfinite(latents).all():
             raise CheckpointError(f"the VAE produced non-finite latents in {vdtype}; use an fp16-fixed VAE or fp32")
         return latents.to(self.device, self.dtype)
@@ -352,8 +387,15 @@ class DiffusersHost:
             h, w = noisy.shape[-2] * self.latent_factor, noisy.shape[-1] * self.latent_factor
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
             added = {"text_embeds": cond.extra["text_embeds"], "time_ids": time_ids}
-        t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+        if self.edm is None:
+            t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+        else:  # EDM's c_noise = ¼·ln σ; its c_in·x is already the DDPM-noised latent (see EDMSchedule)
+            t = torch.full((x.shape[0],), 0.25 * float(self._edm_log_sigmas[timestep]), device=x.device)
         out = self.unet(x, t, encoder_hidden_states=cond.context, added_cond_kwargs=added, return_dict=False)[0]
+        if self.edm is not None and self.prediction_type == "epsilon":
+            # EDM's "epsilon" output F is −v of the equivalent DDPM schedule (c_out = +σ·σ_data/√(σ² + σ_data²)),
+            # and its "v_prediction" output is v.
+            return epsilon_from_v(self.alphas_cumprod, -out, noisy, timestep)
         return epsilon_from_v(self.alphas_cumprod, out, noisy, timestep) if self.prediction_type == "v_prediction" else out
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
