@@ -74,6 +74,26 @@ def test_probs_equal_eager_softmax(processor):
         torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]), atol=1e-5, rtol=0)
 
 
+def test_fused_qkv_projections_are_read_like_separate_ones():
+    """diffusers' fuse_qkv_projections() makes self-attention call to_qkv and cross-attention to_q and to_kv; the
+    capture reads them there, with the same probabilities and queries, and leaves the fused model as it was."""
+    unet = tiny_models.unet_sd1()
+    reference = _reference_probs(unet)
+    unet.fuse_qkv_projections()
+    assert any("to_qkv" in m._modules for m in unet.modules()) and any("to_kv" in m._modules for m in unet.modules())
+    before = state_snapshot(unet)
+    out_before, _ = run(unet)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True, queries=lambda l: True) as cap:
+        out_during, _ = run(unet)
+    assert set(cap.probs) == set(reference) and len(cap.queries) == len(reference)
+    assert {l.kind for l in cap.layers} == {"self", "cross"}
+    assert all(l.kind == ("cross" if l.name.endswith("attn2") else "self") for l in cap.layers)
+    for name, p in cap.probs.items():
+        torch.testing.assert_close(p, reference[name], atol=1e-5, rtol=0)
+    assert torch.equal(out_before, out_during) and torch.equal(out_before, run(unet)[0])
+    assert_unchanged(before, state_snapshot(unet))
+
+
 def test_chunking_does_not_change_probs():
     q, k = torch.randn(2, 300, 32), torch.randn(2, 77, 32)
     whole = torch.cat([c for _, c in attention_probs(q, k, 4, 0.35)], dim=1)

@@ -1,7 +1,8 @@
 """Attention capture: forward hooks that recompute head-averaged softmax(QKᵀ) for chosen layers.
 
 Fused attention backends (SDPA, xformers, sliced) never materialise the probabilities, so the hooks
-record the outputs of each attention module's ``to_q`` and ``to_k`` projections and recompute the
+record the outputs of each attention module's ``to_q`` and ``to_k`` projections (or of diffusers' fused
+``to_qkv`` / ``to_kv``) and recompute the
 probabilities in fp32, in query chunks, only for the layers asked for. Hooks read activations only:
 the model's outputs are untouched, and every hook is removed when the context exits.
 """
@@ -146,6 +147,12 @@ class AttentionCapture:
             for name, module in self._modules:
                 self._handles.append(module.to_q.register_forward_hook(self._on_q(name)))
                 self._handles.append(module.to_k.register_forward_hook(self._on_k(name, module)))
+                # diffusers' fuse_qkv_projections(): self-attention then calls to_qkv, cross-attention to_q and to_kv.
+                # The separate projections stay, so both paths are hooked and whichever runs is read.
+                if isinstance(module._modules.get("to_qkv"), nn.Module):
+                    self._handles.append(module.to_qkv.register_forward_hook(self._on_qkv(name, module)))
+                if isinstance(module._modules.get("to_kv"), nn.Module):
+                    self._handles.append(module.to_kv.register_forward_hook(self._on_k(name, module, parts=2)))
             for name, module in self._output_modules:
                 self._handles.append(module.register_forward_hook(self._on_output(name)))
         except BaseException:
@@ -172,27 +179,40 @@ class AttentionCapture:
 
         return hook
 
-    def _on_k(self, name: str, module: nn.Module):
+    def _on_k(self, name: str, module: nn.Module, parts: int = 1):
         def hook(_mod, args, k):
             pending = self._pending.pop(name, None)
             if pending is None:
                 return
             q_in, q = pending
-            if q.dim() != 3 or k.dim() != 3:
-                return  # not the (batch, tokens, channels) layout of a spatial transformer
-            layer = self._register(name, module, kind="self" if args[0] is q_in else "cross", tokens=q.shape[1])
-            if self._want_queries(layer):
-                self.queries[name] = q.detach()
-            if self._want_probs(layer):
-                if self._context_rows is not None and layer.kind == "cross":
-                    picked = self._context_rows(args[0])
-                    if picked is not None:
-                        if picked.numel() == 0:
-                            return
-                        q, k = q.index_select(0, picked.to(q.device)), k.index_select(0, picked.to(k.device))
-                self._compute(layer, module, q.detach(), k.detach())
+            if parts > 1:  # a fused K/V projection: K is its first part
+                k = k[..., : k.shape[-1] // parts]
+            self._on_qk(name, module, q_in, q, args[0], k)
 
         return hook
+
+    def _on_qkv(self, name: str, module: nn.Module):
+        def hook(_mod, args, qkv):
+            third = qkv.shape[-1] // 3
+            self._on_qk(name, module, args[0], qkv[..., :third], args[0], qkv[..., third : 2 * third])
+
+        return hook
+
+    def _on_qk(self, name: str, module: nn.Module, q_in, q: torch.Tensor, k_in, k: torch.Tensor) -> None:
+        """One attention call's queries and keys (and the inputs they were projected from)."""
+        if q.dim() != 3 or k.dim() != 3:
+            return  # not the (batch, tokens, channels) layout of a spatial transformer
+        layer = self._register(name, module, kind="self" if k_in is q_in else "cross", tokens=q.shape[1])
+        if self._want_queries(layer):
+            self.queries[name] = q.detach()
+        if self._want_probs(layer):
+            if self._context_rows is not None and layer.kind == "cross":
+                picked = self._context_rows(k_in)
+                if picked is not None:
+                    if picked.numel() == 0:
+                        return
+                    q, k = q.index_select(0, picked.to(q.device)), k.index_select(0, picked.to(k.device))
+            self._compute(layer, module, q.detach(), k.detach())
 
     def _on_output(self, name: str):
         def hook(_mod, _args, out):
