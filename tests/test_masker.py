@@ -328,6 +328,33 @@ def test_edm_folder_masks_and_samples(tmp_path, sd1_pipe):
     assert result.masks.shape == (2, 40, 56) and torch.isfinite(result.heatmaps).all()
 
 
+def test_ip_adapter_unet_is_refused_in_one_line():
+    """diffusers' load_ip_adapter() makes the UNet's forward require image embeddings (encoder_hid_dim_type
+    "ip_image_proj"); without them diffusers fails deep inside with a TypeError, so the host says what to do."""
+    import copy
+
+    from textmask.errors import CaptureError
+
+    pipe = tiny_models.sd1_pipe()
+    unet = copy.deepcopy(pipe.unet)
+    ctx, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    ip = {}
+    for j, name in enumerate(n for n in unet.attn_processors if n.endswith("attn2.processor")):
+        level = int(name.split(".")[1]) if not name.startswith("mid_block") else -1
+        width = widths[-1] if level < 0 else (widths[::-1] if name.startswith("up_blocks") else widths)[level]
+        ip[f"{2 * j + 1}.to_k_ip.weight"] = torch.zeros(width, ctx)  # diffusers' numbering: odd ids, attn2 only
+        ip[f"{2 * j + 1}.to_v_ip.weight"] = torch.zeros(width, ctx)
+    image_proj = {"proj.weight": torch.zeros(4 * ctx, 16), "proj.bias": torch.zeros(4 * ctx),
+                  "norm.weight": torch.ones(ctx), "norm.bias": torch.zeros(ctx)}
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}], low_cpu_mem_usage=False)
+    pipe.unet = unet
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    with pytest.raises(CaptureError, match="IP-Adapter loaded") as e:
+        masker.mask(torch.rand(1, 64, 64, 3), "red car")
+    assert "\n" not in str(e.value)
+    assert all(not m._forward_hooks for m in unet.modules())  # the capture came off
+
+
 def test_context_positions_point_at_the_phrase(sd1_masker):
     host = sd1_masker.host
     text = " ".join(["hill"] * 80) + " tiny zebra"

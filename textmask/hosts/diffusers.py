@@ -17,7 +17,7 @@ from torch import nn
 from ..capture import find_attention_modules, find_transformer_modules
 from ..latents import image_noise
 from ..checkpoint import detect_architecture, read_state_dict
-from ..errors import CheckpointError
+from ..errors import CaptureError, CheckpointError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import TokenMap, split_windows
 from .base import Conditioning, EDMSchedule, ddpm_alphas_cumprod, ddpm_noise, epsilon_from_v, pad_contexts, tqdm_progress
@@ -377,6 +377,9 @@ class DiffusersHost:
     def predict_noise(
         self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
     ) -> torch.Tensor:
+        if getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj":
+            raise CaptureError("this UNet has an IP-Adapter loaded, whose forward needs image embeddings; mask before "
+                               "loading it, or after pipe.unload_ip_adapter()")
         x = noisy
         if self.in_channels == 9:
             # Inpainting UNets also see (mask, masked-image latents); an empty mask shows the whole image.
