@@ -328,6 +328,16 @@ def test_edm_folder_masks_and_samples(tmp_path, sd1_pipe):
     assert result.masks.shape == (2, 40, 56) and torch.isfinite(result.heatmaps).all()
 
 
+def test_refiner_pipeline_is_refused_in_one_line(sdxl_pipe):
+    """An SDXL refiner pipeline has no first text encoder (text_encoder=None)."""
+    from textmask.errors import CheckpointError
+
+    refiner = tiny_models.Pipe(sdxl_pipe.unet, sdxl_pipe.vae, None, sdxl_pipe.text_encoder_2)
+    with pytest.raises(CheckpointError, match="no text_encoder in this model") as e:
+        TextMasker.from_pipe(refiner, resolution=64)
+    assert "\n" not in str(e.value)
+
+
 def test_ip_adapter_unet_is_refused_in_one_line():
     """diffusers' load_ip_adapter() makes the UNet's forward require image embeddings (encoder_hid_dim_type
     "ip_image_proj"); without them diffusers fails deep inside with a TypeError, so the host says what to do."""

@@ -139,6 +139,10 @@ class DiffusersHost:
         resolution: int | None = None,
         show_progress: bool = False,
     ):
+        if unet is None or vae is None or text_encoder is None:
+            missing = [n for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)) if m is None]
+            raise CheckpointError(f"no {', '.join(missing)} in this model (an SDXL refiner has no text_encoder); "
+                                  "textmask needs an SD1.x, SD2.x or SDXL base model's")
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer = tokenizer if tokenizer is not None and getattr(tokenizer, "is_fast", False) else clip_tokenizer()
         self.edm = edm  # a continuous EDM schedule, read at SD's noise levels through its equivalent ᾱ_t
