@@ -328,6 +328,23 @@ def test_edm_folder_masks_and_samples(tmp_path, sd1_pipe):
     assert result.masks.shape == (2, 40, 56) and torch.isfinite(result.heatmaps).all()
 
 
+def test_tiny_autoencoder_as_the_pipelines_vae():
+    """diffusers' AutoencoderTiny (TAESD), a common stand-in VAE, returns latents, not a distribution: they are used
+    as diffusers' pipelines use them (scaling factor 1)."""
+    from diffusers import AutoencoderTiny
+
+    pipe = tiny_models.sd1_pipe()
+    torch.manual_seed(0)
+    pipe.vae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                               num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(masker.host.encode_images(pixels), pipe.vae.encode(pixels * 2 - 1).latents)
+    out = masker.mask(torch.rand(2, 50, 70, 3), "red car", refine=True)
+    assert out.masks.shape == (2, 50, 70) and torch.isfinite(out.heatmaps).all()
+
+
 def test_refiner_pipeline_is_refused_in_one_line(sdxl_pipe):
     """An SDXL refiner pipeline has no first text encoder (text_encoder=None)."""
     from textmask.errors import CheckpointError

@@ -334,14 +334,16 @@ class DiffusersHost:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         vdev, vdtype = execution_device(vae), next(vae.parameters()).dtype
-        posterior = vae.encode(pixels.to(vdev, vdtype) * 2 - 1).latent_dist
-        latents = posterior.mean * vae.config.scaling_factor
+        encoded = vae.encode(pixels.to(vdev, vdtype) * 2 - 1)
+        posterior = getattr(encoded, "latent_dist", None)
+        raw = posterior.mean if posterior is not None else encoded.latents  # AutoencoderTiny (TAESD): no distribution
+        latents = raw * vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             latents = latents - vae.config.shift_factor * vae.config.scaling_factor
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:  # Playground v2.5's per-channel statistics, as its pipeline does
             stats = [torch.tensor(v, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1) for v in (mean, std)]
-            latents = (posterior.mean - stats[0]) * vae.config.scaling_factor / stats[1]
+            latents = (raw - stats[0]) * vae.config.scaling_factor / stats[1]
         if self.edm is not None:
             latents = latents / self.edm.sigma_data  # in units of σ_data (see EDMSchedule)
         if not torch.isfinite(latents).all():
