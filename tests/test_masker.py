@@ -345,14 +345,20 @@ def test_tiny_autoencoder_as_the_pipelines_vae():
     assert out.masks.shape == (2, 50, 70) and torch.isfinite(out.heatmaps).all()
 
 
-def test_refiner_pipeline_is_refused_in_one_line(sdxl_pipe):
-    """An SDXL refiner pipeline has no first text encoder (text_encoder=None)."""
+def test_refiner_and_transformer_pipelines_are_refused_in_one_line(sdxl_pipe):
+    """An SDXL refiner pipeline has no first text encoder (text_encoder=None); PixArt's has no UNet."""
     from textmask.errors import CheckpointError
 
     refiner = tiny_models.Pipe(sdxl_pipe.unet, sdxl_pipe.vae, None, sdxl_pipe.text_encoder_2)
     with pytest.raises(CheckpointError, match="no text_encoder in this model") as e:
         TextMasker.from_pipe(refiner, resolution=64)
     assert "\n" not in str(e.value)
+
+    class PixArtLike:  # a DDPM-scheduled pipeline whose denoiser is a transformer (PixArt-α)
+        transformer, vae, text_encoder, scheduler = sdxl_pipe.unet, sdxl_pipe.vae, sdxl_pipe.text_encoder, None
+
+    with pytest.raises(CheckpointError, match="PixArtLike runs a transformer, not a UNet"):
+        TextMasker.from_pipe(PixArtLike(), resolution=64)
 
 
 def test_ip_adapter_unet_is_refused_in_one_line():

@@ -175,10 +175,13 @@ class DiffusersHost:
         if sched is not None and alphas is None and edm is None:  # flow-matching schedulers have neither
             raise no_ddpm_schedule(f"this pipeline's {type(sched).__name__}")
         pred = kwargs.pop("prediction_type", None) or getattr(getattr(sched, "config", None), "prediction_type", "epsilon")
+        if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+            raise CheckpointError(f"{type(pipe).__name__} runs a transformer, not a UNet; textmask needs an SD1.x, SD2.x "
+                                  "or SDXL pipeline")
         return cls(
-            pipe.unet,
-            pipe.vae,
-            pipe.text_encoder,
+            getattr(pipe, "unet", None),
+            getattr(pipe, "vae", None),
+            getattr(pipe, "text_encoder", None),
             text_encoder_2=getattr(pipe, "text_encoder_2", None),
             tokenizer=getattr(pipe, "tokenizer", None),
             alphas_cumprod=None if edm is not None else alphas,
