@@ -156,8 +156,16 @@ def test_shipped_vae_config_matches_real_checkpoint():
 
 
 def test_unknown_and_unsupported_architectures():
-    with pytest.raises(CheckpointError, match="unknown architecture"):
+    with pytest.raises(CheckpointError, match="unknown architecture: no SD1/SD2/SDXL UNet weights .* found$"):
         detect_architecture({"foo.weight": torch.empty(2)})
+    # Files users often pick by mistake: the error says what they look like.
+    for what, key in (("a LoRA", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"),
+                      ("a LoRA", "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"),
+                      ("a VAE alone", "encoder.down.0.block.0.conv1.weight"),
+                      ("a UNet alone", "input_blocks.0.0.weight"), ("a UNet alone", "down_blocks.0.resnets.0.conv1.weight")):
+        with pytest.raises(CheckpointError, match=f"this looks like {what}, not a whole checkpoint") as e:
+            detect_architecture({key: torch.empty(2)})
+        assert "\n" not in str(e.value)
     refiner = {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(384, 4, 3, 3, device="meta"),
                "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(768, 1280, device="meta")}
     with pytest.raises(CheckpointError, match="refiner"):

@@ -69,7 +69,8 @@ def detect_architecture(
     """Identify SD1.x, SD2.x or SDXL (and inpainting variants) from key names and shapes."""
     first_conv = state_dict.get(UNET + "input_blocks.0.0.weight")
     if first_conv is None:
-        raise CheckpointError("unknown architecture: no SD1/SD2/SDXL UNet weights (model.diffusion_model.*) found")
+        raise CheckpointError("unknown architecture: no SD1/SD2/SDXL UNet weights (model.diffusion_model.*) found"
+                              + _partial_file_hint(state_dict))
     widths = {int(v.shape[1]) for k, v in state_dict.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")}
     if len(widths) != 1:
         raise CheckpointError(f"unknown architecture: cross-attention context widths {sorted(widths) or 'none'}")
@@ -98,6 +99,20 @@ def detect_architecture(
         raise CheckpointError(f"unknown prediction type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
     return Architecture(name=name, in_channels=in_channels, prediction_type=prediction_type,
                         zero_snr="ztsnr" in state_dict, edm=edm)
+
+
+def _partial_file_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """' (this looks like a LoRA ...)' for files users often mistake for a checkpoint, else ''."""
+    keys = list(state_dict)
+    if any("lora" in k.lower() for k in keys):
+        kind = "a LoRA"
+    elif any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.")) for k in keys):
+        kind = "a VAE alone"
+    elif any(k.startswith(("input_blocks.", "diffusion_model.input_blocks.", "down_blocks.")) for k in keys):
+        kind = "a UNet alone"
+    else:
+        return ""
+    return f"; this looks like {kind}, not a whole checkpoint (UNet, text encoder and VAE)"
 
 
 def sd2_is_v_prediction(state_dict: Mapping[str, torch.Tensor]) -> bool:
