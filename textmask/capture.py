@@ -2,9 +2,9 @@
 
 Fused attention backends (SDPA, xformers, sliced) never materialise the probabilities, so the hooks
 record the outputs of each attention module's ``to_q`` and ``to_k`` projections (or of diffusers' fused
-``to_qkv`` / ``to_kv``) and recompute the
-probabilities in fp32, in query chunks, only for the layers asked for. Hooks read activations only:
-the model's outputs are untouched, and every hook is removed when the context exits.
+``to_qkv`` / ``to_kv``) and recompute the probabilities in fp32, in query chunks, only for the layers
+asked for. Hooks read activations only: the model's outputs are untouched, and every hook is removed
+when the context exits.
 """
 
 from __future__ import annotations
