@@ -93,6 +93,20 @@ def test_fused_qkv_projections_are_read_like_separate_ones():
     assert torch.equal(out_before, out_during) and torch.equal(out_before, run(unet)[0])
     assert_unchanged(before, state_snapshot(unet))
 
+    class Boom(Exception):
+        pass
+
+    def explode(*_):  # raises inside the fused to_qkv hook path, midway through the forward
+        raise Boom()
+
+    handle = unet.mid_block.register_forward_pre_hook(explode)
+    with pytest.raises(Boom):
+        with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True):
+            run(unet)
+    handle.remove()
+    assert_unchanged(before, state_snapshot(unet))  # the fused projections' hooks came off too
+    assert torch.equal(out_before, run(unet)[0])
+
 
 def test_chunking_does_not_change_probs():
     q, k = torch.randn(2, 300, 32), torch.randn(2, 77, 32)

@@ -103,6 +103,9 @@ def test_feature_forwards_fall_back_to_smaller_batches_when_the_gpu_is_full(mask
     unet = masker.host.unet
     settings = dict(images=4, steps=2, kmeans_parts=4, use_cache=False, cache_dir=tmp_path)
     ref = prototypes.build_prototypes(masker.host, ["cat"], **settings).classes[0]
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before_out = unet(x, t, encoder_hidden_states=ctx).sample
     before = state_snapshot(unet)
     sizes, room = [], [1]
     extract = prototypes.extract
@@ -129,6 +132,8 @@ def test_feature_forwards_fall_back_to_smaller_batches_when_the_gpu_is_full(mask
     with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one image fits: the host's error, unchanged
         prototypes.build_prototypes(masker.host, ["cat"], **settings)
     assert_unchanged(before, state_snapshot(unet))  # no hook left behind by the failed forwards
+    with torch.no_grad():
+        assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
 
 
 def test_cache_invalidated_by_model_change_and_corruption(masker, tmp_path):

@@ -102,7 +102,7 @@ def detect_architecture(
 
 
 def _partial_file_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """' (this looks like a LoRA ...)' for files users often mistake for a checkpoint, else ''."""
+    """'; this looks like a LoRA, ...' for files users often mistake for a checkpoint, else ''."""
     keys = list(state_dict)
     if any("lora" in k.lower() for k in keys):
         kind = "a LoRA"
