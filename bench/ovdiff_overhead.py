@@ -30,7 +30,7 @@ from overhead import add_device_arguments, build_host, parsed_device  # noqa: E4
 
 def stable_prompts(host):
     """Contexts seeded by the prompt text, so the conditional rows can be told apart as on a real model."""
-    from textmask.hosts.base import Conditioning
+    from textmask.hosts.contract import Conditioning
     from textmask.tokenizer import tokenize
     from textmask.tokens import TokenMap
 
@@ -47,22 +47,23 @@ def capture_overhead(host, n: int, size: int, repeats: int = 5) -> float:
     alternating runs: single 30-step runs differ by ±10% on a shared CPU, far more than the capture costs)."""
     import statistics
 
+    from textmask import forward
     from textmask.capture import AttentionCapture
     from textmask.ovdiff import support
 
     cond = host.encode_prompts([support.PROMPT.format("cat")])
     both = host.encode_prompts([support.NEGATIVE, support.PROMPT.format("cat")]).select([0] * n + [1] * n)
     x = torch.randn(2 * n, 4, size // 8, size // 8).to(host.device, host.dtype)
+    sigma = host.sigma(500).to(host.device).expand(2 * n)
     positions = cond.token_maps[0].find("cat")
 
     def plain():
-        host.predict_noise(x, 500, both, x)
+        forward.eps(host, x, sigma, both, x)
 
     def hooked():
-        sink = support.AttributionSum(positions, n, (size // 8, size // 8))
-        with AttentionCapture(host.attention_modules(), (size // 8, size // 8), probs=lambda l: l.kind == "cross",
-                              sink=sink, context_rows=support.context_matcher(cond.context)):
-            host.predict_noise(x, 500, both, x)
+        sink = support.AttributionSum(positions, n, (size // 8, size // 8), support.context_matcher(cond.context))
+        with AttentionCapture(host.attention_modules(), (size // 8, size // 8), [sink]):
+            forward.eps(host, x, sigma, both, x)
 
     a, b = [], []
     with torch.inference_mode():
@@ -90,8 +91,9 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = parsed_device(ap, args)
     torch.set_num_threads(2)
-    from textmask.ovdiff import build_prototypes, segment
-    from textmask.ovdiff import support
+    from textmask import forward
+    from textmask.ovdiff import build_prototypes, support
+    from textmask.ovdiff import label as segment
 
     host = stable_prompts(build_host(args.size, device, dtype))
     n, steps = args.images, args.steps
@@ -127,9 +129,11 @@ def main() -> None:
         empty = host.encode_prompts([""])
         lat = torch.randn(1, 4, args.size // 8, args.size // 8).to(host.device, host.dtype)
 
+        lat_sigma = host.sigma(200).to(host.device).expand(1)
+
         def plain_forwards():
             for _ in range(forwards):
-                host.predict_noise(lat, 200, empty, lat)
+                forward.eps(host, lat, lat_sigma, empty, lat)
 
         plain_seg, _ = timed(plain_forwards)
     d = protos.classes[0].fg["mean"].shape[1]

@@ -3,7 +3,7 @@
     python bench/overhead.py [--size 512] [--repeats 3] [--device cuda --dtype float16]
 
 Each row times exactly what TextMasker.mask runs per batch once latents exist: the hooked UNet forward plus
-the method's decoding (textmask.masker.method_heatmaps). Peak extra memory is the RSS peak above the plain
+the method's decoding (textmask.methods.attention.AttentionDecoder). Peak extra memory is the RSS peak above the plain
 forward's own peak, sampled every 2 ms, as a share of the UNet's weight bytes; on CUDA it is the peak of
 allocated GPU memory above the plain forward's.
 """
@@ -47,7 +47,7 @@ def build_host(size: int, device: torch.device | str = "cpu", dtype: torch.dtype
             return z.to(self.device, self.dtype)
 
         def encode_prompts(self, prompts):
-            from textmask.hosts.base import Conditioning
+            from textmask.hosts.contract import Conditioning
             from textmask.tokenizer import tokenize
             from textmask.tokens import TokenMap
 
@@ -113,8 +113,9 @@ class PeakRSS:
 
 
 def main() -> None:
-    from textmask.hosts.base import Conditioning
-    from textmask.masker import DEFAULT_TIMESTEP, method_heatmaps
+    from textmask import defaults, forward
+    from textmask.hosts.contract import Conditioning
+    from textmask.methods.attention import AttentionDecoder
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size / 8)")
@@ -130,23 +131,26 @@ def main() -> None:
     side = args.size // 8
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, side, side, generator=g).to(device, dtype)
-    noisy = host.add_noise(latents, torch.randn(latents.shape, generator=g).to(device, dtype), DEFAULT_TIMESTEP)
+    x, sigma = forward.add_noise(host, latents, defaults.TIMESTEP, 0)
     cond = Conditioning(torch.randn(1, 77, 768, generator=g).to(device, dtype), [None])
     one = [[5]]
     eight = [[5 + i] for i in range(8)]
 
     def plain():
-        host.predict_noise(noisy, DEFAULT_TIMESTEP, cond, latents)
+        forward.eps(host, x, sigma, cond, latents)
 
-    from textmask.referring import refer
-    from textmask.segments import segment_everything
+    def attention(groups, refine):
+        return AttentionDecoder(cond, groups, refine, defaults.REFINE_MODE, defaults.REFINE_STEPS)(host, latents, x, sigma)
+
+    from textmask.methods.refdiff import refer
+    from textmask.methods.segments import segment_everything
 
     image = torch.rand(1, args.size, args.size, 3, generator=g)
     rows = {
         "plain": plain,
-        "attention": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, one, False),
-        "attention+refine": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, one, True),
-        "attention-8-phrases": lambda: method_heatmaps(host, "attention", latents, noisy, DEFAULT_TIMESTEP, cond, eight, False),
+        "attention": lambda: attention(one, False),
+        "attention+refine": lambda: attention(one, True),
+        "attention-8-phrases": lambda: attention(eight, False),
         "segments": lambda: segment_everything(host, image),
         "refer": lambda: refer(host, image, "the man on the left"),
     }

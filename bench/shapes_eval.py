@@ -12,7 +12,7 @@ third of the objects by area.
 Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; under the
 caption-prompt row, written as the captions write it), the same pipeline on a randomly initialised UNet, and
 the ceiling (GT through the attention grid and back). ``--sweep``
-adds the timestep and refinement settings behind the defaults in textmask/masker.py, and DiffSeg's τ.
+adds the timestep and refinement settings behind the defaults in textmask/defaults.py, and DiffSeg's τ.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from textmask import TextMasker  # noqa: E402
-from textmask import masker as masker_module  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
     Scores, ceiling_heatmap, centre_prior, hungarian_miou, margin_heatmap, object_phrases, otsu_mask, phrase_groups,
     wrong_phrase)
@@ -39,8 +38,8 @@ from textmask.demo.scenes import caption as caption_of  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
 
 METHODS = {
-    "attention": dict(method="attention"),
-    "attention (caption prompt)": dict(method="attention", caption=True),
+    "attention": dict(method="attention", refine=False),
+    "attention (caption prompt)": dict(method="attention", refine=False, caption=True),
     "attention+refine": dict(method="attention", refine=True),
     "noise-diff": dict(method="noise-diff"),
 }
@@ -71,19 +70,20 @@ def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = 
 
 def per_layer_auc(masker, scenes) -> dict[str, float]:
     """Mean pixel AUC of each cross-attention layer's phrase map: shows which layers point at the object."""
-    from textmask.capture import AttentionCapture
+    from textmask import forward
+    from textmask.capture import ProbsStore
     from textmask.demo.evaluate import roc_auc
-    from textmask.latents import encode_and_noise
 
     host, aucs = masker.host, {}
     for scene in scenes:
         cond = host.encode_prompts([scene.caption])
         pixels = torch.from_numpy(scene.image).permute(2, 0, 1)[None]
-        latents, noisy = encode_and_noise(host, pixels, scene.image.shape[:2], 300, 0)
-        with AttentionCapture(host.attention_modules(), tuple(latents.shape[-2:]), probs=lambda l: l.kind == "cross") as cap:
-            host.predict_noise(noisy, 300, cond, latents)
-        for name, p in cap.probs.items():
-            h, w = cap.layer(name).size
+        latents = forward.encode(host, pixels, scene.image.shape[:2])
+        x, sigma = forward.add_noise(host, latents, 300, 0)
+        store = ProbsStore()
+        forward.eps(host, x, sigma, cond, latents, [store])
+        for name, p in store.probs.items():
+            h, w = store.layers[name].size
             for phrase in object_phrases(scene):
                 m = p[0][:, cond.token_maps[0].find(phrase)].mean(-1).reshape(h, w)
                 gt = torch.nn.functional.adaptive_avg_pool2d(
@@ -170,9 +170,8 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
             rows.update({f"sweep-{k}-tau{tau}": v for k, v in segment_rows(masker, sweep, tau).items()})
         for mode in ("transpose", "forward"):
             for steps in (1, 2):
-                masker_module.REFINE_MODE, masker_module.REFINE_STEPS = mode, steps
                 s = Scores()
-                score_method(masker, sweep, dict(method="attention", refine=True), s)
+                score_method(masker, sweep, dict(method="attention", refine=True, refine_mode=mode, refine_steps=steps), s)
                 rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
 
 
@@ -181,7 +180,7 @@ def segment_rows(masker, scenes, tau: float = 1.1) -> dict[str, dict]:
     named, miou, counts = Scores(), [], []
     for scene in scenes:
         phrases = object_phrases(scene)
-        res = masker.semantic(scene.image, phrases, tau=tau)
+        res = masker.named_segments(scene.image, phrases, tau=tau)
         for i, p in enumerate(phrases):
             m = res.masks[0, i].numpy()
             named.add(m, m, scene.phrase_mask(p))

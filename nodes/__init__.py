@@ -2,7 +2,8 @@
 
 from .ldznet import LoadLDZNet, TextMaskLDZNet
 from .ovdiff import OVDiffPrototypes, OVDiffSegment
-from .segments import NamedSegments, ReferringMask, SegmentEverything
+from .referring import ReferringMask
+from .segments import NamedSegments, SegmentEverything
 from .text_mask import TextMask
 
 NODE_CLASS_MAPPINGS = {

@@ -10,11 +10,10 @@ import folder_paths
 import torch
 
 from ..textmask.hosts.comfy import ComfyHost
-from ..textmask.io import overlay
+from ..textmask.render import overlay
 from ..textmask.ldznet import load_ldznet
 from ..textmask.ldznet.inference import DEFAULT_TEMPLATE, DEFAULT_TIMESTEP
 from ..textmask.masker import TextMasker
-from ..textmask.postprocess import parse_threshold
 
 CATEGORY = "mask/textmask"
 FOLDER = "ldznet"
@@ -97,7 +96,7 @@ class TextMaskLDZNet:
         comfy.model_management.load_models_gpu([model, ldznet])
         result = TextMasker(host).mask(
             image, mask_prompt, negative=negative or None, method="ld-znet", ldznet=ldznet.model,
-            template=template or None, threshold=parse_threshold(threshold), soft=soft, blur=blur, grow=grow,
+            template=template or None, threshold=threshold, soft=soft, blur=blur, grow=grow,
             invert=invert, timestep=timestep, seed=seed, resolution=resolution or None,
         )
         preview = overlay(image[..., :3].float().cpu(), result.heatmaps)

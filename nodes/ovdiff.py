@@ -8,8 +8,8 @@ import folder_paths
 import torch
 
 from ..textmask.hosts.comfy import ComfyHost
-from ..textmask.io import colour_labels
-from ..textmask.ovdiff import build_prototypes, segment
+from ..textmask.render import colour_labels
+from ..textmask.ovdiff import build_prototypes, label
 from ..textmask.ovdiff.prototypes import default_cache_dir
 
 CATEGORY = "mask/textmask"
@@ -91,7 +91,7 @@ class OVDiffSegment:
         if wanted not in names:
             raise ValueError(f"'{class_name}' is not among the prototypes' classes: {', '.join(prototypes.names)}")
         with torch.inference_mode():
-            res = segment(prototypes, image, seed=seed)
+            res = label(prototypes, image, seed=seed)
         b, c, h, w = res.masks.shape
         labels = torch.stack([colour_labels(lab) * (lab > 0)[..., None] for lab in res.labels]).float()
         return (res.masks.reshape(b * c, h, w), res.masks[:, names.index(wanted)].contiguous(), labels)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 
 from ..textmask.hosts.comfy import ComfyHost
-from ..textmask.io import overlay
-from ..textmask.masker import DEFAULT_TIMESTEP, TextMasker
+from ..textmask.render import overlay
+from ..textmask import defaults
+from ..textmask.masker import TextMasker
 from ..textmask.methods import ZERO_SHOT_METHODS
-from ..textmask.postprocess import parse_threshold
 
 CATEGORY = "mask/textmask"
 
@@ -36,13 +36,13 @@ class TextMask:
                                            "tooltip": "What to mask, e.g. 'red car | truck AND NOT wheels'."}),
                 "method": (list(ZERO_SHOT_METHODS), {"default": "attention",
                                            "tooltip": "attention: cross-attention maps (DAAM); noise-diff: where the words change the predicted noise."}),
-                "refine": ("BOOLEAN", {"default": True, "tooltip": "Refine attention maps along self-attention (slower, cleaner)."}),
+                "refine": ("BOOLEAN", {"default": defaults.REFINE, "tooltip": "Refine attention maps along self-attention (slower, cleaner)."}),
                 "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (Otsu) or a value in 0..1."}),
                 "blur": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip": "Feather in pixels (Gaussian sigma)."}),
                 "grow": ("INT", {"default": 0, "min": -512, "max": 512, "tooltip": "Grow the mask by pixels; negative shrinks."}),
                 "invert": ("BOOLEAN", {"default": False, "tooltip": "Select everything else."}),
                 "soft": ("BOOLEAN", {"default": False, "tooltip": "Soft mask instead of a binary one."}),
-                "timestep": ("INT", {"default": DEFAULT_TIMESTEP, "min": 0, "max": 999,
+                "timestep": ("INT", {"default": defaults.TIMESTEP, "min": 0, "max": 999,
                                      "tooltip": "Noise level of the masking forward (0-999)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Noise seed; image i uses seed + i."}),
             },
@@ -63,7 +63,7 @@ class TextMask:
             latents = host.latents_in(latent["samples"])
         result = TextMasker(host).mask(
             image, mask_prompt, negative=negative or None, method=method, refine=refine,
-            threshold=parse_threshold(threshold), soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,
+            threshold=threshold, soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,
             invert=invert, timestep=timestep, seed=seed, latents=latents, resolution=resolution or None,
         )
         preview = overlay(image[..., :3].float().cpu(), result.heatmaps)

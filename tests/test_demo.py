@@ -18,7 +18,7 @@ FLOORS = {"attention": 0.29, "attention+refine": 0.36, "noise-diff": 0.17, "ld-z
 def test_bundled_model_loads_through_the_diffusers_host():
     masker = load_demo_masker()
     assert isinstance(masker.host, DiffusersHost)
-    assert masker.host.resolution == 128 and masker.host.latent_factor == 4
+    assert masker.host.geometry.resolution == 128 and masker.host.geometry.latent_factor == 4
     size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*.safetensors"))
     assert size <= 20 * 2**20
     assert not list(MODEL_DIR.rglob("*.bin")) and not list(MODEL_DIR.rglob("*.ckpt"))  # safetensors only

@@ -3,14 +3,16 @@
 Forge is not on PyPI, so the tests that run its code skip without a checkout; the dispatch test always runs.
 """
 
+import dataclasses
 import types
 
 import pytest
 import torch
 
 import forge_env
+from conftest import noised, predict_eps
 from textmask import TextMasker
-from textmask.hosts.a1111 import make_host
+from textmask.hosts.select import webui_host as make_host
 from textmask.hosts.forge import ForgeHost
 
 
@@ -22,7 +24,7 @@ def test_forge_backend_models_get_the_forge_host():
     objects = types.SimpleNamespace(unet=types.SimpleNamespace(model=kmodel, load_device=torch.device("cpu")))
     host = make_host(types.SimpleNamespace(forge_objects=objects, is_sdxl=False))
     assert isinstance(host, ForgeHost)
-    assert host.dtype == torch.float16 and host.resolution == 768 and host.size_multiple == 16
+    assert host.dtype == torch.float16 and host.geometry.resolution == 768 and host.geometry.size_multiple == 16
 
 
 needs_forge = pytest.mark.skipif(forge_env.forge_root() is None, reason="no Forge: set FORGE_ROOT to a checkout")
@@ -36,7 +38,7 @@ def engine():
 
 def small_host(engine) -> ForgeHost:
     host = make_host(engine)
-    host.resolution = 64  # the tiny UNet
+    host.geometry = dataclasses.replace(host.geometry, resolution=64)  # the tiny UNet
     return host
 
 
@@ -71,8 +73,8 @@ def test_epsilon_is_the_unets_own(engine):
     with torch.inference_mode():
         cond = host.encode_prompts(["a red car"])
         z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-        x = host.add_noise(z0, noise, 400)
-        eps = host.predict_noise(x, 400, cond, z0)
+        x = noised(host, z0, noise, 400)
+        eps = predict_eps(host, x, 400, cond, z0)
         predictor = engine.forge_objects.unet.model.predictor
         sigma = predictor.sigma(torch.tensor([400.0]))
         torch.testing.assert_close(x, z0 + sigma * noise)
@@ -91,14 +93,14 @@ def test_zero_terminal_snr_noises_as_forge_samples(engine, monkeypatch):
     predictor = engine.forge_objects.unet.model.predictor
     table = predictor.sigmas.clone()
     z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    plain = small_host(engine).add_noise(z0, noise, 400)
+    plain = noised(small_host(engine), z0, noise, 400)
     monkeypatch.setattr(sys.modules["modules.shared"].opts, "sd_noise_schedule", "Zero Terminal SNR", raising=False)
     sigma = rescale_zero_terminal_snr_sigmas(table.clone())[400]
-    torch.testing.assert_close(small_host(engine).add_noise(z0, noise, 400), z0 + sigma * noise)
+    torch.testing.assert_close(noised(small_host(engine), z0, noise, 400), z0 + sigma * noise)
     assert not torch.allclose(plain, z0 + sigma * noise) and torch.equal(predictor.sigmas, table)
     monkeypatch.setattr(sys.modules["modules.shared"].opts, "sd_noise_schedule", "Default")
     monkeypatch.setattr(engine.model_config, "ztsnr", True, raising=False)  # a ztsnr checkpoint, whatever the setting
-    torch.testing.assert_close(small_host(engine).add_noise(z0, noise, 400), z0 + sigma * noise)
+    torch.testing.assert_close(noised(small_host(engine), z0, noise, 400), z0 + sigma * noise)
 
 
 @needs_forge
@@ -139,7 +141,7 @@ def test_sdxl_and_inpainting_engines():
     for kind, channels in (("sdxl", 4), ("sd15", 9), ("sdxl", 9)):
         engine = forge_env.make_engine(kind, in_channels=channels)
         host = small_host(engine)
-        assert host.is_sdxl == (kind == "sdxl") and host.in_channels == channels
+        assert host.is_sdxl == (kind == "sdxl") and host.geometry.in_channels == channels
         before = hook_counts(engine)
         out = TextMasker(host).mask(torch.rand(1, 40, 56, 3), "red car", refine=True)
         assert out.masks.shape == (1, 40, 56) and float(out.heatmaps.std()) > 0
@@ -160,6 +162,6 @@ def test_continuous_edm_predictor_noises_at_sds_noise_level():
     host = small_host(engine)
     with torch.inference_mode():
         z0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-        torch.testing.assert_close(host.add_noise(z0, noise, 300), z0 + 0.5 * sd_sigma * noise)
+        torch.testing.assert_close(noised(host, z0, noise, 300), z0 + 0.5 * sd_sigma * noise)
         out = TextMasker(host).mask(torch.rand(1, 40, 56, 3), "red car", method="noise-diff")
     assert torch.isfinite(out.heatmaps).all() and 0 < float(out.masks.mean()) < 1

@@ -235,9 +235,9 @@ def test_cli_convert_and_segment(tmp_path, tiny_checkpoint):
     img = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(0).random((31, 45, 3)) * 255).astype(np.uint8)).save(img)
     model = ["--checkpoint", str(d / "tiny.safetensors"), "--config", str(d / "config"), "--resolution", "64"]
-    code = main(["segment", str(img), "red car", "--out", str(tmp_path / "m.png"), "--method", "ld-znet",
+    code = main(["mask", str(img), "red car", "--out", str(tmp_path / "m.png"), "--method", "ld-znet",
                  "--ldznet", str(out), "--heatmap", str(tmp_path / "h.png"), *model])
     assert code == 0 and Image.open(tmp_path / "m.png").size == (45, 31)
-    assert main(["segment", str(img), "car", "--out", str(tmp_path / "m2.png"), "--ldznet", str(out), *model]) == 2
+    assert main(["mask", str(img), "car", "--out", str(tmp_path / "m2.png"), "--ldznet", str(out), *model]) == 2
     assert main(["convert-ldznet", str(tmp_path / "missing.ckpt"), str(out)]) == 2
     assert math.isfinite(out.stat().st_size)

@@ -14,7 +14,7 @@ from textmask.errors import TextMaskError
 from textmask.ovdiff import fingerprint, list_cache
 from textmask.ovdiff.classes import is_stuff, parse_class
 from textmask.ovdiff.prototypes import ClassPrototypes, Prototypes, kmeans, stuff_filter
-from textmask.ovdiff.segmentation import match, segment, window_boxes
+from textmask.ovdiff.segmentation import label as segment, match, window_boxes
 
 FAST = dict(images=2, steps=2, kmeans_parts=4)
 

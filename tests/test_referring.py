@@ -5,7 +5,7 @@ import torch
 
 import tiny_models
 from textmask import TextMasker, TextMaskError
-from textmask.referring import (
+from textmask.methods.refdiff import (
     combine, generative_scores, neighbours, positional_weight, proposals)
 
 
@@ -124,7 +124,7 @@ def test_segments_and_refer_leave_the_model_untouched():
 
 
 def test_attribution_grid_is_sds_one_thirty_second_level_said_structurally():
-    from textmask.referring import attribution_grid
+    from textmask.methods.refdiff import attribution_grid
 
     def sizes(names_and_sides):
         return {f"{n}.attn2": (s, s) for n, s in names_and_sides}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import defaults
 from .errors import TextMaskError
 from .methods import METHODS, ZERO_SHOT_METHODS
 
@@ -21,7 +22,7 @@ def make_outputs(masker, paths, prompt, method, refine, threshold, soft, invert,
     from PIL import Image
 
     from .images import load_image
-    from .io import overlay
+    from .render import overlay
     from .postprocess import parse_threshold
 
     if not paths:
@@ -33,11 +34,9 @@ def make_outputs(masker, paths, prompt, method, refine, threshold, soft, invert,
     for i, path in enumerate(paths):
         path = Path(getattr(path, "name", path))
         image = load_image(path)
-        kwargs = dict(method=method, threshold=parse_threshold(threshold), soft=soft, invert=invert)
+        kwargs = dict(method=method, refine=bool(refine), threshold=parse_threshold(threshold), soft=soft, invert=invert)
         if method == "ld-znet":
             kwargs["ldznet"] = ldznet
-        else:
-            kwargs["refine"] = refine and method == "attention"
         res = masker.mask(image, prompt, **kwargs)
         mask = res.masks[0].numpy()
         stem = f"{i:03d}-{path.stem}"
@@ -75,7 +74,7 @@ def build_app(masker, ldznet=None):
                 prompt = gr.Textbox(label="Mask prompt", placeholder="red car | truck AND NOT wheels", elem_id="prompt")
                 method = gr.Dropdown(label="Method", choices=methods, value=methods[0], elem_id="method")
                 with gr.Row():
-                    refine = gr.Checkbox(label="Refine", value=True)
+                    refine = gr.Checkbox(label="Refine", value=defaults.REFINE)
                     soft = gr.Checkbox(label="Soft mask", value=False)
                     invert = gr.Checkbox(label="Invert", value=False)
                 threshold = gr.Textbox(label="Threshold ('auto' or 0-1)", value="auto")

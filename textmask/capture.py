@@ -1,17 +1,18 @@
-"""Attention capture: forward hooks that recompute head-averaged softmax(QKᵀ) for chosen layers.
+"""Read-only capture: forward hooks that recompute head-averaged softmax(QKᵀ) for the layers collectors read,
+and keep chosen modules' outputs.
 
 Fused attention backends (SDPA, xformers, sliced) never materialise the probabilities, so the hooks
 record the outputs of each attention module's ``to_q`` and ``to_k`` projections (or of diffusers' fused
 ``to_qkv`` / ``to_kv``) and recompute the probabilities in fp32, in query chunks, only for the layers
-asked for. Hooks read activations only: the model's outputs are untouched, and every hook is removed
-when the context exits.
+some collector reads, streaming each chunk to them. Hooks read activations only: the model's outputs are
+untouched, and every hook is removed when the context exits, also on an exception or an interrupt.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -35,11 +36,6 @@ class AttentionLayer:
     @property
     def tokens(self) -> int:
         return self.size[0] * self.size[1]
-
-
-LayerFilter = Callable[[AttentionLayer], bool]
-# A sink receives query-row chunks of head-averaged probabilities: (layer, first_row, probs[B, rows, keys]).
-ProbsSink = Callable[[AttentionLayer, int, torch.Tensor], None]
 
 
 def find_attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -98,49 +94,54 @@ def attention_probs(
         yield i, (scores if logits else scores.softmax(dim=-1)).mean(dim=1)
 
 
-class AttentionCapture:
-    """Context manager that captures attention from one or more UNet forwards.
+@dataclass(frozen=True)
+class Need:
+    """What a collector reads: which layer kinds, which values, and which batch rows.
 
-    >>> with AttentionCapture(find_attention_modules(unet), latent_size=(64, 64), probs=lambda l: l.kind == "cross") as cap:
-    ...     unet(x, t, context)
-    >>> cap.probs["down_blocks.0.attentions.0.transformer_blocks.0.attn2"].shape  # [B, 4096, 77]
+    ``values``: "probs" (head-averaged softmax(QKᵀ)), "logits" (the head-averaged scores before the softmax) or
+    "queries" (the layer's projected queries [B, N, C], delivered once per call as (layer, 0, q)).
+    ``rows``: the batch rows to compute (None: all). ``context_rows`` (cross layers only): a function of the key
+    input (the text context) that picks rows, for hosts that batch cond and uncond rows in an order of their own
+    (ComfyUI's samplers); an empty selection skips the call.
     """
 
-    def __init__(
-        self,
-        attention_modules: Sequence[tuple[str, nn.Module]],
-        latent_size: tuple[int, int],
-        *,
-        probs: LayerFilter | None = None,
-        sink: ProbsSink | None = None,
-        queries: LayerFilter | None = None,
-        outputs: Iterable[tuple[str, nn.Module]] = (),
-        max_chunk_bytes: int | None = None,
-        logits: LayerFilter | None = None,
-        rows: Callable[[AttentionLayer], slice | None] | None = None,
-        context_rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-    ):
+    kinds: tuple[Kind, ...] = ("cross",)
+    values: Literal["probs", "logits", "queries"] = "probs"
+    rows: slice | None = None
+    context_rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+
+
+class Collector(Protocol):
+    """A streaming consumer of captured attention: ``need`` says what it reads, each chunk is passed to it."""
+
+    need: Need
+
+    def __call__(self, layer: AttentionLayer, start: int, values: torch.Tensor) -> None: ...
+
+
+class AttentionCapture:
+    """Context manager that feeds the attention of one or more UNet forwards to collectors.
+
+    Each collector's ``need`` says which layers and values it reads; a layer nobody reads costs only its
+    inventory entry. Collectors that need the same values of the same rows share one computation.
+
+    >>> maps = CrossAttentionMaps(token_groups)
+    >>> with AttentionCapture(find_attention_modules(unet), (64, 64), [maps]):
+    ...     unet(x, t, context)
+    """
+
+    def __init__(self, attention_modules: Sequence[tuple[str, nn.Module]], latent_size: tuple[int, int],
+                 collectors: Iterable[Collector] = (), *, max_chunk_bytes: int | None = None):
         if not attention_modules:
             raise CaptureError("no attention modules found in this model")
         self._modules = list(attention_modules)
-        self._output_modules = list(outputs)
+        self._collectors = list(collectors)
         self.latent_size = tuple(latent_size)
-        self._want_probs = probs or (lambda layer: False)
-        self._sink = sink
-        self._want_queries = queries or (lambda layer: False)
-        self._want_logits = logits or (lambda layer: False)  # these layers yield pre-softmax scores
-        self._rows = rows or (lambda layer: None)  # batch rows to compute, per layer (None: all)
-        # Cross layers only: rows chosen from the key input (the text context), for hosts that batch cond and
-        # uncond rows in an order of their own (ComfyUI's samplers). An empty selection skips the call.
-        self._context_rows = context_rows
         self._max_chunk_bytes = max_chunk_bytes
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: list[AttentionLayer] = []  # inventory, in execution order of the first forward
         self._by_name: dict[str, AttentionLayer] = {}
-        self.probs: dict[str, torch.Tensor] = {}  # filled only when no sink is given
-        self.queries: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> "AttentionCapture":
         try:
@@ -153,8 +154,6 @@ class AttentionCapture:
                     self._handles.append(module.to_qkv.register_forward_hook(self._on_qkv(name, module)))
                 if isinstance(module._modules.get("to_kv"), nn.Module):
                     self._handles.append(module.to_kv.register_forward_hook(self._on_k(name, module, parts=2)))
-            for name, module in self._output_modules:
-                self._handles.append(module.register_forward_hook(self._on_output(name)))
         except BaseException:
             self.remove()
             raise
@@ -203,22 +202,43 @@ class AttentionCapture:
         if q.dim() != 3 or k.dim() != 3:
             return  # not the (batch, tokens, channels) layout of a spatial transformer
         layer = self._register(name, module, kind="self" if k_in is q_in else "cross", tokens=q.shape[1])
-        if self._want_queries(layer):
-            self.queries[name] = q.detach()
-        if self._want_probs(layer):
-            if self._context_rows is not None and layer.kind == "cross":
-                picked = self._context_rows(k_in)
-                if picked is not None:
-                    if picked.numel() == 0:
-                        return
-                    q, k = q.index_select(0, picked.to(q.device)), k.index_select(0, picked.to(k.device))
-            self._compute(layer, module, q.detach(), k.detach())
-
-    def _on_output(self, name: str):
-        def hook(_mod, _args, out):
-            self.outputs[name] = (out[0] if isinstance(out, tuple) else out).detach()
-
-        return hook
+        readers = [c for c in self._collectors if layer.kind in c.need.kinds]
+        if not readers:
+            return
+        q, k = q.detach(), k.detach()
+        picked_for: dict[int, torch.Tensor | None] = {}  # context_rows function -> its rows for this call
+        groups: dict[tuple, list[tuple[Collector, torch.Tensor | None]]] = {}
+        for c in readers:
+            need = c.need
+            picked = None
+            if need.context_rows is not None and layer.kind == "cross":
+                key = id(need.context_rows)
+                if key not in picked_for:
+                    picked_for[key] = need.context_rows(k_in)
+                picked = picked_for[key]
+                if picked is not None and picked.numel() == 0:
+                    continue
+            rows = need.rows
+            group = (need.values, None if rows is None else (rows.start, rows.stop, rows.step),
+                     None if picked is None else id(picked))
+            groups.setdefault(group, []).append((c, picked))
+        for (values, _, _), members in groups.items():
+            picked = members[0][1]
+            rows = members[0][0].need.rows
+            qs, ks = q, k
+            if picked is not None:
+                qs, ks = q.index_select(0, picked.to(q.device)), k.index_select(0, picked.to(k.device))
+            if rows is not None:
+                qs, ks = qs[rows], ks[rows]
+            if values == "queries":
+                for c, _ in members:
+                    c(layer, 0, qs)
+                continue
+            scale = getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5
+            chunks = attention_probs(qs, ks, layer.heads, float(scale), self._max_chunk_bytes, values == "logits")
+            for start, chunk in chunks:
+                for c, _ in members:
+                    c(layer, start, chunk)
 
     def _register(self, name: str, module: nn.Module, kind: Kind, tokens: int) -> AttentionLayer:
         layer = self._by_name.get(name)
@@ -236,18 +256,66 @@ class AttentionCapture:
             self._by_name[name] = layer
         return layer
 
-    def _compute(self, layer: AttentionLayer, module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
-        scale = getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5
-        rows = self._rows(layer)
-        if rows is not None:
-            q, k = q[rows], k[rows]
-        store = None
-        if self._sink is None:
-            store = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
-            self.probs[layer.name] = store
-        chunks = attention_probs(q, k, layer.heads, float(scale), self._max_chunk_bytes, self._want_logits(layer))
-        for start, chunk in chunks:
-            if store is not None:
-                store[:, start : start + chunk.shape[1]] = chunk
-            else:
-                self._sink(layer, start, chunk)
+
+class ProbsStore:
+    """A collector that keeps whole head-averaged probabilities [B, N, keys] per layer (tests, small models)."""
+
+    def __init__(self, kinds: tuple[Kind, ...] = ("cross",), values: Literal["probs", "logits"] = "probs"):
+        self.need = Need(kinds=kinds, values=values)
+        self.probs: dict[str, torch.Tensor] = {}
+        self.layers: dict[str, AttentionLayer] = {}
+
+    def __call__(self, layer: AttentionLayer, start: int, chunk: torch.Tensor) -> None:
+        self.layers[layer.name] = layer
+        store = self.probs.get(layer.name)
+        if store is None or start == 0:
+            store = self.probs[layer.name] = torch.empty(chunk.shape[0], layer.tokens, chunk.shape[2],
+                                                         dtype=torch.float32, device=chunk.device)
+        store[:, start : start + chunk.shape[1]] = chunk
+
+
+class QueryStore:
+    """A collector that keeps each layer's projected queries [B, N, C] (OVDiff's features)."""
+
+    def __init__(self, kinds: tuple[Kind, ...] = ("cross",)):
+        self.need = Need(kinds=kinds, values="queries")
+        self.queries: dict[str, torch.Tensor] = {}
+
+    def __call__(self, layer: AttentionLayer, start: int, q: torch.Tensor) -> None:
+        self.queries[layer.name] = q
+
+
+class OutputCapture:
+    """Context manager that keeps the outputs of chosen modules (LD-ZNet reads the spatial transformers').
+
+    Hooks read activations only and come off on exit. ``outputs`` holds each module's last output, keyed by name
+    in first-call order.
+    """
+
+    def __init__(self, modules: Iterable[tuple[str, nn.Module]]):
+        self._modules = list(modules)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> "OutputCapture":
+        try:
+            for name, module in self._modules:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(_mod, _args, out):
+            self.outputs[name] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        return hook

@@ -1,4 +1,4 @@
-"""Command line: ``textmask segment IMAGE|DIR "mask prompt" --checkpoint MODEL --out OUT``."""
+"""Command line: ``textmask mask IMAGE|DIR "mask prompt" --checkpoint MODEL --out OUT``."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ def _threshold(text: str):
 
 def add_mask_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every masking command (mirroring TextMasker.mask)."""
-    from .masker import DEFAULT_TIMESTEP
+    from . import defaults
     from .methods import METHODS
 
     p.add_argument("--method", choices=METHODS, default="attention", help="how masks are decoded (default: attention)")
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False, help="refine with self-attention")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=defaults.REFINE,
+                   help=f"refine attention maps with self-attention (default: {'on' if defaults.REFINE else 'off'})")
     p.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (Otsu) or a value in [0, 1]")
     p.add_argument("--soft", action="store_true", help="soft masks instead of binary")
     p.add_argument("--blur", type=float, default=0.0, metavar="PX", help="Gaussian feather, sigma in pixels")
@@ -45,7 +46,7 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", default=None, help="mask prompt to subtract")
     p.add_argument("--prompt", default=None, help="caption to condition on; phrases must occur in it")
     p.add_argument("--timestep", type=int, default=None,
-                   help=f"noise level 0-999 (default {DEFAULT_TIMESTEP}; 400 for ld-znet)")
+                   help=f"noise level 0-999 (default {defaults.TIMESTEP}; {defaults.LDZNET_TIMESTEP} for ld-znet)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="working resolution in pixels (default: the model's)")
     p.add_argument("--ldznet", default=None, metavar="PATH", help="LD-ZNet .safetensors, for --method ld-znet")
@@ -72,21 +73,25 @@ def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import defaults
+
     parser = argparse.ArgumentParser(prog="textmask", description="Text-prompted masks from a Stable Diffusion model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    seg = sub.add_parser("segment", help="mask an image or a folder of images")
-    seg.add_argument("input", help="an image file or a folder of images")
-    seg.add_argument("mask_prompt", help='e.g. "red car | truck AND NOT wheels"')
-    seg.add_argument("--out", required=True, help="mask PNG (for one image) or a folder (for a folder)")
-    seg.add_argument("--heatmap", default=None, help="heatmap overlay PNG (or folder, for a folder input)")
-    add_model_options(seg)
-    add_mask_options(seg)
+    for name in ("mask", *DEPRECATED):
+        seg = sub.add_parser(name, help="mask an image or a folder of images" if name == "mask" else f"old name of '{DEPRECATED[name]}'")
+        seg.add_argument("input", help="an image file or a folder of images")
+        seg.add_argument("mask_prompt", help='e.g. "red car | truck AND NOT wheels"')
+        seg.add_argument("--out", required=True, help="mask PNG (for one image) or a folder (for a folder)")
+        seg.add_argument("--heatmap", default=None, help="heatmap overlay PNG (or folder, for a folder input)")
+        add_model_options(seg)
+        add_mask_options(seg)
     segs = sub.add_parser("segments", help="segment everything (DiffSeg): a label image and one mask per segment")
     segs.add_argument("input", help="an image file or a folder of images")
     segs.add_argument("--out", required=True, help="output folder: labels.png and segment-NNN.png per image")
-    segs.add_argument("--tau", type=float, default=1.1, help="KL merge threshold (default 1.1; lower gives more segments)")
+    segs.add_argument("--tau", type=float, default=defaults.TAU,
+                      help=f"KL merge threshold (default {defaults.TAU}; lower gives more segments)")
     segs.add_argument("--kmeans", action="store_true", help="refine segments with K-means")
-    segs.add_argument("--timestep", type=int, default=300)
+    segs.add_argument("--timestep", type=int, default=defaults.TIMESTEP)
     segs.add_argument("--seed", type=int, default=0)
     segs.add_argument("--resolution", type=int, default=None)
     add_model_options(segs)
@@ -97,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--heatmap", default=None, help="attribution heatmap overlay PNG")
     ref.add_argument("--clip", default=None, help="local transformers CLIP folder, for the discriminative score")
     ref.add_argument("--alpha", type=float, default=0.5, help="weight of the generative score when --clip is given")
-    ref.add_argument("--tau", type=float, default=1.1, help="DiffSeg merge threshold for the proposals")
-    ref.add_argument("--timestep", type=int, default=None, help="noise level (default 100)")
+    ref.add_argument("--tau", type=float, default=defaults.TAU, help="DiffSeg merge threshold for the proposals")
+    ref.add_argument("--timestep", type=int, default=defaults.REFER_TIMESTEP,
+                     help=f"noise level (default {defaults.REFER_TIMESTEP})")
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--resolution", type=int, default=None)
     add_model_options(ref)
@@ -134,17 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def mask_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
+    kwargs = dict(
         method=args.method, refine=args.refine, threshold=args.threshold, soft=args.soft, blur=args.blur,
         grow=args.grow, fill_holes=args.fill_holes, invert=args.invert, negative=args.negative, prompt=args.prompt,
-        timestep=args.timestep, seed=args.seed, resolution=args.resolution, template=args.template,
+        timestep=args.timestep, seed=args.seed, resolution=args.resolution,
     )
+    if args.template is not None:
+        kwargs["template"] = args.template
+    return kwargs
 
 
 def load_masker(args: argparse.Namespace):
     import torch
 
-    from .hosts.diffusers import DiffusersHost
+    from .hosts import diffusers_loading
     from .masker import TextMasker
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,9 +170,10 @@ def load_masker(args: argparse.Namespace):
     ckpt = Path(args.checkpoint)
     load_to = "cpu" if args.offload else device
     if ckpt.is_dir():
-        host = DiffusersHost.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=True)
+        host = diffusers_loading.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=True)
     else:
-        host = DiffusersHost.from_single_file(ckpt, device=load_to, dtype=dtype, config=args.config, show_progress=True)
+        host = diffusers_loading.from_single_file(ckpt, device=load_to, dtype=dtype, config=args.config,
+                                                  show_progress=True)
     if args.offload == "model":
         host.enable_model_cpu_offload(device)
     elif args.offload == "sequential":
@@ -198,11 +208,11 @@ def _staging(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=".textmask-", dir=out.parent))
 
 
-def run_segment(args: argparse.Namespace) -> None:
+def run_mask(args: argparse.Namespace) -> None:
     import torch
 
     from .images import check_image, load_image
-    from .io import save_mask, save_overlay
+    from .render import save_mask, save_overlay
     from .mask_prompt import parse, with_negative
 
     src, out = Path(args.input), Path(args.out)
@@ -217,8 +227,8 @@ def run_segment(args: argparse.Namespace) -> None:
         check_image(f)  # fail on an unreadable image before any work; pixels are decoded one at a time below
     if (args.method == "ld-znet") != (args.ldznet is not None):
         raise CliError("--method ld-znet and --ldznet PATH go together")
-    if args.ldznet is not None and not Path(args.ldznet).is_file():
-        raise CliError(f"LD-ZNet weights not found: {args.ldznet}")
+    if args.ldznet is not None and (not args.ldznet.strip() or not Path(args.ldznet).is_file()):
+        raise CliError(f"LD-ZNet weights not found: '{args.ldznet}'")
     masker = load_masker(args)
     ldznet = masker.load_ldznet(args.ldznet) if args.ldznet else None
 
@@ -228,7 +238,7 @@ def run_segment(args: argparse.Namespace) -> None:
         bar = masker.host.progress(len(files), "images") if folder else None
         for f in files:
             img = load_image(f)
-            res = masker.mask(img, args.mask_prompt, ldznet=ldznet, **mask_kwargs(args))
+            res = masker.mask(img, args.mask_prompt, **mask_kwargs(args), **({"ldznet": ldznet} if ldznet else {}))
             name = f.stem + ".png"
             save_mask(res.masks[0], stage / ("mask-" + name))
             if args.heatmap:
@@ -255,13 +265,13 @@ def run_segment(args: argparse.Namespace) -> None:
 
 def run_segments(args: argparse.Namespace) -> None:
     from .images import check_image, load_image
-    from .io import colour_labels, save_mask, save_rgb
+    from .render import colour_labels, save_mask, save_rgb
 
     src, out = Path(args.input), Path(args.out)
     files = _inputs(src)
     if out.suffix:
         raise CliError(f"--out must be a folder, got {out}")
-    if args.tau <= 0:
+    if not args.tau > 0:
         raise CliError(f"--tau must be positive, got {args.tau}")
     for f in files:
         check_image(f)
@@ -287,7 +297,7 @@ def run_refer(args: argparse.Namespace) -> None:
     import torch
 
     from .images import check_image, load_image
-    from .io import save_mask, save_overlay
+    from .render import save_mask, save_overlay
     from .subject import subject
 
     src, out = Path(args.input), Path(args.out)
@@ -367,8 +377,8 @@ def run_prototypes(args: argparse.Namespace) -> None:
 
 def run_ovdiff(args: argparse.Namespace) -> None:
     from .images import check_image, load_image
-    from .io import colour_labels, save_mask, save_rgb
-    from .ovdiff import segment
+    from .render import colour_labels, save_mask, save_rgb
+    from .ovdiff import label
 
     src, out = Path(args.input), Path(args.out)
     files = _inputs(src)
@@ -380,16 +390,11 @@ def run_ovdiff(args: argparse.Namespace) -> None:
     for f in files:
         check_image(f)
     masker = load_masker(args)
-    clip = None
-    if args.clip:
-        from .referring import ClipScorer
-
-        clip = ClipScorer(args.clip)
     protos = _build_prototypes(masker, classes, args)
     stage = _staging(out)
     try:
         for f in files:
-            res = segment(protos, load_image(f), clip=clip, seed=args.seed)
+            res = label(protos, load_image(f), clip=args.clip, seed=args.seed)
             target = stage / f.stem if src.is_dir() else stage
             target.mkdir(parents=True, exist_ok=True)
             lab = res.labels[0]
@@ -426,7 +431,9 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(Path(args.out), scenes=args.scenes)
 
 
-COMMANDS = {"segment": run_segment, "segments": run_segments, "refer": run_refer, "demo": run_demo,
+# Old command names that still work, with a one-line notice: users have scripts.
+DEPRECATED = {"segment": "mask"}
+COMMANDS = {"mask": run_mask, "segments": run_segments, "refer": run_refer, "demo": run_demo,
             "convert-ldznet": run_convert_ldznet, "prototypes": run_prototypes, "ovdiff": run_ovdiff,
             "app": run_app}
 
@@ -435,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input prints one line and exits 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in DEPRECATED:
+        print(f"textmask: note: '{args.command}' is now '{DEPRECATED[args.command]}'; the old name will go",
+              file=sys.stderr)
+        args.command = DEPRECATED[args.command]
     try:
         COMMANDS[args.command](args)
     except TextMaskError as e:

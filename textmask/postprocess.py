@@ -158,3 +158,32 @@ def combine(ours: torch.Tensor, painted: torch.Tensor | None, mode: str) -> torc
     if mode == "add":
         return torch.maximum(ours, painted)
     return painted * (1 - ours)
+
+
+def masks_from_maps(expr, phrases: list[str], maps: torch.Tensor, size: tuple[int, int],
+                    region: tuple[int, int, int, int], threshold: float | str, auto_threshold: float | None = None, *,
+                    soft: bool = False, blur: float = 0.0, grow_px: float = 0.0, fill: bool = False,
+                    invert_mask: bool = False):
+    """The ``MaskResult`` of a mask prompt from its phrases' normalised maps [B, P, h, w].
+
+    Each phrase is thresholded on its own map (Otsu for "auto", or ``auto_threshold`` where the method calibrates
+    its maps), the maps are resized onto ``region`` = (top, left, h, w) of an image of ``size`` (nothing outside
+    it), combined by the prompt's logic, then filled, grown, inverted and blurred.
+    """
+    from .mask_prompt import evaluate
+    from .results import MaskResult
+
+    if threshold == "auto" and auto_threshold is not None:
+        threshold = auto_threshold
+    t = thresholds(maps, threshold)  # on the method's own grid, per image and phrase
+    top, left, h, w = region
+    heat = resize(maps, (h, w)).clamp(0, 1)  # [B, P, h, w] over the pixels the latents cover
+    if (h, w) != tuple(size):
+        heat = F.pad(heat, (left, size[1] - w - left, top, size[0] - h - top))
+    index = {p.lower(): i for i, p in enumerate(phrases)}
+    ramps = soft_threshold(heat, t)
+    ramp = evaluate(expr, lambda p: ramps[:, index[p.lower()]])
+    combined = evaluate(expr, lambda p: heat[:, index[p.lower()]])
+    masks = postprocess(ramp_to_mask(ramp, soft), fill=fill, grow_px=grow_px, invert_mask=invert_mask, blur_px=blur)
+    return MaskResult(masks=masks.contiguous(), heatmaps=combined.contiguous(),
+                      terms={p: heat[:, i].contiguous() for i, p in enumerate(phrases)})

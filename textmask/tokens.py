@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .errors import PhraseNotFoundError, TextMaskError
 
+BOS, EOS = 49406, 49407  # CLIP's start and end tokens (SD1/SD2/SDXL alike)
 WINDOW = 75  # content tokens per window
 CONTEXT = WINDOW + 2  # with BOS and EOS
 MAX_WORD_TOKENS = 8  # words this long or longer may be split across windows (ComfyUI's rule)

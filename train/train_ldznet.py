@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_host(base: str, device, dtype):
     """The frozen host model through textmask's diffusers host."""
+    from textmask.hosts import diffusers_loading
     from textmask.hosts.diffusers import DiffusersHost
 
     if base == "shapes":
@@ -72,9 +73,9 @@ def load_host(base: str, device, dtype):
         base = str(MODEL_DIR)
     path = Path(base)
     if path.is_dir():
-        host = DiffusersHost.from_pretrained(path, device=device, dtype=dtype)
+        host = diffusers_loading.from_pretrained(path, device=device, dtype=dtype)
     else:
-        host = DiffusersHost.from_single_file(path, device=device, dtype=dtype)
+        host = diffusers_loading.from_single_file(path, device=device, dtype=dtype)
     for m in (host.unet, host.vae, host.text_encoder, host.text_encoder_2):
         if m is not None:
             m.requires_grad_(False).eval()
@@ -173,7 +174,7 @@ def train(args: argparse.Namespace) -> Path:
     if accelerator.device.type == "cpu":
         host_dtype = torch.float32
     host = load_host(args.base, accelerator.device, host_dtype)
-    steps_up = int(math.log2(host.latent_factor))
+    steps_up = int(math.log2(host.geometry.latent_factor))
     if args.init_from is not None:
         base_config = znet_config(host.unet.config, int(host.vae.config.latent_channels))
         model = init_from_weights(args.init_from, base_config, steps_up, args.znet, args.resolution)

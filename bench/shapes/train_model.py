@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from textmask.demo.scenes import COLOURS, SHAPES, caption, make_scene, split_seeds  # noqa: E402
-from textmask.hosts.base import ddpm_alphas_cumprod  # noqa: E402
-from textmask.hosts.diffusers import BOS, EOS  # noqa: E402
+from textmask.schedule import ddpm_alphas_cumprod  # noqa: E402
+from textmask.tokens import BOS, EOS  # noqa: E402
 from textmask.tokenizer import clip_tokenizer  # noqa: E402
 
 CONFIGS = {

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import overlay, save_mask, save_rgb
+from ..render import overlay, save_mask, save_rgb
 from ..ovdiff.prototypes import default_cache_dir
 from .evaluate import Scores, margin_heatmap, object_phrases, otsu_mask
 from .model import MODEL_DIR, load_demo_masker
 from .scenes import Scene, make_scene, split_seeds
 
 METHODS = {
-    "attention": dict(method="attention"),
+    "attention": dict(method="attention", refine=False),
     "attention+refine": dict(method="attention", refine=True),
     "noise-diff": dict(method="noise-diff"),
 }
@@ -97,7 +97,7 @@ def _scene_maps(masker, scene: Scene, methods: dict, prototypes) -> dict[str, di
         # the phrase's own mask as mask() thresholds it: Otsu, or 0.5 on LD-ZNet's probability
         own = (lambda h: (h > 0.5).float()) if m == "ld-znet" else otsu_mask
         maps[m] = {p: (res.terms[p][0], own(res.terms[p][0])) for p in phrases}
-    named = masker.semantic(scene.image, phrases, tau=SEGMENTS_TAU)
+    named = masker.named_segments(scene.image, phrases, tau=SEGMENTS_TAU)
     maps[NAMED_SEGMENTS] = {p: (named.masks[0, i], named.masks[0, i]) for i, p in enumerate(phrases)}
     ov = masker.ovdiff(scene.image, prototypes, classes=phrases)
     maps["ovdiff"] = {p: (margin_heatmap(ov.scores[0], i + 1), ov.masks[0, i]) for i, p in enumerate(phrases)}

@@ -1,5 +1,6 @@
-"""Host adapters: one thin module per host (diffusers, comfy, a1111). Host imports stay inside them."""
+"""Host adapters, one module per host, each implementing the contract in ``contract``; host imports stay inside
+them. ``select.webui_host`` picks the webui's adapter."""
 
-from .base import Conditioning, Host
+from .contract import Conditioning, Geometry, Host, HostDefaults
 
-__all__ = ["Conditioning", "Host"]
+__all__ = ["Conditioning", "Geometry", "Host", "HostDefaults"]

@@ -30,11 +30,12 @@ model_management = comfy_module("model_management")
 comfy_utils = comfy_module("utils")
 
 from ..capture import default_chunk_bytes, find_attention_modules, find_transformer_modules
-from ..errors import CaptureError
+from ..clip import masked_crops
+from ..errors import CaptureError, TextMaskError
+from ..schedule import schedule_sigma
 from ..tokens import TokenMap, token_map_from_chunks
-from .base import Conditioning, fixed_draw, pad_contexts, schedule_sigma
-
-CHUNK = 77
+from .common import fixed_draw, pad_contexts
+from .contract import Conditioning, Geometry, HostDefaults, native_resolution
 
 
 class ComfyProgress:
@@ -53,19 +54,18 @@ class ComfyProgress:
         self.bar.update(n)
 
 
-class ComfyHost:
+class ComfyHost(HostDefaults):
     """Runs textmask on ComfyUI objects; never patches or keeps a reference to a clone."""
 
     def __init__(self, model, clip, vae):
         self.patcher, self.clip, self.vae = model, clip, vae
         self.base = model.model  # comfy.model_base.BaseModel
-        self.latent_factor = int(getattr(vae, "downscale_ratio", 8))
         unet = self.base.diffusion_model
-        levels = len(getattr(unet, "channel_mult", (1, 2, 4, 4)))
-        self.size_multiple = self.latent_factor * 2 ** (levels - 1)
         v_prediction = getattr(self.base.model_type, "name", "") == "V_PREDICTION"  # SD2's 768-v checkpoints
-        self.resolution = 1024 if self.is_sdxl else (768 if v_prediction else 512)
-        self.in_channels = int(getattr(unet, "in_channels", 4))
+        self.geometry = Geometry.of_unet(levels=len(getattr(unet, "channel_mult", (1, 2, 4, 4))),
+                                         in_channels=int(getattr(unet, "in_channels", 4)),
+                                         resolution=native_resolution(self.is_sdxl, v_prediction),
+                                         latent_factor=int(getattr(vae, "downscale_ratio", 8)))
 
     @property
     def is_sdxl(self) -> bool:
@@ -91,6 +91,9 @@ class ComfyHost:
             memory = self.patcher.memory_required(rows) + 2 * default_chunk_bytes(torch.device(self.device))
         model_management.load_models_gpu([self.patcher], memory_required=memory)
 
+    def prepare(self, batch_shape: Sequence[int]) -> None:
+        self.load(batch_shape)
+
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         self.load()
         modules = find_attention_modules(self.base.diffusion_model)
@@ -114,7 +117,7 @@ class ComfyHost:
 
     def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(top, left, h, w) of the pixels a LATENT covers: VAE Encode centre-crops to multiples of 8."""
-        f = self.latent_factor
+        f = self.geometry.latent_factor
         h, w = int(latent_size[0]) * f, int(latent_size[1]) * f
         if h > image_size[0] or w > image_size[1]:
             return 0, 0, *image_size  # a latent of another size: stretch over the whole image
@@ -159,32 +162,23 @@ class ComfyHost:
             contexts.append(cond)
             pooled.append(pool if pool is not None else torch.zeros(1, 1))
         context = torch.cat(pad_contexts(contexts)).to(self.device)
-        return Conditioning(context, maps, {"pooled": torch.cat(pooled).to(self.device)})
+        return Conditioning(context, maps, torch.cat(pooled).to(self.device))
 
-    def _sigma(self, timestep: int) -> torch.Tensor:
+    def sigma(self, timestep: int) -> torch.Tensor:
         self.load()  # the schedule may be an object patch, which loading applies
-        return schedule_sigma(self.base.model_sampling, timestep).to(self.device)
+        return schedule_sigma(self.base.model_sampling, timestep)
 
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        sigma = self._sigma(timestep).float()
-        return self.base.model_sampling.noise_scaling(sigma, noise.float(), latents.float())
-
-    def predict_noise(
-        self, noisy: torch.Tensor, timestep: int, cond: Conditioning, image_latents: torch.Tensor
-    ) -> torch.Tensor:
-        b, _, h, w = noisy.shape
-        self.load(noisy.shape)
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
         device = self.device
-        sigma = self._sigma(timestep).float().expand(b)
-        width, height = w * self.latent_factor, h * self.latent_factor
+        f = self.geometry.latent_factor
         extra = self.base.extra_conds(
-            cross_attn=cond.context, pooled_output=cond.extra["pooled"], width=width, height=height,
-            target_width=width, target_height=height, device=device, noise=noisy,
+            cross_attn=cond.context, pooled_output=cond.pooled, width=w * f, height=h * f,
+            target_width=w * f, target_height=h * f, device=device, noise=x,
             latent_image=image_latents, denoise_mask=torch.zeros(b, 1, h, w, device=device),  # inpaint nothing
         )
         conds = {k: v.process_cond(batch_size=b, device=device, area=(h, w, 0, 0)).cond for k, v in extra.items()}
-        denoised = self.base.apply_model(noisy.float(), sigma, **conds)
-        return (noisy.float() - denoised.float()) / sigma.view(-1, 1, 1, 1)  # ε, whatever the model's parametrisation
+        return self.base.apply_model(x.float(), sigma.float(), **conds)  # ComfyUI's own c_in, c_out and parametrisation
 
     def _comfy_conditioning(self, text: str) -> list:
         tokens = self.clip.tokenize(text)
@@ -195,7 +189,7 @@ class ComfyHost:
                resolution: int | None = None) -> torch.Tensor:
         """``count`` latents from ComfyUI's own sampler (dpmpp_2m, normal schedule) on this MODEL."""
         sampling = comfy_module("sample")
-        side = (resolution or self.resolution) // self.latent_factor
+        side = (resolution or self.geometry.resolution) // self.geometry.latent_factor
         channels = int(getattr(self.base.latent_format, "latent_channels", 4))
         empty = torch.zeros(count, channels, side, side)
         noise = sampling.prepare_noise(empty, seed)
@@ -210,7 +204,7 @@ class ComfyHost:
         model_management.throw_exception_if_processing_interrupted()
 
     def progress(self, total: int, desc: str) -> ComfyProgress:
-        return ComfyProgress(total)
+        return ComfyProgress(total)  # the node's bar in ComfyUI's frontend
 
 
 class ComfyClipScorer:
@@ -223,9 +217,6 @@ class ComfyClipScorer:
 
     def scores(self, image: torch.Tensor, props: torch.Tensor, texts: list[str]) -> torch.Tensor:
         import torch.nn.functional as F
-
-        from ..errors import TextMaskError
-        from ..referring import masked_crops
 
         pooled = [self.clip.encode_from_tokens(self.clip.tokenize(t), return_pooled=True)[1] for t in texts]
         text = F.normalize(torch.cat(pooled).float(), dim=-1).mean(0)

@@ -1,17 +1,19 @@
-"""Running LD-ZNet on a host: its latents, its text encoding and its frozen UNet's features."""
+"""Running LD-ZNet on a host: its latents, its text encoding and its frozen UNet's features, and the registered
+``ld-znet`` mask method."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..capture import AttentionCapture
+from .. import defaults, forward
+from ..capture import OutputCapture
 from ..errors import CheckpointError, TextMaskError
-from ..hosts.base import Conditioning, Host
-from ..latents import encode_and_noise
+from ..hosts.contract import Conditioning, Host
 from .model import LDZNet
-from .weights import architecture_of
+from .weights import architecture_of, load_ldznet
 
 # The reference's prompt engineering (LatentSeg.sample_prompts): one template drawn per training sample.
 PROMPT_TEMPLATES = (
@@ -19,8 +21,7 @@ PROMPT_TEMPLATES = (
     "a good photo of a {}.", "a photo of one {}.", "a bad photo of a {}.", "a photo of the {}.",
 )
 DEFAULT_TEMPLATE = PROMPT_TEMPLATES[0]
-# Fixed for deterministic masks; the reference draws t from [300, 500) for each forward.
-DEFAULT_TIMESTEP = 400  # the middle of the reference's training range [300, 500)
+DEFAULT_TIMESTEP = defaults.LDZNET_TIMESTEP  # fixed for deterministic masks; training draws from TRAIN_TIMESTEPS
 TRAIN_TIMESTEPS = (300, 500)
 
 
@@ -40,12 +41,11 @@ def check_compatible(model: LDZNet, host: Host, context_dim: int) -> None:
         )
 
 
-def host_features(host: Host, model: LDZNet, noisy: torch.Tensor, latents: torch.Tensor, timestep: int,
+def host_features(host: Host, model: LDZNet, x: torch.Tensor, sigma: torch.Tensor, latents: torch.Tensor,
                   cond: Conditioning) -> list[torch.Tensor]:
-    """The frozen host UNet's spatial-transformer outputs that LD-ZNet reads, from one forward at ``timestep``."""
-    transformers = host.transformer_modules()
-    with AttentionCapture(host.attention_modules(), tuple(noisy.shape[-2:]), outputs=transformers) as cap:
-        host.predict_noise(noisy, timestep, cond, latents)
+    """The frozen host UNet's spatial-transformer outputs that LD-ZNet reads, from one forward at σ."""
+    with OutputCapture(host.transformer_modules()) as cap:
+        forward.eps(host, x, sigma, cond, latents)
     ordered = list(cap.outputs.values())  # first-call order: down, mid, up
     if len(ordered) != len(model.transformer_names):
         raise CheckpointError(f"captured {len(ordered)} transformer outputs, LD-ZNet expects {len(model.transformer_names)}")
@@ -59,48 +59,86 @@ def host_features(host: Host, model: LDZNet, noisy: torch.Tensor, latents: torch
     return feats
 
 
+def run_ldznet(host: Host, model: LDZNet, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+               cond: Conditioning, forward_fn=None) -> torch.Tensor:
+    """Logits [B, 1, h, w] for clean latents, their noised x at σ and one conditioning row each.
+
+    The host runs without gradients; ``forward_fn`` (default ``model``) may be a wrapped copy of ``model`` (DDP,
+    autocast) that training differentiates.
+    """
+    with torch.no_grad():
+        feats = host_features(host, model, x, sigma, latents, cond) if model.with_features else None
+    param = next(model.parameters())
+    cast = [f.to(param.device, param.dtype) for f in feats] if feats is not None else None
+    return (forward_fn or model)(latents.to(param.device, param.dtype), cond.context.to(param.device, param.dtype), cast)
+
+
 def draw_timestep(timestep: int | None, seed: int) -> int:
     """``timestep``, or one drawn from the reference's training range [300, 500) with ``seed``."""
     if timestep is not None:
-        if not 0 <= int(timestep) < 1000:
-            raise TextMaskError(f"timestep must be in [0, 999], got {timestep}")
-        return int(timestep)
+        return forward.check_timestep(timestep)
     g = torch.Generator().manual_seed(int(seed))
     return int(torch.randint(*TRAIN_TIMESTEPS, (1,), generator=g))
 
 
 def ldznet_logits(host: Host, model: LDZNet, pixels: torch.Tensor, prompts: Sequence[str], timestep: int, seed: int,
                   forward=None) -> torch.Tensor:
-    """Logits [B, 1, H, W] for images already at the working size and one prompt each.
+    """Logits [B, 1, H, W] for images already at the working size and one prompt each (training, evaluation)."""
+    from .. import forward as engine
 
-    The host's encoders and UNet run without gradients; ``forward`` (default ``model``) may be a wrapped copy
-    of ``model`` (DDP, autocast) that training differentiates.
-    """
     with torch.no_grad():
         cond = host.encode_prompts(list(prompts))
         check_compatible(model, host, cond.context.shape[-1])
-        latents, noisy = encode_and_noise(host, pixels, tuple(pixels.shape[-2:]), timestep, seed)
-        feats = host_features(host, model, noisy, latents, timestep, cond) if model.with_features else None
-    param = next(model.parameters())
-    cast = [f.to(param.device, param.dtype) for f in feats] if feats is not None else None
-    return (forward or model)(latents.to(param.device, param.dtype), cond.context.to(param.device, param.dtype), cast)
+        latents = engine.encode(host, pixels, tuple(pixels.shape[-2:]))
+        x, sigma = engine.add_noise(host, latents, timestep, seed)
+    return run_ldznet(host, model, latents, x, sigma, cond, forward)
 
 
-@torch.inference_mode()
-def ldznet_probabilities(host: Host, model: LDZNet, pixels: torch.Tensor, size: tuple[int, int],
-                         phrases: Sequence[str], *, template: str = DEFAULT_TEMPLATE, timestep: int | None = DEFAULT_TIMESTEP,
-                         seed: int = 0) -> torch.Tensor:
-    """Sigmoid mask probabilities [B, P, H, W] (H, W = ``size``) for each image and phrase."""
-    if "{}" not in template:
-        raise TextMaskError(f"the prompt template needs a '{{}}' for the phrase, got {template!r}")
-    t = draw_timestep(timestep, seed)
-    b = pixels.shape[0]
-    x = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    # One batched pass per phrase; image i draws noise seed + i for every phrase, so phrases see the same latents.
-    logits = torch.cat([ldznet_logits(host, model, x, [template.format(p)] * b, t, seed) for p in phrases], dim=1)
-    if not torch.isfinite(logits).all():
-        raise CheckpointError(f"LD-ZNet produced non-finite values in {logits.dtype}; run it in float32 or check its weights")
-    probs = torch.sigmoid(logits.float())
-    if tuple(probs.shape[-2:]) != tuple(size):
-        probs = torch.nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-    return probs.cpu()
+class LDZNetDecoder:
+    """Sigmoid probabilities of LD-ZNet, one batched pass per phrase over the same noised latents."""
+
+    size_multiple = 64  # LD-ZNet's own UNet downsamples the latent three times more
+
+    def __init__(self, model: LDZNet, conds: list[Conditioning]):
+        self.model, self.conds = model, conds
+        self.resolution = model.train_resolution
+
+    def __call__(self, host: Host, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        logits = torch.cat([run_ldznet(host, self.model, latents, x, sigma, c.select([0] * b)) for c in self.conds], 1)
+        if not torch.isfinite(logits).all():
+            raise CheckpointError(f"LD-ZNet produced non-finite values in {logits.dtype}; run it in float32 or check its weights")
+        probs = torch.sigmoid(logits.float())
+        working = tuple(s * host.geometry.latent_factor for s in latents.shape[-2:])
+        if tuple(probs.shape[-2:]) != working:
+            probs = torch.nn.functional.interpolate(probs, size=working, mode="bilinear", align_corners=False)
+        return probs.cpu()
+
+
+class LDZNetMethod:
+    """``ld-znet``: LD-ZNet, a trained segmenter over the VAE latent and the host UNet's features."""
+
+    name = "ld-znet"
+    timestep = DEFAULT_TIMESTEP
+    auto_threshold = 0.5  # calibrated probabilities, not attention scores
+    needs_images = True
+    needs_weights = True
+    options = ("ldznet", "template")
+
+    def setup(self, host: Host, phrases: Sequence[str], prompt: str | None, *, ldznet=None,
+              template: str | None = None) -> LDZNetDecoder:
+        if ldznet is None:
+            raise TextMaskError("method 'ld-znet' needs LD-ZNet weights (ldznet=..., --ldznet PATH)")
+        template = template or DEFAULT_TEMPLATE
+        if "{}" not in template:
+            raise TextMaskError(f"the prompt template needs a '{{}}' for the phrase, got {template!r}")
+        model = load_on_host(ldznet, host) if isinstance(ldznet, (str, Path)) else ldznet
+        conds = [host.encode_prompts([template.format(p)]) for p in phrases]
+        check_compatible(model, host, conds[0].context.shape[-1])
+        return LDZNetDecoder(model, conds)
+
+
+def load_on_host(path: str | Path, host: Host) -> LDZNet:
+    """LD-ZNet weights (textmask safetensors) on the host's device, in its dtype off the CPU."""
+    dtype = host.dtype if host.device.type != "cpu" else torch.float32
+    return load_ldznet(path, device=host.device, dtype=dtype)

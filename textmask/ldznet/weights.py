@@ -55,6 +55,8 @@ def load_ldznet(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     """Read an LD-ZNet safetensors file written by textmask (see ``convert_reference``); clear errors otherwise."""
     from safetensors import SafetensorError, safe_open
 
+    if not str(path).strip():
+        raise CheckpointError("no LD-ZNet weights given; name a textmask LD-ZNet .safetensors file")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LD-ZNet weights not found: {path}")

@@ -12,7 +12,10 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..capture import AttentionLayer
+from .. import defaults, forward
+from ..capture import AttentionLayer, Need
+from ..errors import TextMaskError
+from ..hosts.contract import Conditioning, Host
 from ..postprocess import normalize
 
 
@@ -28,7 +31,9 @@ class CrossAttentionMaps:
     resizing is linear, so this equals resizing every layer's map, with a few kernels in place of a few per layer.
     """
 
-    def __init__(self, token_groups: Sequence[Sequence[int]], layer_weight: Callable[[AttentionLayer], float] = side_weight):
+    def __init__(self, token_groups: Sequence[Sequence[int]], layer_weight: Callable[[AttentionLayer], float] = side_weight,
+                 need: Need = Need(kinds=("cross",))):
+        self.need = need
         self.groups = [list(g) for g in token_groups]
         self.layer_weight = layer_weight
         self.sums: dict[tuple[int, int], torch.Tensor] = {}  # grid (h, w) -> [B, h*w, P]
@@ -86,7 +91,8 @@ class SelfAttentionAggregate:
     layers are added straight into the sum, so the only R²×R² tensor is the sum itself.
     """
 
-    def __init__(self):
+    def __init__(self, rows: slice | None = None):
+        self.need = Need(kinds=("self",), rows=rows)  # rows: the batch rows to aggregate (None: all)
         self.size: tuple[int, int] | None = None
         self.sum: torch.Tensor | None = None
         self.weight_total = 0.0
@@ -171,3 +177,53 @@ def refine_with_self_attention(
         ca = walk(ca)
     out = ca.transpose(1, 2).reshape(b, p, *size)
     return normalize(out)
+
+
+def attention_prompt(terms: Sequence[str]) -> str:
+    """The AggSD prompt template: "a photo of A, B, and C" (commas separate the words' maps)."""
+    if len(terms) == 1:
+        return f"a photo of {terms[0]}"
+    return "a photo of " + ", ".join(terms[:-1]) + f", and {terms[-1]}"
+
+
+class AttentionDecoder:
+    """DAAM word maps from one forward's cross-attention, refined along its self-attention when asked."""
+
+    resolution = None
+    size_multiple = None
+
+    def __init__(self, cond: Conditioning, groups: list[list[int]], refine: bool, mode: RefineMode, steps: int):
+        self.cond, self.groups, self.refine, self.mode, self.steps = cond, groups, refine, mode, steps
+
+    def __call__(self, host: Host, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        cross = CrossAttentionMaps(self.groups)
+        collectors = [cross]
+        if self.refine:
+            selfagg = SelfAttentionAggregate()
+            collectors.append(selfagg)
+        forward.eps(host, x, sigma, self.cond.select([0] * x.shape[0]), latents, collectors)
+        maps = cross.aggregate()
+        if self.refine:
+            maps = refine_with_self_attention(maps, selfagg.result(), selfagg.size, self.mode, self.steps)
+        return maps.float().cpu()
+
+
+class AttentionMethod:
+    """``attention``: cross-attention aggregated over layers and heads (DAAM), refined with self-attention (AggSD)."""
+
+    name = "attention"
+    timestep = defaults.TIMESTEP
+    auto_threshold = None  # Otsu per map
+    needs_images = False
+    needs_weights = False
+    options = ("refine", "refine_mode", "refine_steps")
+
+    def setup(self, host: Host, phrases: Sequence[str], prompt: str | None, *, refine: bool = defaults.REFINE,
+              refine_mode: RefineMode = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS) -> AttentionDecoder:
+        if refine_mode not in ("transpose", "forward"):
+            raise TextMaskError(f"refine_mode must be 'transpose' or 'forward', got {refine_mode!r}")
+        if int(refine_steps) < 1:
+            raise TextMaskError(f"refine_steps must be at least 1, got {refine_steps}")
+        cond = host.encode_prompts([prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
+        groups = [cond.token_maps[0].find(p) for p in phrases]
+        return AttentionDecoder(cond, groups, bool(refine), refine_mode, int(refine_steps))

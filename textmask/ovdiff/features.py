@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..capture import AttentionCapture, AttentionLayer
-from ..hosts.base import Conditioning, Host
-from ..latents import image_noise
+from .. import defaults, forward
+from ..capture import AttentionLayer, Need
+from ..hosts.contract import Conditioning, Host
 from ..methods.attention import SelfAttentionAggregate
 
-FEATURE_TIMESTEP = 200
+FEATURE_TIMESTEP = defaults.OVDIFF_TIMESTEP
 FEATURE_SIZE = 64
 # The reference's layers "0,6:13,15" of SD1's 16 cross-attention layers (1-based: 1, 7-13, 16): the first
 # down layer, the mid layer, the up layers of the two middle levels and the last up layer.
@@ -25,6 +25,21 @@ def feature_layer(layer: AttentionLayer, cross_layers: int) -> bool:
     return layer.kind_ordinal in SD1_CROSS_LAYERS if cross_layers == 16 else True
 
 
+class QueriesInOrder:
+    """Collector: each cross-attention layer's queries, with the layers in the order of the forward."""
+
+    need = Need(kinds=("cross",), values="queries")
+
+    def __init__(self):
+        self.layers: list[AttentionLayer] = []
+        self.queries: dict[str, torch.Tensor] = {}
+
+    def __call__(self, layer: AttentionLayer, start: int, q: torch.Tensor) -> None:
+        if layer.name not in self.queries:
+            self.layers.append(layer)
+        self.queries[layer.name] = q
+
+
 @torch.inference_mode()
 def extract(host: Host, latents: torch.Tensor, empty: Conditioning, seed: int, *,
             with_segments: bool = False, shared_noise: bool = False) -> tuple[torch.Tensor, SelfAttentionAggregate | None]:
@@ -32,19 +47,16 @@ def extract(host: Host, latents: torch.Tensor, empty: Conditioning, seed: int, *
     ``with_segments`` also the self-attention aggregate of the same forward, for DiffSeg. Row i draws noise
     seeded ``seed`` + i, or ``seed`` for every row with ``shared_noise`` (the windows of one image)."""
     b = latents.shape[0]
-    noise = image_noise(latents.shape[1:], seed, 1 if shared_noise else b).expand(b, *latents.shape[1:])
-    noise = noise.to(latents.device, latents.dtype)
-    noisy = host.add_noise(latents, noise, FEATURE_TIMESTEP)
+    x, sigma = forward.add_noise(host, latents, FEATURE_TIMESTEP, seed, shared=shared_noise)
+    queries = QueriesInOrder()
     selfagg = SelfAttentionAggregate() if with_segments else None
-    with AttentionCapture(host.attention_modules(), tuple(latents.shape[-2:]), queries=lambda l: l.kind == "cross",
-                          probs=(lambda l: l.kind == "self") if with_segments else None, sink=selfagg) as cap:
-        host.predict_noise(noisy, FEATURE_TIMESTEP, empty.select([0] * b), latents)
+    forward.eps(host, x, sigma, empty.select([0] * b), latents, [queries] + ([selfagg] if selfagg else []))
     parts = []
-    cross_layers = sum(layer.kind == "cross" for layer in cap.layers)
-    for layer in cap.layers:
+    cross_layers = len(queries.layers)
+    for layer in queries.layers:
         if not feature_layer(layer, cross_layers):
             continue
-        q = cap.queries[layer.name].float()  # [B, h*w, C]
+        q = queries.queries[layer.name].float()  # [B, h*w, C]
         grid = q.transpose(1, 2).reshape(b, q.shape[-1], *layer.size)
         parts.append(F.interpolate(grid, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear", align_corners=False))
     if not parts:

@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import defaults, forward
 from ..errors import TextMaskError
-from ..hosts.base import Host
+from ..hosts.contract import Host
 from . import support
 from .classes import is_stuff, parse_class
 from .features import FEATURE_SIZE, FEATURE_TIMESTEP, extract
@@ -37,7 +38,7 @@ class Settings:
     cfg: float = 8.0
     seed: int = 0
     kmeans: int = 32
-    tau: float = 1.1
+    tau: float = defaults.TAU
     prompt: str = support.PROMPT
     negative: str = support.NEGATIVE
     feature_timestep: int = FEATURE_TIMESTEP
@@ -139,25 +140,15 @@ def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None
     # Several images to a feature forward: on a GPU a forward costs its kernel launches, whatever the batch.
     side = images[0].latents.shape[-2] * images[0].latents.shape[-1]
     batch = max(1, min(FEATURE_BATCH, AGGREGATE_BUDGET // (side * side * 4)))
-    done = 0
-    while done < len(images):
-        host.check_interrupt()
-        chunk = images[done : done + batch]
-        latents = torch.stack([img.latents for img in chunk]).to(host.device, host.dtype)
-        feats = selfagg = aggregate = None  # the last batch's tensors go before this forward
-        try:
-            feats, selfagg = extract(host, latents, empty, settings.seed + done, with_segments=True)  # row i: seed + i
-            aggregate = selfagg.result()
-        except torch.cuda.OutOfMemoryError:
-            if batch == 1:
-                raise
-        if aggregate is None:  # out of GPU memory: fewer images to a forward (outside the except: its frames are gone)
-            batch //= 2
-            torch.cuda.empty_cache()
-            continue
-        done += len(chunk)
-        for i, img in enumerate(chunk):
-            fg, bg = support.split_foreground(aggregate[i], selfagg.size, img.attribution, settings.tau)
+
+    def features(rows: slice):
+        latents = torch.stack([img.latents for img in images[rows]]).to(host.device, host.dtype)
+        feats, selfagg = extract(host, latents, empty, settings.seed + rows.start, with_segments=True)  # row i: seed + i
+        return feats, selfagg.result(), selfagg.size
+
+    for rows, (feats, aggregate, grid) in forward.halving_batches(host, len(images), batch, features):
+        for i, img in enumerate(images[rows]):
+            fg, bg = support.split_foreground(aggregate[i], grid, img.attribution, settings.tau)
             size = (settings.feature_size, settings.feature_size)
             fg = F.interpolate(fg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
             bg = F.interpolate(bg[None, None].float(), size=size, mode="nearest")[0, 0].bool()
@@ -165,6 +156,7 @@ def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None
             # Only the chosen pixels' features leave the device: 32 images' full features would not fit a small GPU.
             fg_feats.append(flat[fg.reshape(-1).to(flat.device)].cpu())
             bg_feats.append(flat[bg.reshape(-1).to(flat.device)].cpu())
+        del feats, aggregate  # this batch's tensors go before the next forward
     fg_protos = _prototypes(fg_feats, settings.kmeans, settings.seed, host.device)
     if not fg_protos:
         raise TextMaskError(f"OVDiff found no foreground for '{name}' in {len(images)} support images; try more images")
@@ -195,12 +187,14 @@ def fingerprint(host: Host) -> str:
     """A hash of what the model computes (not its file name): text encoder, VAE and UNet outputs on fixed
     probes. Weight patches applied through the module call (LoRA, low-VRAM) change it too."""
     g = torch.Generator().manual_seed(1234)
-    side = host.size_multiple * max(1, -(-64 // host.size_multiple))  # >= 64 px: every level keeps > 1 cell
+    multiple = host.geometry.size_multiple
+    side = multiple * max(1, -(-64 // multiple))  # >= 64 px: every level keeps > 1 cell
     pixels = torch.rand(1, 3, side, side, generator=g)
     latents = host.encode_images(pixels.to(host.device))
     cond = host.encode_prompts(["textmask fingerprint: a red fox on green grass"])
-    noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
-    eps = host.predict_noise(host.add_noise(latents, noise, 500), 500, cond, latents)
+    sigma = host.sigma(500).float().to(latents.device)
+    x = torch.randn(latents.shape, generator=g).to(latents.device).float() * sigma + latents.float()
+    eps = forward.eps(host, x, sigma, cond, latents)
     h = hashlib.sha256()
     for t in (cond.context, latents, eps):
         t = t.float().cpu()
@@ -217,9 +211,7 @@ def cache_key(model_fingerprint: str, name: str, stuff: bool, settings: Settings
 
 
 def default_cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("TEXTMASK_CACHE", Path.home() / ".cache" / "textmask")) / "ovdiff"
+    return defaults.cache_dir() / "ovdiff"
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -277,12 +269,13 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
         raise TextMaskError("duplicate class names")
     if images < 1 or steps < 1:
         raise TextMaskError("images and steps must be at least 1")
-    if getattr(host, "in_channels", 4) != 4:
+    if host.geometry.in_channels != 4:
         raise TextMaskError("OVDiff samples its support images, which needs a non-inpainting model; "
                             "build the prototypes with the base model of this inpainting checkpoint")
     overrides = {k.lower(): v for k, v in (overrides or {}).items()}
-    if resolution is not None and (resolution <= 0 or resolution % host.size_multiple):
-        raise TextMaskError(f"resolution must be a positive multiple of {host.size_multiple}, got {resolution}")
+    multiple = host.geometry.size_multiple
+    if resolution is not None and (resolution <= 0 or resolution % multiple):
+        raise TextMaskError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
     settings = Settings(images=images, steps=steps, cfg=cfg, seed=seed, kmeans=kmeans_parts, resolution=resolution)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     model_fp = fingerprint(host)

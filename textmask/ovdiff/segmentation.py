@@ -4,15 +4,16 @@ matching by cosine similarity, and an argmax over background and the classes."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .. import forward
+from ..clip import clip_scorer
 from ..errors import TextMaskError
-from ..hosts.base import Host
-from ..images import to_batch, working_size
+from ..hosts.contract import Host
+from ..results import LabelsResult
 from .features import extract
 from .prototypes import Prototypes, stuff_filter
 
@@ -20,16 +21,6 @@ from .prototypes import Prototypes, stuff_filter
 WINDOWS = (448, 336)
 STRIDE = 224
 REFERENCE_SIDE = 512
-
-
-@dataclass
-class OVDiffResult:
-    """Label 0 is background, i + 1 is names[i]; masks in the names' order at the exact input size."""
-
-    names: list[str]
-    labels: torch.Tensor  # [B, H, W] long
-    masks: torch.Tensor  # [B, len(names), H, W] float in {0, 1}
-    scores: torch.Tensor  # [B, 1 + len(names), H, W] similarity maps (background first)
 
 
 def window_boxes(height: int, width: int, scale: float) -> list[tuple[int, int, int, int]]:
@@ -81,10 +72,11 @@ def clip_select(clip, image: torch.Tensor, names: Sequence[str], topk: int = 3) 
 
 
 @torch.inference_mode()
-def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes: Sequence[str] | None = None,
-            clip=None, seed: int = 0, resolution: int | None = None, batch_size: int = 4) -> OVDiffResult:
+def label(prototypes: Prototypes, images, *, host: Host | None = None, classes: Sequence[str] | None = None,
+          clip=None, seed: int = 0, resolution: int | None = None, batch_size: int = 4) -> LabelsResult:
     """Label every pixel with the nearest class prototype (or background), per image; ``batch_size`` windows
-    share a UNet forward (fewer if the GPU runs out of memory)."""
+    share a UNet forward (fewer if the GPU runs out of memory). ``clip``: a local CLIP folder (run on the host's
+    device) or a scorer with ``image_text_probs``, for the reference's class pre-filter."""
     host = host or prototypes.host
     if host is None:
         raise TextMaskError("these prototypes carry no model; pass the host that built them")
@@ -96,69 +88,62 @@ def segment(prototypes: Prototypes, images, *, host: Host | None = None, classes
             raise TextMaskError(f"no prototypes for: {', '.join(missing)}; build them first")
         protos = [index[c.lower()] for c in classes]
     names = [c.name for c in protos]
+    clip = clip_scorer(clip, host.device)
     # Normalised once and kept on the device: per window they cost more than the matching itself.
     bg_all = [unit_rows(b, host.device) for b in stuff_filter(protos)]
     fg_all = [unit_rows(c.foreground(), host.device) for c in protos]
-    pixels = to_batch(images)
-    height, width = pixels.shape[-2:]
-    native = resolution or prototypes.settings.resolution or host.resolution  # as the support images were made
-    size = working_size(height, width, native, host.size_multiple)
+    native = resolution or prototypes.settings.resolution or host.geometry.resolution  # as the support images were made
+    images = forward.prepare_images(host, images, native)
+    pixels, size = images.pixels, images.working
+    height, width = images.size
     scale = native / REFERENCE_SIDE  # windows keep their share of the working size
     empty = host.encode_prompts([""])
     labels, masks, scores = [], [], []
-    with host.progress(pixels.shape[0], "ovdiff") as bar:
-        for b in range(pixels.shape[0]):
-            host.check_interrupt()
-            image = F.interpolate(pixels[b : b + 1], size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-            chosen = list(range(len(protos)))
-            if clip is not None and len(protos) > 1:
-                chosen = clip_select(clip, pixels[b], names)
-            fg = [fg_all[i] for i in chosen]
-            bg = torch.cat([bg_all[i] for i in chosen]) if chosen else fg_all[0][:0]
-            # The window sums stay on the device: one copy to the CPU per image, not one sync per window.
-            total = torch.zeros(1 + len(chosen), *size, device=host.device)
-            count = torch.zeros(1, *size, device=host.device)
+    for rows in forward.batches(host, len(images), 1, "ovdiff"):
+        b = rows.start
+        image = F.interpolate(pixels[rows], size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        chosen = list(range(len(protos)))
+        if clip is not None and len(protos) > 1:
+            chosen = clip_select(clip, pixels[b], names)
+        fg = [fg_all[i] for i in chosen]
+        bg = torch.cat([bg_all[i] for i in chosen]) if chosen else fg_all[0][:0]
+        # The window sums stay on the device: one copy to the CPU per image, not one sync per window.
+        total = torch.zeros(1 + len(chosen), *size, device=host.device)
+        count = torch.zeros(1, *size, device=host.device)
 
-            def add_scores(crops: torch.Tensor, boxes: list[tuple[int, int, int, int]], may_fail: bool = False) -> bool:
-                try:
-                    latents = host.encode_images(crops.to(host.device))
-                    feats, _ = extract(host, latents, empty, seed + b, shared_noise=True)
-                    scores = [match(f, fg, bg, unit=True)[None].to(total.device) for f in feats]  # all before adding
-                except torch.cuda.OutOfMemoryError:
-                    if not may_fail:
-                        raise
-                    return False
-                for s, (t, l, h, w) in zip(scores, boxes):
-                    total[:, t : t + h, l : l + w] += F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)[0]
-                    count[:, t : t + h, l : l + w] += 1
-                return True
+        def window_scores(crops: torch.Tensor) -> list[torch.Tensor]:
+            """Each crop's scores [1, 1 + C, h, w]; all of them are computed before any is added."""
+            latents = host.encode_images(crops.to(host.device))
+            feats, _ = extract(host, latents, empty, seed + b, shared_noise=True)
+            return [match(f, fg, bg, unit=True)[None].to(total.device) for f in feats]
 
-            whole, *windows = window_boxes(*size, scale)
-            add_scores(image, [whole])  # alone: the working size need not be square
-            done, per_forward = 0, max(1, batch_size)
-            while done < len(windows):
-                host.check_interrupt()
-                boxes = windows[done : done + per_forward]
-                # A window is seen at the model's native size, like a full image; so the windows batch.
-                crops = [F.interpolate(image[..., t : t + h, l : l + w], size=(native, native), mode="bicubic",
-                                       align_corners=False, antialias=True) for t, l, h, w in boxes]
-                if add_scores(torch.cat(crops).clamp(0, 1), boxes, may_fail=per_forward > 1):
-                    done += len(boxes)
-                else:  # out of GPU memory: fewer windows to a forward, as ComfyUI's VAE falls back to tiles
-                    per_forward //= 2
-                    torch.cuda.empty_cache()
-            mean = (total / count).cpu()
-            full = F.interpolate(mean[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-            lab_local = full.argmax(0)
-            lab = torch.zeros_like(lab_local)
-            for j, i in enumerate(chosen):
-                lab[lab_local == j + 1] = i + 1
-            per_class = torch.full((1 + len(protos), height, width), -1.0)
-            per_class[0] = full[0]
-            for j, i in enumerate(chosen):
-                per_class[i + 1] = full[j + 1]
-            labels.append(lab)
-            masks.append(torch.stack([(lab == i + 1).float() for i in range(len(protos))]))
-            scores.append(per_class)
-            bar.update(1)
-    return OVDiffResult(names, torch.stack(labels), torch.stack(masks), torch.stack(scores))
+        def add(scores: list[torch.Tensor], boxes: list[tuple[int, int, int, int]]) -> None:
+            for s, (t, l, h, w) in zip(scores, boxes):
+                total[:, t : t + h, l : l + w] += F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)[0]
+                count[:, t : t + h, l : l + w] += 1
+
+        whole, *windows = window_boxes(*size, scale)
+        add(window_scores(image), [whole])  # alone: the working size need not be square
+
+        def crops(part: slice) -> list[torch.Tensor]:
+            # A window is seen at the model's native size, like a full image; so the windows batch.
+            return window_scores(torch.cat([
+                F.interpolate(image[..., t : t + h, l : l + w], size=(native, native), mode="bicubic",
+                              align_corners=False, antialias=True) for t, l, h, w in windows[part]]).clamp(0, 1))
+
+        for part, window_maps in forward.halving_batches(host, len(windows), batch_size, crops):
+            add(window_maps, windows[part])
+        mean = (total / count).cpu()
+        full = F.interpolate(mean[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        lab_local = full.argmax(0)
+        lab = torch.zeros_like(lab_local)
+        for j, i in enumerate(chosen):
+            lab[lab_local == j + 1] = i + 1
+        per_class = torch.full((1 + len(protos), height, width), -1.0)
+        per_class[0] = full[0]
+        for j, i in enumerate(chosen):
+            per_class[i + 1] = full[j + 1]
+        labels.append(lab)
+        masks.append(torch.stack([(lab == i + 1).float() for i in range(len(protos))]))
+        scores.append(per_class)
+    return LabelsResult(names, torch.stack(labels), torch.stack(masks), torch.stack(scores))

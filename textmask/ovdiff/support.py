@@ -9,8 +9,8 @@ import torch
 from scipy.ndimage import binary_erosion
 
 from .. import postprocess as pp
-from ..capture import AttentionCapture, AttentionLayer
-from ..hosts.base import Host
+from ..capture import AttentionCapture, AttentionLayer, Need
+from ..hosts.contract import Host
 from ..methods.attention import CrossAttentionMaps
 from ..methods.diffseg import diffseg
 
@@ -25,9 +25,11 @@ class AttributionSum(CrossAttentionMaps):
     It stays on the device while sampling, so no forward waits on a copy to the CPU; ``result()`` reads it.
     """
 
-    def __init__(self, positions: list[int], count: int, size: tuple[int, int]):
-        # Every layer alike, and a sum over the class tokens rather than their mean.
-        super().__init__([positions], layer_weight=lambda layer: float(len(positions)))
+    def __init__(self, positions: list[int], count: int, size: tuple[int, int], context_rows=None):
+        # Every layer alike, and a sum over the class tokens rather than their mean; only the rows whose text
+        # context is the class prompt (``context_rows``), however the sampler batches cond and uncond.
+        super().__init__([positions], layer_weight=lambda layer: float(len(positions)),
+                         need=Need(kinds=("cross",), context_rows=context_rows))
         self.count, self.size = count, size
 
     def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
@@ -79,10 +81,10 @@ def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float,
     out: list[SupportImage] = []
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
-        side = (resolution or host.resolution) // host.latent_factor
-        attribution = AttributionSum(positions, n, (side, side))
-        with AttentionCapture(host.attention_modules(), (side, side), probs=lambda l: l.kind == "cross",
-                              sink=attribution, context_rows=context_matcher(cond.context)):
+        side = (resolution or host.geometry.resolution) // host.geometry.latent_factor
+        attribution = AttributionSum(positions, n, (side, side), context_matcher(cond.context))
+        # The host's own sampler runs the forwards, so this is the one capture outside forward.eps.
+        with AttentionCapture(host.attention_modules(), (side, side), [attribution]):
             latents = host.sample(prompt, NEGATIVE, n, steps=steps, cfg=cfg, seed=seed + start, resolution=resolution)
         total = attribution.result()
         for i in range(n):

@@ -12,39 +12,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
 
-from . import postprocess as pp
-from .capture import AttentionCapture
-from .errors import CheckpointError, TextMaskError
-from .hosts.base import Host, iter_chunks
-from .images import to_batch, working_size
-from .latents import encode_and_noise
-from .methods.attention import SelfAttentionAggregate
-from .methods.diffseg import diffseg
-from .subject import subject as find_subject
+from .. import defaults, forward
+from .. import postprocess as pp
+from ..capture import Need
+from ..clip import clip_scorer
+from ..errors import TextMaskError
+from ..hosts.contract import Host
+from ..results import ReferResult
+from ..subject import subject as find_subject
+from .attention import SelfAttentionAggregate
+from .diffseg import diffseg
+from .segments import check_tau
 
-REFER_TIMESTEP = 100  # a lightly noised latent: Ref-Diff reads attention while decoding from low noise
 GUIDANCE = 9.0  # the reference's extrapolation factor from uncond towards cond
 THRESHOLDS = [round(0.05 * k, 2) for k in range(1, 20)]  # 5 % … 95 %
 MIN_AREA = 0.01  # proposals below 1 % of the image are dropped
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-
-
-@dataclass
-class ReferResult:
-    masks: torch.Tensor  # [B, H, W] in {0, 1}
-    heatmaps: torch.Tensor  # [B, H, W] attribution of the subject, min-max normalised
-    subject: str
 
 
 class SubjectColumn:
-    """Capture sink: per cross-attention layer, the subject's column of the head-averaged scores."""
+    """Collector: per cross-attention layer, the subject's column of the head-averaged scores (pre-softmax)."""
+
+    need = Need(kinds=("cross",), values="logits")
 
     def __init__(self, positions: list[int]):
         self.positions = positions
@@ -142,61 +132,6 @@ def positional_weight(expression: str, h: int, w: int) -> torch.Tensor:
     return weight
 
 
-def masked_crops(image: torch.Tensor, props: torch.Tensor, size: int) -> torch.Tensor:
-    """Each proposal's pixels (the rest black), cropped to its box and resized: [P, 3, size, size] in [0, 1]."""
-    crops = []
-    for mask in props:
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        crop = (image * mask)[:, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-        crops.append(F.interpolate(crop[None].float(), size=(size, size), mode="bicubic", align_corners=False)[0])
-    return torch.stack(crops).clamp(0, 1)
-
-
-def _features(out) -> torch.Tensor:
-    """Projected CLIP features: a tensor in transformers 4, the output's pooler_output in transformers 5."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
-class ClipScorer:
-    """Discriminative scores from a local transformers CLIP model: masked proposal crops against the text."""
-
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
-        from transformers import CLIPModel
-
-        try:
-            self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot load a CLIP model from {path}: {str(e).splitlines()[0]}") from None
-        self.device = device
-        self.size = int(self.model.config.vision_config.image_size)
-
-    def _text_embeds(self, texts: list[str]) -> torch.Tensor:
-        """Normalised CLIP text embeddings [T, D], tokenised with the shipped BPE."""
-        from .tokenizer import clip_tokenizer
-
-        tok = clip_tokenizer()
-        ids = [[49406] + tok(t, add_special_tokens=False)["input_ids"][:75] + [49407] for t in texts]
-        ids = torch.tensor([r + [49407] * (77 - len(r)) for r in ids], device=self.device)
-        return F.normalize(_features(self.model.get_text_features(input_ids=ids)), dim=-1)
-
-    @torch.no_grad()
-    def scores(self, image: torch.Tensor, props: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Cosine similarity of each proposal's crop [P] to the mean of the texts' embeddings."""
-        text = self._text_embeds(texts).mean(0)
-        pixels = ((masked_crops(image, props, self.size) - CLIP_MEAN) / CLIP_STD).to(self.device)
-        embeds = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
-        return (embeds @ F.normalize(text, dim=0)).float().cpu()
-
-    @torch.no_grad()
-    def image_text_probs(self, image: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """CLIP's softmax over ``texts`` for a whole image [3, H, W] in [0, 1] (logit scale 100)."""
-        text = self._text_embeds(texts)
-        full = torch.ones(1, *image.shape[-2:])
-        pixels = ((masked_crops(image, full, self.size) - CLIP_MEAN) / CLIP_STD).to(self.device)
-        embeds = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
-        return (100 * embeds @ text.T).softmax(-1)[0].float().cpu()
-
-
 def combine(gen: torch.Tensor, disc: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """α·s_G + (1−α)·s_D over proposals, each score min-max normalised first so the scales agree."""
     if disc is None:
@@ -206,49 +141,42 @@ def combine(gen: torch.Tensor, disc: torch.Tensor | None, alpha: float) -> torch
 
 
 def refer(
-    host: Host, images, expression: str, *, clip=None, alpha: float = 0.5, tau: float = 1.1,
-    timestep: int = REFER_TIMESTEP, seed: int = 0, resolution: int | None = None, batch_size: int = 1,
+    host: Host, images, expression: str, *, clip=None, alpha: float = 0.5, tau: float = defaults.TAU,
+    timestep: int | None = defaults.REFER_TIMESTEP, seed: int = 0, resolution: int | None = None, batch_size: int = 1,
     use_spacy: bool = False,
 ) -> ReferResult:
     """The mask of the object a referring expression names, per image, at the exact input size."""
-    if not expression or not expression.strip():
+    timestep = forward.check_timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
+    if not isinstance(expression, str) or not expression.strip():
         raise TextMaskError("the referring expression is empty")
     if not 0.0 <= alpha <= 1.0:
         raise TextMaskError(f"alpha must be in [0, 1], got {alpha}")
+    check_tau(tau)
     head = find_subject(expression, use_spacy=use_spacy)
-    # ``clip`` is a local CLIP folder, or any object with scores(image, proposals, texts) (a host's own CLIP).
-    scorer = ClipScorer(clip) if isinstance(clip, (str, Path)) else clip
-    pixels = to_batch(images)
-    height, width = pixels.shape[-2:]
-    size = working_size(height, width, resolution or host.resolution, host.size_multiple)
+    scorer = clip_scorer(clip, host.device)
+    images = forward.prepare_images(host, images, resolution)
+    height, width = images.size
     cond = host.encode_prompts(["", expression])
     positions = cond.token_maps[1].occurrences(head)[0]  # the first noun phrase's head
     masks, heats = [], []
-    with torch.inference_mode(), host.progress(pixels.shape[0], "refer") as bar:
-        for rows in iter_chunks(pixels.shape[0], batch_size):
-            host.check_interrupt()
-            latents, noisy = encode_and_noise(host, pixels[rows], size, timestep, seed + rows.start)
+    with torch.inference_mode():
+        for rows in forward.batches(host, len(images), batch_size, "refer"):
+            latents = forward.encode(host, images.pixels[rows], images.working)
+            x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
             b = latents.shape[0]
-            noisy = noisy.repeat_interleave(2, 0)  # [uncond, cond] rows per image
-            columns = SubjectColumn(positions)
-            selfagg = SelfAttentionAggregate()
-
-            def sink(layer, start, values, selfagg=selfagg, columns=columns):
-                (selfagg if layer.kind == "self" else columns)(layer, start, values)
-
-            # Self-attention only for the conditional rows (odd); cross-attention scores for both.
-            with AttentionCapture(host.attention_modules(), tuple(latents.shape[-2:]), probs=lambda l: True, sink=sink,
-                                  logits=lambda l: l.kind == "cross", rows=lambda l: slice(1, None, 2) if l.kind == "self" else None):
-                host.predict_noise(noisy, timestep, cond.select([0, 1] * b), latents.repeat_interleave(2, 0))
+            columns = SubjectColumn(positions)  # cross-attention scores of both rows
+            selfagg = SelfAttentionAggregate(rows=slice(1, None, 2))  # self-attention of the conditional rows only
+            forward.eps(host, x.repeat_interleave(2, 0), sigma.repeat_interleave(2, 0), cond.select([0, 1] * b),
+                        latents.repeat_interleave(2, 0), [columns, selfagg])  # [uncond, cond] rows per image
             attr = attribution(columns)
-            sa = selfagg.result()  # conditional rows only
+            sa = selfagg.result()
             for i in range(b):
                 labels, _ = diffseg(sa[i], selfagg.size, threshold=tau)
                 grid_attr = pp.normalize(pp.resize(attr[i : i + 1].float().cpu(), selfagg.size))[0]
                 props = proposals(labels.cpu(), grid_attr)
                 score = generative_scores(props, grid_attr)
                 if scorer is not None:
-                    image = pixels[rows.start + i]
+                    image = images.pixels[rows.start + i]
                     full = pp.resize(props.float(), (height, width)) > 0.5
                     weighted = image * positional_weight(expression, height, width)
                     disc = scorer.scores(weighted, full, [expression, head])
@@ -256,6 +184,4 @@ def refer(
                 best = props[int(score.argmax())].float()
                 masks.append((pp.resize(best[None], (height, width))[0] > 0.5).float())
                 heats.append(pp.resize(grid_attr[None], (height, width))[0].clamp(0, 1))
-                bar.update(1)
     return ReferResult(torch.stack(masks), torch.stack(heats), head)
-

@@ -1,0 +1,42 @@
+"""ComfyUI node: Referring Mask (Ref-Diff), the one object a referring expression names."""
+
+from __future__ import annotations
+
+from ..textmask import defaults
+from ..textmask.hosts.comfy import ComfyClipScorer, ComfyHost
+from ..textmask.masker import TextMasker
+from ..textmask.render import overlay
+from .segments import COMMON, MODELS, OPTIONAL
+from .text_mask import CATEGORY
+
+
+class ReferringMask:
+    DESCRIPTION = ("Masks the one object a referring expression names ('the man on the left', 'black horse jumping') "
+                   "with Ref-Diff: the subject's attention scores DiffSeg proposals. Outputs a MASK and the heatmap.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK", "IMAGE")
+    RETURN_NAMES = ("mask", "heatmap")
+    OUTPUT_TOOLTIPS = ("The referred object's mask per image.", "The subject's attention blended over the image.")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**MODELS,
+                             "expression": ("STRING", {"multiline": True, "default": "the person on the left",
+                                                       "tooltip": "A referring expression naming one object."}),
+                             "tau": COMMON["tau"],
+                             "timestep": ("INT", {"default": defaults.REFER_TIMESTEP, "min": 0, "max": 999,
+                                                  "tooltip": "Noise level of the forward; Ref-Diff reads it at low noise."}),
+                             "seed": COMMON["seed"]},
+                "optional": {**OPTIONAL,
+                             "clip_vision": ("CLIP_VISION", {"tooltip": "Adds CLIP's score of each masked proposal against "
+                                                                        "the expression (clip_vision_g with SDXL)."}),
+                             "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                                 "tooltip": "Weight of the attention score against CLIP's (with clip_vision)."})}}
+
+    def run(self, model, clip, vae, image, expression, tau, timestep, seed, resolution=0, clip_vision=None, alpha=0.5):
+        masker = TextMasker(ComfyHost(model, clip, vae))
+        scorer = ComfyClipScorer(clip_vision, clip) if clip_vision is not None else None
+        res = masker.refer(image, expression, clip=scorer, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
+                           resolution=resolution or None)
+        return res.masks.float(), overlay(image[..., :3].float().cpu(), res.heatmaps)

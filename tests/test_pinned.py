@@ -1,0 +1,89 @@
+"""The bundled Shapes model's outputs, pinned before the core was restructured (commit e94dd6b): every method gives
+the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a non-square size)."""
+
+import numpy as np
+import pytest
+import torch
+
+from textmask.demo.model import MODEL_DIR, load_demo_masker
+from textmask.demo.scenes import make_scene
+
+FIXTURE = np.load(__import__("pathlib").Path(__file__).parent / "fixtures" / "shapes_pinned.npz")
+SCENES = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def masker():
+    return load_demo_masker()
+
+
+@pytest.fixture(scope="module")
+def ldznet(masker):
+    return masker.load_ldznet(MODEL_DIR / "ldznet.safetensors")
+
+
+def scene(j):
+    sc = make_scene(int(FIXTURE[f"s{j}_seed"]))
+    return sc.image if j == 0 else sc.image[:, 5:122]
+
+
+def phrases(j):
+    return [str(p) for p in FIXTURE[f"s{j}_phrases"]]
+
+
+def same_maps(key, got, masks=None):
+    want = FIXTURE[key]
+    got = got.detach().float().cpu().numpy()
+    assert got.shape == want.shape, key
+    assert np.abs(got - want).max() <= 1e-5, (key, float(np.abs(got - want).max()))
+
+
+def same_masks(key, got):
+    want = FIXTURE[key]
+    got = got.detach().float().cpu().numpy()
+    assert got.shape == want.shape, key
+    assert np.array_equal(got, want), (key, int((got != want).sum()))
+
+
+CASES = {
+    "attention": dict(method="attention", refine=False),
+    "refine": dict(method="attention", refine=True),
+    "noise": dict(method="noise-diff"),
+    "post": dict(method="attention", refine=True, soft=True, blur=1.5, grow=2, fill_holes=True, invert=True,
+                 threshold=0.4),
+    "negative": dict(method="attention", refine=False),
+    "caption": dict(method="attention", refine=False),
+}
+
+
+@pytest.mark.parametrize("j", SCENES)
+@pytest.mark.parametrize("case", [*CASES, "ldznet"])
+def test_mask_methods_are_unchanged(masker, ldznet, j, case):
+    kwargs = dict(CASES.get(case, dict(method="ld-znet", ldznet=ldznet)))
+    prompt = " | ".join(phrases(j))
+    if case == "negative":
+        prompt, kwargs["negative"] = phrases(j)[0], str(FIXTURE[f"s{j}_negative"])
+    if case == "caption":
+        kwargs["prompt"] = make_scene(int(FIXTURE[f"s{j}_seed"])).caption
+    res = masker.mask(scene(j), prompt, **kwargs)
+    same_masks(f"s{j}_{case}_masks", res.masks) if case != "post" else same_maps(f"s{j}_{case}_masks", res.masks)
+    same_maps(f"s{j}_{case}_heat", res.heatmaps)
+
+
+@pytest.mark.parametrize("j", SCENES)
+def test_segments_named_segments_and_refer_are_unchanged(masker, j):
+    same_masks(f"s{j}_segments_labels", masker.segments(scene(j)).labels)
+    named = masker.named_segments(scene(j), phrases(j), tau=0.05)
+    same_masks(f"s{j}_named_labels", named.labels)
+    same_masks(f"s{j}_named_masks", named.masks)
+    ref = masker.refer(scene(j), str(FIXTURE[f"s{j}_relation"]))
+    same_masks(f"s{j}_refer_masks", ref.masks)
+    same_maps(f"s{j}_refer_heat", ref.heatmaps)
+
+
+def test_ovdiff_is_unchanged(masker, tmp_path):
+    protos = masker.build_prototypes([str(v) for v in FIXTURE["vocab"]], images=2, steps=3, cache_dir=tmp_path)
+    for j in SCENES:
+        res = masker.ovdiff(scene(j), protos, classes=phrases(j))
+        same_masks(f"s{j}_ovdiff_labels", res.labels)
+        same_maps(f"s{j}_ovdiff_scores", res.scores)

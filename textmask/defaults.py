@@ -1,0 +1,35 @@
+"""One home for textmask's defaults: every face (API, CLI, ComfyUI, webui, app) reads them from here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# t=300 of 1000: ᾱ≈0.52 under SD's schedule, so the latent still shows every object's outline while the UNet must
+# lean on the text to explain the noise; at t≈100 the maps sharpen but small objects fade, past t≈500 the layout
+# itself dissolves (see docs/quality.md for the sweep).
+TIMESTEP = 300
+# Ref-Diff reads attention while decoding from low noise.
+REFER_TIMESTEP = 100
+# The middle of LD-ZNet's training range [300, 500); the reference draws t from that range for each forward.
+LDZNET_TIMESTEP = 400
+# OVDiff's feature forward: the reference reads its features at t=200 under the empty prompt.
+OVDIFF_TIMESTEP = 200
+
+# DiffSeg's KL merge threshold (the paper's and google/diffseg's τ).
+TAU = 1.1
+
+# Self-attention refinement (AggSD) of the attention method: on in every face. It costs about 0.3 of a UNet forward
+# and raises IoU on Shapes from 0.31 to 0.41 (docs/quality.md); pass refine=False for the raw cross-attention maps.
+REFINE = True
+# AggSD's row-normalised SAᵀ·CA, one step: one step beats two on Shapes, and the paper's form ties the random walk.
+REFINE_MODE = "transpose"
+REFINE_STEPS = 1
+
+# Masks are computed this many images to a UNet forward.
+BATCH_SIZE = 4
+
+
+def cache_dir() -> Path:
+    """textmask's cache folder: $TEXTMASK_CACHE, else ~/.cache/textmask (the CLIP vocabulary, OVDiff prototypes)."""
+    return Path(os.environ.get("TEXTMASK_CACHE", Path.home() / ".cache" / "textmask"))

@@ -1,0 +1,128 @@
+"""The forward engine: where a request becomes hooked denoiser forwards.
+
+Every task composes the same steps: ``prepare_images`` (a batch at the model's working size), ``batches``
+(progress and interrupt, once), ``encode`` and ``add_noise`` (x = z + σ·ε with per-image seeds), then ``eps``:
+one host forward under an ``AttentionCapture`` that streams the layers its collectors read. ``halving_batches``
+retries a batch with half as many rows when a GPU runs out of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from .capture import AttentionCapture, Collector
+from .errors import TextMaskError
+from .hosts.contract import Conditioning, Host
+from .images import ImageInput, to_batch, working_size
+from .schedule import image_noise
+
+T = TypeVar("T")
+
+
+def check_timestep(timestep: int) -> int:
+    """The timestep as an int in [0, 999]; raises TextMaskError otherwise."""
+    if isinstance(timestep, bool) or not isinstance(timestep, (int, float)) or timestep != int(timestep) \
+            or not 0 <= int(timestep) < 1000:
+        raise TextMaskError(f"timestep must be an integer in [0, 999], got {timestep!r}")
+    return int(timestep)
+
+
+def iter_chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices covering range(n) in steps of ``size``."""
+    for i in range(0, n, max(1, size)):
+        yield slice(i, min(n, i + size))
+
+
+@dataclass(frozen=True)
+class Images:
+    """A batch of images prepared for the model."""
+
+    pixels: torch.Tensor  # [B, 3, H, W] float in [0, 1], on the CPU
+    working: tuple[int, int]  # (h, w) in pixels the model sees: about its native area, sides a multiple of its grid
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The images' own (H, W): every output is at this size."""
+        return tuple(self.pixels.shape[-2:])
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+
+def prepare_images(host: Host, images: ImageInput | list[ImageInput], resolution: int | None = None,
+                   multiple: int | None = None) -> Images:
+    """Images as a [B, 3, H, W] batch with the working size at ``resolution`` (default the host's native one)."""
+    pixels = to_batch(images)
+    geometry = host.geometry
+    working = working_size(*pixels.shape[-2:], resolution or geometry.resolution, multiple or geometry.size_multiple)
+    return Images(pixels, working)
+
+
+def batches(host: Host, count: int, batch_size: int, desc: str) -> Iterator[slice]:
+    """Row slices of ``batch_size`` over ``count`` items under the host's progress bar; the host's interrupt is
+    checked before each."""
+    with host.progress(count, desc) as bar:
+        for rows in iter_chunks(count, batch_size):
+            host.check_interrupt()
+            yield rows
+            bar.update(rows.stop - rows.start)
+
+
+def halving_batches(host: Host, count: int, batch_size: int, step: Callable[[slice], T]) -> Iterator[tuple[slice, T]]:
+    """``step`` over consecutive row slices of up to ``batch_size``; where a GPU runs out of memory the batch halves
+    and the rows are retried, down to one row, before the error is raised. A slice is yielded only once its whole
+    step succeeded, so nothing of a failed try is kept."""
+    done, size = 0, max(1, batch_size)
+    while done < count:
+        host.check_interrupt()
+        rows = slice(done, min(count, done + size))
+        failed = False
+        try:
+            result = step(rows)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            failed = True
+        if failed:  # outside the except, so its frames (and their tensors) are gone before the retry
+            size //= 2
+            torch.cuda.empty_cache()
+            continue
+        done = rows.stop
+        yield rows, result
+
+
+def encode(host: Host, pixels: torch.Tensor, working: tuple[int, int]) -> torch.Tensor:
+    """Resize [B, 3, H, W] pixels to the working size (bicubic, antialiased) and encode them with the host's VAE."""
+    x = F.interpolate(pixels, size=working, mode="bicubic", align_corners=False, antialias=True)
+    return host.encode_images(x.clamp(0, 1)).to(host.device, host.dtype)
+
+
+def add_noise(host: Host, latents: torch.Tensor, timestep: int, seed: int,
+              shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, σ): x = z + σ·ε in float32 at the host's σ of ``timestep``, σ [B]. Row i draws noise seeded ``seed`` + i,
+    or ``seed`` for every row with ``shared`` (the windows of one image)."""
+    b = latents.shape[0]
+    noise = image_noise(latents.shape[1:], seed, 1 if shared else b).expand(b, *latents.shape[1:])
+    sigma = host.sigma(check_timestep(timestep)).float().to(latents.device)
+    x = noise.to(latents.device).float() * sigma.view(-1, 1, 1, 1) + latents.float()
+    return x, sigma.expand(b)
+
+
+def eps(host: Host, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor,
+        collectors: Iterable[Collector] = ()) -> torch.Tensor:
+    """One host forward, ε = (x − denoised) / σ in float32, with ``collectors`` fed the attention they read.
+
+    The hooks are read-only and come off when the forward returns or raises.
+    """
+    collectors = list(collectors)
+    host.prepare(x.shape)
+    capture = (AttentionCapture(host.attention_modules(), tuple(x.shape[-2:]), collectors) if collectors
+               else contextlib.nullcontext())
+    with capture:
+        denoised = host.denoise(x, sigma, cond, image_latents)
+    return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)

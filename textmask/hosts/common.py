@@ -1,0 +1,28 @@
+"""Helpers that several adapters share when they implement the contract."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import torch
+
+
+def pad_contexts(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Repeat each [1, L, D] context to a common length (the lcm), as ComfyUI does.
+
+    Attention over repeated key/value pairs gives the same output as over one copy.
+    """
+    lengths = [c.shape[1] for c in contexts]
+    target = math.lcm(*lengths)
+    return [c.repeat(1, target // c.shape[1], 1) for c in contexts]
+
+
+@contextlib.contextmanager
+def fixed_draw(device: torch.device) -> Iterator[None]:
+    """A forked global RNG seeded with 0: a host VAE that samples its posterior gives the same latents every time
+    (same image, same mask), and the user's own seeds are untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        yield

@@ -1,0 +1,140 @@
+"""The host contract: what textmask needs from a loaded model, written as one Protocol, and its defaults.
+
+A host is a k-diffusion denoiser over x = z + σ·ε plus its encoders:
+
+- ``geometry``: latent factor, size multiple, native resolution and UNet input channels (frozen);
+- ``device`` and ``dtype``: where and in what the UNet computes;
+- ``attention_modules()`` / ``transformer_modules()``: the UNet's modules to hook (read-only);
+- ``encode_prompts(prompts)``: a ``Conditioning`` (context, one token map per row, the pooled embedding);
+- ``encode_images(pixels)``: scaled latents, deterministically (the same image gives the same latents);
+- ``sigma(t)``: the noise level of textmask's timestep t under the schedule the host samples with;
+- ``denoise(x, σ, cond, image_latents)``: the denoised latent, through the host's own forward (LoRA patches,
+  low-VRAM casting and v-prediction all take the host's path).
+
+Noising (x = z + σ·ε) and ε = (x − denoised) / σ live in the core (``textmask.forward``), once. The optional
+services (``prepare``, ``progress``, ``check_interrupt``, ``latent_region``, ``sample``) have their defaults in
+``HostDefaults``, which every adapter inherits; nothing outside this contract is asked of a host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CaptureError
+from ..tokens import TokenMap
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: a batch of cross-attention contexts, one token map per row, and the pooled embedding."""
+
+    context: torch.Tensor  # [N, L, D]
+    token_maps: list[TokenMap]  # one per row
+    pooled: torch.Tensor | None = None  # [N, P]: the host's pooled text input (SDXL's), None where it takes none
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def select(self, rows: Sequence[int]) -> "Conditioning":
+        """Rows of this conditioning, in the given order (repeats allowed)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.context.device)
+        pooled = None if self.pooled is None else self.pooled.index_select(0, idx.to(self.pooled.device))
+        return Conditioning(self.context.index_select(0, idx), [self.token_maps[i] for i in rows], pooled)
+
+
+def native_resolution(is_sdxl: bool, v_prediction: bool) -> int:
+    """The side a model was trained at, in pixels: SDXL 1024, SD2's v-prediction models 768, else 512."""
+    return 1024 if is_sdxl else (768 if v_prediction else 512)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The fixed shape facts of a loaded model."""
+
+    latent_factor: int  # pixels per latent cell (8 for SD)
+    size_multiple: int  # working sizes are multiples of this, in pixels: every UNet level halves the latent
+    resolution: int  # native working resolution in pixels (512 for SD1)
+    in_channels: int  # UNet input channels: 4, or 9 for inpainting UNets
+
+    @classmethod
+    def of_unet(cls, *, levels: int, in_channels: int, resolution: int, latent_factor: int = 8) -> "Geometry":
+        """The geometry of a UNet with ``levels`` resolution levels under a VAE of ``latent_factor``."""
+        return cls(int(latent_factor), int(latent_factor) * 2 ** (int(levels) - 1), int(resolution), int(in_channels))
+
+
+class Host(Protocol):
+    """A loaded SD-family model that textmask can run on (see the module docstring)."""
+
+    geometry: Geometry
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        """The UNet's attention modules, (qualified name, module)."""
+
+    def transformer_modules(self) -> list[tuple[str, nn.Module]]:
+        """The UNet's spatial transformers, (qualified name, module)."""
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Encode prompts (long ones in 75-token windows, as the host does) with their token maps."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> scaled latents [B, C, H/f, W/f] on ``device`` in ``dtype``; deterministic."""
+
+    def sigma(self, timestep: int) -> torch.Tensor:
+        """σ [1] (float32, CPU) of the integer timestep 0..999 under the schedule the host samples with."""
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor) -> torch.Tensor:
+        """One forward: the denoised latent [B, C, h, w] (float32) for x = z + σ·ε (float32), σ [B] on x's device;
+        ``image_latents`` (clean latents) feed inpainting UNets."""
+
+    # ---- optional services: HostDefaults implements each ----
+    def prepare(self, batch_shape: Sequence[int]) -> None:
+        """Make room for a forward of ``batch_shape`` latents (load the model, reserve memory)."""
+
+    def progress(self, total: int, desc: str) -> Any:
+        """A progress bar with ``update(n)``, used as a context manager."""
+
+    def check_interrupt(self) -> None:
+        """Raise the host's own interrupt exception if the user cancelled."""
+
+    def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the image pixels that given latents cover."""
+
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
+               resolution: int | None = None) -> torch.Tensor:
+        """``count`` square latents (host-scaled, ``resolution`` px, default native) from the host's own sampler."""
+
+
+class HostDefaults:
+    """The optional services' defaults; adapters inherit them and override what their host provides."""
+
+    show_progress: bool = False  # console bars (the CLI turns them on)
+
+    def prepare(self, batch_shape: Sequence[int]) -> None:
+        return None
+
+    def progress(self, total: int, desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        # hidden for one step, and the delay keeps fast work (cached OVDiff classes) from flashing a bar
+        return tqdm(total=total, desc=desc, disable=not self.show_progress or total <= 1, leave=False, delay=0.5)
+
+    def check_interrupt(self) -> None:
+        return None
+
+    def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        return (0, 0, *image_size)
+
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
+               resolution: int | None = None) -> torch.Tensor:
+        raise CaptureError(f"{type(self).__name__} cannot sample support images for OVDiff; build prototypes in "
+                           "ComfyUI or with the CLI/API")

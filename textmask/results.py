@@ -1,0 +1,43 @@
+"""The public result types. Every tensor is on the CPU, at the input images' exact size [H, W]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MaskResult:
+    """``TextMasker.mask``: one mask per image."""
+
+    masks: torch.Tensor  # [B, H, W] in [0, 1], 1 = selected (inpaint)
+    heatmaps: torch.Tensor  # [B, H, W], the combined soft map before thresholding
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # phrase -> [B, H, W] normalised heatmap
+
+
+@dataclass
+class SegmentsResult:
+    """``TextMasker.segments`` (DiffSeg): per image, a label map and one mask per segment, largest first."""
+
+    labels: torch.Tensor  # [B, H, W] long, 0..K_b-1 in order of decreasing area
+    masks: list[torch.Tensor]  # per image [K_b, H, W] float in {0, 1}
+
+
+@dataclass
+class LabelsResult:
+    """Labels over names (named segments, OVDiff): label 0 is background, i + 1 is names[i]."""
+
+    names: list[str]
+    labels: torch.Tensor  # [B, H, W] long
+    masks: torch.Tensor  # [B, len(names), H, W] float in {0, 1}, in the names' order
+    scores: torch.Tensor | None = None  # [B, 1 + len(names), H, W] per-label scores (background first), if any
+
+
+@dataclass
+class ReferResult:
+    """``TextMasker.refer`` (Ref-Diff): the one object a referring expression names, per image."""
+
+    masks: torch.Tensor  # [B, H, W] in {0, 1}
+    heatmaps: torch.Tensor  # [B, H, W] attribution of the subject, min-max normalised
+    subject: str  # the expression's head noun, whose attention was read
