@@ -23,7 +23,6 @@ def make_outputs(masker, paths, prompt, method, refine, threshold, soft, invert,
 
     from .images import load_image
     from .render import overlay
-    from .postprocess import parse_threshold
 
     if not paths:
         raise TextMaskError("upload at least one image")
@@ -34,7 +33,7 @@ def make_outputs(masker, paths, prompt, method, refine, threshold, soft, invert,
     for i, path in enumerate(paths):
         path = Path(getattr(path, "name", path))
         image = load_image(path)
-        kwargs = dict(method=method, refine=bool(refine), threshold=parse_threshold(threshold), soft=soft, invert=invert)
+        kwargs = dict(method=method, refine=bool(refine), threshold=threshold, soft=soft, invert=invert)
         if method == "ld-znet":
             kwargs["ldznet"] = ldznet
         res = masker.mask(image, prompt, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
@@ -35,6 +36,27 @@ class Architecture:
         return 1024 if self.name == "sdxl" else (768 if self.prediction_type == "v_prediction" and self.name == "sd2" else 512)
 
 
+def read_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a pickled checkpoint (a bare one, or Lightning's ``state_dict`` entry), unpickled with
+    ``weights_only=True`` only: a pickle that holds anything but tensors and plain containers is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"{path.name} holds more than tensors and is refused by the weights-only reader "
+                              f"(weights_only=True): {first}") from None
+    except Exception as e:  # pickle raises many types for a corrupt file
+        raise CheckpointError(f"cannot read {path.name} as a weights-only checkpoint ({type(e).__name__})") from None
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path.name} does not hold a state dict of tensors")
+    return dict(data)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a .safetensors file, or a pickle (.ckpt/.pt/.pth/.bin) with ``weights_only=True``."""
     path = Path(path)
@@ -49,15 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path.name} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle raises many types for a corrupt or hostile file
-            raise CheckpointError(f"cannot read {path.name} as a weights-only checkpoint ({type(e).__name__})") from None
-        if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-            data = data["state_dict"]
-        if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise CheckpointError(f"{path.name} does not hold a state dict of tensors")
-        return dict(data)
+        return read_pickled_state_dict(path)
     raise CheckpointError(f"unsupported checkpoint format '{path.suffix}'; use .safetensors (or .ckpt)")
 
 

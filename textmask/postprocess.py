@@ -53,8 +53,8 @@ def parse_threshold(value) -> float | str:
 
 
 def thresholds(heatmaps: torch.Tensor, threshold: float | str) -> torch.Tensor:
-    """Per-map thresholds of [..., H, W]: Otsu for ``"auto"``, else the fixed value; shape [..., 1, 1]."""
-    threshold = parse_threshold(threshold)
+    """Per-map thresholds of [..., H, W]: Otsu for ``"auto"``, else the fixed value (see ``parse_threshold``);
+    shape [..., 1, 1]."""
     if threshold == "auto":
         flat = heatmaps.reshape(-1, *heatmaps.shape[-2:])
         values = [otsu_threshold(m) for m in flat]

@@ -26,10 +26,6 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TEXTMASK_CACHE", Path.home() / ".cache" / "textmask"))
-
-
 def write_clip_vocab(directory: Path) -> tuple[Path, Path]:
     """Write CLIP's vocab.json and merges.txt (49408 tokens) derived from the shipped BPE merges."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,7 +51,9 @@ def clip_tokenizer():
     """A transformers CLIPTokenizerFast for SD's text encoders, built without any download."""
     from transformers import CLIPTokenizerFast
 
-    vocab, merges = write_clip_vocab(_cache_dir() / "clip-bpe")
+    from .defaults import cache_dir
+
+    vocab, merges = write_clip_vocab(cache_dir() / "clip-bpe")
     return CLIPTokenizerFast(str(vocab), str(merges))
 
 

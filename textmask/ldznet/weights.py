@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import read_pickled_state_dict
 from ..errors import CheckpointError
 from .model import LDZNet, znet_config
 
@@ -91,20 +91,7 @@ def _key_summary(missing, unexpected, limit: int = 8) -> str:
 
 def read_reference_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a reference LatentSeg .ckpt, unpickled with ``weights_only=True`` only."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path.name} holds more than tensors and is refused (weights_only=True): {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for k, v in sd.items() if k != "model_ema.num_updates"):
-        raise CheckpointError(f"{path.name} is not a state dict of tensors")
-    return sd
+    return read_pickled_state_dict(path)
 
 
 def _reference_ema(sd: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor] | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import TAU
+
 EPS = 1e-12
 
 
@@ -48,7 +50,7 @@ def merge_once(maps: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def diffseg(
-    attention: torch.Tensor, size: tuple[int, int], threshold: float = 1.1, iterations: int = 3, points: int = 16,
+    attention: torch.Tensor, size: tuple[int, int], threshold: float = TAU, iterations: int = 3, points: int = 16,
     kmeans_steps: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment one image from its aggregated self-attention [N, N] on an ``size`` grid.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from scipy.ndimage import binary_erosion
 
+from .. import defaults, forward
 from .. import postprocess as pp
 from ..capture import AttentionCapture, AttentionLayer, Need
 from ..hosts.contract import Host
@@ -79,9 +80,9 @@ def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float,
     cond = host.encode_prompts([prompt])
     positions = cond.token_maps[0].find(name)
     out: list[SupportImage] = []
-    for start in range(0, count, batch_size):
-        n = min(batch_size, count - start)
-        side = (resolution or host.geometry.resolution) // host.geometry.latent_factor
+    side = (resolution or host.geometry.resolution) // host.geometry.latent_factor
+    for rows in forward.iter_chunks(count, batch_size):
+        start, n = rows.start, rows.stop - rows.start
         attribution = AttributionSum(positions, n, (side, side), context_matcher(cond.context))
         # The host's own sampler runs the forwards, so this is the one capture outside forward.eps.
         with AttentionCapture(host.attention_modules(), (side, side), [attribution]):
@@ -95,7 +96,7 @@ def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float,
 
 
 def split_foreground(attention: torch.Tensor, grid: tuple[int, int], attribution: torch.Tensor,
-                     tau: float = 1.1) -> tuple[torch.Tensor, torch.Tensor]:
+                     tau: float = defaults.TAU) -> tuple[torch.Tensor, torch.Tensor]:
     """(foreground, background) bool masks on ``grid`` from DiffSeg segments of one image's self-attention.
 
     Foreground is the segment of highest mean attribution; background is the lowest-ranked segment where the
