@@ -314,7 +314,7 @@ def test_installer_installs_only_what_is_missing(webui):
     spec = importlib.util.spec_from_file_location("textmask_install", ROOT / "install.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     installed = [cmd for cmd, _ in launch.pip_calls]
-    assert installed == ['install "einops>=0.7"', 'install "scipy>=1.10"', 'install "scikit-image>=0.22"']
+    assert installed == ['install "scipy>=1.10"', 'install "scikit-image>=0.22"']
 
 
 def test_the_vae_gets_its_own_dtype(webui, monkeypatch):

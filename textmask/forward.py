@@ -16,20 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from .capture import AttentionCapture, Collector
-from .errors import TextMaskError
+from . import options
 from .hosts.contract import Conditioning, Host
 from .images import ImageInput, to_batch, working_size
 from .schedule import image_noise
 
 T = TypeVar("T")
-
-
-def check_timestep(timestep: int) -> int:
-    """The timestep as an int in [0, 999]; raises TextMaskError otherwise."""
-    if isinstance(timestep, bool) or not isinstance(timestep, (int, float)) or timestep != int(timestep) \
-            or not 0 <= int(timestep) < 1000:
-        raise TextMaskError(f"timestep must be an integer in [0, 999], got {timestep!r}")
-    return int(timestep)
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:
@@ -59,6 +51,7 @@ def prepare_images(host: Host, images: ImageInput | list[ImageInput], resolution
     """Images as a [B, 3, H, W] batch with the working size at ``resolution`` (default the host's native one)."""
     pixels = to_batch(images)
     geometry = host.geometry
+    resolution = options.resolution(resolution)
     working = working_size(*pixels.shape[-2:], resolution or geometry.resolution, multiple or geometry.size_multiple)
     return Images(pixels, working)
 
@@ -108,7 +101,7 @@ def add_noise(host: Host, latents: torch.Tensor, timestep: int, seed: int,
     or ``seed`` for every row with ``shared`` (the windows of one image)."""
     b = latents.shape[0]
     noise = image_noise(latents.shape[1:], seed, 1 if shared else b).expand(b, *latents.shape[1:])
-    sigma = host.sigma(check_timestep(timestep)).float().to(latents.device)
+    sigma = host.sigma(options.timestep(timestep)).float().to(latents.device)
     x = noise.to(latents.device).float() * sigma.view(-1, 1, 1, 1) + latents.float()
     return x, sigma.expand(b)
 

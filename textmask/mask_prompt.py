@@ -124,8 +124,10 @@ class _Parser:
 
 
 def parse(text: str) -> Expr:
-    """Parse a mask prompt; raises PromptSyntaxError naming the column, or TextMaskError when empty."""
-    if not text or not text.strip():
+    """Parse a mask prompt; raises PromptSyntaxError naming the column, or TextMaskError when empty or not text."""
+    if not isinstance(text, str):
+        raise TextMaskError(f"the mask prompt must be text, got {type(text).__name__}")
+    if not text.strip():
         raise TextMaskError("the mask prompt is empty")
     return _Parser(text).parse()
 
@@ -162,6 +164,6 @@ def evaluate(expr: Expr, leaf: Callable[[str], torch.Tensor]) -> torch.Tensor:
 
 def with_negative(expr: Expr, negative: str | None) -> Expr:
     """``expr AND NOT (negative)`` when a negative mask prompt is given."""
-    if negative is None or not negative.strip():
+    if negative is None or (isinstance(negative, str) and not negative.strip()):
         return expr
     return And((expr, Not(parse(negative))))

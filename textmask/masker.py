@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import defaults, forward
+from . import defaults, forward, options
 from . import mask_prompt as mp
 from . import postprocess as pp
 from .errors import TextMaskError
@@ -84,7 +84,8 @@ class TextMasker:
             raise TextMaskError(f"method '{method}' takes no option {', '.join(unknown)}"
                                 + (f"; its options: {', '.join(chosen.options)}" if chosen.options else ""))
         threshold = pp.parse_threshold(threshold)
-        timestep = forward.check_timestep(chosen.timestep if timestep is None else timestep)
+        timestep = options.timestep(chosen.timestep if timestep is None else timestep)
+        seed, batch_size = options.seed(seed), options.batch_size(batch_size)
         expr = mp.with_negative(mp.parse(mask_prompt), negative)
         phrases = mp.phrases(expr)
         if latents is not None and chosen.needs_images:
@@ -92,6 +93,7 @@ class TextMasker:
         decoder = chosen.setup(self.host, phrases, prompt, **method_options)
         images = forward.prepare_images(self.host, images, resolution or decoder.resolution,
                                         max(self.host.geometry.size_multiple, decoder.size_multiple or 0))
+        blur, grow = options.blur(blur, images.size), options.grow(grow, images.size)
         region = (0, 0, *images.size)
         if latents is not None:
             if latents.dim() != 4 or latents.shape[0] not in (1, len(images)):

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .. import defaults, forward
+from .. import defaults, forward, options
 from ..capture import OutputCapture
 from ..errors import CheckpointError, TextMaskError
 from ..hosts.contract import Conditioning, Host
@@ -76,7 +76,7 @@ def run_ldznet(host: Host, model: LDZNet, latents: torch.Tensor, x: torch.Tensor
 def draw_timestep(timestep: int | None, seed: int) -> int:
     """``timestep``, or one drawn from the reference's training range [300, 500) with ``seed``."""
     if timestep is not None:
-        return forward.check_timestep(timestep)
+        return options.timestep(timestep)
     g = torch.Generator().manual_seed(int(seed))
     return int(torch.randint(*TRAIN_TIMESTEPS, (1,), generator=g))
 

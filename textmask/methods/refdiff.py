@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import defaults, forward
+from .. import defaults, forward, options
 from .. import postprocess as pp
 from ..capture import Need
 from ..clip import clip_scorer
@@ -24,7 +24,6 @@ from ..results import ReferResult
 from ..subject import subject as find_subject
 from .attention import SelfAttentionAggregate
 from .diffseg import diffseg
-from .segments import check_tau
 
 GUIDANCE = 9.0  # the reference's extrapolation factor from uncond towards cond
 THRESHOLDS = [round(0.05 * k, 2) for k in range(1, 20)]  # 5 % … 95 %
@@ -146,12 +145,11 @@ def refer(
     use_spacy: bool = False,
 ) -> ReferResult:
     """The mask of the object a referring expression names, per image, at the exact input size."""
-    timestep = forward.check_timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
+    timestep = options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
     if not isinstance(expression, str) or not expression.strip():
         raise TextMaskError("the referring expression is empty")
-    if not 0.0 <= alpha <= 1.0:
-        raise TextMaskError(f"alpha must be in [0, 1], got {alpha}")
-    check_tau(tau)
+    alpha, tau, seed = options.alpha(alpha), options.tau(tau), options.seed(seed)
+    batch_size = options.batch_size(batch_size)
     head = find_subject(expression, use_spacy=use_spacy)
     scorer = clip_scorer(clip, host.device)
     images = forward.prepare_images(host, images, resolution)

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .. import defaults, forward
+from .. import defaults, forward, options
 from .. import postprocess as pp
 from ..errors import TextMaskError
 from ..hosts.contract import Host
@@ -26,12 +26,6 @@ def _forwards(host: Host, images: forward.Images, prompt: str, groups, timestep:
         cross = CrossAttentionMaps(groups) if groups else None
         forward.eps(host, x, sigma, cond.select([0] * x.shape[0]), latents, [selfagg] + ([cross] if cross else []))
         yield selfagg.result(), selfagg.size, (cross.aggregate() if cross else None)
-
-
-def check_tau(tau: float) -> None:
-    """DiffSeg's merge threshold must be a positive number."""
-    if not isinstance(tau, (int, float)) or not tau > 0 or tau == float("inf"):
-        raise TextMaskError(f"tau must be a positive number, got {tau}")
 
 
 # Upsampled segment maps stay on the GPU up to this size; a larger stack (a huge image) is resized on the CPU.
@@ -59,7 +53,8 @@ def segment_everything(
     seed: int = 0, resolution: int | None = None, batch_size: int = 1,
 ) -> SegmentsResult:
     """DiffSeg over the host's self-attention; masks at the exact input size."""
-    check_tau(tau)
+    tau, timestep, seed = options.tau(tau), options.timestep(timestep), options.seed(seed)
+    batch_size = options.batch_size(batch_size)
     images = forward.prepare_images(host, images, resolution)
     labels, masks = [], []
     with torch.inference_mode():
@@ -77,7 +72,10 @@ def named_segments(
     seed: int = 0, resolution: int | None = None, batch_size: int = 1,
 ) -> LabelsResult:
     """Label DiffSeg segments with names: each segment takes the name (or background) of highest mean attention."""
-    check_tau(tau)
+    tau, timestep, seed = options.tau(tau), options.timestep(timestep), options.seed(seed)
+    batch_size = options.batch_size(batch_size)
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TextMaskError("names must be a list of words, e.g. ['sky', 'person']")
     names = [n.strip() for n in names]
     if not names or any(not n for n in names):
         raise TextMaskError("give at least one name, and no empty names")

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import defaults, forward
+from .. import defaults, forward, options
 from ..errors import TextMaskError
 from ..hosts.contract import Host
 from . import support
@@ -214,6 +214,20 @@ def default_cache_dir() -> Path:
     return defaults.cache_dir() / "ovdiff"
 
 
+def writable_folder(path: Path) -> Path:
+    """``path`` as a folder prototypes can be written to (made if missing), checked before any is built."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        raise TextMaskError(f"the prototype cache {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise TextMaskError(f"cannot write prototypes to {path}: {e.strerror or type(e).__name__}") from None
+    return path
+
+
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
@@ -267,8 +281,9 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
         raise TextMaskError("give at least one class name, and no empty names")
     if len({n.lower() for n in names}) != len(names):
         raise TextMaskError("duplicate class names")
-    if images < 1 or steps < 1:
-        raise TextMaskError("images and steps must be at least 1")
+    images = options.count("images", images, options.MAX_SUPPORT_IMAGES)
+    steps = options.count("steps", steps, options.MAX_STEPS)
+    cfg, seed, resolution = options.cfg(cfg), options.seed(seed), options.resolution(resolution)
     if host.geometry.in_channels != 4:
         raise TextMaskError("OVDiff samples its support images, which needs a non-inpainting model; "
                             "build the prototypes with the base model of this inpainting checkpoint")
@@ -277,7 +292,7 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
     if resolution is not None and (resolution <= 0 or resolution % multiple):
         raise TextMaskError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
     settings = Settings(images=images, steps=steps, cfg=cfg, seed=seed, kmeans=kmeans_parts, resolution=resolution)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = writable_folder(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     model_fp = fingerprint(host)
     out = []
     with host.progress(len(names), "ovdiff classes") as classes_bar:

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import forward
+from .. import forward, options
 from ..clip import clip_scorer
 from ..errors import TextMaskError
 from ..hosts.contract import Host
@@ -80,6 +80,7 @@ def label(prototypes: Prototypes, images, *, host: Host | None = None, classes: 
     host = host or prototypes.host
     if host is None:
         raise TextMaskError("these prototypes carry no model; pass the host that built them")
+    seed, batch_size = options.seed(seed), options.batch_size(batch_size)
     protos = prototypes.classes
     if classes is not None:
         index = {c.name.lower(): c for c in protos}

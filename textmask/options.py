@@ -1,0 +1,110 @@
+"""Every option's bounds, checked here for every face (API, CLI, ComfyUI nodes, webui script, app).
+
+Each check returns the value in its canonical type or raises a ``TextMaskError`` whose one line names the option,
+its range and what was given. The bounds are documented in the README's options table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import TextMaskError
+
+# The working resolution's bounds, in pixels. The self-attention aggregate that refine, segments and refer keep is
+# (side / 8)⁴ floats: 1 GiB at 1024 px, 16 GiB at 2048 px, so 2048 is the most any of them can hold.
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 2048
+SEED_MODULUS = 2**63  # seeds are taken modulo this: every torch generator takes them, image i adding i
+MAX_TAU = 100.0
+MAX_CFG = 100.0
+MAX_SUPPORT_IMAGES, MAX_STEPS = 1024, 1000
+MAX_BATCH = 4096
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(str(value).strip())
+        except ValueError:
+            raise TextMaskError(f"{name} must be a number, got {value!r}") from None
+    value = float(value)
+    if not math.isfinite(value):
+        raise TextMaskError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    number = _number(name, value)
+    if number != int(number):
+        raise TextMaskError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def in_range(name: str, value: Any, lo: float, hi: float, *, integer: bool = False, unit: str = "") -> float | int:
+    """``value`` as a finite number (an int with ``integer``) in [lo, hi]; raises TextMaskError otherwise."""
+    number = _integer(name, value) if integer else _number(name, value)
+    if not lo <= number <= hi:
+        shown = (lambda v: f"{int(v)}" if integer or float(v).is_integer() else f"{v:g}")
+        raise TextMaskError(f"{name} must be in [{shown(lo)}, {shown(hi)}]{unit}, got {value!r}")
+    return number
+
+
+def diagonal(size: tuple[int, int]) -> int:
+    """The diagonal of an image of ``size`` = (H, W), in whole pixels."""
+    return math.ceil(math.hypot(*size))
+
+
+def blur(value: Any, size: tuple[int, int]) -> float:
+    """The feather's σ in pixels: 0 up to the image's diagonal."""
+    return in_range("blur", value, 0, diagonal(size), unit=" pixels (up to the image's diagonal)")
+
+
+def grow(value: Any, size: tuple[int, int]) -> float:
+    """Pixels to grow (negative: shrink) the mask by: at most the image's diagonal either way."""
+    d = diagonal(size)
+    return in_range("grow", value, -d, d, unit=" pixels (the image's diagonal either way)")
+
+
+def resolution(value: Any) -> int | None:
+    """The working resolution in pixels, or None (the model's native one); 0 also means native (ComfyUI's)."""
+    if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
+        return None
+    return in_range("resolution", value, MIN_RESOLUTION, MAX_RESOLUTION, integer=True, unit=" pixels")
+
+
+def timestep(value: Any) -> int:
+    """A noise level: a whole timestep in [0, 999]."""
+    return in_range("timestep", value, 0, 999, integer=True)
+
+
+def seed(value: Any) -> int:
+    """A seed: any whole number, taken modulo 2⁶³ (so 2**70 and -1 are usable, and the same every time)."""
+    return _integer("seed", value) % SEED_MODULUS
+
+
+def tau(value: Any) -> float:
+    """DiffSeg's KL merge threshold: positive (lower gives more segments)."""
+    number = in_range("tau", value, 0, MAX_TAU)
+    if number <= 0:
+        raise TextMaskError(f"tau must be in (0, {MAX_TAU:g}], got {value!r}")
+    return number
+
+
+def cfg(value: Any) -> float:
+    """A guidance scale in [0, 100]."""
+    return in_range("cfg", value, 0, MAX_CFG)
+
+
+def alpha(value: Any) -> float:
+    """Ref-Diff's weight of the generative score against CLIP's, in [0, 1]."""
+    return in_range("alpha", value, 0, 1)
+
+
+def count(name: str, value: Any, hi: int) -> int:
+    """A whole number of things, 1 to ``hi``."""
+    return in_range(name, value, 1, hi, integer=True)
+
+
+def batch_size(value: Any) -> int:
+    """Images (or windows) to a forward: 1 or more."""
+    return count("batch_size", value, MAX_BATCH)
