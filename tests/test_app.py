@@ -43,6 +43,44 @@ def test_outputs_without_browser(shapes_masker, tmp_path):
         make_outputs(shapes_masker, [str(img)], " ", "attention", True, "auto", False, False)
 
 
+APP_BAD = {
+    "no images": (lambda img: [], "circle", {}, "upload at least one image"),
+    "empty prompt": (lambda img: [img], " ", {}, "type what to mask"),
+    "bad syntax": (lambda img: [img], "circle AND", {}, "syntax"),
+    "bad threshold": (lambda img: [img], "circle", {"threshold": "2"}, "threshold"),
+    "not an image": (lambda img: [img.with_suffix(".txt")], "circle", {}, "cannot read image"),
+    "unknown method": (lambda img: [img], "circle", {"method": "magic"}, "unknown method"),
+}
+
+
+@pytest.mark.parametrize("case", list(APP_BAD))
+def test_bad_requests_are_one_line_and_leave_no_files(shapes_masker, tmp_path, case):
+    from textmask.app import make_outputs
+
+    img = scene_png(tmp_path / "scene.png")
+    img.with_suffix(".txt").write_text("not an image")
+    paths, prompt, extra, phrase = APP_BAD[case]
+    kw = {**dict(method="attention", refine=True, threshold="auto", soft=False, invert=False), **extra}
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(TextMaskError, match=phrase) as e:
+        make_outputs(shapes_masker, [str(p) for p in paths(img)], prompt, kw["method"], kw["refine"],
+                     kw["threshold"], kw["soft"], kw["invert"], root=root)
+    assert "\n" not in str(e.value)
+    assert list(root.iterdir()) == []  # the failed request's folder is gone
+
+
+def test_the_app_keeps_its_files_in_one_folder_it_removes(shapes_masker):
+    pytest.importorskip("gradio")
+    from textmask.app import build_app
+
+    app = build_app(shapes_masker)
+    root = app.textmask_root
+    assert root.is_dir() and root.name.startswith("textmask-app-")
+    app.textmask_cleanup()  # registered with atexit: what happens when the app's process ends
+    assert not root.exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from textmask import TextMasker
 from textmask.checkpoint import detect_architecture, read_state_dict
 from textmask.errors import CheckpointError
 from textmask.hosts import diffusers_loading
-from textmask.hosts.diffusers import CONFIGS, DiffusersHost
+from textmask.hosts.diffusers import CONFIGS
 
 ldm = pytest.importorskip("ldm")
 

@@ -9,7 +9,6 @@ from PIL import Image
 import tiny_models
 from textmask import ImageError, PhraseNotFoundError, PromptSyntaxError, TextMasker, TextMaskError
 from textmask.hosts import diffusers_loading
-from textmask.hosts.diffusers import DiffusersHost
 
 
 def images(b=2, h=37, w=53, seed=0):

@@ -3,7 +3,6 @@ the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a n
 
 import numpy as np
 import pytest
-import torch
 
 from textmask.demo.model import MODEL_DIR, load_demo_masker
 from textmask.demo.scenes import make_scene

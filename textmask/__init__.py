@@ -2,8 +2,6 @@
 
 from . import defaults
 from .errors import CheckpointError, ImageError, PhraseNotFoundError, PromptSyntaxError, TextMaskError
-from .masker import TextMasker
-from .results import LabelsResult, MaskResult, ReferResult, SegmentsResult
 
 DEFAULT_TIMESTEP = defaults.TIMESTEP  # the attention and noise-diff forwards' noise level
 
@@ -22,3 +20,14 @@ __all__ = [
     "CheckpointError",
     "ImageError",
 ]
+_LAZY = {"TextMasker": "masker", "MaskResult": "results", "SegmentsResult": "results", "LabelsResult": "results",
+         "ReferResult": "results"}
+
+
+def __getattr__(name: str):
+    # torch loads on first use, not on import: the CLI answers --help and Ctrl-C at once.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'textmask' has no attribute {name!r}")

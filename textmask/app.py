@@ -1,11 +1,15 @@
 """The standalone web app: ``textmask app --checkpoint PATH`` (Gradio, diffusers host, 127.0.0.1 by default).
 
 Upload one image or many, type a mask prompt, pick a method; see the masks, the heatmap overlays and the
-cutouts, and download them as PNGs.
+cutouts, and download them as PNGs. Each request's files live in the app's temporary folder until the same browser
+session asks again or leaves, and the folder goes when the app stops.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,18 +21,27 @@ from .errors import TextMaskError
 from .methods import METHODS, ZERO_SHOT_METHODS
 
 
-def make_outputs(masker, paths, prompt, method, refine, threshold, soft, invert, ldznet=None):
-    """(mask PNGs, overlay PNGs, cutout PNGs) for each uploaded image, in a fresh temporary folder."""
+def make_outputs(masker, paths, prompt, method, refine, threshold, soft, invert, ldznet=None, root=None):
+    """(mask PNGs, overlay PNGs, cutout PNGs) for each uploaded image, in a fresh folder under ``root`` (default: the
+    system's temporary folder); on any error the folder goes and the error is raised."""
+    if not paths:
+        raise TextMaskError("upload at least one image")
+    if not prompt or not prompt.strip():
+        raise TextMaskError("type what to mask")
+    out = Path(tempfile.mkdtemp(prefix="textmask-app-", dir=root))
+    try:
+        return _write_outputs(masker, paths, prompt, method, refine, threshold, soft, invert, ldznet, out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_outputs(masker, paths, prompt, method, refine, threshold, soft, invert, ldznet, out: Path):
     from PIL import Image
 
     from .images import load_image
     from .render import overlay
 
-    if not paths:
-        raise TextMaskError("upload at least one image")
-    if not prompt or not prompt.strip():
-        raise TextMaskError("type what to mask")
-    out = Path(tempfile.mkdtemp(prefix="textmask-app-"))
     masks, overlays, cutouts = [], [], []
     for i, path in enumerate(paths):
         path = Path(getattr(path, "name", path))
@@ -55,16 +68,28 @@ def build_app(masker, ldznet=None):
     import gradio as gr
 
     methods = list(METHODS) if ldznet is not None else list(ZERO_SHOT_METHODS)
+    root = Path(tempfile.mkdtemp(prefix="textmask-app-"))
+    cleanup = functools.partial(shutil.rmtree, root, True)
+    atexit.register(cleanup)
+    sessions: dict[str, Path] = {}  # browser session -> the folder of its last request
 
-    def run(files, prompt, method, refine, threshold, soft, invert):
+    def forget(request: gr.Request = None) -> None:  # Gradio passes the request by its annotation
+        folder = sessions.pop(getattr(request, "session_hash", None) or "", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def run(files, prompt, method, refine, threshold, soft, invert, request: gr.Request):
         try:
             masks, overlays, cutouts = make_outputs(masker, [f if isinstance(f, str) else f.name for f in files or []],
-                                                    prompt, method, refine, threshold, soft, invert, ldznet)
+                                                    prompt, method, refine, threshold, soft, invert, ldznet, root)
         except TextMaskError as e:
             raise gr.Error(str(e)) from None
+        forget(request)  # Gradio has served the last request's files from its own copies
+        if masks:
+            sessions[getattr(request, "session_hash", None) or ""] = Path(masks[0]).parent
         return masks, overlays, cutouts, masks + overlays + cutouts
 
-    with gr.Blocks(title="textmask") as app:
+    with gr.Blocks(title="textmask", delete_cache=(3600, 3600)) as app:  # Gradio's own copies go after an hour
         gr.Markdown("## textmask\nMasks from words, made by the loaded Stable Diffusion model. "
                     "Combine phrases with `|`, `AND`, `NOT` and parentheses.")
         with gr.Row():
@@ -84,4 +109,6 @@ def build_app(masker, ldznet=None):
             cutouts = gr.Gallery(label="Cutout", elem_id="cutouts", columns=4)
         downloads = gr.File(label="Download PNGs", file_count="multiple", elem_id="downloads")
         button.click(run, [files, prompt, method, refine, threshold, soft, invert], [masks, overlays, cutouts, downloads])
+        app.unload(forget)
+    app.textmask_root, app.textmask_cleanup = root, cleanup  # where its requests' files live, and their removal
     return app

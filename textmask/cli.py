@@ -3,21 +3,58 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
+import hashlib
+import json
 import sys
-import tempfile
+from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from . import options
 from .errors import TextMaskError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class CliError(TextMaskError):
     """A usage problem found before any work starts."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in textmask's one line (argparse prints its usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"textmask: error: {message} (see '{self.prog} --help')\n")
+
+
+def checked(check: Callable, text_to=float) -> Callable[[str], object]:
+    """An argparse type that reads a number and bounds it with an ``options`` check."""
+
+    def parse(text: str):
+        try:
+            return check(text_to(text))
+        except (TextMaskError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e) if isinstance(e, TextMaskError) else f"not a number: {text!r}") \
+                from None
+
+    parse.__name__ = check.__name__  # argparse names the type in its messages
+    return parse
+
+
+def whole(text: str) -> int:
+    """A whole number, also written 1e3 or 10.0; refused (ValueError) when it has a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer():
+            raise ValueError(text) from None
+        return int(number)
+
+
+def finite(name: str) -> Callable[[str], float]:
+    """An argparse type for a finite number (its bounds are checked once the image's size is known)."""
+    return checked(lambda value: options.in_range(name, value, -float("inf"), float("inf")))
 
 
 def _threshold(text: str):
@@ -39,18 +76,33 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
                    help=f"refine attention maps with self-attention (default: {'on' if defaults.REFINE else 'off'})")
     p.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (Otsu) or a value in [0, 1]")
     p.add_argument("--soft", action="store_true", help="soft masks instead of binary")
-    p.add_argument("--blur", type=float, default=0.0, metavar="PX", help="Gaussian feather, sigma in pixels")
-    p.add_argument("--grow", type=float, default=0.0, metavar="PX", help="grow by PX pixels (negative shrinks)")
+    p.add_argument("--blur", type=finite("blur"), default=0.0, metavar="PX",
+                   help="Gaussian feather, sigma in pixels (0 to the image's diagonal)")
+    p.add_argument("--grow", type=finite("grow"), default=0.0, metavar="PX",
+                   help="grow by PX pixels, negative shrinks (up to the image's diagonal)")
     p.add_argument("--fill-holes", action="store_true", help="fill holes inside masked regions")
     p.add_argument("--invert", action="store_true", help="invert the mask")
     p.add_argument("--negative", default=None, help="mask prompt to subtract")
     p.add_argument("--prompt", default=None, help="caption to condition on; phrases must occur in it")
-    p.add_argument("--timestep", type=int, default=None,
+    p.add_argument("--timestep", type=checked(options.timestep, whole), default=None,
                    help=f"noise level 0-999 (default {defaults.TIMESTEP}; {defaults.LDZNET_TIMESTEP} for ld-znet)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=None, help="working resolution in pixels (default: the model's)")
+    add_seed_resolution(p)
     p.add_argument("--ldznet", default=None, metavar="PATH", help="LD-ZNet .safetensors, for --method ld-znet")
     p.add_argument("--template", default=None, help='LD-ZNet prompt template (default "a photo of a {}.")')
+
+
+def add_seed_resolution(p: argparse.ArgumentParser, what: str = "working resolution") -> None:
+    p.add_argument("--seed", type=checked(options.seed, whole), default=0, help="noise seed (taken modulo 2^63)")
+    p.add_argument("--resolution", type=checked(options.resolution, whole), default=None,
+                   help=f"{what} in pixels, {options.MIN_RESOLUTION}-{options.MAX_RESOLUTION} (default: the model's)")
+
+
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    from .images import MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=checked(lambda v: options.in_range("max-pixels", v, 1, 2**40, integer=True),
+                                                whole), default=None,
+                   help=f"refuse images with more pixels than this (default {MAX_PIXELS:,}, or $TEXTMASK_MAX_PIXELS)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -64,19 +116,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=int, default=32, help="support images per class (default 32)")
-    p.add_argument("--steps", type=int, default=30, help="sampler steps per support image (default 30)")
-    p.add_argument("--cfg", type=float, default=8.0, help="guidance scale (default 8)")
-    p.add_argument("--seed", type=int, default=0)
+    images = checked(lambda v: options.count("images", v, options.MAX_SUPPORT_IMAGES), whole)
+    steps = checked(lambda v: options.count("steps", v, options.MAX_STEPS), whole)
+    p.add_argument("--images", type=images, default=32, help="support images per class (default 32)")
+    p.add_argument("--steps", type=steps, default=30, help="sampler steps per support image (default 30)")
+    p.add_argument("--cfg", type=checked(options.cfg), default=8.0, help="guidance scale, 0-100 (default 8)")
     p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/textmask/ovdiff)")
-    p.add_argument("--resolution", type=int, default=None, help="support image size in pixels (default: the model's)")
+    add_seed_resolution(p, "support image size")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import defaults
 
-    parser = argparse.ArgumentParser(prog="textmask", description="Text-prompted masks from a Stable Diffusion model.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="textmask", description="Text-prompted masks from a Stable Diffusion model.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in ("mask", *DEPRECATED):
         seg = sub.add_parser(name, help="mask an image or a folder of images" if name == "mask" else f"old name of '{DEPRECATED[name]}'")
         seg.add_argument("input", help="an image file or a folder of images")
@@ -85,29 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
         seg.add_argument("--heatmap", default=None, help="heatmap overlay PNG (or folder, for a folder input)")
         add_model_options(seg)
         add_mask_options(seg)
+        add_image_options(seg)
     segs = sub.add_parser("segments", help="segment everything (DiffSeg): a label image and one mask per segment")
     segs.add_argument("input", help="an image file or a folder of images")
     segs.add_argument("--out", required=True, help="output folder: labels.png and segment-NNN.png per image")
-    segs.add_argument("--tau", type=float, default=defaults.TAU,
+    segs.add_argument("--tau", type=checked(options.tau), default=defaults.TAU,
                       help=f"KL merge threshold (default {defaults.TAU}; lower gives more segments)")
     segs.add_argument("--kmeans", action="store_true", help="refine segments with K-means")
-    segs.add_argument("--timestep", type=int, default=defaults.TIMESTEP)
-    segs.add_argument("--seed", type=int, default=0)
-    segs.add_argument("--resolution", type=int, default=None)
+    segs.add_argument("--timestep", type=checked(options.timestep, whole), default=defaults.TIMESTEP)
+    add_seed_resolution(segs)
     add_model_options(segs)
+    add_image_options(segs)
     ref = sub.add_parser("refer", help="mask the object a referring expression names (Ref-Diff)")
     ref.add_argument("input", help="an image file")
     ref.add_argument("expression", help='e.g. "the man on the left"')
     ref.add_argument("--out", required=True, help="mask PNG")
     ref.add_argument("--heatmap", default=None, help="attribution heatmap overlay PNG")
     ref.add_argument("--clip", default=None, help="local transformers CLIP folder, for the discriminative score")
-    ref.add_argument("--alpha", type=float, default=0.5, help="weight of the generative score when --clip is given")
-    ref.add_argument("--tau", type=float, default=defaults.TAU, help="DiffSeg merge threshold for the proposals")
-    ref.add_argument("--timestep", type=int, default=defaults.REFER_TIMESTEP,
+    ref.add_argument("--alpha", type=checked(options.alpha), default=0.5,
+                     help="weight of the generative score when --clip is given, 0-1")
+    ref.add_argument("--tau", type=checked(options.tau), default=defaults.TAU,
+                     help="DiffSeg merge threshold for the proposals")
+    ref.add_argument("--timestep", type=checked(options.timestep, whole), default=defaults.REFER_TIMESTEP,
                      help=f"noise level (default {defaults.REFER_TIMESTEP})")
-    ref.add_argument("--seed", type=int, default=0)
-    ref.add_argument("--resolution", type=int, default=None)
+    add_seed_resolution(ref)
     add_model_options(ref)
+    add_image_options(ref)
     conv = sub.add_parser("convert-ldznet", help="convert the official LDZNet_txt2mask.ckpt to textmask safetensors")
     conv.add_argument("input", help="the reference LatentSeg checkpoint (.ckpt), read with weights_only=True")
     conv.add_argument("output", help="output .safetensors")
@@ -128,14 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     ovd.add_argument("--clip", default=None, help="local transformers CLIP folder, for the class pre-filter")
     add_ovdiff_options(ovd)
     add_model_options(ovd)
+    add_image_options(ovd)
     app = sub.add_parser("app", help="the standalone web app (Gradio): upload, type, download masks")
     add_model_options(app)  # --checkpoint also takes 'shapes', the bundled model
     app.add_argument("--ldznet", default=None, metavar="PATH", help="LD-ZNet weights, to offer the ld-znet method")
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--port", type=checked(lambda v: options.in_range("port", v, 1, 65535, integer=True), whole),
+                     default=7860, help="port to listen on, 1-65535 (default 7860)")
     demo = sub.add_parser("demo", help="mask a few Shapes scenes with the bundled tiny model (no download)")
     demo.add_argument("--out", default="textmask-demo", help="output folder (default: ./textmask-demo)")
-    demo.add_argument("--scenes", type=int, default=4, help="how many test scenes (default 4)")
+    demo.add_argument("--scenes", type=checked(lambda v: options.count("scenes", v, 500), whole), default=4,
+                      help="how many test scenes, 1-500 (default 4)")
     return parser
 
 
@@ -181,148 +241,171 @@ def load_masker(args: argparse.Namespace):
     return TextMasker(host)
 
 
-def _inputs(path: Path) -> list[Path]:
+def input_files(path: Path) -> list[Path]:
+    """The images a command reads: the file itself, or a folder's image files (``images.IMAGE_SUFFIXES``)."""
+    from .images import IMAGE_SUFFIXES
+
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise CliError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+            raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
         return files
     if not path.exists():
         raise CliError(f"input not found: {path}")
     return [path]
 
 
-def _move_into(stage: Path, out: Path) -> None:
-    """Move everything staged into the ``out`` folder, replacing earlier results of the same names."""
-    out.mkdir(parents=True, exist_ok=True)
-    for item in stage.iterdir():
-        dest = out / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """Each input's output name in a folder run: its stem, or its whole name where inputs share a stem
+    (a.png and a.jpg give a.png.png and a.jpg.png)."""
+    stems = Counter(f.stem for f in files)
+    names = {f: f.stem if stems[f.stem] == 1 else f.name for f in files}
+    clash = [n for n, c in Counter(names.values()).items() if c > 1]
+    if clash:
+        raise CliError(f"inputs {', '.join(str(f) for f in files if names[f] == clash[0])} would share the output "
+                       f"'{clash[0]}'; rename one")
+    return names
 
 
-def _staging(out: Path) -> Path:
-    """A temporary folder beside ``out``, so finished files move into place atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".textmask-", dir=out.parent))
+def checked_images(files: list[Path], args: argparse.Namespace) -> list[tuple[int, int]]:
+    """Every input's (H, W), read from its header, and the options bounded by an image's size checked against it:
+    all before any model loads."""
+    from . import options
+    from .images import check_image
+
+    sizes = [check_image(f) for f in files]
+    for size in sizes:
+        if getattr(args, "blur", None) is not None:
+            options.blur(args.blur, size)
+        if getattr(args, "grow", None) is not None:
+            options.grow(args.grow, size)
+    return sizes
+
+
+def settings_fingerprint(args: argparse.Namespace) -> str:
+    """What makes a folder run's outputs what they are: every option but where they go and how the model is run."""
+    skip = {"input", "out", "heatmap", "device", "offload", "debug", "func", "max_pixels", "cache"}
+    items = {k: v for k, v in vars(args).items() if k not in skip}
+    ckpt = Path(str(items.get("checkpoint", "")))
+    if ckpt.exists():
+        stat = ckpt.stat()
+        items["checkpoint"] = [str(ckpt.resolve()), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_mask(args: argparse.Namespace) -> None:
     import torch
 
-    from .images import check_image, load_image
-    from .render import save_mask, save_overlay
+    from .images import load_image
     from .mask_prompt import parse, with_negative
+    from .outputs import FolderRun, Outputs
+    from .render import save_mask, save_overlay
 
-    src, out = Path(args.input), Path(args.out)
-    files = _inputs(src)
+    src = Path(args.input)
+    files = input_files(src)
     folder = src.is_dir()
-    if not folder and out.suffix.lower() != ".png":
-        raise CliError(f"--out must be a .png file for a single image, got {out}")
-    if folder and out.suffix:
-        raise CliError(f"--out must be a folder for a folder input, got {out}")
+    if not folder and Path(args.out).suffix.lower() != ".png":
+        raise CliError(f"--out must be a .png file for a single image, got {args.out}")
+    if folder and Path(args.out).suffix.lower() == ".png":
+        raise CliError(f"--out must be a folder for a folder input, got {args.out}")
     with_negative(parse(args.mask_prompt), args.negative)  # fail on syntax before loading a model
-    for f in files:
-        check_image(f)  # fail on an unreadable image before any work; pixels are decoded one at a time below
+    checked_images(files, args)  # unreadable or too large images fail before any work; pixels decode one at a time
     if (args.method == "ld-znet") != (args.ldznet is not None):
         raise CliError("--method ld-znet and --ldznet PATH go together")
     if args.ldznet is not None and (not args.ldznet.strip() or not Path(args.ldznet).is_file()):
         raise CliError(f"LD-ZNet weights not found: '{args.ldznet}'")
-    masker = load_masker(args)
-    ldznet = masker.load_ldznet(args.ldznet) if args.ldznet else None
-
-    stage = _staging(out)
-    try:
-        results = []
-        bar = masker.host.progress(len(files), "images") if folder else None
-        for f in files:
+    with Outputs(inputs=files) as outputs:
+        out = outputs.folder(args.out, "--out") if folder else outputs.file(args.out, "--out")
+        heat = None
+        if args.heatmap:
+            heat = outputs.folder(args.heatmap, "--heatmap") if folder else outputs.file(args.heatmap, "--heatmap")
+        names = output_names(files) if folder else {files[0]: None}
+        runs = [FolderRun(d, settings_fingerprint(args)) for d in (out, heat) if folder and d is not None]
+        todo = [f for f in files if not (folder and all(
+            r.done([Path(r.folder) / f"{names[f]}.png"]) for r in runs))]
+        masker = load_masker(args) if todo else None
+        ldznet = {"ldznet": masker.load_ldznet(args.ldznet)} if todo and args.ldznet else {}
+        bar = masker.host.progress(len(todo), "images") if folder and todo else None
+        for f in todo:
             img = load_image(f)
-            res = masker.mask(img, args.mask_prompt, **mask_kwargs(args), **({"ldznet": ldznet} if ldznet else {}))
-            name = f.stem + ".png"
-            save_mask(res.masks[0], stage / ("mask-" + name))
-            if args.heatmap:
-                save_overlay(torch.from_numpy(img), res.heatmaps[0], stage / ("heat-" + name))
-            results.append(name)
+            res = masker.mask(img, args.mask_prompt, **mask_kwargs(args), **ldznet)
+            targets = [out / f"{names[f]}.png" if folder else out]
+            save_mask(res.masks[0], outputs.stage(targets[0]))
+            if heat is not None:
+                targets.append(heat / f"{names[f]}.png" if folder else heat)
+                save_overlay(torch.from_numpy(img), res.heatmaps[0], outputs.stage(targets[1]))
+            outputs.commit()
+            for run, target in zip(runs, targets):
+                run.record([target])
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        # Everything succeeded: move files into place.
-        heat = Path(args.heatmap) if args.heatmap else None
-        if folder:
-            out.mkdir(parents=True, exist_ok=True)
-            if heat:
-                heat.mkdir(parents=True, exist_ok=True)
-        for name in results:
-            os.replace(stage / ("mask-" + name), out / name if folder else out)
-            if heat:
-                os.replace(stage / ("heat-" + name), heat / name if folder else heat)
-        print(f"wrote {len(results)} mask{'s' if len(results) != 1 else ''} to {out}")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        for run in runs:
+            run.finish()
+    skipped = len(files) - len(todo)
+    print(f"wrote {len(todo)} mask{'s' if len(todo) != 1 else ''} to {out}"
+          + (f" ({skipped} already there with these settings)" if skipped else ""))
 
 
 def run_segments(args: argparse.Namespace) -> None:
-    from .images import check_image, load_image
+    from .images import load_image
+    from .outputs import FolderRun, Outputs
     from .render import colour_labels, save_mask, save_rgb
 
-    src, out = Path(args.input), Path(args.out)
-    files = _inputs(src)
-    if out.suffix:
-        raise CliError(f"--out must be a folder, got {out}")
-    if not args.tau > 0:
-        raise CliError(f"--tau must be positive, got {args.tau}")
-    for f in files:
-        check_image(f)
-    masker = load_masker(args)
-    stage = _staging(out)
-    try:
+    src = Path(args.input)
+    files = input_files(src)
+    if Path(args.out).suffix.lower() == ".png":
+        raise CliError(f"--out must be a folder, got {args.out}")
+    checked_images(files, args)
+    with Outputs(inputs=files) as outputs:
+        out = outputs.folder(args.out, "--out")
+        names = output_names(files) if src.is_dir() else {files[0]: ""}
+        run = FolderRun(out, settings_fingerprint(args))
+        masker = load_masker(args)
         for f in files:
-            img = load_image(f)
-            res = masker.segments(img, tau=args.tau, kmeans=args.kmeans, timestep=args.timestep, seed=args.seed,
-                                  resolution=args.resolution)
-            target = stage / f.stem if src.is_dir() else stage
-            target.mkdir(parents=True, exist_ok=True)
-            save_rgb(colour_labels(res.labels[0]), target / "labels.png")
-            for k, m in enumerate(res.masks[0]):
-                save_mask(m, target / f"segment-{k:03d}.png")
-        _move_into(stage, out)
-        print(f"wrote segments of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            res = masker.segments(load_image(f), tau=args.tau, kmeans=args.kmeans, timestep=args.timestep,
+                                  seed=args.seed, resolution=args.resolution)
+            target = out / names[f]
+            written = [target / "labels.png"] + [target / f"segment-{k:03d}.png" for k in range(len(res.masks[0]))]
+            save_rgb(colour_labels(res.labels[0]), outputs.stage(written[0]))
+            for m, path in zip(res.masks[0], written[1:]):
+                save_mask(m, outputs.stage(path))
+            outputs.commit()
+            run.record(written, group=names[f])
+        run.finish()
+    print(f"wrote segments of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
 
 
 def run_refer(args: argparse.Namespace) -> None:
     import torch
 
-    from .images import check_image, load_image
+    from .images import load_image
+    from .outputs import Outputs
     from .render import save_mask, save_overlay
     from .subject import subject
 
-    src, out = Path(args.input), Path(args.out)
+    src = Path(args.input)
     if not src.is_file():
         raise CliError(f"input not found: {src}")
-    if out.suffix.lower() != ".png":
-        raise CliError(f"--out must be a .png file, got {out}")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if Path(args.out).suffix.lower() != ".png":
+        raise CliError(f"--out must be a .png file, got {args.out}")
+    if args.expression is None or not args.expression.strip():
+        raise CliError("the referring expression is empty")
     subject(args.expression)  # fail on an expression without a noun before loading a model
-    check_image(src)
-    image = load_image(src)
-    masker = load_masker(args)
-    stage = _staging(out)
-    try:
+    checked_images([src], args)
+    with Outputs(inputs=[src]) as outputs:
+        out = outputs.file(args.out, "--out")
+        heat = outputs.file(args.heatmap, "--heatmap") if args.heatmap else None
+        image = load_image(src)
+        masker = load_masker(args)
         res = masker.refer(image, args.expression, clip=args.clip, alpha=args.alpha, tau=args.tau,
                            timestep=args.timestep, seed=args.seed, resolution=args.resolution)
-        save_mask(res.masks[0], stage / "mask.png")
-        if args.heatmap:
-            save_overlay(torch.from_numpy(image), res.heatmaps[0], stage / "heat.png")
-            os.replace(stage / "heat.png", args.heatmap)
-        os.replace(stage / "mask.png", out)
-        print(f"wrote the mask of '{res.subject}' to {out}")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        save_mask(res.masks[0], outputs.stage(out))
+        if heat is not None:
+            save_overlay(torch.from_numpy(image), res.heatmaps[0], outputs.stage(heat))
+        outputs.commit()
+    print(f"wrote the mask of '{res.subject}' to {out}")
 
 
 def run_convert_ldznet(args: argparse.Namespace) -> None:
@@ -330,21 +413,20 @@ def run_convert_ldznet(args: argparse.Namespace) -> None:
 
     from .ldznet.weights import convert_reference, read_reference_checkpoint, save_ldznet
 
-    out = Path(args.output)
-    if out.suffix.lower() != ".safetensors":
-        raise CliError(f"output must be a .safetensors file, got {out}")
+    from .outputs import Outputs
+
+    if Path(args.output).suffix.lower() != ".safetensors":
+        raise CliError(f"output must be a .safetensors file, got {args.output}")
     config_dir = Path(args.config) if args.config else Path(__file__).resolve().parent / "configs" / "sd1"
     config_file = config_dir / "unet" / "config.json" if (config_dir / "unet").is_dir() else config_dir / "config.json"
     if not config_file.is_file():
         raise CliError(f"no UNet config.json in {config_dir}")
-    state = read_reference_checkpoint(args.input)
-    model = convert_reference(state, json.loads(config_file.read_text()), use_ema=args.ema)
-    stage = _staging(out)
-    try:
-        save_ldznet(model, stage / out.name, {"source": Path(args.input).name})
-        os.replace(stage / out.name, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with Outputs(inputs=[Path(args.input)]) as outputs:
+        out = outputs.file(args.output, "output")
+        state = read_reference_checkpoint(args.input)
+        model = convert_reference(state, json.loads(config_file.read_text()), use_ema=args.ema)
+        save_ldznet(model, outputs.stage(out), {"source": Path(args.input).name})
+        outputs.commit()
     print(f"wrote LD-ZNet ({model.architecture}, {model.trainable_parameters() / 1e6:.1f}M parameters) to {out}")
 
 
@@ -357,6 +439,7 @@ def _build_prototypes(masker, classes: list[str], args: argparse.Namespace):
 
 def run_prototypes(args: argparse.Namespace) -> None:
     from .ovdiff import list_cache
+    from .ovdiff.prototypes import default_cache_dir, writable_folder
 
     if args.action == "list":
         rows = list_cache(args.cache)
@@ -369,42 +452,75 @@ def run_prototypes(args: argparse.Namespace) -> None:
             print(f"{r['class']:<24} {'stuff' if r['stuff'] == 'True' else 'thing':<6} model {r['model'][:12]} "
                   f"{int(r['bytes']) / 1e6:.2f} MB  {r['settings']}")
         return
+    writable_folder(Path(args.cache) if args.cache else default_cache_dir())  # before the model loads
     masker = load_masker(args)
     protos = _build_prototypes(masker, list(args.classes), args)
     for c in protos.classes:
         print(f"{c.name}: {len(c.foreground())} foreground, {len(c.background())} background prototypes")
 
 
-def run_ovdiff(args: argparse.Namespace) -> None:
-    from .images import check_image, load_image
-    from .render import colour_labels, save_mask, save_rgb
-    from .ovdiff import label
+def class_files(classes: list[str]) -> list[str]:
+    """Each class's mask file name beside labels.png; one line where two would share a file."""
+    files = [c.replace("/", "_").replace("\\", "_") + ".png" for c in classes]
+    taken = Counter(f.lower() for f in files + ["labels.png"])
+    clash = [c for c, f in zip(classes, files) if taken[f.lower()] > 1]
+    if clash:
+        raise CliError(f"class '{clash[0]}' would share a file with another output (labels.png or a class of the "
+                       "same name); rename it")
+    return files
 
-    src, out = Path(args.input), Path(args.out)
-    files = _inputs(src)
-    if out.suffix:
-        raise CliError(f"--out must be a folder, got {out}")
+
+def run_ovdiff(args: argparse.Namespace) -> None:
+    from .images import load_image
+    from .outputs import FolderRun, Outputs
+    from .ovdiff import label
+    from .ovdiff.prototypes import default_cache_dir, writable_folder
+    from .render import colour_labels, save_mask, save_rgb
+
+    src = Path(args.input)
+    files = input_files(src)
+    if Path(args.out).suffix.lower() == ".png":
+        raise CliError(f"--out must be a folder, got {args.out}")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise CliError("--classes needs at least one name")
-    for f in files:
-        check_image(f)
-    masker = load_masker(args)
-    protos = _build_prototypes(masker, classes, args)
-    stage = _staging(out)
-    try:
+    checked_images(files, args)
+    writable_folder(Path(args.cache) if args.cache else default_cache_dir())
+    with Outputs(inputs=files) as outputs:
+        out = outputs.folder(args.out, "--out")
+        names = output_names(files) if src.is_dir() else {files[0]: ""}
+        mask_files = class_files([c.rpartition(":")[0] if c.endswith((":stuff", ":thing")) else c for c in classes])
+        run = FolderRun(out, settings_fingerprint(args))
+        masker = load_masker(args)
+        protos = _build_prototypes(masker, classes, args)
         for f in files:
             res = label(protos, load_image(f), clip=args.clip, seed=args.seed)
-            target = stage / f.stem if src.is_dir() else stage
-            target.mkdir(parents=True, exist_ok=True)
+            target = out / names[f]
             lab = res.labels[0]
-            save_rgb(colour_labels(lab) * (lab > 0)[..., None], target / "labels.png")
-            for i, name in enumerate(res.names):
-                save_mask(res.masks[0, i], target / f"{name.replace('/', '_')}.png")
-        _move_into(stage, out)
-        print(f"wrote OVDiff masks of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            written = [target / "labels.png"] + [target / m for m in mask_files]
+            save_rgb(colour_labels(lab) * (lab > 0)[..., None], outputs.stage(written[0]))
+            for i, path in enumerate(written[1:]):
+                save_mask(res.masks[0, i], outputs.stage(path))
+            outputs.commit()
+            run.record(written, group=names[f])
+        run.finish()
+    print(f"wrote OVDiff masks of {len(files)} image{'s' if len(files) != 1 else ''} to {out}")
+
+
+def check_address(host: str, port: int) -> None:
+    """One line, before the model loads, when the app could not listen on ``host:port``."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise CliError(f"cannot listen on {host}:{port}: the address does not resolve ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def run_app(args: argparse.Namespace) -> None:
@@ -414,21 +530,31 @@ def run_app(args: argparse.Namespace) -> None:
         raise CliError("the web app needs Gradio: pip install 'textmask[app]'") from None
     from .app import build_app
 
+    check_address(args.host, args.port)
     if args.checkpoint == "shapes":
         from .demo.model import MODEL_DIR
 
         args.checkpoint = str(MODEL_DIR)
     masker = load_masker(args)
     ldznet = masker.load_ldznet(args.ldznet) if args.ldznet else None
-    build_app(masker, ldznet).launch(server_name=args.host, server_port=args.port)
+    app = build_app(masker, ldznet)
+    try:
+        app.launch(server_name=args.host, server_port=args.port)
+    except OSError as e:  # taken between the check and the launch
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {str(e).splitlines()[0]}") from None
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo as demo
+    from .outputs import FolderRun, Outputs
 
-    if args.scenes < 1:
-        raise CliError("--scenes must be at least 1")
-    demo(Path(args.out), scenes=args.scenes)
+    with Outputs() as outputs:
+        out = outputs.folder(args.out, "--out")
+        summary_stage = outputs.stage_folder(out)
+        demo(summary_stage, scenes=args.scenes, echo=lambda line: print(line.replace(str(summary_stage), str(out))))
+        run = FolderRun(out, settings_fingerprint(args))
+        run.record(outputs.commit(), group="")
+        run.finish()
 
 
 # Old command names that still work, with a one-line notice: users have scripts.
@@ -438,23 +564,63 @@ COMMANDS = {"mask": run_mask, "segments": run_segments, "refer": run_refer, "dem
             "app": run_app}
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP unwind like Ctrl-C: staging is removed, nothing partial is left
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; bad input prints one line and exits 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command in DEPRECATED:
-        print(f"textmask: note: '{args.command}' is now '{DEPRECATED[args.command]}'; the old name will go",
-              file=sys.stderr)
-        args.command = DEPRECATED[args.command]
+    """Entry point: bad input prints one line and exits 2, an interruption (Ctrl-C, SIGTERM, SIGHUP) one line and
+    exits 130, any other failure one line and exits 1; ``--debug`` shows the traceback instead."""
+    import signal
+
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        COMMANDS[args.command](args)
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _interrupt)
+    except ValueError:  # not the main thread (an embedding host): its own handlers stay
+        pass
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command in DEPRECATED:
+            print(f"textmask: note: '{args.command}' is now '{DEPRECATED[args.command]}'; the old name will go",
+                  file=sys.stderr)
+            args.command = DEPRECATED[args.command]
+        from .images import pixel_limit
+
+        with pixel_limit(getattr(args, "max_pixels", None)):
+            COMMANDS[args.command](args)
     except TextMaskError as e:
+        if debug:
+            raise
         print(f"textmask: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("textmask: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # argparse: its one line is printed already
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except Exception as e:  # noqa: BLE001  (the last resort: one line, never a traceback)
+        if debug:
+            raise
+        print(f"textmask: error: {describe(e)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def describe(error: BaseException) -> str:
+    """One line for an unexpected error: out of memory, a file system error, or its type and first line."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+        return "out of memory; try a smaller --resolution, --dtype fp16, or --offload"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
@@ -16,15 +17,91 @@ from .errors import ImageError
 
 ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, Path]
 MIN_SIDE = 8
+# Files with these suffixes are images, for a single file and a folder alike.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# The most pixels a file may have: 8192² (a 16-bit 8K scan). PIL's own bomb guard stops at 89 MP with a warning
+# and at 179 MP with an error; textmask refuses earlier, in one line. $TEXTMASK_MAX_PIXELS (or the CLI's
+# --max-pixels) raises it for people who mean it.
+MAX_PIXELS = 8192 * 8192
+
+
+_limit: list[int] = []  # set by ``pixel_limit`` for the duration of one command
+
+
+@contextlib.contextmanager
+def pixel_limit(pixels: int | None):
+    """Within this context, images may have up to ``pixels`` pixels (None: the limit in force stays)."""
+    _limit.append(pixels) if pixels is not None else None
+    try:
+        yield
+    finally:
+        if pixels is not None:
+            _limit.pop()
+
+
+def max_pixels() -> int:
+    """The pixel limit in force: ``pixel_limit``'s, else $TEXTMASK_MAX_PIXELS, else ``MAX_PIXELS``."""
+    import os
+
+    if _limit:
+        return _limit[-1]
+    value = os.environ.get("TEXTMASK_MAX_PIXELS", "")
+    try:
+        return max(1, int(value)) if value.strip() else MAX_PIXELS
+    except ValueError:
+        raise ImageError(f"TEXTMASK_MAX_PIXELS must be a whole number of pixels, got {value!r}") from None
+
+
+def _scaled(a: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1] from any numeric array: integers by their type's range, floats as they are (clipped later)."""
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        if info.min < 0:  # signed: the non-negative half is the image's range (int16 TIFFs, OpenCV's CV_16S)
+            return np.clip(a.astype(np.float32), 0, None) / float(info.max)
+        return a.astype(np.float32) / float(info.max)
+    if np.issubdtype(a.dtype, np.floating):
+        return a.astype(np.float32)
+    raise ImageError(f"unsupported image data type {a.dtype}; pass integers or floats")
 
 
 def _pil_to_array(img) -> np.ndarray:
-    # RGBA/LA drop alpha (the mask is about the pixels); palette, 16-bit and gray become 8-bit RGB.
+    # RGBA/LA drop alpha (the mask is about the pixels); palette, 16-bit and gray become RGB in [0, 1].
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(img, dtype=np.float32)
         a = a / (65535.0 if a.max() > 255 else 255.0)
         return np.repeat(a[..., None], 3, axis=-1)
+    if img.mode == "F":  # 32-bit float (TIFF): [0, 1] as it is, anything brighter scaled by its maximum
+        a = np.asarray(img, dtype=np.float32)
+        finite = a[np.isfinite(a)]
+        top = float(finite.max()) if finite.size else 1.0
+        a = a / top if top > 1.0 else a
+        return np.repeat(a[..., None], 3, axis=-1)
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _open(path: str | Path):
+    """PIL's image object for ``path`` with its size checked against the pixel limit, before decoding."""
+    import warnings
+
+    from PIL import Image
+
+    default = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():  # textmask's own limit, below, replaces PIL's bomb warning and error
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = default
+    limit = max_pixels()
+    if img.size[0] * img.size[1] > limit:
+        w, h = img.size
+        img.close()
+        raise ImageError(f"image {path} has {w}x{h} pixels, over the limit of {limit:,}; resize it, or raise the limit "
+                         "with --max-pixels (or $TEXTMASK_MAX_PIXELS)")
+    return img
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -32,31 +109,40 @@ def load_image(path: str | Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             img.load()
             # A phone photo stores its pixels sideways plus an EXIF tag; viewers, ComfyUI's LoadImage and the
             # webui show it upright, so the mask must be upright too to line up with it.
             return _pil_to_array(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # ValueError: e.g. a malformed EXIF block
-        raise ImageError(f"cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def check_image(path: str | Path) -> None:
-    """Check that a file is a readable image without decoding its pixels; raises ImageError."""
+def check_image(path: str | Path) -> tuple[int, int]:
+    """Check that a file is a readable image of a usable size without decoding its pixels; returns its (H, W) as
+    shown (EXIF orientation applied); raises ImageError."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.verify()
+        with _open(path) as img:
             w, h = img.size
+            img.verify()
+        with Image.open(path) as img:  # verify() leaves its image unusable: the orientation needs a fresh one
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # shown rotated by a quarter turn
+                w, h = h, w
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if h < MIN_SIDE or w < MIN_SIDE:
         raise ImageError(f"image {path} of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")
+    return h, w
 
 
 def _as_hwc(x) -> np.ndarray | torch.Tensor:
@@ -67,9 +153,13 @@ def _as_hwc(x) -> np.ndarray | torch.Tensor:
     if isinstance(x, Image.Image):
         return _pil_to_array(x)
     if isinstance(x, np.ndarray):
-        a = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        a = _scaled(x)
         return a[..., None] if a.ndim == 2 else a
     if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool:
+            x = x.float()
+        elif not (x.is_floating_point() or x.is_complex()):  # integers: scaled by their type's range, like arrays
+            x = x.float().clamp_min(0) / float(torch.iinfo(x.dtype).max)
         return x[..., None] if x.dim() == 2 else x
     raise ImageError(f"unsupported image type {type(x).__name__}; pass a PIL image, an array, a tensor or a path")
 

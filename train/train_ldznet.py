@@ -65,7 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_host(base: str, device, dtype):
     """The frozen host model through textmask's diffusers host."""
     from textmask.hosts import diffusers_loading
-    from textmask.hosts.diffusers import DiffusersHost
 
     if base == "shapes":
         from textmask.demo.model import MODEL_DIR

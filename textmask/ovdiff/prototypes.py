@@ -215,17 +215,10 @@ def default_cache_dir() -> Path:
 
 
 def writable_folder(path: Path) -> Path:
-    """``path`` as a folder prototypes can be written to (made if missing), checked before any is built."""
-    import tempfile
+    """``path`` as a folder prototypes can be written to, checked before any is built (and made only when one is)."""
+    from ..outputs import check_folder
 
-    if path.exists() and not path.is_dir():
-        raise TextMaskError(f"the prototype cache {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise TextMaskError(f"cannot write prototypes to {path}: {e.strerror or type(e).__name__}") from None
-    return path
+    return check_folder(path, "prototype cache")
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

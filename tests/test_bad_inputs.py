@@ -1,0 +1,393 @@
+"""Bad input, as a new user types it: every case ends in one line (no traceback), the right exit code or exception,
+and exactly the files that should exist (no partial output, no staging, no stale file). On the bundled Shapes model.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from textmask.cli import main
+from textmask.demo.model import MODEL_DIR
+from textmask.errors import TextMaskError
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ["--checkpoint", str(MODEL_DIR)]
+
+
+def write_image(path: Path, w: int = 48, h: int = 40, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def files(root: Path) -> set[str]:
+    """Everything under ``root`` but textmask's CLIP vocabulary, which the first tokenisation caches."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if "clip-bpe" not in p.parts}
+
+
+@pytest.fixture
+def place(tmp_path, monkeypatch):
+    """A working folder with an image, a folder of images, an existing file and folder; the cache inside it."""
+    monkeypatch.setenv("TEXTMASK_CACHE", str(tmp_path / "cache"))
+    write_image(tmp_path / "photo.png")
+    write_image(tmp_path / "frames" / "a.png", seed=1)
+    write_image(tmp_path / "frames" / "b.png", seed=2)
+    (tmp_path / "file.txt").write_text("not an image")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder.png").mkdir()  # a folder named like a mask file
+    (tmp_path / "cache").mkdir()
+    return tmp_path
+
+
+def run(place: Path, capsys, argv: list[str]) -> tuple[int, str]:
+    code = main([a.replace("{t}", str(place)) for a in argv])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if not l.startswith("textmask: note:")]
+    return code, "\n".join(lines)
+
+
+MASK = ["mask", "{t}/photo.png", "red circle", "--out", "{t}/m.png", *MODEL]
+SEGMENTS = ["segments", "{t}/photo.png", "--out", "{t}/seg", *MODEL]
+REFER = ["refer", "{t}/photo.png", "the circle on the left", "--out", "{t}/r.png", *MODEL]
+OVDIFF = ["ovdiff", "{t}/photo.png", "--classes", "red circle", "--out", "{t}/ov", "--images", "1", "--steps", "1",
+          *MODEL]
+PROTOS = ["prototypes", "build", "red circle", "--images", "1", "--steps", "1", *MODEL]
+NOT_NUMBERS = ["nan", "inf", "-inf", "abc", ""]
+
+# (command, flag, values that must be refused with a line naming the option)
+NUMERIC = [
+    (MASK, "--blur", [*NOT_NUMBERS, "-1", "1e9"]),
+    (MASK, "--grow", [*NOT_NUMBERS, "1e6", "-1e6"]),
+    (MASK, "--timestep", [*NOT_NUMBERS, "-1", "1000", "5000", "2.5"]),
+    (MASK, "--seed", [*NOT_NUMBERS, "1.5"]),
+    (MASK, "--resolution", [*NOT_NUMBERS, "-64", "0.5", "8", "100000"]),
+    (MASK, "--threshold", ["nan", "2", "-0.1", "abc"]),
+    (SEGMENTS, "--tau", [*NOT_NUMBERS, "0", "-1", "1e9"]),
+    (SEGMENTS, "--timestep", ["5000", "-1", "nan"]),
+    (SEGMENTS, "--resolution", ["100000", "0.5"]),
+    (REFER, "--timestep", ["5000", "-3", "inf"]),
+    (REFER, "--alpha", ["nan", "2", "-1"]),
+    (REFER, "--tau", ["nan", "0"]),
+    (OVDIFF, "--cfg", ["nan", "inf", "-1", "1e9"]),
+    (OVDIFF, "--images", ["0", "-1", "nan", "1e9"]),
+    (OVDIFF, "--steps", ["0", "nan", "100000"]),
+    (PROTOS, "--cfg", ["nan"]),
+    (PROTOS, "--resolution", ["100000"]),
+]
+NUMERIC_CASES = [(cmd, flag, v) for cmd, flag, values in NUMERIC for v in values]
+
+
+def with_option(cmd: list[str], flag: str, value: str) -> list[str]:
+    return [*cmd, f"{flag}={value}"]  # "=" keeps "-1" and "" attached to the flag
+
+
+@pytest.mark.parametrize("cmd, flag, value", NUMERIC_CASES,
+                         ids=[f"{c[0]}{f}={v or 'empty'}" for c, f, v in NUMERIC_CASES])
+def test_numbers_out_of_bounds_are_one_line_before_any_work(place, capsys, cmd, flag, value):
+    before = files(place)
+    code, err = run(place, capsys, with_option(cmd, flag, value))
+    assert code == 2, err
+    assert err.startswith("textmask: error: ") and "\n" not in err and "Traceback" not in err
+    assert flag.lstrip("-") in err or "number" in err or "auto" in err, err
+    assert files(place) == before  # no output, no staging
+
+
+# (argv, expected exit code, a phrase of the one line, files that exist afterwards besides the fixture's)
+OUTPUT_CASES = {
+    "out is an existing folder": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/folder.png", *MODEL],
+                                  "is a folder"),
+    "out is the input": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/photo.png", *MODEL], "is an input"),
+    "out equals heatmap": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/m.png", "--heatmap", "{t}/m.png",
+                            *MODEL], "give each output its own path"),
+    "heatmap is a folder": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/m.png", "--heatmap", "{t}/folder",
+                             *MODEL], "is a folder"),
+    "out under a file": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/file.txt/m.png", *MODEL],
+                         "is a file, not a folder"),
+    "out in /proc": (["mask", "{t}/photo.png", "red circle", "--out", "/proc/textmask-test.png", *MODEL],
+                     "not writable"),
+    "folder run into a file": (["mask", "{t}/frames", "red circle", "--out", "{t}/file.txt", *MODEL], "is a file"),
+    "folder run into a .png": (["mask", "{t}/frames", "red circle", "--out", "{t}/x.png", *MODEL], "must be a folder"),
+    "single run into a folder name": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/out", *MODEL],
+                                      "must be a .png"),
+    "segments into a file": (["segments", "{t}/photo.png", "--out", "{t}/file.txt", *MODEL], "is a file"),
+    "segments of the input's folder": (["segments", "{t}/frames", "--out", "{t}/frames/a.png", *MODEL],
+                                       "must be a folder"),
+    "refer out is the input": (["refer", "{t}/photo.png", "the circle", "--out", "{t}/photo.png", *MODEL],
+                               "is an input"),
+    "refer heatmap is a folder": (["refer", "{t}/photo.png", "the circle", "--out", "{t}/r.png", "--heatmap",
+                                   "{t}/folder", *MODEL], "is a folder"),
+    "refer heatmap equals out": (["refer", "{t}/photo.png", "the circle", "--out", "{t}/r.png", "--heatmap",
+                                  "{t}/r.png", *MODEL], "own path"),
+    "ovdiff into a file": ([*OVDIFF[:4], "--out", "{t}/file.txt", *OVDIFF[6:]], "is a file"),
+    "ovdiff cache is a file": ([*OVDIFF, "--cache", "{t}/file.txt"], "is a file"),
+    "ovdiff class named labels": (["ovdiff", "{t}/photo.png", "--classes", "labels", "--out", "{t}/ov", *MODEL],
+                                  "labels.png"),
+    "ovdiff classes sharing a file": (["ovdiff", "{t}/photo.png", "--classes", "a/b,a_b", "--out", "{t}/ov", *MODEL],
+                                      "share a file"),
+    "prototypes cache is a file": ([*PROTOS, "--cache", "{t}/file.txt"], "is a file"),
+    "demo into a file": (["demo", "--out", "{t}/file.txt"], "is a file"),
+    "demo into /proc": (["demo", "--out", "/proc/textmask-demo"], "not writable"),
+    "convert into a folder": (["convert-ldznet", "{t}/file.txt", "{t}/folder"], "safetensors"),
+    "convert over its input": (["convert-ldznet", "{t}/x.safetensors", "{t}/x.safetensors"], None),
+    "input missing": (["mask", "{t}/missing.png", "red circle", "--out", "{t}/m.png", *MODEL], "not found"),
+    "input not an image": (["mask", "{t}/file.txt", "red circle", "--out", "{t}/m.png", *MODEL], "cannot read image"),
+    "empty folder": (["mask", "{t}/folder", "red circle", "--out", "{t}/out", *MODEL], "no images"),
+    "empty prompt": (["mask", "{t}/photo.png", "   ", "--out", "{t}/m.png", *MODEL], "empty"),
+    "bad prompt syntax": (["mask", "{t}/photo.png", "car AND (", "--out", "{t}/m.png", *MODEL], "syntax"),
+    "bad negative": (["mask", "{t}/photo.png", "car", "--negative", "NOT", "--out", "{t}/m.png", *MODEL], "syntax"),
+    "empty expression": (["refer", "{t}/photo.png", " ", "--out", "{t}/r.png", *MODEL], "empty"),
+    "no classes": (["ovdiff", "{t}/photo.png", "--classes", " , ", "--out", "{t}/ov", *MODEL], "at least one"),
+    "missing checkpoint": (["mask", "{t}/photo.png", "car", "--out", "{t}/m.png", "--checkpoint", "{t}/nope.ckpt"],
+                           "not found"),
+    "checkpoint not a model": (["mask", "{t}/photo.png", "car", "--out", "{t}/m.png", "--checkpoint",
+                                "{t}/file.txt"], "unsupported checkpoint format"),
+    "ldznet empty path": (["mask", "{t}/photo.png", "car", "--out", "{t}/m.png", "--method", "ld-znet", "--ldznet", "",
+                           *MODEL], "not found"),
+    "ldznet without weights": (["mask", "{t}/photo.png", "car", "--out", "{t}/m.png", "--method", "ld-znet", *MODEL],
+                               "go together"),
+    "unknown device": (["mask", "{t}/photo.png", "car", "--out", "{t}/m.png", "--device", "tpu9", *MODEL], "device"),
+    "image over the pixel limit": (["mask", "{t}/photo.png", "car", "--out", "{t}/m.png", "--max-pixels", "100",
+                                    *MODEL], "over the limit"),
+    "bad max-pixels": (["mask", "{t}/photo.png", "car", "--out", "{t}/m.png", "--max-pixels", "0", *MODEL],
+                       "max-pixels"),
+    "phrase not in the caption": (["mask", "{t}/photo.png", "red circle", "--prompt", "a blue square", "--out",
+                                   "{t}/m.png", *MODEL], "not in the prompt"),
+    "unknown command": (["paint", "x"], "invalid choice"),
+    "app port out of range": (["app", "--checkpoint", "shapes", "--port", "70000"], "port"),
+    "app host unresolvable": (["app", "--checkpoint", "shapes", "--host", "no-such-host.invalid"], "does not resolve"),
+    "demo with no scenes": (["demo", "--out", "{t}/d", "--scenes", "0"], "scenes"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES))
+def test_bad_paths_and_inputs_are_one_line_and_write_nothing(place, capsys, case):
+    argv, phrase = OUTPUT_CASES[case]
+    if case == "convert over its input":
+        (place / "x.safetensors").write_bytes(b"")
+        phrase = "is an input"
+    if case.startswith("app") and pytest.importorskip("gradio") is None:
+        return
+    before = files(place)
+    code, err = run(place, capsys, argv)
+    assert code == 2, err
+    assert err.startswith("textmask: error: ") and "\n" not in err and "Traceback" not in err, err
+    if phrase is not None:
+        assert phrase in err, err
+    assert files(place) == before
+
+
+def test_a_port_in_use_is_one_line(place, capsys):
+    import socket
+
+    pytest.importorskip("gradio")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = run(place, capsys, ["app", "--checkpoint", "shapes", "--port", str(port)])
+    assert code == 2 and "cannot listen on 127.0.0.1" in err and "\n" not in err
+
+
+def test_inputs_sharing_a_stem_keep_their_suffix(place, capsys):
+    write_image(place / "frames" / "a.jpg", seed=3)
+    code, err = run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])
+    assert code == 0, err
+    assert sorted(p.name for p in (place / "masks").iterdir()) == [".textmask.json", "a.jpg.png", "a.png.png", "b.png"]
+
+
+def test_gif_is_an_image_in_a_folder_too(place, capsys):
+    Image.open(place / "photo.png").save(place / "frames" / "c.gif")
+    code, err = run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])
+    assert code == 0, err
+    assert (place / "masks" / "c.png").is_file()
+
+
+def test_a_folder_run_resumes_and_replaces_its_earlier_files_as_a_set(place, capsys):
+    out = place / "masks"
+    assert run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])[0] == 0
+    (out / "mine.txt").write_text("the user's own file")
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    # The same settings again: both masks are there and whole, so nothing is redone.
+    code, _ = run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])
+    assert code == 0 and {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == first
+    # A lost mask is made again, the other kept.
+    (out / "a.png").unlink()
+    assert run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])[0] == 0
+    assert (out / "a.png").is_file() and (out / "b.png").stat().st_mtime_ns == first["b.png"]
+    # Other settings redo every mask; an input that went away takes its mask with it; the user's file stays.
+    (place / "frames" / "b.png").unlink()
+    assert run(place, capsys, ["mask", "{t}/frames", "blue square", "--out", "{t}/masks", *MODEL])[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == [".textmask.json", "a.png", "mine.txt"]
+
+
+def test_segments_leave_no_stale_segment_files(place, capsys):
+    many = run(place, capsys, ["segments", "{t}/photo.png", "--out", "{t}/seg", "--tau", "0.01", *MODEL])
+    assert many[0] == 0
+    count = len(list((place / "seg").glob("segment-*.png")))
+    assert run(place, capsys, ["segments", "{t}/photo.png", "--out", "{t}/seg", "--tau", "50", *MODEL])[0] == 0
+    labels = np.asarray(Image.open(place / "seg" / "labels.png"))
+    kept = sorted(p.name for p in (place / "seg").glob("segment-*.png"))
+    assert count > len(kept) and len(kept) == len(np.unique(labels.reshape(-1, 3), axis=0))
+
+
+def test_interrupted_by_sigterm_leaves_no_staging_and_says_so(place):
+    frames = place / "many"
+    for i in range(12):
+        write_image(frames / f"f{i:02d}.png", 96, 96, seed=i)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "textmask", "mask", str(frames), "red circle", "--out",
+                             str(place / "masks"), *MODEL], stderr=subprocess.PIPE, text=True, env=env, cwd=place)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((place / "masks").glob("*.png")):  # the run is writing masks
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "textmask: interrupted" and "Traceback" not in err
+    assert not [p for p in place.rglob(".textmask-*")]  # no staging folder
+    for mask in (place / "masks").glob("*.png"):  # whatever was written is whole
+        assert Image.open(mask).size == (96, 96)
+
+
+def test_ctrl_c_during_start_up_is_one_line():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "textmask", "demo", "--out", "/tmp/textmask-never"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    status = Path(f"/proc/{proc.pid}/status")
+    if not status.exists():
+        proc.kill()
+        pytest.skip("needs /proc to see when Python has taken over SIGINT")
+    deadline = time.time() + 30
+    while time.time() < deadline:  # until Python handles SIGINT (before that, the signal just ends the process)
+        caught = [l for l in status.read_text().splitlines() if l.startswith("SigCgt:")]
+        if caught and int(caught[0].split()[1], 16) & (1 << (signal.SIGINT - 1)):
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)  # into start-up: importing torch
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "textmask: interrupted"
+
+
+# ---- the Python API ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def masker():
+    from textmask.demo.model import load_demo_masker
+
+    return load_demo_masker()
+
+
+IMAGE = np.random.default_rng(0).random((40, 48, 3)).astype(np.float32)
+API_CASES = {
+    "prompt not text": (lambda m: m.mask(IMAGE, 5), "must be text"),
+    "prompt empty": (lambda m: m.mask(IMAGE, ""), "empty"),
+    "prompt syntax": (lambda m: m.mask(IMAGE, "a AND"), "syntax"),
+    "negative syntax": (lambda m: m.mask(IMAGE, "a", negative="("), "syntax"),
+    "unknown method": (lambda m: m.mask(IMAGE, "a", method="magic"), "unknown method"),
+    "option of another method": (lambda m: m.mask(IMAGE, "a", method="noise-diff", template="{}"), "takes no option"),
+    "ldznet without weights": (lambda m: m.mask(IMAGE, "a", method="ld-znet"), "needs LD-ZNet weights"),
+    "ldznet empty path": (lambda m: m.mask(IMAGE, "a", method="ld-znet", ldznet=""), "no LD-ZNet weights"),
+    "ldznet bad template": (lambda m: m.mask(IMAGE, "a", method="ld-znet", ldznet=MODEL_DIR / "ldznet.safetensors",
+                                             template="no slot"), "template"),
+    "refine mode": (lambda m: m.mask(IMAGE, "a", refine_mode="sideways"), "refine_mode"),
+    "refine steps": (lambda m: m.mask(IMAGE, "a", refine_steps=0), "refine_steps"),
+    "grow huge soft": (lambda m: m.mask(IMAGE, "a", grow=1e6, soft=True), "grow"),
+    "blur huge": (lambda m: m.mask(IMAGE, "a", blur=1e9), "blur"),
+    "blur nan": (lambda m: m.mask(IMAGE, "a", blur=float("nan")), "blur"),
+    "blur negative": (lambda m: m.mask(IMAGE, "a", blur=-2), "blur"),
+    "grow inf": (lambda m: m.mask(IMAGE, "a", grow=float("inf")), "grow"),
+    "timestep high": (lambda m: m.mask(IMAGE, "a", timestep=5000), "timestep"),
+    "timestep negative": (lambda m: m.mask(IMAGE, "a", timestep=-1), "timestep"),
+    "timestep fraction": (lambda m: m.mask(IMAGE, "a", timestep=2.5), "timestep"),
+    "timestep text": (lambda m: m.mask(IMAGE, "a", timestep="soon"), "timestep"),
+    "seed fraction": (lambda m: m.mask(IMAGE, "a", seed=0.5), "seed"),
+    "seed nan": (lambda m: m.mask(IMAGE, "a", seed=float("nan")), "seed"),
+    "resolution huge": (lambda m: m.mask(IMAGE, "a", resolution=100000), "resolution"),
+    "resolution tiny": (lambda m: m.mask(IMAGE, "a", resolution=3), "resolution"),
+    "batch size zero": (lambda m: m.mask(IMAGE, "a", batch_size=0), "batch_size"),
+    "threshold high": (lambda m: m.mask(IMAGE, "a", threshold=2), "threshold"),
+    "threshold text": (lambda m: m.mask(IMAGE, "a", threshold="half"), "threshold"),
+    "phrase not in caption": (lambda m: m.mask(IMAGE, "red circle", prompt="a blue square"), "not in the prompt"),
+    "image nan": (lambda m: m.mask(np.full((20, 20, 3), np.nan, np.float32), "a"), "NaN"),
+    "image too small": (lambda m: m.mask(np.zeros((4, 4, 3), np.float32), "a"), "too small"),
+    "image five channels": (lambda m: m.mask(np.zeros((20, 20, 5), np.float32), "a"), "channels"),
+    "image of strings": (lambda m: m.mask(np.array([["a"]]), "a"), "data type"),
+    "image object": (lambda m: m.mask(object(), "a"), "unsupported image type"),
+    "no images": (lambda m: m.mask([], "a"), "no images"),
+    "mixed sizes": (lambda m: m.mask([np.zeros((20, 20, 3)), np.zeros((24, 20, 3))], "a"), "share a size"),
+    "missing file": (lambda m: m.mask("/nonexistent/x.png", "a"), "not found"),
+    "latents wrong count": (lambda m: m.mask(np.zeros((3, 32, 32, 3), np.float32), "a",
+                                             latents=torch.zeros(2, 4, 8, 8)), "latents"),
+    "latents for ld-znet": (lambda m: m.mask(IMAGE, "a", method="ld-znet", ldznet=MODEL_DIR / "ldznet.safetensors",
+                                             latents=torch.zeros(1, 4, 8, 8)), "latents"),
+    "segments tau nan": (lambda m: m.segments(IMAGE, tau=float("nan")), "tau"),
+    "segments tau zero": (lambda m: m.segments(IMAGE, tau=0), "tau"),
+    "segments timestep": (lambda m: m.segments(IMAGE, timestep=5000), "timestep"),
+    "segments negative timestep": (lambda m: m.segments(IMAGE, timestep=-1), "timestep"),
+    "segments seed": (lambda m: m.segments(IMAGE, seed="x"), "seed"),
+    "named segments no names": (lambda m: m.named_segments(IMAGE, []), "at least one name"),
+    "named segments empty name": (lambda m: m.named_segments(IMAGE, ["sky", " "]), "no empty names"),
+    "named segments duplicates": (lambda m: m.named_segments(IMAGE, ["sky", "Sky"]), "duplicate"),
+    "named segments a string": (lambda m: m.named_segments(IMAGE, "sky"), "list of words"),
+    "named segments tau": (lambda m: m.named_segments(IMAGE, ["sky"], tau=-1), "tau"),
+    "refer empty": (lambda m: m.refer(IMAGE, ""), "empty"),
+    "refer not text": (lambda m: m.refer(IMAGE, None), "empty"),
+    "refer alpha": (lambda m: m.refer(IMAGE, "the circle", alpha=3), "alpha"),
+    "refer timestep": (lambda m: m.refer(IMAGE, "the circle", timestep=5000), "timestep"),
+    "refer negative timestep": (lambda m: m.refer(IMAGE, "the circle", timestep=-5), "timestep"),
+    "refer tau": (lambda m: m.refer(IMAGE, "the circle", tau=float("inf")), "tau"),
+    "prototypes no classes": (lambda m: m.build_prototypes([]), "at least one class"),
+    "prototypes duplicates": (lambda m: m.build_prototypes(["cat", "Cat"]), "duplicate"),
+    "prototypes images": (lambda m: m.build_prototypes(["cat"], images=0), "images"),
+    "prototypes steps": (lambda m: m.build_prototypes(["cat"], steps=10**9), "steps"),
+    "prototypes cfg": (lambda m: m.build_prototypes(["cat"], cfg=float("nan")), "cfg"),
+    "prototypes resolution": (lambda m: m.build_prototypes(["cat"], resolution=100000), "resolution"),
+    "prototypes cache file": (lambda m: m.build_prototypes(["cat"], cache_dir=__file__), "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_api_bad_input_is_one_line(masker, case):
+    call, phrase = API_CASES[case]
+    with pytest.raises(TextMaskError) as e:
+        call(masker)
+    message = str(e.value)
+    assert "\n" not in message and phrase in message, message
+
+
+def test_api_accepts_what_it_can_use(masker):
+    """Seeds beyond the generator's range, integer and float arrays of every range are used, not refused."""
+    a = masker.mask(IMAGE, "red circle", seed=2**70, refine=False)
+    b = masker.mask(IMAGE, "red circle", seed=2**70 % 2**63, refine=False)
+    assert torch.equal(a.heatmaps, b.heatmaps)
+    int16 = (IMAGE * 32767).astype(np.int16)
+    uint16 = (IMAGE * 65535).astype(np.uint16)
+    for array in (int16, uint16, (IMAGE * 255).astype(np.uint8), torch.from_numpy((IMAGE * 255).astype(np.uint8))):
+        res = masker.mask(array, "red circle", refine=False)
+        assert res.masks.shape == (1, 40, 48)
+        assert (res.heatmaps - a.heatmaps).abs().max() < 0.1  # the same picture, not a white one
+
+
+def test_float_tiff_and_images_over_the_limit(place, monkeypatch):
+    from textmask.errors import ImageError
+    from textmask.images import load_image
+
+    Image.fromarray(np.full((20, 30), 0.25, np.float32), mode="F").save(place / "half.tif")
+    Image.fromarray(np.full((20, 30), 4000.0, np.float32), mode="F").save(place / "bright.tif")
+    assert load_image(place / "half.tif").mean() == pytest.approx(0.25)
+    assert load_image(place / "bright.tif").max() == pytest.approx(1.0)
+    monkeypatch.setenv("TEXTMASK_MAX_PIXELS", "500")
+    with pytest.raises(ImageError, match="over the limit of 500"):
+        load_image(place / "half.tif")
+    monkeypatch.setenv("TEXTMASK_MAX_PIXELS", "lots")
+    with pytest.raises(ImageError, match="TEXTMASK_MAX_PIXELS"):
+        load_image(place / "half.tif")

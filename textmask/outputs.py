@@ -1,0 +1,228 @@
+"""Output transactions: every command writes whole outputs or none.
+
+A command plans each output path before any model loads (``Outputs.file`` / ``Outputs.folder``), which checks it:
+its parent can be made and written, a file is not a folder and a folder not a file, it is not an input, and no two
+outputs share a path. Work is then written into staging folders beside the destinations; ``commit`` moves a set of
+files into place only once all of them exist, and moves back what it had moved if one move fails. A folder output
+keeps a small manifest of the files textmask wrote there, so a run replaces its earlier files as a set and never
+leaves a stale one beside the new (the user's own files are never touched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import TextMaskError
+
+MANIFEST = ".textmask.json"  # not STAGING_PREFIX: a finished folder holds no staging
+STAGING_PREFIX = ".textmask-"
+
+
+class OutputError(TextMaskError):
+    """An output path that cannot be written, found before any work."""
+
+
+def _writable_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor of ``path`` is a folder that takes a new file (tried, not inferred from mode
+    bits: root, ACLs and read-only mounts all answer differently)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise OutputError(f"cannot write {what} {path}: {parent} is not writable ({e.strerror or type(e).__name__})") \
+            from None
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """``path`` is a folder, or can be made as one, that takes new files; raises OutputError now otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file; name a folder")
+    _writable_parent(path / "x", what)
+    return path
+
+
+class Outputs:
+    """One command's outputs. Use as a context manager: staging is removed on exit, whatever happened."""
+
+    def __init__(self, inputs: list[Path] = ()):
+        self._inputs = {Path(p).resolve() for p in inputs}
+        self._planned: dict[Path, str] = {}  # resolved path -> what it is
+        self._folders: set[Path] = set()
+        self._staging: dict[Path, Path] = {}  # destination folder -> its staging folder
+        self._pending: list[tuple[Path, Path]] = []  # (staged file, destination) written but not yet moved
+        self._trees: list[tuple[Path, Path]] = []  # (staging folder, destination folder)
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for stage in self._staging.values():
+            shutil.rmtree(stage, ignore_errors=True)
+        self._staging.clear()
+        self._pending.clear()
+        self._trees.clear()
+
+    # ---- planning: before any work -------------------------------------------------------------
+    def _claim(self, path: Path, what: str) -> Path:
+        resolved = path.resolve()
+        if resolved in self._inputs:
+            raise OutputError(f"{what} {path} is an input; choose another path")
+        if resolved in self._planned:
+            raise OutputError(f"{what} {path} is also the {self._planned[resolved]}; give each output its own path")
+        self._planned[resolved] = what
+        return resolved
+
+    def file(self, path: str | Path, what: str = "output") -> Path:
+        """Plan one output file; raises OutputError now if it cannot be written."""
+        path = Path(path)
+        if path.is_dir():
+            raise OutputError(f"{what} {path} is a folder; name a file")
+        _writable_parent(path, what)
+        self._claim(path, what)
+        return path
+
+    def folder(self, path: str | Path, what: str = "output folder") -> Path:
+        """Plan one output folder; raises OutputError now if it cannot be written."""
+        path = check_folder(path, what)
+        self._folders.add(self._claim(path, what))
+        return path
+
+    # ---- writing: into staging ------------------------------------------------------------------
+    def stage(self, destination: str | Path) -> Path:
+        """Where to write ``destination``'s content now; ``commit`` moves it there."""
+        destination = Path(destination)
+        folder = destination.parent
+        stage = self._staging.get(folder.resolve())
+        if stage is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+            self._staging[folder.resolve()] = stage
+        staged = stage / f"{len(self._pending)}-{destination.name}"
+        self._pending.append((staged, destination))
+        return staged
+
+    def stage_folder(self, destination: str | Path) -> Path:
+        """A staging folder for a writer that fills a folder itself: ``commit`` moves its whole tree into
+        ``destination``."""
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=destination.parent))
+        self._staging[stage.resolve()] = stage
+        self._trees.append((stage, destination))
+        return stage
+
+    def commit(self) -> list[Path]:
+        """Move every staged file into place and return the destinations; if a move fails, move back what was moved
+        and raise OutputError."""
+        for stage, destination in self._trees:
+            self._pending += [(f, destination / f.relative_to(stage)) for f in sorted(stage.rglob("*")) if f.is_file()]
+        self._trees.clear()
+        pending, self._pending = self._pending, []
+        moved: list[tuple[Path, Path, Path | None]] = []  # (destination, staged, backup of what it replaced)
+        try:
+            for staged, destination in pending:
+                if not staged.is_file():
+                    raise OutputError(f"{destination} was not written")
+                backup = None
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                if destination.exists():
+                    backup = staged.with_name(staged.name + ".old")
+                    os.replace(destination, backup)
+                try:
+                    os.replace(staged, destination)
+                except OSError:
+                    if backup is not None:
+                        os.replace(backup, destination)
+                    raise
+                moved.append((destination, staged, backup))
+        except OSError as e:
+            for destination, staged, backup in reversed(moved):
+                os.replace(destination, staged)
+                if backup is not None:
+                    os.replace(backup, destination)
+            raise OutputError(f"cannot write {destination}: {e.strerror or type(e).__name__}; nothing was changed") from None
+        for _, _, backup in moved:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+        return [destination for destination, _, _ in moved]
+
+
+class FolderRun:
+    """A folder of outputs written input by input: each input's files are moved into place as soon as they are all
+    written, so a stopped run leaves only whole files, and a rerun with the same settings skips inputs whose files
+    are all there (``done``). The manifest records, per settings fingerprint, which files textmask wrote; files of an
+    earlier run with other settings, or of inputs no longer given, are removed once the run completes (``finish``),
+    and a group's earlier files as soon as the group is rewritten (``record``)."""
+
+    def __init__(self, folder: Path, settings: str):
+        self.folder = Path(folder)
+        self.settings = settings
+        old = self._read()
+        same = old.get("settings") == settings
+        self.files: set[str] = set(old.get("files", [])) if same else set()
+        self.stale: set[str] = set(old.get("stale", [])) | (set() if same else set(old.get("files", [])))
+        self.produced: set[str] = set()
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads((self.folder / MANIFEST).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "files": sorted(self.files), "stale": sorted(self.stale)}))
+        os.replace(tmp, self.folder / MANIFEST)
+
+    def _name(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.folder.resolve()).as_posix()
+
+    def done(self, paths: list[Path]) -> bool:
+        """Whether this run's settings already wrote every one of ``paths`` (then they are kept as they are)."""
+        names = [self._name(p) for p in paths]
+        if names and all(n in self.files and (self.folder / n).is_file() for n in names):
+            self.produced.update(names)
+            return True
+        return False
+
+    def record(self, paths: list[Path], group: str | None = None) -> None:
+        """``paths`` were just moved into place. With ``group`` (a sub-folder, or "" for the whole folder), textmask's
+        earlier files under it that are not among them go now, so a group never mixes two runs' files."""
+        names = {self._name(p) for p in paths}
+        if group is not None:
+            prefix = group.rstrip("/") + "/" if group else ""
+            self._remove({n for n in self.files | self.stale if n.startswith(prefix) and n not in names})
+        self.files |= names
+        self.stale -= names
+        self.produced |= names
+        self._write()
+
+    def finish(self) -> None:
+        """The run is complete: textmask's files that it did not write or keep go, and the manifest says so."""
+        self._remove((self.files | self.stale) - self.produced)
+        self.files, self.stale = set(self.produced), set()
+        self._write()
+
+    def _remove(self, names: set[str]) -> None:
+        root = self.folder.resolve()
+        for name in names:
+            path = (self.folder / name).resolve()
+            if path.is_relative_to(root) and path.is_file():
+                path.unlink()
+                for parent in path.parents:  # folders the removal left empty
+                    if parent == root or any(parent.iterdir()):
+                        break
+                    parent.rmdir()
+            self.files.discard(name)
+            self.stale.discard(name)
