@@ -228,6 +228,24 @@ def test_a_folder_run_resumes_and_replaces_its_earlier_files_as_a_set(place, cap
     assert sorted(p.name for p in out.iterdir()) == [".textmask.json", "a.png", "mine.txt"]
 
 
+def test_two_processes_share_a_folder_run(place):
+    """A folder run sharded over two CPU processes (torchrun, as accelerate launch starts them): every image gets
+    exactly one mask, one process reports, and a second run with the same settings redoes nothing."""
+    frames = place / "many"
+    for i in range(5):
+        write_image(frames / f"f{i}.png", seed=i)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "textmask",
+           "mask", str(frames), "red circle", "--out", str(place / "masks"), "--device", "cpu", *MODEL]
+    first = subprocess.run(cmd, env=env, cwd=place, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert first.stdout.count("wrote ") == 1 and "wrote 5 masks" in first.stdout and "2 processes" in first.stdout
+    assert sorted(p.name for p in (place / "masks").iterdir()) == [".textmask.json"] + [f"f{i}.png" for i in range(5)]
+    again = subprocess.run(cmd, env=env, cwd=place, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "wrote 0 masks" in again.stdout and "5 already there" in again.stdout
+
+
 def test_segments_leave_no_stale_segment_files(place, capsys):
     many = run(place, capsys, ["segments", "{t}/photo.png", "--out", "{t}/seg", "--tau", "0.01", *MODEL])
     assert many[0] == 0

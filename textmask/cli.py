@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import sys
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -210,13 +211,43 @@ def mask_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def load_masker(args: argparse.Namespace):
+class Shard:
+    """This process's place in a run sharded by ``accelerate launch`` or ``torchrun`` (RANK and WORLD_SIZE set): it
+    takes inputs rank, rank + count, ...; one process (rank 0) shows progress and reports. A single process is the
+    only shard."""
+
+    def __init__(self, count: int | None = None, rank: int | None = None):
+        self.count = int(os.environ.get("WORLD_SIZE", "1")) if count is None else count
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)))
+        self.part = self.rank if self.count > 1 else None
+        self._state = None
+        if self.count > 1:
+            from accelerate import PartialState
+
+            self._state = PartialState()
+
+    def total(self, mine: int) -> int:
+        """The sum of every process's ``mine``, once all of them got here."""
+        if self._state is None:
+            return mine
+        import torch
+        import torch.distributed as dist
+
+        count = torch.tensor([mine], device=self._state.device)
+        dist.all_reduce(count)
+        return int(count.item())
+
+
+def load_masker(args: argparse.Namespace, shard: Shard | None = None):
     import torch
 
     from .hosts import diffusers_loading
     from .masker import TextMasker
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if shard is not None and shard.count > 1 and device == "cuda":
+        device = f"cuda:{shard.local_rank}"  # one GPU per process
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -229,11 +260,12 @@ def load_masker(args: argparse.Namespace):
     dtype = getattr(torch, DTYPES[dtype_name])
     ckpt = Path(args.checkpoint)
     load_to = "cpu" if args.offload else device
+    show = shard is None or shard.rank == 0  # one process's bars in a sharded run
     if ckpt.is_dir():
-        host = diffusers_loading.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=True)
+        host = diffusers_loading.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=show)
     else:
         host = diffusers_loading.from_single_file(ckpt, device=load_to, dtype=dtype, config=args.config,
-                                                  show_progress=True)
+                                                  show_progress=show)
     if args.offload == "model":
         host.enable_model_cpu_offload(device)
     elif args.offload == "sequential":
@@ -320,12 +352,13 @@ def run_mask(args: argparse.Namespace) -> None:
         if args.heatmap:
             heat = outputs.folder(args.heatmap, "--heatmap") if folder else outputs.file(args.heatmap, "--heatmap")
         names = output_names(files) if folder else {files[0]: None}
-        runs = [FolderRun(d, settings_fingerprint(args)) for d in (out, heat) if folder and d is not None]
-        todo = [f for f in files if not (folder and all(
-            r.done([Path(r.folder) / f"{names[f]}.png"]) for r in runs))]
-        masker = load_masker(args) if todo else None
+        shard = Shard() if folder else Shard(1, 0)
+        runs = [FolderRun(d, settings_fingerprint(args), shard.part) for d in (out, heat) if folder and d is not None]
+        mine = files[shard.rank::shard.count]  # this process's share of a sharded run (all of it otherwise)
+        todo = [f for f in mine if not (folder and all(r.done([Path(r.folder) / f"{names[f]}.png"]) for r in runs))]
+        masker = load_masker(args, shard) if todo else None
         ldznet = {"ldznet": masker.load_ldznet(args.ldznet)} if todo and args.ldznet else {}
-        bar = masker.host.progress(len(todo), "images") if folder and todo else None
+        bar = masker.host.progress(len(todo), "images") if folder and todo and shard.rank == 0 else None
         for f in todo:
             img = load_image(f)
             res = masker.mask(img, args.mask_prompt, **mask_kwargs(args), **ldznet)
@@ -341,11 +374,15 @@ def run_mask(args: argparse.Namespace) -> None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        for run in runs:
-            run.finish()
-    skipped = len(files) - len(todo)
-    print(f"wrote {len(todo)} mask{'s' if len(todo) != 1 else ''} to {out}"
-          + (f" ({skipped} already there with these settings)" if skipped else ""))
+        done = shard.total(len(todo))  # every process's, once all are done
+        if shard.rank == 0:
+            for run in runs:
+                run.finish()
+    if shard.rank == 0:
+        skipped = len(files) - done
+        print(f"wrote {done} mask{'s' if done != 1 else ''} to {out}"
+              + (f" ({skipped} already there with these settings)" if skipped else "")
+              + (f", in {shard.count} processes" if shard.count > 1 else ""))
 
 
 def run_segments(args: argparse.Namespace) -> None:

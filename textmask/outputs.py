@@ -163,27 +163,46 @@ class FolderRun:
     earlier run with other settings, or of inputs no longer given, are removed once the run completes (``finish``),
     and a group's earlier files as soon as the group is rewritten (``record``)."""
 
-    def __init__(self, folder: Path, settings: str):
+    def __init__(self, folder: Path, settings: str, part: int | None = None):
         self.folder = Path(folder)
         self.settings = settings
+        # One process of several (a sharded run) records its own part of the manifest; ``merge`` joins the parts.
+        self.part = part
         old = self._read()
         same = old.get("settings") == settings
         self.files: set[str] = set(old.get("files", [])) if same else set()
         self.stale: set[str] = set(old.get("stale", [])) | (set() if same else set(old.get("files", [])))
         self.produced: set[str] = set()
 
+    def _parts(self) -> list[Path]:
+        return sorted(self.folder.glob(".textmask.*.json"))
+
     def _read(self) -> dict:
-        try:
-            data = json.loads((self.folder / MANIFEST).read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        """The manifest, with the parts of an earlier sharded run (stopped before it merged them) joined in."""
+        merged: dict = {}
+        for path in [self.folder / MANIFEST, *self._parts()]:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(data, dict):
+                continue
+            if merged and data.get("settings") != merged.get("settings"):
+                merged["stale"] = merged.get("stale", []) + data.get("files", [])
+                continue
+            merged = {"settings": data.get("settings"), "files": merged.get("files", []) + data.get("files", []),
+                      "stale": merged.get("stale", []) + data.get("stale", [])}
+        return merged
 
     def _write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "files": sorted(self.files), "stale": sorted(self.stale)}))
-        os.replace(tmp, self.folder / MANIFEST)
+        name = MANIFEST if self.part is None else f".textmask.{self.part}.json"
+        tmp = self.folder / (name + ".tmp")
+        data = {"settings": self.settings, "files": sorted(self.files), "stale": sorted(self.stale)}
+        if self.part is not None:
+            data["produced"] = sorted(self.produced)
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.folder / name)
 
     def _name(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.folder.resolve()).as_posix()
@@ -209,10 +228,22 @@ class FolderRun:
         self._write()
 
     def finish(self) -> None:
-        """The run is complete: textmask's files that it did not write or keep go, and the manifest says so."""
-        self._remove((self.files | self.stale) - self.produced)
-        self.files, self.stale = set(self.produced), set()
+        """The run is complete (in a sharded run: every process's part, called by one process once all are done):
+        textmask's files that no process wrote or kept go, and the manifest says so, in one file."""
+        produced = set(self.produced)
+        for path in self._parts():
+            try:
+                produced.update(json.loads(path.read_text()).get("produced", []))
+            except (OSError, ValueError, AttributeError):
+                pass
+        old = self._read()
+        known = set(old.get("files", [])) | set(old.get("stale", [])) | self.files | self.stale
+        self._remove(known - produced)
+        self.part = None
+        self.files, self.stale = set(produced), set()
         self._write()
+        for path in self._parts():
+            path.unlink(missing_ok=True)
 
     def _remove(self, names: set[str]) -> None:
         root = self.folder.resolve()
