@@ -409,3 +409,30 @@ def test_float_tiff_and_images_over_the_limit(place, monkeypatch):
     monkeypatch.setenv("TEXTMASK_MAX_PIXELS", "lots")
     with pytest.raises(ImageError, match="TEXTMASK_MAX_PIXELS"):
         load_image(place / "half.tif")
+
+
+def test_a_failed_move_puts_everything_back(tmp_path, monkeypatch):
+    """commit moves a set of files; when the second move fails, the first file's old content comes back and no
+    staging is left."""
+    from textmask import outputs as out_module
+    from textmask.outputs import OutputError, Outputs
+
+    (tmp_path / "a.png").write_bytes(b"old a")
+    with Outputs() as outputs:
+        a, b = outputs.file(tmp_path / "a.png"), outputs.file(tmp_path / "b.png")
+        outputs.stage(a).write_bytes(b"new a")
+        outputs.stage(b).write_bytes(b"new b")
+        real, calls = os.replace, []
+
+        def flaky(src, dst):
+            calls.append(dst)
+            if Path(dst) == b:
+                raise OSError(28, "No space left on device")
+            return real(src, dst)
+
+        monkeypatch.setattr(out_module.os, "replace", flaky)
+        with pytest.raises(OutputError, match="No space left on device; nothing was changed"):
+            outputs.commit()
+        monkeypatch.setattr(out_module.os, "replace", real)
+    assert (tmp_path / "a.png").read_bytes() == b"old a" and not (tmp_path / "b.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

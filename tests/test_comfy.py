@@ -81,6 +81,31 @@ def test_all_options_and_methods(pack, sd15):
     assert nothing.sum() == 0
 
 
+NODE_BAD = {
+    "threshold text": (dict(threshold="half"), "threshold"),
+    "threshold above one": (dict(threshold="1.5"), "threshold"),
+    "blur past the diagonal": (dict(blur=1e6), "blur"),
+    "grow past the diagonal": (dict(grow=100000), "grow"),
+    "empty prompt": (dict(prompt="  "), "empty"),
+    "prompt syntax": (dict(prompt="car AND ("), "syntax"),
+    "negative syntax": (dict(negative="NOT"), "syntax"),
+    "timestep": (dict(timestep=5000), "timestep"),
+    "resolution": (dict(resolution=100000), "resolution"),
+}
+
+
+@pytest.mark.parametrize("case", list(NODE_BAD))
+def test_node_bad_input_is_one_line(pack, sd15, case):
+    """What ComfyUI shows in the node's error box: one line from textmask, and the model as it was."""
+    kwargs, phrase = NODE_BAD[case]
+    model = sd15[0]
+    before = model_output(model)
+    with pytest.raises(pack.textmask.errors.TextMaskError) as e:  # the pack's own copy of textmask
+        run_node(pack, sd15, torch.rand(1, 40, 48, 3), **kwargs)
+    assert phrase in str(e.value) and "\n" not in str(e.value)
+    assert torch.equal(before, model_output(model))
+
+
 def test_latent_input_maps_back_through_the_crop(pack, sd15):
     model, clip, vae = sd15
     image = torch.rand(1, 37, 53, 3)
