@@ -105,6 +105,16 @@ def apply_mask(p, mask: torch.Tensor, soft: bool) -> None:
         p.mask_round = False
 
 
+def refuse_generation(p, error: Exception) -> None:
+    """Make this generation fail with ``error`` where it would sample. The webui catches an always-on script's
+    exceptions and would inpaint the whole image instead; its sampler call is not caught, so the message reaches the
+    UI's error box and the API's response, and nothing is generated."""
+    def refuse(*args, **kwargs):
+        raise error
+
+    p.sample = refuse
+
+
 class TextMaskScript(scripts.Script):
     """The img2img dropdown entry: masks p.init_images from words, then inpaints."""
 
@@ -150,7 +160,12 @@ class TextMaskInpaint(scripts.Script):
                 show):
         if not enabled or not getattr(p, "init_images", None):
             return
-        masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft)
+        try:
+            masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert,
+                                         soft)
+        except Exception as e:
+            refuse_generation(p, e)
+            raise
         size = p.init_images[0].size
         combined = pp.combine(masks[0], from_pil(getattr(p, "image_mask", None), size), mode)
         apply_mask(p, combined, soft)

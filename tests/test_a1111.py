@@ -346,3 +346,21 @@ def test_device_is_the_webuis_while_the_unet_waits_elsewhere(webui, monkeypatch)
     monkeypatch.setattr(modules.devices, "dtype_unet", torch.float16)  # e.g. fp8 storage computing in float16
     host = A1111Host(model)
     assert host.device == torch.device("cpu") and host.dtype == torch.float16 and host.vae_dtype == torch.float32
+
+
+@pytest.mark.parametrize("prompt, phrase", [("car AND (", "syntax"), ("", "type what to mask")])
+def test_a_failing_accordion_stops_the_generation_with_its_message(webui, monkeypatch, prompt, phrase):
+    """The webui catches an always-on script's exception and would go on to regenerate the whole picture; the
+    accordion makes the sampler call raise its message instead, which the webui shows and the API returns."""
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
+    try:  # as the webui's ScriptRunner.process runs always-on scripts
+        script_mod.TextMaskInpaint().process(p, True, "replace", *dict(ARGS, prompt=prompt).values())
+    except Exception as e:  # noqa: BLE001
+        caught = e
+    assert phrase in str(caught)
+    with pytest.raises(type(caught), match=phrase.replace("(", r"\(")):
+        p.sample(conditioning=None, unconditional_conditioning=None, seeds=[0], subseeds=[0], subseed_strength=0,
+                 prompts=[""])

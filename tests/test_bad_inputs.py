@@ -436,3 +436,29 @@ def test_a_failed_move_puts_everything_back(tmp_path, monkeypatch):
         monkeypatch.setattr(out_module.os, "replace", real)
     assert (tmp_path / "a.png").read_bytes() == b"old a" and not (tmp_path / "b.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+@pytest.mark.parametrize("where", ["conditioning", "latents", "forward"])
+def test_non_finite_values_stop_the_mask_with_their_cause(masker, monkeypatch, where):
+    """NaN conditioning (Forge's emphasis dividing by a zero mean), NaN latents or a NaN forward is an error naming
+    the likely cause, never an all-zero mask."""
+    host = masker.host
+    if where == "conditioning":
+        real = host.encode_prompts
+
+        def nan_prompts(prompts):
+            cond = real(prompts)
+            cond.context = cond.context * float("nan")
+            return cond
+
+        monkeypatch.setattr(host, "encode_prompts", nan_prompts)
+    elif where == "latents":
+        real_images = host.encode_images
+        monkeypatch.setattr(host, "encode_images", lambda px: real_images(px) * float("nan"))
+    else:
+        real_denoise = host.denoise
+        monkeypatch.setattr(host, "denoise", lambda *a: real_denoise(*a) * float("nan"))
+    for method in ("attention", "noise-diff"):
+        with pytest.raises(TextMaskError, match="NaN or infinite.*emphasis") as e:
+            masker.mask(IMAGE, "red circle", method=method)
+        assert "\n" not in str(e.value)

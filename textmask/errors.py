@@ -1,6 +1,12 @@
 """User-facing errors: each carries one line that the CLI and host UIs print as-is."""
 
 
+# Non-finite values mean a broken encoder or a setting that divides by zero, never "nothing here": an empty mask
+# would hide it, so they stop the mask with the likely cause.
+NONFINITE_HINT = ("run the model in float32 or bfloat16, or use an fp16-fixed VAE; in Forge, set the emphasis "
+                  "option to 'No norm' (its normalisation divides by the conditioning's mean, 0 on some checkpoints)")
+
+
 class TextMaskError(ValueError):
     """Base for every error caused by bad input; its message is one readable line."""
 

@@ -17,11 +17,28 @@ import torch.nn.functional as F
 
 from .capture import AttentionCapture, Collector
 from . import options
+from .errors import NONFINITE_HINT, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import ImageInput, to_batch, working_size
 from .schedule import image_noise
 
 T = TypeVar("T")
+
+
+def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` if every entry is finite; else a TextMaskError naming ``what`` and the likely cause."""
+    if not bool(torch.isfinite(values).all()):
+        raise TextMaskError(f"{what} came out NaN or infinite; {NONFINITE_HINT}")
+    return values
+
+
+def encode_prompts(host: Host, prompts: list[str]) -> Conditioning:
+    """The host's conditioning for ``prompts``, checked to be finite."""
+    cond = host.encode_prompts(prompts)
+    check_finite(cond.context, "the text encoder's conditioning")
+    if cond.pooled is not None:
+        check_finite(cond.pooled, "the text encoder's pooled embedding")
+    return cond
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:
@@ -92,7 +109,7 @@ def halving_batches(host: Host, count: int, batch_size: int, step: Callable[[sli
 def encode(host: Host, pixels: torch.Tensor, working: tuple[int, int]) -> torch.Tensor:
     """Resize [B, 3, H, W] pixels to the working size (bicubic, antialiased) and encode them with the host's VAE."""
     x = F.interpolate(pixels, size=working, mode="bicubic", align_corners=False, antialias=True)
-    return host.encode_images(x.clamp(0, 1)).to(host.device, host.dtype)
+    return check_finite(host.encode_images(x.clamp(0, 1)).to(host.device, host.dtype), "the VAE's latents")
 
 
 def add_noise(host: Host, latents: torch.Tensor, timestep: int, seed: int,
@@ -118,4 +135,5 @@ def eps(host: Host, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, im
                else contextlib.nullcontext())
     with capture:
         denoised = host.denoise(x, sigma, cond, image_latents)
-    return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
+    # A non-finite forward poisons the attention it computed too; the maps' min-max would hide it as zeros.
+    return check_finite((x - denoised.float()) / sigma.view(-1, 1, 1, 1), "the model's prediction")

@@ -173,6 +173,10 @@ def masks_from_maps(expr, phrases: list[str], maps: torch.Tensor, size: tuple[in
     from .mask_prompt import evaluate
     from .results import MaskResult
 
+    if not bool(torch.isfinite(maps).all()):
+        from .errors import NONFINITE_HINT, TextMaskError
+
+        raise TextMaskError(f"the word maps came out NaN or infinite; {NONFINITE_HINT}")
     if threshold == "auto" and auto_threshold is not None:
         threshold = auto_threshold
     t = thresholds(maps, threshold)  # on the method's own grid, per image and phrase

@@ -87,7 +87,7 @@ def ldznet_logits(host: Host, model: LDZNet, pixels: torch.Tensor, prompts: Sequ
     from .. import forward as engine
 
     with torch.no_grad():
-        cond = host.encode_prompts(list(prompts))
+        cond = engine.encode_prompts(host, list(prompts))
         check_compatible(model, host, cond.context.shape[-1])
         latents = engine.encode(host, pixels, tuple(pixels.shape[-2:]))
         x, sigma = engine.add_noise(host, latents, timestep, seed)
@@ -133,7 +133,7 @@ class LDZNetMethod:
         if "{}" not in template:
             raise TextMaskError(f"the prompt template needs a '{{}}' for the phrase, got {template!r}")
         model = load_on_host(ldznet, host) if isinstance(ldznet, (str, Path)) else ldznet
-        conds = [host.encode_prompts([template.format(p)]) for p in phrases]
+        conds = [forward.encode_prompts(host, [template.format(p)]) for p in phrases]
         check_compatible(model, host, conds[0].context.shape[-1])
         return LDZNetDecoder(model, conds)
 

@@ -224,6 +224,6 @@ class AttentionMethod:
             raise TextMaskError(f"refine_mode must be 'transpose' or 'forward', got {refine_mode!r}")
         if int(refine_steps) < 1:
             raise TextMaskError(f"refine_steps must be at least 1, got {refine_steps}")
-        cond = host.encode_prompts([prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
+        cond = forward.encode_prompts(host, [prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
         groups = [cond.token_maps[0].find(p) for p in phrases]
         return AttentionDecoder(cond, groups, bool(refine), refine_mode, int(refine_steps))

@@ -55,7 +55,7 @@ class NoiseDiffMethod:
 
     def setup(self, host: Host, phrases: Sequence[str], prompt: str | None) -> NoiseDiffDecoder:
         if prompt is not None and prompt.strip():
-            token_map = host.encode_prompts([prompt]).token_maps[0]
+            token_map = forward.encode_prompts(host, [prompt]).token_maps[0]
             for p in phrases:
                 token_map.find(p)  # the same "not in the prompt" contract as the attention method
-        return NoiseDiffDecoder(host.encode_prompts([""] + list(phrases)))
+        return NoiseDiffDecoder(forward.encode_prompts(host, [""] + list(phrases)))

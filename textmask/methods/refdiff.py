@@ -154,7 +154,7 @@ def refer(
     scorer = clip_scorer(clip, host.device)
     images = forward.prepare_images(host, images, resolution)
     height, width = images.size
-    cond = host.encode_prompts(["", expression])
+    cond = forward.encode_prompts(host, ["", expression])
     positions = cond.token_maps[1].occurrences(head)[0]  # the first noun phrase's head
     masks, heats = [], []
     with torch.inference_mode():

@@ -18,7 +18,7 @@ from .diffseg import diffseg
 def _forwards(host: Host, images: forward.Images, prompt: str, groups, timestep: int, seed: int, batch_size: int,
               desc: str):
     """Yield (self-attention aggregate [b, N, N], its grid, cross maps [b, P, h, w] or None) per batch."""
-    cond = host.encode_prompts([prompt])
+    cond = forward.encode_prompts(host, [prompt])
     for rows in forward.batches(host, len(images), batch_size, desc):
         latents = forward.encode(host, images.pixels[rows], images.working)
         x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
@@ -84,7 +84,7 @@ def named_segments(
         raise TextMaskError(f"duplicate names: {', '.join(dupes)}")
     images = forward.prepare_images(host, images, resolution)
     prompt = attention_prompt(names)
-    token_map = host.encode_prompts([prompt]).token_maps[0]
+    token_map = forward.encode_prompts(host, [prompt]).token_maps[0]
     groups = [[0]] + [token_map.find(n) for n in names]  # position 0 is [SOS]: its map stands for background
     all_masks, all_labels = [], []
     with torch.inference_mode():

@@ -135,7 +135,7 @@ def build_class(host: Host, name: str, stuff: bool, settings: Settings, bar=None
     images = support.sample_support(host, name, settings.images, steps=settings.steps, cfg=settings.cfg,
                                     seed=settings.seed, resolution=settings.resolution,
                                     on_image=(lambda: bar.update(1)) if bar else None)
-    empty = host.encode_prompts([""])
+    empty = forward.encode_prompts(host, [""])
     fg_feats, bg_feats = [], []
     # Several images to a feature forward: on a GPU a forward costs its kernel launches, whatever the batch.
     side = images[0].latents.shape[-2] * images[0].latents.shape[-1]
@@ -191,7 +191,7 @@ def fingerprint(host: Host) -> str:
     side = multiple * max(1, -(-64 // multiple))  # >= 64 px: every level keeps > 1 cell
     pixels = torch.rand(1, 3, side, side, generator=g)
     latents = host.encode_images(pixels.to(host.device))
-    cond = host.encode_prompts(["textmask fingerprint: a red fox on green grass"])
+    cond = forward.encode_prompts(host, ["textmask fingerprint: a red fox on green grass"])
     sigma = host.sigma(500).float().to(latents.device)
     x = torch.randn(latents.shape, generator=g).to(latents.device).float() * sigma + latents.float()
     eps = forward.eps(host, x, sigma, cond, latents)

@@ -98,7 +98,7 @@ def label(prototypes: Prototypes, images, *, host: Host | None = None, classes: 
     pixels, size = images.pixels, images.working
     height, width = images.size
     scale = native / REFERENCE_SIDE  # windows keep their share of the working size
-    empty = host.encode_prompts([""])
+    empty = forward.encode_prompts(host, [""])
     labels, masks, scores = [], [], []
     for rows in forward.batches(host, len(images), 1, "ovdiff"):
         b = rows.start

@@ -77,7 +77,7 @@ def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float,
                    resolution: int | None = None, on_image=None) -> list[SupportImage]:
     """``count`` images of ``name`` sampled by the host with DPM-Solver++, and their attributions."""
     prompt = PROMPT.format(name)
-    cond = host.encode_prompts([prompt])
+    cond = forward.encode_prompts(host, [prompt])
     positions = cond.token_maps[0].find(name)
     out: list[SupportImage] = []
     side = (resolution or host.geometry.resolution) // host.geometry.latent_factor
