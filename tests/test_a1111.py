@@ -5,6 +5,7 @@ stable-diffusion-sdkit) and the smallest stand-in of the ``modules`` API it touc
 modules/processing.py, modules/shared.py, modules/sd_models.py, launch.py)."""
 
 import importlib.util
+import tempfile
 import dataclasses
 import sys
 from pathlib import Path
@@ -313,8 +314,36 @@ def test_installer_installs_only_what_is_missing(webui):
     launch.pip_calls.clear()
     spec = importlib.util.spec_from_file_location("textmask_install", ROOT / "install.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    installed = [cmd for cmd, _ in launch.pip_calls]
+    installed = [cmd.split(" --constraint ")[0] for cmd, _ in launch.pip_calls]
     assert installed == ['install "scipy>=1.10"', 'install "scikit-image>=0.22"']
+    # Every installed distribution is pinned for pip, so nothing the webui has is upgraded or replaced.
+    assert all(" --constraint " in cmd for cmd, _ in launch.pip_calls)
+
+
+def test_installer_never_upgrades_what_the_webui_pinned(webui, monkeypatch, capsys):
+    import importlib.metadata
+
+    import launch
+
+    launch.installed.clear()
+    launch.installed.update({"transformers", "safetensors", "accelerate", "tqdm", "scipy", "scikit-image"})
+    launch.pip_calls.clear()
+    seen = {}
+
+    def run_pip(command, desc=None, live=False):
+        path = command.split(" --constraint ")[1].strip('"')
+        seen["constraints"] = Path(path).read_text().splitlines()
+        raise RuntimeError("ResolutionImpossible: diffusers needs huggingface-hub>=0.23")  # as the webui's run() raises
+
+    monkeypatch.setattr(launch, "run_pip", run_pip)
+    spec = importlib.util.spec_from_file_location("textmask_install", ROOT / "install.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    torch_pin = f"torch=={importlib.metadata.version('torch')}"
+    assert torch_pin in seen["constraints"]  # the webui's torch (and everything else) stays as it is
+    out = capsys.readouterr().out
+    assert out.strip() == ("textmask: skipped diffusers>=0.27: it does not fit this webui's installed packages "
+                           "(ResolutionImpossible: diffusers needs huggingface-hub>=0.23)")
+    assert not list(Path(tempfile.gettempdir()).glob("textmask-constraints-*"))  # the constraints file is gone
 
 
 def test_the_vae_gets_its_own_dtype(webui, monkeypatch):

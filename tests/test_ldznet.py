@@ -241,3 +241,15 @@ def test_cli_convert_and_segment(tmp_path, tiny_checkpoint):
     assert main(["mask", str(img), "car", "--out", str(tmp_path / "m2.png"), "--ldznet", str(out), *model]) == 2
     assert main(["convert-ldznet", str(tmp_path / "missing.ckpt"), str(out)]) == 2
     assert math.isfinite(out.stat().st_size)
+
+
+def test_ld_znet_without_diffusers_is_one_line(tmp_path, monkeypatch):
+    """A webui whose pinned packages diffusers does not fit: ld-znet says what is missing, in one line."""
+    import sys
+
+    model = LDZNet.from_unet(tiny_models.unet_sd1(), upsample_steps=1, train_resolution=64)
+    path = save_ldznet(model, tmp_path / "z.safetensors")
+    monkeypatch.setitem(sys.modules, "diffusers.models.unets", None)  # importing it raises ImportError
+    with pytest.raises(CheckpointError, match="ld-znet needs the diffusers package") as e:
+        load_ldznet(path)
+    assert "\n" not in str(e.value)

@@ -51,12 +51,24 @@ def save_ldznet(model: LDZNet, path: str | Path, extra: dict[str, str] | None = 
     return path
 
 
+def require_diffusers() -> None:
+    """LD-ZNet builds its UNet with diffusers; where the environment lacks a working one (a webui whose pins it does
+    not fit), one line says so. attention and noise-diff never need it."""
+    try:
+        import diffusers.models.unets  # noqa: F401
+    except ImportError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"ld-znet needs the diffusers package, which this environment cannot import ({first}); "
+                              "install diffusers>=0.27 where it fits, or use attention or noise-diff") from None
+
+
 def load_ldznet(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LDZNet:
     """Read an LD-ZNet safetensors file written by textmask (see ``convert_reference``); clear errors otherwise."""
     from safetensors import SafetensorError, safe_open
 
     if not str(path).strip():
         raise CheckpointError("no LD-ZNet weights given; name a textmask LD-ZNet .safetensors file")
+    require_diffusers()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LD-ZNet weights not found: {path}")
