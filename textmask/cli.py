@@ -302,7 +302,6 @@ def output_names(files: list[Path]) -> dict[Path, str]:
 def checked_images(files: list[Path], args: argparse.Namespace) -> list[tuple[int, int]]:
     """Every input's (H, W), read from its header, and the options bounded by an image's size checked against it:
     all before any model loads."""
-    from . import options
     from .images import check_image
 
     sizes = [check_image(f) for f in files]
