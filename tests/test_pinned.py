@@ -86,3 +86,15 @@ def test_ovdiff_is_unchanged(masker, tmp_path):
         res = masker.ovdiff(scene(j), protos, classes=phrases(j))
         same_masks(f"s{j}_ovdiff_labels", res.labels)
         same_maps(f"s{j}_ovdiff_scores", res.scores)
+
+
+def test_old_api_names_still_work_and_warn(masker, tmp_path):
+    import textmask.ovdiff as ovdiff
+
+    with pytest.warns(DeprecationWarning, match="named_segments"):
+        old = masker.semantic(scene(1), phrases(1), tau=0.05)
+    assert np.array_equal(old.labels.numpy(), FIXTURE["s1_named_labels"])
+    protos = masker.build_prototypes([str(v) for v in FIXTURE["vocab"]], images=2, steps=3, cache_dir=tmp_path)
+    with pytest.warns(DeprecationWarning, match="ovdiff.label"):
+        labelled = ovdiff.segment(protos, scene(0), classes=phrases(0))
+    assert np.array_equal(labelled.labels.numpy(), FIXTURE["s0_ovdiff_labels"])
