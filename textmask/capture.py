@@ -119,7 +119,34 @@ class Collector(Protocol):
     def __call__(self, layer: AttentionLayer, start: int, values: torch.Tensor) -> None: ...
 
 
-class AttentionCapture:
+class Hooks:
+    """Forward hooks installed on entry and removed on exit, on an exception or an interrupt; ``install`` adds them."""
+
+    def __init__(self):
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.install()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook; safe to call twice."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class AttentionCapture(Hooks):
     """Context manager that feeds the attention of one or more UNet forwards to collectors.
 
     Each collector's ``need`` says which layers and values it reads; a layer nobody reads costs only its
@@ -134,39 +161,28 @@ class AttentionCapture:
                  collectors: Iterable[Collector] = (), *, max_chunk_bytes: int | None = None):
         if not attention_modules:
             raise CaptureError("no attention modules found in this model")
+        super().__init__()
         self._modules = list(attention_modules)
         self._collectors = list(collectors)
         self.latent_size = tuple(latent_size)
         self._max_chunk_bytes = max_chunk_bytes
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: list[AttentionLayer] = []  # inventory, in execution order of the first forward
         self._by_name: dict[str, AttentionLayer] = {}
 
-    def __enter__(self) -> "AttentionCapture":
-        try:
-            for name, module in self._modules:
-                self._handles.append(module.to_q.register_forward_hook(self._on_q(name)))
-                self._handles.append(module.to_k.register_forward_hook(self._on_k(name, module)))
-                # diffusers' fuse_qkv_projections(): self-attention then calls to_qkv, cross-attention to_q and to_kv.
-                # The separate projections stay, so both paths are hooked and whichever runs is read.
-                if isinstance(module._modules.get("to_qkv"), nn.Module):
-                    self._handles.append(module.to_qkv.register_forward_hook(self._on_qkv(name, module)))
-                if isinstance(module._modules.get("to_kv"), nn.Module):
-                    self._handles.append(module.to_kv.register_forward_hook(self._on_k(name, module, parts=2)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def install(self) -> None:
+        for name, module in self._modules:
+            self._handles.append(module.to_q.register_forward_hook(self._on_q(name)))
+            self._handles.append(module.to_k.register_forward_hook(self._on_k(name, module)))
+            # diffusers' fuse_qkv_projections(): self-attention then calls to_qkv, cross-attention to_q and to_kv.
+            # The separate projections stay, so both paths are hooked and whichever runs is read.
+            if isinstance(module._modules.get("to_qkv"), nn.Module):
+                self._handles.append(module.to_qkv.register_forward_hook(self._on_qkv(name, module)))
+            if isinstance(module._modules.get("to_kv"), nn.Module):
+                self._handles.append(module.to_kv.register_forward_hook(self._on_k(name, module, parts=2)))
 
     def remove(self) -> None:
-        """Remove every hook; safe to call twice."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().remove()
         self._pending.clear()
 
     def layer(self, name: str) -> AttentionLayer:
@@ -285,7 +301,7 @@ class QueryStore:
         self.queries[layer.name] = q
 
 
-class OutputCapture:
+class OutputCapture(Hooks):
     """Context manager that keeps the outputs of chosen modules (LD-ZNet reads the spatial transformers').
 
     Hooks read activations only and come off on exit. ``outputs`` holds each module's last output, keyed by name
@@ -293,26 +309,13 @@ class OutputCapture:
     """
 
     def __init__(self, modules: Iterable[tuple[str, nn.Module]]):
+        super().__init__()
         self._modules = list(modules)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.outputs: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> "OutputCapture":
-        try:
-            for name, module in self._modules:
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def install(self) -> None:
+        for name, module in self._modules:
+            self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def hook(_mod, _args, out):
