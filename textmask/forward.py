@@ -3,7 +3,8 @@
 Every task composes the same steps: ``prepare_images`` (a batch at the model's working size), ``batches``
 (progress and interrupt, once), ``encode`` and ``add_noise`` (x = z + σ·ε with per-image seeds), then ``eps``:
 one host forward under an ``AttentionCapture`` that streams the layers its collectors read. ``halving_batches``
-retries a batch with half as many rows when a GPU runs out of memory.
+retries a batch with half as many rows when a GPU runs out of memory. ``encode_prompts``, ``encode`` and ``eps``
+check that what the host returns is finite: NaN is an error with its likely cause, never an empty mask.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .capture import AttentionCapture, Collector
 from . import options
+from .capture import AttentionCapture, Collector
 from .errors import NONFINITE_HINT, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import ImageInput, to_batch, working_size
