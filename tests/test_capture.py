@@ -344,3 +344,27 @@ def test_cross_attention_maps_match_their_definition():
         expected += m / size[0]
     expected /= sum(1 / size[0] for size in sizes)
     torch.testing.assert_close(maps.aggregate(), normalize(expected.clamp_min(0)), atol=1e-5, rtol=0)
+
+
+def test_after_one_full_forward_only_the_kinds_read_are_hooked():
+    """The first capture on a model hooks every attention module and learns each one's kind and place; later captures
+    hook only the kinds their collectors read, with the same layer numbering, the same values, and the model's
+    output bit-identical."""
+    unet = tiny_models.unet_sd1()
+    modules = find_attention_modules(unet)
+    first = ProbsStore(BOTH)
+    with AttentionCapture(modules, (16, 16), [first]) as cap:
+        hooked_all = sum(len(m.to_q._forward_hooks) for _, m in modules)
+        out_first, _ = run(unet)
+    full = {l.name: l for l in cap.layers}
+    cross = ProbsStore(("cross",))
+    with AttentionCapture(modules, (16, 16), [cross]) as cap:
+        hooked = {n for n, m in modules if m.to_q._forward_hooks}
+        out_second, _ = run(unet)
+    assert hooked_all == len(modules) and hooked == {n for n, l in full.items() if l.kind == "cross"}
+    for layer in cap.layers:  # numbered as in the full forward
+        assert (layer.ordinal, layer.kind_ordinal) == (full[layer.name].ordinal, full[layer.name].kind_ordinal)
+    for name, p in cross.probs.items():
+        assert torch.equal(p, first.probs[name])
+    assert torch.equal(out_first, out_second) and torch.equal(out_first, run(unet)[0])
+    assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for _, m in modules)  # all came off

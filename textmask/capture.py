@@ -11,6 +11,7 @@ untouched, and every hook is removed when the context exits, also on an exceptio
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Literal, Protocol, Sequence
 
@@ -119,6 +120,11 @@ class Collector(Protocol):
     def __call__(self, layer: AttentionLayer, start: int, values: torch.Tensor) -> None: ...
 
 
+# Each attention module's (kind, ordinal, kind ordinal), learned from the first forward that hooked all of a model's
+# modules, so later captures hook only the kinds their collectors read. Weak keys: a model that goes, goes.
+_INVENTORY: "weakref.WeakKeyDictionary[nn.Module, tuple[Kind, int, int]]" = weakref.WeakKeyDictionary()
+
+
 class Hooks:
     """Forward hooks installed on entry and removed on exit, on an exception or an interrupt; ``install`` adds them."""
 
@@ -167,11 +173,17 @@ class AttentionCapture(Hooks):
         self.latent_size = tuple(latent_size)
         self._max_chunk_bytes = max_chunk_bytes
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._selective = False  # hooks only on the kinds read, from the learned inventory
         self.layers: list[AttentionLayer] = []  # inventory, in execution order of the first forward
         self._by_name: dict[str, AttentionLayer] = {}
 
     def install(self) -> None:
-        for name, module in self._modules:
+        read = {kind for c in self._collectors for kind in c.need.kinds}
+        known = [_INVENTORY.get(module) for _, module in self._modules]
+        self._selective = all(k is not None for k in known)
+        for (name, module), seen in zip(self._modules, known):
+            if self._selective and seen[0] not in read:
+                continue  # a layer nobody reads gets no hook (its kind is known from an earlier forward)
             self._handles.append(module.to_q.register_forward_hook(self._on_q(name)))
             self._handles.append(module.to_k.register_forward_hook(self._on_k(name, module)))
             # diffusers' fuse_qkv_projections(): self-attention then calls to_qkv, cross-attention to_q and to_kv.
@@ -184,6 +196,10 @@ class AttentionCapture(Hooks):
     def remove(self) -> None:
         super().remove()
         self._pending.clear()
+        if not self._selective and len(self.layers) == len(self._modules):  # a whole forward was seen: learn it
+            modules = dict(self._modules)
+            for layer in self.layers:
+                _INVENTORY[modules[layer.name]] = (layer.kind, layer.ordinal, layer.kind_ordinal)
 
     def layer(self, name: str) -> AttentionLayer:
         return self._by_name[name]
@@ -259,12 +275,14 @@ class AttentionCapture(Hooks):
     def _register(self, name: str, module: nn.Module, kind: Kind, tokens: int) -> AttentionLayer:
         layer = self._by_name.get(name)
         if layer is None:
-            same_kind = sum(1 for l in self.layers if l.kind == kind)
+            known = _INVENTORY.get(module) if self._selective else None
+            ordinal, kind_ordinal = known[1:] if known is not None else (
+                len(self.layers) + 1, sum(1 for l in self.layers if l.kind == kind) + 1)
             layer = AttentionLayer(
                 name=name,
                 kind=kind,
-                ordinal=len(self.layers) + 1,
-                kind_ordinal=same_kind + 1,
+                ordinal=ordinal,
+                kind_ordinal=kind_ordinal,
                 size=spatial_size(tokens, self.latent_size),
                 heads=int(module.heads),
             )
