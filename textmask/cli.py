@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in ("mask", *DEPRECATED):
-        seg = sub.add_parser(name, help="mask an image or a folder of images" if name == "mask" else f"old name of '{DEPRECATED[name]}'")
+        what = "mask an image or a folder of images" if name == "mask" else f"old name of '{DEPRECATED[name]}'"
+        seg = sub.add_parser(name, help=what)
         seg.add_argument("input", help="an image file or a folder of images")
         seg.add_argument("mask_prompt", help='e.g. "red car | truck AND NOT wheels"')
         seg.add_argument("--out", required=True, help="mask PNG (for one image) or a folder (for a folder)")
@@ -357,22 +359,21 @@ def run_mask(args: argparse.Namespace) -> None:
         todo = [f for f in mine if not (folder and all(r.done([Path(r.folder) / f"{names[f]}.png"]) for r in runs))]
         masker = load_masker(args, shard) if todo else None
         ldznet = {"ldznet": masker.load_ldznet(args.ldznet)} if todo and args.ldznet else {}
-        bar = masker.host.progress(len(todo), "images") if folder and todo and shard.rank == 0 else None
-        for f in todo:
-            img = load_image(f)
-            res = masker.mask(img, args.mask_prompt, **mask_kwargs(args), **ldznet)
-            targets = [out / f"{names[f]}.png" if folder else out]
-            save_mask(res.masks[0], outputs.stage(targets[0]))
-            if heat is not None:
-                targets.append(heat / f"{names[f]}.png" if folder else heat)
-                save_overlay(torch.from_numpy(img), res.heatmaps[0], outputs.stage(targets[1]))
-            outputs.commit()
-            for run, target in zip(runs, targets):
-                run.record([target])
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        shown = folder and todo and shard.rank == 0
+        with masker.host.progress(len(todo), "images") if shown else contextlib.nullcontext() as bar:
+            for f in todo:  # the bar clears its line however the loop ends, so a last message starts clean
+                img = load_image(f)
+                res = masker.mask(img, args.mask_prompt, **mask_kwargs(args), **ldznet)
+                targets = [out / f"{names[f]}.png" if folder else out]
+                save_mask(res.masks[0], outputs.stage(targets[0]))
+                if heat is not None:
+                    targets.append(heat / f"{names[f]}.png" if folder else heat)
+                    save_overlay(torch.from_numpy(img), res.heatmaps[0], outputs.stage(targets[1]))
+                outputs.commit()
+                for run, target in zip(runs, targets):
+                    run.record([target])
+                if bar is not None:
+                    bar.update(1)
         done = shard.total(len(todo))  # every process's, once all are done
         if shard.rank == 0:
             for run in runs:
@@ -600,8 +601,16 @@ COMMANDS = {"mask": run_mask, "segments": run_segments, "refer": run_refer, "dem
             "app": run_app}
 
 
+_interrupted: list[int] = []  # the signals received: whatever error an interrupted import then raises, it was one
+
+
+_raising: list[bool] = [False]  # off while torch imports: an exception raised inside its C++ start-up aborts
+
+
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM and SIGHUP unwind like Ctrl-C: staging is removed, nothing partial is left
+    _interrupted.append(signum)
+    if _raising[0]:
+        raise KeyboardInterrupt  # SIGTERM and SIGHUP unwind like Ctrl-C: staging is removed, nothing partial is left
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -610,12 +619,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    _interrupted.clear()
+    _raising[0] = False
+    previous = {}
     try:
-        for name in ("SIGTERM", "SIGHUP"):
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
-                signal.signal(getattr(signal, name), _interrupt)
+                previous[getattr(signal, name)] = signal.signal(getattr(signal, name), _interrupt)
     except ValueError:  # not the main thread (an embedding host): its own handlers stay
         pass
+    try:
+        return _run(argv, debug)
+    finally:
+        for signum, handler in previous.items():  # as they were for whoever called main()
+            signal.signal(signum, handler)
+
+
+def _run(argv: Sequence[str] | None, debug: bool) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -623,8 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"textmask: note: '{args.command}' is now '{DEPRECATED[args.command]}'; the old name will go",
                   file=sys.stderr)
             args.command = DEPRECATED[args.command]
+        import torch  # noqa: F401  (imported while a signal only marks itself, then acted on)
+
         from .images import pixel_limit
 
+        _raising[0] = True
+        if _interrupted:
+            raise KeyboardInterrupt
         with pixel_limit(getattr(args, "max_pixels", None)):
             COMMANDS[args.command](args)
     except TextMaskError as e:
@@ -642,6 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001  (the last resort: one line, never a traceback)
         if debug:
             raise
+        if _interrupted:  # e.g. a module whose import the signal cut short, failing when imported again
+            print("textmask: interrupted", file=sys.stderr)
+            return 130
         print(f"textmask: error: {describe(e)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
@@ -649,9 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe(error: BaseException) -> str:
     """One line for an unexpected error: out of memory, a file system error, or its type and first line."""
-    import torch
-
-    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+    torch = sys.modules.get("torch")  # not imported here: an interrupted import of it may be what failed
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", ())
+    if (oom and isinstance(error, oom)) or "out of memory" in str(error).lower():
         return "out of memory; try a smaller --resolution, --dtype fp16, or --offload"
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror

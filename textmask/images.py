@@ -81,6 +81,11 @@ def _pil_to_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def unreadable(path: str | Path, error: Exception) -> ImageError:
+    """The one-line error for an image file PIL cannot read."""
+    return ImageError(f"cannot read image {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+
+
 def _open(path: str | Path):
     """PIL's image object for ``path`` with its size checked against the pixel limit, before decoding."""
     import warnings
@@ -119,7 +124,7 @@ def load_image(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise unreadable(path, e) from None
 
 
 def check_image(path: str | Path) -> tuple[int, int]:
@@ -139,7 +144,7 @@ def check_image(path: str | Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise unreadable(path, e) from None
     if h < MIN_SIDE or w < MIN_SIDE:
         raise ImageError(f"image {path} of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")
     return h, w

@@ -10,8 +10,10 @@ leaves a stale one beside the new (the user's own files are never touched).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,6 +52,21 @@ def check_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (where the platform can hold them), so a set of moves or
+    a clean-up is never cut in half; the signal arrives right after."""
+    held = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Outputs:
     """One command's outputs. Use as a context manager: staging is removed on exit, whatever happened."""
 
@@ -65,8 +82,9 @@ class Outputs:
         return self
 
     def __exit__(self, *exc) -> None:
-        for stage in self._staging.values():
-            shutil.rmtree(stage, ignore_errors=True)
+        with signals_deferred():
+            for stage in self._staging.values():
+                shutil.rmtree(stage, ignore_errors=True)
         self._staging.clear()
         self._pending.clear()
         self._trees.clear()
@@ -127,6 +145,10 @@ class Outputs:
             self._pending += [(f, destination / f.relative_to(stage)) for f in sorted(stage.rglob("*")) if f.is_file()]
         self._trees.clear()
         pending, self._pending = self._pending, []
+        with signals_deferred():
+            return self._move(pending)
+
+    def _move(self, pending: list[tuple[Path, Path]]) -> list[Path]:
         moved: list[tuple[Path, Path, Path | None]] = []  # (destination, staged, backup of what it replaced)
         try:
             for staged, destination in pending:
@@ -149,7 +171,8 @@ class Outputs:
                 os.replace(destination, staged)
                 if backup is not None:
                     os.replace(backup, destination)
-            raise OutputError(f"cannot write {destination}: {e.strerror or type(e).__name__}; nothing was changed") from None
+            reason = e.strerror or type(e).__name__
+            raise OutputError(f"cannot write {destination}: {reason}; nothing was changed") from None
         for _, _, backup in moved:
             if backup is not None:
                 backup.unlink(missing_ok=True)
@@ -166,7 +189,7 @@ class FolderRun:
     def __init__(self, folder: Path, settings: str, part: int | None = None):
         self.folder = Path(folder)
         self.settings = settings
-        # One process of several (a sharded run) records its own part of the manifest; ``merge`` joins the parts.
+        # One process of several (a sharded run) records its own part of the manifest; ``finish`` joins the parts.
         self.part = part
         old = self._read()
         same = old.get("settings") == settings

@@ -55,7 +55,7 @@ def require_diffusers() -> None:
     """LD-ZNet builds its UNet with diffusers; where the environment lacks a working one (a webui whose pins it does
     not fit), one line says so. attention and noise-diff never need it."""
     try:
-        import diffusers.models.unets  # noqa: F401
+        import diffusers.models.unets  # noqa: F401  (the import is the check)
     except ImportError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"ld-znet needs the diffusers package, which this environment cannot import ({first}); "
