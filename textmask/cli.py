@@ -230,7 +230,7 @@ class Shard:
             self._state = PartialState()
 
     def total(self, mine: int) -> int:
-        """The sum of every process's ``mine``, once all of them got here."""
+        """The sum of every process's ``mine``, once all of them got here; the process group's last use."""
         if self._state is None:
             return mine
         import torch
@@ -238,6 +238,8 @@ class Shard:
 
         count = torch.tensor([mine], device=self._state.device)
         dist.all_reduce(count)
+        # The group's last use: gloo's threads torn down at interpreter exit instead sometimes abort (SIGABRT).
+        dist.destroy_process_group()
         return int(count.item())
 
 
