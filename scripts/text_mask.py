@@ -1,7 +1,7 @@
 """AUTOMATIC1111 / Forge: "Text Mask" in the img2img script dropdown, and an always-visible accordion in the
 inpaint section that replaces, adds to or subtracts from the painted mask. Masks come from the webui's
 already-loaded model (``shared.sd_model``). Works through the API too: ``script_args`` / ``alwayson_scripts``
-take the ``ui()`` values in order (see README)."""
+take the ``ui()`` values in order (see docs/webui.md)."""
 
 from __future__ import annotations
 
