@@ -21,21 +21,23 @@ if str(EXTENSION_ROOT) not in sys.path:
 
 from textmask import defaults  # noqa: E402
 from textmask import postprocess as pp  # noqa: E402
+from textmask.faces import FACE_METHODS, OVDIFF_IMAGES, mask_any  # noqa: E402
 from textmask.hosts.select import webui_host  # noqa: E402
 from textmask.masker import TextMasker  # noqa: E402
-from textmask.methods import METHODS  # noqa: E402
 from textmask.render import overlay  # noqa: E402
 
 MODES = ["replace", "add", "subtract"]
 
 
 def mask_controls(script: scripts.Script):
-    """The shared controls, in the order run() / process() receive them."""
-    prompt = gr.Textbox(label="Mask prompt", placeholder="red car | truck AND NOT wheels", lines=1,
-                        elem_id=script.elem_id("prompt"))
+    """The shared controls, in the order run() / process() receive them (new ones go last: API callers pass them
+    by position)."""
+    prompt = gr.Textbox(label="Mask prompt", placeholder="red car | truck AND NOT wheels, or: the man on the left",
+                        lines=1, elem_id=script.elem_id("prompt"))
     negative = gr.Textbox(label="Negative mask prompt", lines=1, elem_id=script.elem_id("negative"))
     with gr.Row():
-        method = gr.Dropdown(label="Method", choices=list(METHODS), value="attention", elem_id=script.elem_id("method"))
+        method = gr.Dropdown(label="Method", choices=list(FACE_METHODS), value="attention",
+                             elem_id=script.elem_id("method"))
         ldznet = gr.Textbox(label="LD-ZNet weights (.safetensors, for ld-znet)", elem_id=script.elem_id("ldznet"))
         refine = gr.Checkbox(label="Refine", value=defaults.REFINE, elem_id=script.elem_id("refine"))
     with gr.Row():
@@ -46,7 +48,12 @@ def mask_controls(script: scripts.Script):
         invert = gr.Checkbox(label="Invert", value=False, elem_id=script.elem_id("invert"))
         soft = gr.Checkbox(label="Soft mask", value=False, elem_id=script.elem_id("soft"))
         show = gr.Checkbox(label="Show mask in output", value=True, elem_id=script.elem_id("show"))
-    return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show]
+    with gr.Row():
+        names = gr.Textbox(label="Other names in the picture (named segments, ovdiff)", placeholder="sky, road, tree",
+                           lines=1, elem_id=script.elem_id("names"))
+        support = gr.Slider(label="OVDiff support images per name", minimum=1, maximum=64, step=1,
+                            value=OVDIFF_IMAGES, elem_id=script.elem_id("support"))
+    return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names, support]
 
 
 def webui_model():
@@ -59,19 +66,27 @@ def webui_model():
     return model
 
 
-def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft):
+def ovdiff_cache() -> str | None:
+    """models/ovdiff inside the webui, so prototypes live beside the checkpoints they were made from."""
+    try:
+        from modules import paths
+    except ImportError:
+        return None
+    root = getattr(paths, "models_path", None)
+    return str(Path(root) / "ovdiff") if root else None
+
+
+def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, names="",
+                  support=OVDIFF_IMAGES):
     """Masks [N, H, W] and heatmaps for p.init_images at their own size, from the webui's model."""
-    if not prompt or not prompt.strip():
-        raise ValueError("Text Mask: type what to mask")
     images = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in p.init_images]
     masker = TextMasker(webui_host(webui_model()))
-    kwargs = dict(negative=negative or None, method=method, refine=bool(refine), threshold=threshold, soft=soft,
-                  blur=blur, grow=grow, invert=invert, seed=int(getattr(p, "seed", 0) or 0) % 2**31)
-    if method == "ld-znet":
-        kwargs["ldznet"] = ldznet
+    kwargs = dict(method=method, negative=negative or None, names=names, ldznet=ldznet, refine=bool(refine),
+                  threshold=threshold, soft=soft, blur=blur, grow=grow, invert=invert,
+                  seed=int(getattr(p, "seed", 0) or 0) % 2**31, ovdiff_images=support, cache_dir=ovdiff_cache())
     masks, heats = [], []
     for img in images:  # init images may differ in size
-        res = masker.mask(img, prompt, **kwargs)
+        res = mask_any(masker, img, prompt, **kwargs)
         masks.append(res.masks[0])
         heats.append((torch.from_numpy(img), res.heatmaps[0]))
     return masks, heats
@@ -127,8 +142,10 @@ class TextMaskScript(scripts.Script):
     def ui(self, is_img2img):
         return mask_controls(self)
 
-    def run(self, p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show):
-        masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft)
+    def run(self, p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names="",
+            support=OVDIFF_IMAGES):
+        masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft,
+                                     names, support)
         apply_mask(p, masks[0], soft)
         processed = processing.process_images(p)
         if show:
@@ -157,12 +174,12 @@ class TextMaskInpaint(scripts.Script):
     # process(), not before_process(): the webui applies a request's override_settings (a checkpoint among them) and
     # Forge loads its model between the two, and both read image_mask only after process(), in p.init.
     def process(self, p, enabled, mode, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft,
-                show):
+                show, names="", support=OVDIFF_IMAGES):
         if not enabled or not getattr(p, "init_images", None):
             return
         try:
             masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert,
-                                         soft)
+                                         soft, names, support)
         except Exception as e:
             refuse_generation(p, e)
             raise

@@ -171,7 +171,7 @@ def test_forge_goes_through_the_comfy_adapter():
 
 # ---- the script ----------------------------------------------------------------------------------------
 ARGS = dict(prompt="red car", negative="", method="attention", ldznet="", refine=True, threshold="auto", blur=0.0,
-            grow=0, invert=False, soft=False, show=True)
+            grow=0, invert=False, soft=False, show=True, names="", support=32)
 
 
 def init_image(w=53, h=37, seed=0):
@@ -218,6 +218,53 @@ def test_inpaint_accordion_combines_with_the_painted_mask(webui, monkeypatch, mo
     untouched = processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=Image.fromarray(painted))
     script.process(untouched, False, mode, *ARGS.values())  # disabled: the painted mask stays
     assert np.array_equal(np.asarray(untouched.image_mask), painted)
+
+
+@pytest.mark.parametrize("method, prompt, extra", [
+    ("refer", "the red car on the left", {}),
+    ("named segments", "red car | sky", {"names": "road, tree"}),
+    ("ovdiff", "red car", {"names": "sky", "support": 2}),
+])
+def test_every_method_from_the_dropdown_and_the_accordion(webui, monkeypatch, tmp_path, method, prompt, extra):
+    """Referring expressions, named segments and OVDiff (support images from the webui model's own sampling) work
+    in both entries, give the mask the API gives, and leave the model as it was."""
+    from textmask.faces import mask_any
+
+    script_mod, shared, processing = webui
+    model = webui_model.sd_model("sd1")
+    monkeypatch.setattr(shared, "sd_model", model)
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    monkeypatch.setattr(script_mod, "ovdiff_cache", lambda: str(tmp_path))  # the webui's models/ovdiff
+    before, counts = unet_output(model), hooks(model)
+    args = dict(ARGS, method=method, prompt=prompt, grow=2, **extra)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], seed=7)
+    processed = script_mod.TextMaskScript().run(p, *args.values())
+    mask = processing.calls[-1]["image_mask"]
+    assert mask.size == (53, 37) and len(processed.images) == 3
+    image = np.asarray(init_image(), np.float32) / 255
+    expected = mask_any(TextMasker(small_host(model)), image, prompt, method=method, names=extra.get("names"),
+                        grow=2, seed=7, ovdiff_images=extra.get("support", 32), cache_dir=tmp_path).masks[0]
+    assert np.array_equal(np.asarray(mask), (expected.numpy() * 255 + 0.5).astype(np.uint8))
+    if method == "ovdiff":  # one cached prototype file per name, reused by the second call above
+        assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    painted = np.zeros((37, 53), np.uint8)
+    painted[:, :10] = 255
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted), seed=7)
+    script_mod.TextMaskInpaint().process(p, True, "add", *args.values())
+    got = np.asarray(p.image_mask)
+    assert p.image_mask.size == (53, 37) and np.array_equal(got, np.maximum(painted, np.asarray(mask)))
+    assert hooks(model) == counts and torch.equal(before, unet_output(model))
+
+
+def test_refer_takes_no_negative_and_unknown_methods_are_named(webui, monkeypatch):
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
+    with pytest.raises(Exception, match="leave the negative mask prompt empty"):
+        script_mod.TextMaskScript().run(p, *dict(ARGS, method="refer", negative="wheels").values())
+    with pytest.raises(Exception, match="unknown method 'sam'; choose one of attention, .*refer, named segments, ovdiff"):
+        script_mod.TextMaskScript().run(p, *dict(ARGS, method="sam").values())
 
 
 def test_scripts_mask_with_the_model_processing_will_load(webui, monkeypatch):

@@ -43,6 +43,22 @@ def test_outputs_without_browser(shapes_masker, tmp_path):
         make_outputs(shapes_masker, [str(img)], " ", "attention", True, "auto", False, False)
 
 
+@pytest.mark.parametrize("method, prompt", [("refer", "the circle on the left"), ("named segments", "circle | square")])
+def test_refer_and_named_segments_in_the_app(shapes_masker, tmp_path, method, prompt):
+    from textmask.app import build_app, make_outputs
+    from textmask.faces import mask_any
+    from textmask.images import load_image
+
+    img = scene_png(tmp_path / "scene.png")
+    masks, _, _ = make_outputs(shapes_masker, [str(img)], prompt, method, True, "auto", False, False)
+    expected = mask_any(shapes_masker, load_image(img), prompt, method=method).masks[0].numpy()
+    assert np.array_equal(np.asarray(Image.open(masks[0])), (expected * 255 + 0.5).astype(np.uint8))
+    app = build_app(shapes_masker)
+    dropdown = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "method")
+    assert method in [c[0] if isinstance(c, tuple) else c for c in dropdown.choices]
+    app.textmask_cleanup()
+
+
 APP_BAD = {
     "no images": (lambda img: [], "circle", {}, "upload at least one image"),
     "empty prompt": (lambda img: [img], " ", {}, "type what to mask"),

@@ -1,6 +1,6 @@
 """The standalone web app: ``textmask app --checkpoint PATH`` (Gradio, diffusers host, 127.0.0.1 by default).
 
-Upload one image or many, type a mask prompt, pick a method; see the masks, the heatmap overlays and the
+Upload one image or many, type a mask prompt (or a referring expression, with ``refer``), pick a method; see the masks, the heatmap overlays and the
 cutouts, and download them as PNGs. Each request's files live in the app's temporary folder until the same browser
 session asks again or leaves, and the folder goes when the app stops.
 """
@@ -18,6 +18,7 @@ import torch
 
 from . import defaults
 from .errors import TextMaskError
+from .faces import NAMED, REFER, mask_any
 from .methods import METHODS, ZERO_SHOT_METHODS
 
 
@@ -46,10 +47,8 @@ def _write_outputs(masker, paths, prompt, method, refine, threshold, soft, inver
     for i, path in enumerate(paths):
         path = Path(getattr(path, "name", path))
         image = load_image(path)
-        kwargs = dict(method=method, refine=bool(refine), threshold=threshold, soft=soft, invert=invert)
-        if method == "ld-znet":
-            kwargs["ldznet"] = ldznet
-        res = masker.mask(image, prompt, **kwargs)
+        res = mask_any(masker, image, prompt, method=method, refine=bool(refine), threshold=threshold, soft=soft,
+                       invert=invert, ldznet=ldznet)
         mask = res.masks[0].numpy()
         stem = f"{i:03d}-{path.stem}"
         Image.fromarray((mask * 255 + 0.5).astype(np.uint8), "L").save(out / f"{stem}-mask.png")
@@ -67,7 +66,8 @@ def build_app(masker, ldznet=None):
     """The Gradio Blocks of the app around a TextMasker."""
     import gradio as gr
 
-    methods = list(METHODS) if ldznet is not None else list(ZERO_SHOT_METHODS)
+    # OVDiff's prototypes take minutes to sample per class: the CLI and ComfyUI build them once, ahead
+    methods = [*(METHODS if ldznet is not None else ZERO_SHOT_METHODS), REFER, NAMED]
     root = Path(tempfile.mkdtemp(prefix="textmask-app-"))
     cleanup = functools.partial(shutil.rmtree, root, True)
     atexit.register(cleanup)

@@ -24,7 +24,6 @@ from typing import Any, Protocol, Sequence
 import torch
 from torch import nn
 
-from ..errors import CaptureError
 from ..tokens import TokenMap
 
 
@@ -111,7 +110,8 @@ class Host(Protocol):
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
                resolution: int | None = None) -> torch.Tensor:
-        """``count`` square latents (host-scaled, ``resolution`` px, default native) from the host's own sampler."""
+        """``count`` square latents (host-scaled, ``resolution`` px, default native) from the host's own sampler
+        (default: DPM-Solver++(2M) through ``denoise``)."""
 
 
 class HostDefaults:
@@ -136,5 +136,7 @@ class HostDefaults:
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
                resolution: int | None = None) -> torch.Tensor:
-        raise CaptureError(f"{type(self).__name__} cannot sample support images for OVDiff; build prototypes in "
-                           "ComfyUI or with the CLI/API")
+        """DPM-Solver++(2M) through this host's ``denoise`` (``textmask.sampling``)."""
+        from ..sampling import sample
+
+        return sample(self, prompt, negative, count, steps=steps, cfg=cfg, seed=seed, resolution=resolution)
