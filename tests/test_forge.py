@@ -4,6 +4,7 @@ Forge is not on PyPI, so the tests that run its code skip without a checkout; th
 """
 
 import dataclasses
+import sys
 import types
 
 import pytest
@@ -165,3 +166,34 @@ def test_continuous_edm_predictor_noises_at_sds_noise_level():
         torch.testing.assert_close(noised(host, z0, noise, 300), z0 + 0.5 * sd_sigma * noise)
         out = TextMasker(host).mask(torch.rand(1, 40, 56, 3), "red car", method="noise-diff")
     assert torch.isfinite(out.heatmaps).all() and 0 < float(out.masks.mean()) < 1
+
+
+@needs_forge
+def test_default_sampler_is_forges_own_dpmpp_2m(engine, monkeypatch):
+    """OVDiff's support images in the webuis come from ``textmask.sampling``: the same steps as the webui's own
+    k-diffusion ``sample_dpmpp_2m`` on the same denoiser and σ."""
+    pytest.importorskip("torchsde")
+    pytest.importorskip("torchdiffeq")
+    try:
+        import torchvision  # noqa: F401  (k_diffusion.utils imports it; the sampler never uses it)
+    except ImportError:
+        stub = types.ModuleType("torchvision")
+        stub.transforms = types.ModuleType("torchvision.transforms")
+        stub.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+        for name, module in [("torchvision", stub), ("torchvision.transforms", stub.transforms),
+                             ("torchvision.transforms.functional", stub.transforms.functional)]:
+            monkeypatch.setitem(sys.modules, name, module)
+    k_sampling = pytest.importorskip("k_diffusion.sampling")  # Forge's copy of k-diffusion
+    from textmask import forward, sampling
+
+    host = small_host(engine)
+    sigmas = sampling.timestep_sigmas(host, 6)
+    cond = forward.encode_prompts(host, ["a cat"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+
+    def denoise(x, sigma):
+        return host.denoise(x, sigma, cond, None).float()
+
+    ours = sampling.dpmpp_2m(denoise, x, sigmas)
+    theirs = k_sampling.sample_dpmpp_2m(denoise, x, sigmas, disable=True)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))
