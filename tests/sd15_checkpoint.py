@@ -26,8 +26,12 @@ def sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[s
     del unet
     ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                     num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    quant = torch.nn.Conv2d(8, 8, 1)
+    with torch.no_grad():  # a trained VAE's posterior is nearly a point: the webuis' img2img samples it unseeded
+        quant.weight[4:] = 0
+        quant.bias[4:] = -30.0
     parts = [("encoder", Encoder(**ddconfig)), ("decoder", Decoder(**ddconfig)),
-             ("quant_conv", torch.nn.Conv2d(8, 8, 1)), ("post_quant_conv", torch.nn.Conv2d(4, 4, 1))]
+             ("quant_conv", quant), ("post_quant_conv", torch.nn.Conv2d(4, 4, 1))]
     for name, module in parts:
         sd.update({f"first_stage_model.{name}.{k}": v for k, v in module.state_dict().items()})
     config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
