@@ -83,68 +83,93 @@ class CrossAttentionMaps:
 
 
 class SelfAttentionAggregate:
-    """DiffSeg's multi-layer self-attention aggregate [B, R², R²] at the largest self-attention size R.
+    """DiffSeg's multi-resolution self-attention aggregate [B, R², R²] at the largest self-attention size R.
 
-    Keys are bilinearly upsampled to R×R and rows renormalised to sum 1; query rows of smaller layers
-    are repeated (nearest) onto the R×R grid; layer weights are proportional to the side length.
-    The first self-attention layer of a UNet forward is the largest, which fixes R. Chunks of R-sized
-    layers are added straight into the sum, so the only R²×R² tensor is the sum itself.
+    As google/diffseg computes it (``weighting="resolution"``): the layers of one resolution are averaged, each
+    resolution's key maps are bilinearly upsampled to R×R and renormalised to sum 1, its query rows repeated
+    (nearest) onto the R×R grid, and resolution r weighs side_r / Σ sides. ``weighting="layer"`` instead adds
+    every layer, normalised, with weight ∝ its side (the attention method's refinement, as its masks were tuned).
+    The first self-attention layer of a UNet forward is the largest, which fixes R; R-sized layers are added
+    straight into the sum, so the only R²×R² tensor is the sum itself.
     """
 
-    def __init__(self, rows: slice | None = None):
+    def __init__(self, rows: slice | None = None, weighting: Literal["resolution", "layer"] = "resolution"):
+        if weighting not in ("resolution", "layer"):
+            raise ValueError(f"unknown weighting {weighting!r}")
         self.need = Need(kinds=("self",), rows=rows)  # rows: the batch rows to aggregate (None: all)
+        self.weighting = weighting
         self.size: tuple[int, int] | None = None
-        self.sum: torch.Tensor | None = None
-        self.weight_total = 0.0
-        self._layer: AttentionLayer | None = None
-        self._buffer: torch.Tensor | None = None  # current smaller layer, [B, n, R²]
+        self.sum: torch.Tensor | None = None  # [B, R², R²]: the R-sized layers' probabilities, summed
+        self.smaller: dict[tuple[int, int], torch.Tensor] = {}  # size -> [B, n, n] (or [B, n, R²] by layer)
+        self.layers: dict[tuple[int, int], int] = {}  # size -> layers seen
+        self._result: torch.Tensor | None = None
 
     def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
         b, rows, _ = probs.shape
         if self.size is None:
             self.size = layer.size
-        if self.sum is None:
-            n = self.size[0] * self.size[1]
-            self.sum = torch.zeros(b, n, n, device=probs.device)
         if start == 0:  # a layer's first chunk in this forward
-            self.weight_total += float(layer.size[0])
+            self.layers[layer.size] = self.layers.get(layer.size, 0) + 1
         if layer.size == self.size:
-            self.sum[:, start : start + rows].add_(probs, alpha=float(layer.size[0]))  # rows already sum to 1
+            if self.sum is None:
+                n = self.size[0] * self.size[1]
+                self.sum = torch.zeros(b, n, n, device=probs.device)
+            scale = float(layer.size[0]) if self.weighting == "layer" else 1.0
+            self.sum[:, start : start + rows].add_(probs, alpha=scale)  # rows already sum to 1
             return
-        if self._layer is None or layer.name != self._layer.name or start == 0:
-            self._flush()
-            self._layer = layer
-            self._buffer = torch.empty(b, layer.tokens, self.size[0] * self.size[1], device=probs.device)
-        keys = F.interpolate(probs.reshape(b * rows, 1, *layer.size), size=self.size, mode="bilinear", align_corners=False)
-        keys = keys.reshape(b, rows, -1)
-        self._buffer[:, start : start + rows] = keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
+        acc = self.smaller.get(layer.size)
+        if self.weighting == "resolution":  # keys are upsampled once, from the resolution's mean
+            if acc is None:
+                acc = self.smaller[layer.size] = torch.zeros(b, layer.tokens, layer.tokens, device=probs.device)
+            acc[:, start : start + rows].add_(probs)
+            return
+        if acc is None:
+            acc = self.smaller[layer.size] = torch.zeros(b, layer.tokens, self.size[0] * self.size[1],
+                                                         device=probs.device)
+        acc[:, start : start + rows].add_(upsampled_keys(probs, layer.size, self.size), alpha=float(layer.size[0]))
 
-    def _flush(self) -> None:
-        layer, buf = self._layer, self._buffer
-        self._layer, self._buffer = None, None
-        if layer is None:
-            return
+    def _add_rows(self, rows: torch.Tensor, size: tuple[int, int], weight: float) -> None:
+        """Add query rows [B, n, R²] of an ``size`` grid onto the R×R query grid (nearest), times ``weight``."""
         r_h, r_w = self.size
-        h, w = layer.size
-        weight = float(h)
-        b, n = buf.shape[0], buf.shape[-1]
+        h, w = size
+        b, n = rows.shape[0], rows.shape[-1]
         if r_h % h == 0 and r_w % w == 0:
             # Nearest-neighbour query upsampling as a broadcast add: no R²×R² temporary.
-            grid = self.sum.view(b, h, r_h // h, w, r_w // w, n)
-            grid.add_(buf.view(b, h, 1, w, 1, n), alpha=weight)
+            self.sum.view(b, h, r_h // h, w, r_w // w, n).add_(rows.view(b, h, 1, w, 1, n), alpha=weight)
             return
         # Sizes that do not divide (odd latents): each R-grid cell takes its coarse cell's row.
-        rows = torch.arange(r_h, device=buf.device) * h // r_h
-        cols = torch.arange(r_w, device=buf.device) * w // r_w
-        index = (rows[:, None] * w + cols[None, :]).reshape(-1)
-        self.sum.add_(buf.index_select(1, index), alpha=weight)
+        ri = torch.arange(r_h, device=rows.device) * h // r_h
+        ci = torch.arange(r_w, device=rows.device) * w // r_w
+        self.sum.add_(rows.index_select(1, (ri[:, None] * w + ci[None, :]).reshape(-1)), alpha=weight)
 
     def result(self) -> torch.Tensor:
         """The aggregate [B, R², R²], rows summing to 1."""
-        self._flush()
+        if self._result is not None:
+            return self._result
         if self.sum is None:
             raise RuntimeError("no self-attention was captured")
-        return self.sum / self.weight_total
+        if self.weighting == "resolution":
+            total = sum(float(size[0]) for size in self.layers)
+            self.sum.mul_(float(self.size[0]) / (total * self.layers[self.size]))
+            for size, acc in self.smaller.items():
+                keys = upsampled_keys(acc / self.layers[size], size, self.size)
+                self._add_rows(keys, size, float(size[0]) / total)
+        else:
+            total = sum(float(size[0]) * count for size, count in self.layers.items())
+            for size, acc in self.smaller.items():
+                self._add_rows(acc, size, 1.0)
+            self.sum.div_(total)
+        self.smaller.clear()
+        self._result = self.sum
+        return self._result
+
+
+def upsampled_keys(probs: torch.Tensor, size: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """Key maps [B, rows, h·w] of an ``size`` grid, bilinearly upsampled to ``target`` and renormalised to sum 1."""
+    b, rows, _ = probs.shape
+    keys = F.interpolate(probs.reshape(b * rows, 1, *size), size=target, mode="bilinear", align_corners=False)
+    keys = keys.reshape(b, rows, -1)
+    return keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 RefineMode = Literal["transpose", "forward"]
@@ -199,7 +224,7 @@ class AttentionDecoder:
         cross = CrossAttentionMaps(self.groups)
         collectors = [cross]
         if self.refine:
-            selfagg = SelfAttentionAggregate()
+            selfagg = SelfAttentionAggregate(weighting="layer")  # the weighting its masks were tuned with
             collectors.append(selfagg)
         forward.eps(host, x, sigma, self.cond.select([0] * x.shape[0]), latents, collectors)
         maps = cross.aggregate()

@@ -17,11 +17,14 @@ from .diffseg import diffseg
 
 def _forwards(host: Host, images: forward.Images, prompt: str, groups, timestep: int, seed: int, batch_size: int,
               desc: str):
-    """Yield (self-attention aggregate [b, N, N], its grid, cross maps [b, P, h, w] or None) per batch."""
+    """Yield (self-attention aggregate [b, N, N], its grid, cross maps [b, P, h, w] or None) per batch.
+
+    As the reference runs DiffSeg, the UNet sees the clean latent under timestep t's embedding: no noise, so
+    ``seed`` changes nothing here (it stays for the API's sake)."""
     cond = forward.encode_prompts(host, [prompt])
     for rows in forward.batches(host, len(images), batch_size, desc):
         latents = forward.encode(host, images.pixels[rows], images.working)
-        x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
+        x, sigma = forward.without_noise(host, latents, timestep)
         selfagg = SelfAttentionAggregate()
         cross = CrossAttentionMaps(groups) if groups else None
         forward.eps(host, x, sigma, cond.select([0] * x.shape[0]), latents, [selfagg] + ([cross] if cross else []))
