@@ -1,7 +1,7 @@
-"""Deterministic self-attention inputs for the DiffSeg parity fixture (bench/parity/diffseg.py writes it;
+"""Deterministic self-attention inputs for the DiffSeg parity fixture (bench/parity/parity_diffseg.py writes it;
 tests/test_parity.py reads it): SD1.5's layout at 512 px (self-attention at 64, 32, 16 and 8 with 5, 5, 5 and 1
 layers), each layer's maps a softmax over colour-and-position distances of a Shapes scene, with its own
-temperature per layer and head, so the maps have the structure of real attention (objects, background, edges)
+sharpness per layer and head, so the maps have the structure of real attention (objects, background, edges)
 and every layer differs.
 """
 
@@ -15,6 +15,7 @@ from textmask.capture import AttentionLayer
 
 LAYERS = {64: 5, 32: 5, 16: 5, 8: 1}  # SD1's self-attention layers per side at 512 px
 HEADS = 2
+FLOOR = 2e-3  # share of each map spread uniformly
 SCENES = [3, 11, 19, 27, 35, 43]  # Shapes test-split scene indices
 
 
@@ -36,7 +37,11 @@ def layer_probs(index: int) -> list[tuple[int, torch.Tensor]]:
                                 torch.linspace(0, 1, side, dtype=torch.float64), indexing="ij")
         feats = torch.cat([pooled * 4.0, torch.stack([yy, xx]) * (1.0 + 0.25 * n)]).reshape(5, -1).T  # [s², 5]
         d2 = torch.cdist(feats, feats).square()
-        heads = [torch.softmax(-d2 / (0.05 * (1 + n % 4) * (h + 1)), dim=-1) for h in range(HEADS)]
+        d2 = d2 / d2.max()
+        # Peaked maps over a small uniform floor: every entry stays within fp16's range after aggregation, as in
+        # SD (the reference's fp16 step drops any map with an entry that fp16 rounds to zero).
+        heads = [(1 - FLOOR) * torch.softmax(-d2 * (20.0 + 10 * (n % 4) + 10 * h), dim=-1) + FLOOR / side**2
+                 for h in range(HEADS)]
         out.append((side, torch.stack(heads)))
     assert [sum(1 for s, _ in out if s == side) for side in LAYERS] == list(LAYERS.values())
     return out

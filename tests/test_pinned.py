@@ -1,5 +1,7 @@
 """The bundled Shapes model's outputs, pinned before the core was restructured (commit e94dd6b): every method gives
-the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a non-square size)."""
+the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a non-square size). The outputs that
+go through DiffSeg (segments, named segments, Ref-Diff's proposals, OVDiff's foreground split) were pinned again
+when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG)."""
 
 import numpy as np
 import pytest

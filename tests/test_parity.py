@@ -1,0 +1,73 @@
+"""textmask against the authors' reference code, through fixtures that bench/parity/ wrote from the reference
+(the reference itself is not needed here). DiffSeg: google/diffseg@77ea596's segmentor on identical
+self-attention (tests/parity_inputs.py), step by step."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import parity_inputs as inputs
+from textmask.methods.diffseg import anchor_grid, diffseg, merge_once, symmetric_kl_fp16
+from textmask.methods.segments import _full_res_labels
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "parity"
+TAU = 1.1
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """The adjusted Rand index of two labelings (Hubert and Arabie)."""
+    _, a = np.unique(a.reshape(-1), return_inverse=True)
+    _, b = np.unique(b.reshape(-1), return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+
+    def pairs(x):
+        return (x * (x - 1) / 2).sum()
+
+    index, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array(a.size))
+    expected = rows * cols / total
+    return float((index - expected) / (0.5 * (rows + cols) - expected))
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return np.load(FIXTURES / "diffseg.npz")
+
+
+def test_anchor_grid_is_the_references():
+    rows = anchor_grid((64, 64)).reshape(16, 16) // 64
+    assert rows[:, 0].tolist() == list(range(1, 62, 4)) and (anchor_grid((64, 64)) % 64)[:16].tolist() == list(range(1, 62, 4))
+    assert anchor_grid((8, 8)).numel() == 64  # grids smaller than 16 take every row and column
+
+
+@pytest.mark.parametrize("scene", inputs.SCENES)
+def test_diffseg_matches_the_reference(fixture, scene):
+    probs = inputs.layer_probs(scene)
+    ours = inputs.aggregate(probs)
+    # 1. Aggregation: per-resolution means, keys upsampled and renormalised, resolutions weighted by side.
+    sample = fixture["sample"]
+    expected = fixture[f"aggregate_{scene}"]
+    got = ours[torch.from_numpy(sample[0]), torch.from_numpy(sample[1])].double().numpy()
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    # 2. The first iteration's fp16 decisions: the reference's TensorFlow sums fp16 products in an order of its
+    # own (natively in fp16 on CPUs that have it), so decisions within fp16's rounding of τ may flip.
+    decisions = np.unpackbits(fixture[f"decisions_{scene}"], axis=-1).astype(bool)
+    mine = (symmetric_kl_fp16(ours[anchor_grid((64, 64))], ours) < torch.tensor(TAU).half()).numpy()
+    assert (mine != decisions).sum() <= 1e-4 * decisions.size
+    # 3. From the reference's first iteration on (merging with taken maps, upsampling, argmax), exactly its labels.
+    close = torch.from_numpy(decisions).float()
+    maps = ((close @ ours) / close.sum(-1, keepdim=True).clamp_min(1.0))[close.sum(-1) > 0]
+    counts = [len(maps)]
+    for _ in range(2):
+        maps = merge_once(maps, TAU)
+        counts.append(len(maps))
+    reference = fixture[f"labels_{scene}"]
+    assert counts == fixture[f"counts_{scene}"].tolist()
+    assert adjusted_rand(_full_res_labels(maps, (64, 64), (512, 512)).numpy(), reference) == pytest.approx(1.0, abs=1e-12)
+    # 4. End to end: the same number of segments, and the partition up to the fp16 flips above.
+    _, maps = diffseg(ours, (64, 64), threshold=TAU)
+    labels = _full_res_labels(maps, (64, 64), (512, 512)).numpy()
+    assert len(np.unique(labels)) == len(np.unique(reference))
+    assert adjusted_rand(labels, reference) >= 0.98
