@@ -362,7 +362,7 @@ def test_installer_installs_only_what_is_missing(webui):
     spec = importlib.util.spec_from_file_location("textmask_install", ROOT / "install.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     installed = [cmd.split(" --constraint ")[0] for cmd, _ in launch.pip_calls]
-    assert installed == ['install "scipy>=1.10"', 'install "scikit-image>=0.22"']
+    assert installed == ['install "scipy>=1.10"', 'install "scikit-image>=0.22"', 'install "scikit-learn>=1.3"']
     # Every installed distribution is pinned for pip, so nothing the webui has is upgraded or replaced.
     assert all(" --constraint " in cmd for cmd, _ in launch.pip_calls)
 

@@ -281,9 +281,12 @@ def test_row_selection():
         torch.testing.assert_close(part[name], expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("weighting", ["resolution", "layer"])
 @pytest.mark.parametrize("big, small", [((8, 8), (4, 4)), ((6, 4), (3, 2)), ((5, 5), (3, 3))])
-def test_self_attention_aggregate_matches_its_definition(big, small):
-    """Keys bilinear to R×R and renormalised, queries nearest onto R×R, weights ∝ side, over chunks and forwards."""
+def test_self_attention_aggregate_matches_its_definition(big, small, weighting):
+    """Keys bilinear to R×R and renormalised, queries nearest onto R×R, over chunks and forwards. ``resolution``
+    (DiffSeg's): each size's layers averaged first, sizes weighted side / Σ sides. ``layer``: every layer
+    renormalised on its own, weighted ∝ its side."""
     import torch.nn.functional as F
 
     from textmask.capture import AttentionLayer
@@ -296,27 +299,35 @@ def test_self_attention_aggregate_matches_its_definition(big, small):
         t = size[0] * size[1]
         return (torch.rand(2, t, t, generator=g) * 4).softmax(-1)
 
-    layers = [("a", big, probs(big)), ("b", small, probs(small)), ("c", big, probs(big)), ("d", small, probs(small))]
-    agg = SelfAttentionAggregate()
+    layers = [("a", big, probs(big)), ("b", small, probs(small)), ("c", big, probs(big)), ("d", small, probs(small)),
+              ("e", big, probs(big))]
+    agg = SelfAttentionAggregate(weighting=weighting)
     for _ in range(2):  # two forwards: each counts once more
         for name, size, p in layers:
             layer = AttentionLayer(name, "self", 1, 1, size, 2)
             for start in range(0, p.shape[1], 7):
                 agg(layer, start, p[:, start : start + 7])
-    expected = torch.zeros(2, n, n)
-    for name, size, p in layers:
-        if size == big:
-            expected += size[0] * p
-            continue
+
+    def onto_big(p, size):
         keys = F.interpolate(p.reshape(-1, 1, *size), size=big, mode="bilinear", align_corners=False).reshape(2, -1, n)
         keys = keys / keys.sum(-1, keepdim=True)
         rows = torch.arange(big[0]) * size[0] // big[0]
         cols = torch.arange(big[1]) * size[1] // big[1]
-        expected += size[0] * keys[:, (rows[:, None] * size[1] + cols[None, :]).reshape(-1)]
-    expected /= sum(size[0] for _, size, _ in layers)
+        return keys[:, (rows[:, None] * size[1] + cols[None, :]).reshape(-1)]
+
+    if weighting == "resolution":
+        mean_big = torch.stack([p for _, size, p in layers if size == big]).mean(0)
+        mean_small = torch.stack([p for _, size, p in layers if size == small]).mean(0)
+        expected = (big[0] * mean_big + small[0] * onto_big(mean_small, small)) / (big[0] + small[0])
+    else:
+        expected = torch.zeros(2, n, n)
+        for name, size, p in layers:
+            expected += size[0] * (p if size == big else onto_big(p, size))
+        expected /= sum(size[0] for _, size, _ in layers)
     result = agg.result()
     assert torch.allclose(result, expected, atol=1e-6)
     assert torch.allclose(result.sum(-1), torch.ones(2, n), atol=1e-5)
+    assert agg.result() is result  # asking again costs nothing
 
 
 def test_cross_attention_maps_match_their_definition():

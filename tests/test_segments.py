@@ -71,8 +71,10 @@ def test_refinement_is_the_row_normalised_transpose_walk():
 
 
 def test_anchor_grid():
-    idx = anchor_grid((64, 64))
-    assert len(idx) == 256 and idx.min() == 0 and idx.max() == 64 * 64 - 1
+    idx = anchor_grid((64, 64))  # google/diffseg's: rows and columns 1, 5, ..., 61
+    assert len(idx) == 256 and sorted(set((idx // 64).tolist())) == list(range(1, 62, 4))
+    assert sorted(set((idx % 64).tolist())) == list(range(1, 62, 4))
+    assert sorted(set((anchor_grid((40, 24)) // 24).tolist())) == [4 + 2 * k for k in range(16)]  # step 39 // 15, centred
     assert len(anchor_grid((8, 8))) == 64  # never more anchors than pixels
 
 

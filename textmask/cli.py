@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     segs.add_argument("--out", required=True, help="output folder: labels.png and segment-NNN.png per image")
     segs.add_argument("--tau", type=checked(options.tau), default=defaults.TAU,
                       help=f"KL merge threshold (default {defaults.TAU}; lower gives more segments)")
-    segs.add_argument("--kmeans", action="store_true", help="refine segments with K-means")
+    segs.add_argument("--kmeans", action="store_true", help="refine segments with K-means (the reference's optional step)")
     segs.add_argument("--timestep", type=checked(options.timestep, whole), default=defaults.TIMESTEP)
     add_seed_resolution(segs)
     add_model_options(segs)

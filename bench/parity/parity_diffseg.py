@@ -98,7 +98,14 @@ def main() -> None:
               f"segments reference {len(np.unique(ref_labels))} textmask {len(np.unique(ours))}; "
               f"adjusted Rand {adjusted_rand(ref_labels, ours):.4f}; after the reference's first iteration "
               f"{adjusted_rand(ref_labels, given):.4f}")
+        refined = DiffSeg(kl_threshold=[TAU] * 3, refine=True, num_points=POINTS)
+        ref_kmeans = refined.generate_masks(ref_agg.reshape(64, 64, 64, 64), refined.kl_threshold, refined.grid)
+        _, maps = diffseg(torch.from_numpy(ours_agg).float(), (64, 64), threshold=TAU, points=POINTS, kmeans=True)
+        ours_kmeans = _full_res_labels(maps, (64, 64), (512, 512)).numpy()
+        print(f"  with K-means: segments reference {len(np.unique(ref_kmeans))} textmask "
+              f"{len(np.unique(ours_kmeans))}; adjusted Rand {adjusted_rand(ref_kmeans, ours_kmeans):.4f}")
         fixture[f"labels_{index}"] = ref_labels.astype(np.uint8)
+        fixture[f"kmeans_{index}"] = ref_kmeans.astype(np.uint8)
         fixture[f"aggregate_{index}"] = ref_agg[SAMPLE[0], SAMPLE[1]]
         fixture[f"decisions_{index}"] = np.packbits(decisions.astype(bool), axis=-1)
         fixture[f"counts_{index}"] = np.array(counts)

@@ -237,7 +237,7 @@ class LDZNet(nn.Module):
         return logits
 
     def trainable_parameters(self) -> int:
-        """Number of trainable parameters (the paper reports 925M for SD1.4, with its fine-tuned text encoder)."""
+        """Number of trainable parameters (925.9M for SD1.4; the paper reports 925M, the LD-ZNet UNet alone)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def clone_config(self) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from .model import LDZNet, znet_config
 FORMAT = "textmask-ldznet"
 FORMAT_VERSION = "1"
 
-# What the reference's LatentSeg checkpoint holds besides the segmenter: the VAE, its fine-tuned CLIP text
-# encoder (textmask conditions on the host's own encoder instead), the frozen SD copy that supplies the
-# features (the host's UNet here), and the DDPM schedule buffers.
+# What the reference's LatentSeg checkpoint holds besides the segmenter: the VAE, its CLIP text encoder (frozen in
+# the published code, so the host's own encoder is the same one), the frozen SD copy that supplies the features
+# (the host's UNet here), and the DDPM schedule buffers.
 REFERENCE_IGNORED_PREFIXES = ("first_stage_model.", "cond_stage_model.", "sd_features_stage_model.")
 REFERENCE_SCHEDULE_BUFFERS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",

@@ -80,11 +80,12 @@ def merge_once(maps: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def diffseg(
     attention: torch.Tensor, size: tuple[int, int], threshold: float = TAU, iterations: int = 3, points: int = 16,
-    kmeans_steps: int = 0,
+    kmeans: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment one image from its aggregated self-attention [N, N] on an ``size`` grid.
 
-    Returns (labels [h, w] long, segment maps [K, N]); labels index the maps.
+    ``kmeans``: the reference's optional refinement, Euclidean K-means of the pixel distributions from the merged
+    maps, to convergence (scikit-learn). Returns (labels [h, w] long, segment maps [K, N]); labels index the maps.
     """
     attention = attention.float()
     attention = attention / attention.sum(-1, keepdim=True).clamp_min(EPS)
@@ -98,12 +99,24 @@ def diffseg(
     maps = maps[close.sum(-1) > 0]
     for _ in range(iterations - 1):
         maps = merge_once(maps, threshold)
-    for _ in range(kmeans_steps):
-        # K-means on pixel distributions, initialised from the merged maps, with KL as the distance.
-        assign = symmetric_kl(attention, maps).argmin(-1)
-        used = torch.unique(assign)
-        maps = torch.stack([attention[assign == k].mean(0) for k in used])
-    labels = symmetric_kl(attention, maps).argmin(-1) if kmeans_steps else maps.T.argmax(-1)
+    if kmeans and len(maps) > 1:
+        maps = kmeans_maps(attention, maps)
+    labels = maps.T.argmax(-1)
     # Relabel 0..K-1 in order of first appearance and drop empty maps.
     used, labels = torch.unique(labels, return_inverse=True)
     return labels.reshape(size), maps[used]
+
+
+def kmeans_maps(attention: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """The mean distribution of each cluster of scikit-learn's K-means over the rows of ``attention`` [N, N],
+    started from ``maps`` [K, N] (one run, Lloyd's algorithm to its convergence, in float64 as the reference)."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        from ..errors import TextMaskError
+
+        raise TextMaskError("DiffSeg's K-means refinement needs scikit-learn: pip install scikit-learn") from None
+    points = attention.double().cpu().numpy()
+    clusters = KMeans(n_clusters=len(maps), init=maps.double().cpu().numpy(), n_init=1).fit(points).labels_
+    clusters = torch.from_numpy(clusters).to(attention.device)
+    return torch.stack([attention[clusters == k].mean(0) for k in torch.unique(clusters)])

@@ -63,7 +63,7 @@ def segment_everything(
     with torch.inference_mode():
         for attention, grid, _ in _forwards(host, images, "", None, timestep, seed, batch_size, "segments"):
             for a in attention:
-                _, maps = diffseg(a, grid, threshold=tau, kmeans_steps=3 if kmeans else 0)
+                _, maps = diffseg(a, grid, threshold=tau, kmeans=kmeans)
                 lab = _full_res_labels(maps, grid, images.size)
                 labels.append(lab)
                 masks.append(torch.stack([(lab == k).float() for k in range(int(lab.max()) + 1)]))
