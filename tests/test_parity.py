@@ -77,3 +77,18 @@ def test_diffseg_matches_the_reference(fixture, scene):
     reference = fixture[f"kmeans_{scene}"]
     assert len(np.unique(labels)) == len(np.unique(reference)) and adjusted_rand(labels, reference) >= 0.999
 
+
+
+# ---- AggSD (the langseg report; no public code): its equations on hand-computed tensors -------------------------
+@pytest.mark.parametrize("mode, expected", [
+    ("aggsd", [1.0, (0.55 - 0.25) / 0.45, 0.0]),  # eq. 2: SAᵀ·CA = [0.7, 0.55, 0.25]
+    ("transpose", [1.0, (0.55 / 0.9 - 0.25 / 1.2) / (0.7 / 0.9 - 0.25 / 1.2), 0.0]),  # over SA's column sums
+    ("forward", [1.0, 0.5, 0.0]),  # SA·CA = [0.75, 0.45, 0.15]
+])
+def test_refinement_is_aggsd_eq2(mode, expected):
+    from textmask.methods.attention import refine_with_self_attention
+
+    sa = torch.tensor([[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]])
+    ca = torch.tensor([1.0, 0.5, 0.0]).reshape(1, 1, 1, 3)  # one phrase on a 1×3 grid
+    out = refine_with_self_attention(ca, sa, (1, 3), mode=mode)  # min-max normalised, as every map
+    assert torch.allclose(out.reshape(-1), torch.tensor(expected), atol=1e-6)

@@ -172,7 +172,8 @@ def upsampled_keys(probs: torch.Tensor, size: tuple[int, int], target: tuple[int
     return keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-RefineMode = Literal["transpose", "forward"]
+RefineMode = Literal["transpose", "aggsd", "forward"]
+REFINE_MODES = ("transpose", "aggsd", "forward")
 
 
 def refine_with_self_attention(
@@ -180,7 +181,8 @@ def refine_with_self_attention(
 ) -> torch.Tensor:
     """Propagate cross-attention maps [B, P, H, W] along self-attention [B, N, N] on an ``size`` grid.
 
-    ``transpose``: AGG = rownorm(SAᵀ)·CA, the mean CA of the pixels attending to each pixel (AggSD, eq. 2).
+    ``transpose``: AGG = rownorm(SAᵀ)·CA, the mean CA of the pixels attending to each pixel (AggSD's eq. 2,
+    with each pixel's weights normalised to sum 1). ``aggsd``: AGG = SAᵀ·CA, eq. 2 as the report writes it.
     ``forward``: AGG = SA·CA, the mean CA of the pixels each pixel attends to (a random-walk step).
     """
     b, p = cross.shape[:2]
@@ -193,6 +195,9 @@ def refine_with_self_attention(
 
         def walk(x: torch.Tensor) -> torch.Tensor:
             return (sa.transpose(1, 2) @ x) / column_sums
+    elif mode == "aggsd":
+        def walk(x: torch.Tensor) -> torch.Tensor:
+            return sa.transpose(1, 2) @ x
     elif mode == "forward":
         def walk(x: torch.Tensor) -> torch.Tensor:
             return sa @ x
@@ -245,8 +250,8 @@ class AttentionMethod:
 
     def setup(self, host: Host, phrases: Sequence[str], prompt: str | None, *, refine: bool = defaults.REFINE,
               refine_mode: RefineMode = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS) -> AttentionDecoder:
-        if refine_mode not in ("transpose", "forward"):
-            raise TextMaskError(f"refine_mode must be 'transpose' or 'forward', got {refine_mode!r}")
+        if refine_mode not in REFINE_MODES:
+            raise TextMaskError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {refine_mode!r}")
         if int(refine_steps) < 1:
             raise TextMaskError(f"refine_steps must be at least 1, got {refine_steps}")
         cond = forward.encode_prompts(host, [prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
