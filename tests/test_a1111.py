@@ -373,7 +373,8 @@ def test_installer_never_upgrades_what_the_webui_pinned(webui, monkeypatch, caps
     import launch
 
     launch.installed.clear()
-    launch.installed.update({"transformers", "safetensors", "accelerate", "tqdm", "scipy", "scikit-image"})
+    launch.installed.update({"transformers", "safetensors", "accelerate", "tqdm", "scipy", "scikit-image",
+                             "scikit-learn"})
     launch.pip_calls.clear()
     seen = {}
 
