@@ -88,7 +88,8 @@ class SelfAttentionAggregate:
     As google/diffseg computes it (``weighting="resolution"``): the layers of one resolution are averaged, each
     resolution's key maps are bilinearly upsampled to R×R and renormalised to sum 1, its query rows repeated
     (nearest) onto the R×R grid, and resolution r weighs side_r / Σ sides. ``weighting="layer"`` instead adds
-    every layer, normalised, with weight ∝ its side (the attention method's refinement, as its masks were tuned).
+    every layer, normalised, with weight ∝ its side: the langseg report's account of it, which the attention
+    method's refinement uses.
     The first self-attention layer of a UNet forward is the largest, which fixes R; R-sized layers are added
     straight into the sum, so the only R²×R² tensor is the sum itself.
     """
@@ -229,7 +230,7 @@ class AttentionDecoder:
         cross = CrossAttentionMaps(self.groups)
         collectors = [cross]
         if self.refine:
-            selfagg = SelfAttentionAggregate(weighting="layer")  # the weighting its masks were tuned with
+            selfagg = SelfAttentionAggregate(weighting="layer")  # AggSD's, which these masks were tuned with
             collectors.append(selfagg)
         forward.eps(host, x, sigma, self.cond.select([0] * x.shape[0]), latents, collectors)
         maps = cross.aggregate()
