@@ -92,3 +92,19 @@ def test_refinement_is_aggsd_eq2(mode, expected):
     ca = torch.tensor([1.0, 0.5, 0.0]).reshape(1, 1, 1, 3)  # one phrase on a 1×3 grid
     out = refine_with_self_attention(ca, sa, (1, 3), mode=mode)  # min-max normalised, as every map
     assert torch.allclose(out.reshape(-1), torch.tensor(expected), atol=1e-6)
+
+
+# ---- LD-ZNet (koutilya-pnvr/LD-ZNet@3d28f76): converter and forward -------------------------------------------
+@pytest.mark.parametrize("copy", ["raw", "ema"])
+def test_ldznet_matches_the_reference(copy):
+    """The reference's own (shrunk) UNetModel, its weights redrawn from the fixture's recipe and saved the way
+    Lightning saves them; textmask converts them and runs them on the same inputs."""
+    import parity_ldznet as recipe
+
+    stored = np.load(FIXTURES / "ldznet.npz")
+    spec = [(str(k), tuple(int(n) for n in str(s).split(",")), float(m), float(sd))
+            for k, s, (m, sd) in zip(stored["keys"], stored["shapes"], stored["stats"])]
+    logits = recipe.textmask_logits(recipe.weights(spec), use_ema=copy == "ema")
+    reference = torch.from_numpy(stored[copy])
+    assert logits.shape == reference.shape == (1, 1, 384, 384)
+    assert (logits - reference).abs().max() <= 1e-5 * reference.abs().max()
