@@ -379,3 +379,31 @@ def test_after_one_full_forward_only_the_kinds_read_are_hooked():
         assert torch.equal(p, first.probs[name])
     assert torch.equal(out_first, out_second) and torch.equal(out_first, run(unet)[0])
     assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for _, m in modules)  # all came off
+
+
+def test_per_head_probabilities_average_to_the_probabilities_and_change_nothing(sd15):
+    """``Need(values="head_probs")`` (DAAM's aggregation): every head's softmax, whose mean is the usual probs; the
+    forward is bit-identical during and after, and the hooks come off."""
+
+    class Heads:
+        need = Need(kinds=("cross",), values="head_probs")
+
+        def __init__(self):
+            self.parts = {}
+
+        def __call__(self, layer, start, p):
+            self.parts.setdefault(layer.name, []).append(p)
+
+    before = state_snapshot(sd15)
+    out_before, _ = run(sd15, batch=2, seed=5)
+    heads, mean = Heads(), ProbsStore(("cross",))
+    with AttentionCapture(find_attention_modules(sd15), (16, 16), [heads, mean]) as cap:
+        out_during, _ = run(sd15, batch=2, seed=5)
+    out_after, _ = run(sd15, batch=2, seed=5)
+    assert torch.equal(out_before, out_during) and torch.equal(out_before, out_after)
+    assert_unchanged(before, state_snapshot(sd15))
+    for layer in (l for l in cap.layers if l.kind == "cross"):
+        full = torch.cat(heads.parts[layer.name], dim=2)
+        assert full.shape == (2, layer.heads, layer.tokens, 77)
+        torch.testing.assert_close(full.sum(-1), torch.ones_like(full.sum(-1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(full.mean(1), mean.probs[layer.name], atol=1e-6, rtol=0)

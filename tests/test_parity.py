@@ -108,3 +108,27 @@ def test_ldznet_matches_the_reference(copy):
     reference = torch.from_numpy(stored[copy])
     assert logits.shape == reference.shape == (1, 1, 384, 384)
     assert (logits - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+# ---- DAAM (castorini/daam@09564e0): word heat maps ------------------------------------------------------------
+def test_daam_word_maps_match_the_reference():
+    """DAAM's own heat-map code on per-head attention (bench/parity/parity_daam.py) against
+    ``aggregation="daam"``'s collector fed the same heads in query chunks."""
+    import parity_daam as recipe
+
+    stored = np.load(FIXTURES / "daam.npz")
+    reference = torch.from_numpy(stored["maps"])
+    ours = recipe.textmask_maps([list(map(int, g)) for g in stored["groups"]])
+    assert ours.shape == reference.shape == (1, len(recipe.WORDS), 64, 64)
+    assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_daam_aggregation_through_a_real_capture(sd1_masker):
+    """``aggregation="daam"`` end to end: per-head probabilities from the hooked forward, masks at the image size."""
+    image = torch.rand(1, 40, 56, 3)
+    daam = sd1_masker.mask(image, "red car | truck", aggregation="daam", refine=False)
+    aggsd = sd1_masker.mask(image, "red car | truck", refine=False)
+    assert daam.masks.shape == aggsd.masks.shape == (1, 40, 56)
+    assert not torch.equal(daam.heatmaps, aggsd.heatmaps)
+    with pytest.raises(Exception, match="aggregation must be one of aggsd, daam"):
+        sd1_masker.mask(image, "car", aggregation="mean")

@@ -73,11 +73,13 @@ def default_chunk_bytes(device: torch.device) -> int:
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, max_chunk_bytes: int | None = None, logits: bool = False
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, max_chunk_bytes: int | None = None, logits: bool = False,
+    per_head: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (first_row, probs) chunks of head-averaged softmax(q kᵀ · scale) in fp32; probs is [B, rows, keys].
 
-    With ``logits`` the chunks hold the head-averaged scores q kᵀ · scale before the softmax instead.
+    With ``logits`` the chunks hold the head-averaged scores q kᵀ · scale before the softmax instead; with
+    ``per_head`` every head's probabilities, [B, heads, rows, keys].
     """
     b, n, c = q.shape
     m = k.shape[1]
@@ -92,22 +94,24 @@ def attention_probs(
     rows = max(1, budget // max(1, b * heads * m * 4))
     for i in range(0, n, rows):
         scores = torch.matmul(qh[:, :, i : i + rows], kt)
-        yield i, (scores if logits else scores.softmax(dim=-1)).mean(dim=1)
+        out = scores if logits else scores.softmax(dim=-1)
+        yield i, out if per_head else out.mean(dim=1)
 
 
 @dataclass(frozen=True)
 class Need:
     """What a collector reads: which layer kinds, which values, and which batch rows.
 
-    ``values``: "probs" (head-averaged softmax(QKᵀ)), "logits" (the head-averaged scores before the softmax) or
-    "queries" (the layer's projected queries [B, N, C], delivered once per call as (layer, 0, q)).
+    ``values``: "probs" (head-averaged softmax(QKᵀ)), "head_probs" (every head's, [B, heads, rows, keys]), "logits"
+    (the head-averaged scores before the softmax) or "queries" (the layer's projected queries [B, N, C], delivered
+    once per call as (layer, 0, q)).
     ``rows``: the batch rows to compute (None: all). ``context_rows`` (cross layers only): a function of the key
     input (the text context) that picks rows, for hosts that batch cond and uncond rows in an order of their own
     (ComfyUI's samplers); an empty selection skips the call.
     """
 
     kinds: tuple[Kind, ...] = ("cross",)
-    values: Literal["probs", "logits", "queries"] = "probs"
+    values: Literal["probs", "head_probs", "logits", "queries"] = "probs"
     rows: slice | None = None
     context_rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
@@ -267,7 +271,8 @@ class AttentionCapture(Hooks):
                     c(layer, 0, qs)
                 continue
             scale = getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5
-            chunks = attention_probs(qs, ks, layer.heads, float(scale), self._max_chunk_bytes, values == "logits")
+            chunks = attention_probs(qs, ks, layer.heads, float(scale), self._max_chunk_bytes, values == "logits",
+                                     values == "head_probs")
             for start, chunk in chunks:
                 for c, _ in members:
                     c(layer, start, chunk)

@@ -73,8 +73,9 @@ class TextMasker:
 
         ``refine`` (attention only; default on) refines the word maps along self-attention. ``method_options`` go
         to the method: ``ldznet`` (an LDZNet or the path of its .safetensors) and ``template`` for ``ld-znet``,
-        ``refine_mode`` and ``refine_steps`` for ``attention``. ``latents`` (the host's latent space, one per image)
-        replace encoding the images; the host's ``latent_region`` says which pixels they cover.
+        ``refine_mode``, ``refine_steps`` and ``aggregation`` ("aggsd" or "daam") for ``attention``. ``latents``
+        (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
+        which pixels they cover.
         """
         chosen = get_method(method)
         if refine is not None and "refine" in chosen.options:

@@ -217,23 +217,82 @@ def attention_prompt(terms: Sequence[str]) -> str:
     return "a photo of " + ", ".join(terms[:-1]) + f", and {terms[-1]}"
 
 
+class DAAMHeatMaps:
+    """Word heat maps as castorini/daam computes them (``compute_global_heat_map``, then ``compute_word_heat_map``):
+    every head's token map of every cross-attention layer, except those at 1/8 of the latent side, is bicubically
+    resized to the latent grid and clamped at 0; the maps are averaged over layers and heads, and a phrase's map is
+    the mean over its tokens. Result: [B, P, h, w] at the latent size, not normalised.
+
+    DAAM clamps each head's map (bicubic undershoots at sharp edges), so this collector reads every head's
+    probabilities; a layer's chunks are kept until the layer is complete, for its tokens only.
+    """
+
+    def __init__(self, token_groups: Sequence[Sequence[int]], latent_size: tuple[int, int], rows: slice | None = None):
+        self.groups = [list(g) for g in token_groups]
+        self.tokens = sorted({t for g in self.groups for t in g})
+        self.need = Need(kinds=("cross",), values="head_probs", rows=rows)
+        self.latent = tuple(latent_size)
+        self.sum: torch.Tensor | None = None  # [B, tokens, h, w]
+        self.count = 0  # layer-heads summed
+        self._layer: AttentionLayer | None = None
+        self._buffer: torch.Tensor | None = None  # [B, heads, tokens, layer's h·w]
+
+    def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
+        if self.latent[0] == 8 * layer.size[0]:  # DAAM leaves out the maps at 1/8 of the latent side
+            return
+        if start == 0 or self._layer is None or layer.name != self._layer.name:
+            self._flush()
+            self._layer = layer
+            self._buffer = probs.new_empty(probs.shape[0], probs.shape[1], len(self.tokens), layer.tokens)
+        rows = probs.shape[2]
+        self._buffer[..., start : start + rows] = probs[..., self.tokens].transpose(-1, -2)
+
+    def _flush(self) -> None:
+        layer, buf = self._layer, self._buffer
+        self._layer = self._buffer = None
+        if layer is None:
+            return
+        b, heads, t, _ = buf.shape
+        maps = F.interpolate(buf.reshape(b * heads * t, 1, *layer.size), size=self.latent, mode="bicubic",
+                             align_corners=False).clamp_(min=0)
+        total = maps.reshape(b, heads, t, *self.latent).sum(1)
+        self.sum = total if self.sum is None else self.sum + total
+        self.count += heads
+
+    def result(self) -> torch.Tensor:
+        self._flush()
+        if self.sum is None:
+            raise RuntimeError("no cross-attention was captured")
+        mean = self.sum / self.count
+        index = {t: i for i, t in enumerate(self.tokens)}
+        return torch.stack([mean[:, [index[t] for t in g]].mean(1) for g in self.groups], dim=1)
+
+
+AGGREGATIONS = ("aggsd", "daam")
+
+
 class AttentionDecoder:
     """DAAM word maps from one forward's cross-attention, refined along its self-attention when asked."""
 
     resolution = None
     size_multiple = None
 
-    def __init__(self, cond: Conditioning, groups: list[list[int]], refine: bool, mode: RefineMode, steps: int):
+    def __init__(self, cond: Conditioning, groups: list[list[int]], refine: bool, mode: RefineMode, steps: int,
+                 aggregation: str = "aggsd"):
         self.cond, self.groups, self.refine, self.mode, self.steps = cond, groups, refine, mode, steps
+        self.aggregation = aggregation
 
     def __call__(self, host: Host, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        cross = CrossAttentionMaps(self.groups)
+        if self.aggregation == "daam":
+            cross = DAAMHeatMaps(self.groups, tuple(x.shape[-2:]))
+        else:
+            cross = CrossAttentionMaps(self.groups)
         collectors = [cross]
         if self.refine:
             selfagg = SelfAttentionAggregate(weighting="layer")  # AggSD's, which these masks were tuned with
             collectors.append(selfagg)
         forward.eps(host, x, sigma, self.cond.select([0] * x.shape[0]), latents, collectors)
-        maps = cross.aggregate()
+        maps = normalize(cross.result()) if self.aggregation == "daam" else cross.aggregate()
         if self.refine:
             maps = refine_with_self_attention(maps, selfagg.result(), selfagg.size, self.mode, self.steps)
         return maps.float().cpu()
@@ -247,14 +306,17 @@ class AttentionMethod:
     auto_threshold = None  # Otsu per map
     needs_images = False
     needs_weights = False
-    options = ("refine", "refine_mode", "refine_steps")
+    options = ("refine", "refine_mode", "refine_steps", "aggregation")
 
     def setup(self, host: Host, phrases: Sequence[str], prompt: str | None, *, refine: bool = defaults.REFINE,
-              refine_mode: RefineMode = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS) -> AttentionDecoder:
+              refine_mode: RefineMode = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS,
+              aggregation: str = "aggsd") -> AttentionDecoder:
+        if aggregation not in AGGREGATIONS:
+            raise TextMaskError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         if refine_mode not in REFINE_MODES:
             raise TextMaskError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {refine_mode!r}")
         if int(refine_steps) < 1:
             raise TextMaskError(f"refine_steps must be at least 1, got {refine_steps}")
         cond = forward.encode_prompts(host, [prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
         groups = [cond.token_maps[0].find(p) for p in phrases]
-        return AttentionDecoder(cond, groups, bool(refine), refine_mode, int(refine_steps))
+        return AttentionDecoder(cond, groups, bool(refine), refine_mode, int(refine_steps), aggregation)
