@@ -132,3 +132,38 @@ def test_daam_aggregation_through_a_real_capture(sd1_masker):
     assert not torch.equal(daam.heatmaps, aggsd.heatmaps)
     with pytest.raises(Exception, match="aggregation must be one of aggsd, daam"):
         sd1_masker.mask(image, "car", aggregation="mean")
+
+
+# ---- Ref-Diff (kodenii/Ref-Diff@41a3c65): the generative attribution of one forward --------------------------
+def test_refdiff_attribution_matches_the_reference():
+    """Ref-Diff's own CrossAttention code kept the subject's extrapolated pre-softmax scores of the layers at 1/32
+    of the image (bench/parity/parity_refdiff.py); textmask's capture of the same forward, on Stability's ldm UNet
+    with the same weights, gives the same attribution."""
+    pytest.importorskip("ldm")
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    import parity_refdiff as recipe
+
+    stored = np.load(FIXTURES / "refdiff.npz")
+    spec = [(str(k), tuple(int(n) for n in str(s).split(",")), float(m), float(sd))
+            for k, s, (m, sd) in zip(stored["keys"], stored["shapes"], stored["stats"])]
+    unet = UNetModel(**recipe.UNET_ARGS).eval()
+    unet.load_state_dict(recipe.weights(spec))  # strict: the same ldm key layout as Ref-Diff's copy
+    ours = recipe.textmask_attribution(unet)
+    reference = torch.from_numpy(stored["attribution"])
+    assert ours.shape == reference.shape == (recipe.LATENT // 4, recipe.LATENT // 4)
+    assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_refdiff_proposal_score_and_positional_ramp_are_the_references():
+    """Eq. 9 as ``calc_diffattn`` computes it (mean inside minus mean outside), and ``apply_position``'s ramp: from
+    1 at the named side down to 0 over two thirds of the width, 0 beyond (hand-computed for a width of 9)."""
+    from textmask.methods.refdiff import generative_scores, positional_weight
+
+    attr = torch.tensor([[0.9, 0.8, 0.1], [0.7, 0.2, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    expected = (0.9 + 0.8 + 0.7) / 3 - (0.1 + 0.2 + 0.0) / 3
+    assert generative_scores(mask[None], attr).item() == pytest.approx(expected, abs=1e-6)
+    left = positional_weight("the dog on the left", 2, 9)[0]
+    assert torch.allclose(left, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0, 0.0, 0.0]), atol=1e-6)
+    assert torch.equal(positional_weight("the right one", 2, 9)[0], left.flip(0))

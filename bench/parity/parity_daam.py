@@ -12,7 +12,6 @@ plotting and parsing, which these functions never call; missing ones are replace
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import types
@@ -25,31 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import parity_daam as recipe  # noqa: E402
+from stubs import stub_missing  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "daam.npz"
-
-
-def empty_attribute(attr: str):
-    if attr.startswith("__"):
-        raise AttributeError(attr)
-    return type(attr, (), {})  # any other name resolves to an empty class
-
-
-def stub_missing(*names: str) -> None:
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):
-                sub = ".".join(parts[:i])
-                if sub not in sys.modules:
-                    module = types.ModuleType(sub)
-                    module.__path__ = []
-                    module.__getattr__ = empty_attribute
-                    sys.modules[sub] = module
-                if i > 1:
-                    setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], sys.modules[sub])
 
 
 def main() -> None:

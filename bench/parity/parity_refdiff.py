@@ -1,0 +1,84 @@
+"""Ref-Diff parity: textmask's attribution against kodenii/Ref-Diff's own attention code on one identical forward.
+
+    REFDIFF_ROOT=/path/to/Ref-Diff python bench/parity/parity_refdiff.py [--write-fixture]
+
+Written against kodenii/Ref-Diff@41a3c65. Its ``ldm/modules/attention.py`` (``CrossAttention.forward``) keeps, for
+the layers whose grid is ``G.attn_w × G.attn_h`` (1/32 of the image), the pre-softmax scores of the subject token,
+head-averaged per half of the batch (uncond, cond), extrapolated as uncond + 9·(cond − uncond), min-max normalised,
+in ``G.images``; ``get_diffattn`` averages them. This script builds Ref-Diff's own ``UNetModel`` (shrunk,
+``tests/parity_refdiff.py``), runs one forward, and compares the mean of ``G.images`` with textmask's attribution
+from a capture of the same forward. Import fix: Ref-Diff's ``ldm`` imports matplotlib, which it never calls here;
+an empty module stands in where it is missing. The later steps of ``get_diffattn`` (the mean over DDIM steps,
+8-bit quantisation, LANCZOS resizing) are not compared: textmask reads one forward at t = 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import parity_refdiff as recipe  # noqa: E402
+from stubs import stub_missing  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "refdiff.npz"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=os.environ.get("REFDIFF_ROOT"), help="kodenii/Ref-Diff checkout")
+    parser.add_argument("--write-fixture", action="store_true")
+    args = parser.parse_args()
+    if not args.reference:
+        sys.exit("give the reference checkout: --reference PATH or REFDIFF_ROOT")
+    stub_missing("matplotlib", "matplotlib.pyplot")
+    sys.path.insert(0, args.reference)
+    # Ref-Diff's ldm has no __init__.py, so an installed ldm (stable-diffusion-sdkit's) would win: name its folder.
+    for name in [m for m in sys.modules if m == "ldm" or m.startswith("ldm.")]:
+        del sys.modules[name]
+    sys.modules["ldm"] = types.ModuleType("ldm")
+    sys.modules["ldm"].__path__ = [str(Path(args.reference) / "ldm")]
+    from glog import G
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    assert Path(sys.modules["ldm.modules.attention"].__file__).resolve().is_relative_to(Path(args.reference).resolve())
+    torch.manual_seed(0)
+    unet = UNetModel(**recipe.UNET_ARGS).eval()
+    spec = []
+    for key, value in unet.state_dict().items():
+        v = value.double()
+        std = float(v.std()) if v.numel() > 1 else 0.0
+        spec.append((key, tuple(value.shape), float(v.mean()), std if std > 1e-6 else 0.05))
+    unet.load_state_dict(recipe.weights(spec))
+    x, t, context = recipe.inputs()
+    G.images, G.index = {}, recipe.SUBJECT
+    G.attn_w = G.attn_h = recipe.LATENT // 4
+    with torch.no_grad():
+        unet(x, t, context=context)
+    layers = G.images[G.attn_w]
+    reference = torch.from_numpy(np.mean(layers, axis=0)[:, :, 0]).float()
+    G.images = {}
+    G.attn_w = G.attn_h = -1  # no more storing: textmask's capture runs the same forward
+    ours = recipe.textmask_attribution(unet)
+    err = float((ours - reference).abs().max() / reference.abs().max())
+    print(f"attribution {tuple(reference.shape)} from {len(layers)} layers at 1/32 of the image: max relative "
+          f"difference {err:.1e}")
+    if args.write_fixture:
+        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(FIXTURE, keys=np.array([k for k, *_ in spec]),
+                            shapes=np.array([",".join(map(str, s)) for _, s, *_ in spec]),
+                            stats=np.array([(m, s) for *_, m, s in spec]), attribution=reference.numpy(),
+                            layers=np.array(len(layers)))
+        print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
