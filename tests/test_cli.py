@@ -234,3 +234,11 @@ def test_image_decoded_late_fails_cleanly(tmp_path, model_args, capsys):
     assert "too small" in run_bad(tmp_path, capsys, ["mask", str(tiny), "cat", "--out", str(tmp_path / "m.png"), *model_args])
     err = run_bad(tmp_path, capsys, ["mask", str(frames), "cat", "--out", str(tmp_path / "masks"), *model_args])
     assert "cannot read image" in err
+
+
+def test_pamr_flag_reaches_the_api():
+    from textmask.cli import mask_kwargs
+
+    parser = build_parser()
+    assert mask_kwargs(parser.parse_args(["mask", "a.png", "x", "--out", "o.png", "--pamr"]))["pamr"] is True
+    assert mask_kwargs(parser.parse_args(["mask", "a.png", "x", "--out", "o.png"]))["pamr"] is False

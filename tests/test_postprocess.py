@@ -108,3 +108,25 @@ def test_working_size_keeps_aspect():
     assert abs(w / h - 1.5) < 0.2
     assert working_size(10, 10, 512, 64) == (512, 512)
     assert working_size(37, 4000, 512, 64)[0] == 64
+
+
+def test_pamr_pulls_maps_to_the_image_edges():
+    """A map that leaks across a colour edge is pulled back inside the region; constants stay constant and
+    values stay within the map's range (each step is a convex combination of neighbours)."""
+    image = torch.zeros(1, 3, 40, 40)
+    image[:, 0, :, :20] = 1.0  # red left half, black right half
+    leaky = torch.zeros(1, 1, 40, 40)
+    leaky[..., :, :26] = 1.0  # the object's map spills 6 pixels over the edge
+    out = pp.pamr(leaky, image)
+    assert out[..., :, 22:26].mean() < 0.5 < out[..., :, 5:15].mean()  # the spill fades, the inside stays
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.allclose(pp.pamr(torch.full((1, 2, 40, 40), 0.3), image), torch.full((1, 2, 40, 40), 0.3))
+
+
+def test_pamr_option_of_mask(sd1_masker):
+    image = torch.rand(1, 40, 56, 3)
+    plain = sd1_masker.mask(image, "red car | truck")
+    refined = sd1_masker.mask(image, "red car | truck", pamr=True)
+    assert refined.masks.shape == plain.masks.shape == (1, 40, 56)
+    assert not torch.equal(refined.heatmaps, plain.heatmaps)
+    assert torch.equal(refined.masks, sd1_masker.mask(image, "red car | truck", pamr=True).masks)  # deterministic

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import defaults, forward, options
 from . import mask_prompt as mp
@@ -16,6 +17,16 @@ from .hosts.contract import Host
 from .images import ImageInput
 from .methods import get_method
 from .results import LabelsResult, MaskResult, ReferResult, SegmentsResult
+
+
+def edge_refined(maps: torch.Tensor, images: forward.Images, region: tuple[int, int, int, int]) -> torch.Tensor:
+    """Maps [B, P, h, w] resized to the working grid of ``region`` and refined by PAMR along the image there."""
+    top, left, rh, rw = region
+    (wh, ww), (ih, iw) = images.working, images.size
+    grid = (max(1, round(rh * wh / ih)), max(1, round(rw * ww / iw)))
+    guide = F.interpolate(images.pixels[:, :, top : top + rh, left : left + rw].float(), size=grid, mode="bilinear",
+                          align_corners=False, antialias=True)
+    return pp.pamr(pp.resize(maps.float(), grid), guide)
 
 
 class TextMasker:
@@ -67,6 +78,7 @@ class TextMasker:
         resolution: int | None = None,
         batch_size: int = defaults.BATCH_SIZE,
         latents: torch.Tensor | None = None,
+        pamr: bool = False,
         **method_options: Any,
     ) -> MaskResult:
         """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
@@ -75,7 +87,8 @@ class TextMasker:
         to the method: ``ldznet`` (an LDZNet or the path of its .safetensors) and ``template`` for ``ld-znet``,
         ``refine_mode``, ``refine_steps`` and ``aggregation`` ("aggsd" or "daam") for ``attention``. ``latents``
         (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
-        which pixels they cover.
+        which pixels they cover. ``pamr`` refines every map along the image's own edges at the working size
+        (``postprocess.pamr``) before thresholding.
         """
         chosen = get_method(method)
         if refine is not None and "refine" in chosen.options:
@@ -107,7 +120,10 @@ class TextMasker:
                 forward.encode(self.host, images.pixels[rows], images.working)
             x, sigma = forward.add_noise(self.host, z, timestep, seed + rows.start)
             parts.append(decoder(self.host, z, x, sigma))
-        return pp.masks_from_maps(expr, phrases, torch.cat(parts), images.size, region, threshold,
+        maps = torch.cat(parts)
+        if pamr:
+            maps = edge_refined(maps, images, region)
+        return pp.masks_from_maps(expr, phrases, maps, images.size, region, threshold,
                                   chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,
                                   invert_mask=invert)
 
