@@ -240,5 +240,6 @@ def test_pamr_flag_reaches_the_api():
     from textmask.cli import mask_kwargs
 
     parser = build_parser()
-    assert mask_kwargs(parser.parse_args(["mask", "a.png", "x", "--out", "o.png", "--pamr"]))["pamr"] is True
-    assert mask_kwargs(parser.parse_args(["mask", "a.png", "x", "--out", "o.png"]))["pamr"] is False
+    base = ["mask", "a.png", "x", "--out", "o.png", "--checkpoint", "model.safetensors"]
+    assert mask_kwargs(parser.parse_args([*base, "--pamr"]))["pamr"] is True
+    assert mask_kwargs(parser.parse_args(base))["pamr"] is False
