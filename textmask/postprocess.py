@@ -197,15 +197,16 @@ PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)  # Araslanov & Roth's settings, as TCL and
 PAMR_ITERATIONS = 10
 
 
-def _neighbours(x: torch.Tensor, dilations) -> torch.Tensor:
-    """The 8 neighbours of every pixel at each dilation (edges replicated): [B, C, H, W] -> [B, C, 8·D, H, W]."""
+def _neighbours(x: torch.Tensor, dilations, centre: bool = False) -> torch.Tensor:
+    """The 8 neighbours of every pixel at each dilation (edges replicated), with the pixel itself first at each
+    dilation if ``centre``: [B, C, H, W] -> [B, C, (8 or 9)·D, H, W]."""
     h, w = x.shape[-2:]
     out = []
     for d in dilations:
         p = F.pad(x, (d, d, d, d), mode="replicate")
         for dy in (-d, 0, d):
             for dx in (-d, 0, d):
-                if dy or dx:
+                if dy or dx or centre:
                     out.append(p[..., d + dy : d + dy + h, d + dx : d + dx + w])
     return torch.stack(out, dim=2)
 
@@ -215,13 +216,12 @@ def pamr(maps: torch.Tensor, image: torch.Tensor, iterations: int = PAMR_ITERATI
     """Pixel-adaptive mask refinement (PAMR, Araslanov & Roth 2020): propagate maps [B, P, H, W] between
     neighbouring pixels of ``image`` [B, 3, H, W] (in [0, 1]) that look alike, ``iterations`` times.
 
-    A neighbour's weight is softmax over neighbours of −|Δcolour| / (0.1·σ), σ the colour's local standard
-    deviation, averaged over the channels; every dilation's 8 neighbours take part.
+    A neighbour's weight is softmax over neighbours of −|Δcolour| / (0.1·σ), σ the colour's standard deviation
+    over every dilation's 3×3 window, averaged over the channels; every dilation's 8 neighbours take part.
     """
     image = image.float()
     diff = (_neighbours(image, dilations) - image[:, :, None]).abs()  # [B, 3, N, H, W]
-    around = torch.cat([image[:, :, None], _neighbours(image, dilations)], dim=2)
-    sigma = around.std(dim=2, keepdim=True)
+    sigma = _neighbours(image, dilations, centre=True).std(dim=2, keepdim=True)
     weight = (-diff / (1e-8 + 0.1 * sigma)).mean(1, keepdim=True).softmax(dim=2)  # [B, 1, N, H, W]
     out = maps.float()
     for _ in range(int(iterations)):
