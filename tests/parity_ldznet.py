@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+
 CHANNELS, CONTEXT, HEADS = 32, 32, 8
 LATENT = 48  # 384 px
 # The reference's UNetModel arguments (configs/ldznet/phrasecut.yaml, shrunk); image_size[5:8] are the pools' grids.
@@ -22,15 +23,6 @@ UNET_CONFIG = dict(sample_size=LATENT, in_channels=4, out_channels=4, layers_per
                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=CONTEXT,
                    attention_head_dim=HEADS, norm_num_groups=32)
 FEATURES = [(4 * CHANNELS, LATENT // 4), (4 * CHANNELS, LATENT // 8)] + [(4 * CHANNELS, LATENT // 4)] * 3
-
-
-def weights(spec: list[tuple[str, tuple[int, ...], float, float]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Weights for (key, shape, mean, std) rows: key i draws from a generator seeded ``seed`` + i."""
-    out = {}
-    for i, (key, shape, mean, std) in enumerate(spec):
-        g = torch.Generator().manual_seed(seed + i)
-        out[key] = torch.randn(tuple(shape), generator=g, dtype=torch.float64).float() * std + mean
-    return out
 
 
 def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import torch
 
+
 CONTEXT, LATENT, TIMESTEP, SUBJECT = 32, 32, 100, 5
 UNET_ARGS = dict(image_size=LATENT, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
                  num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
                  transformer_depth=1, context_dim=CONTEXT, legacy=False)
-
-
-def weights(spec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Weights for (key, shape, mean, std) rows: key i draws from a generator seeded ``seed`` + i."""
-    out = {}
-    for i, (key, shape, mean, std) in enumerate(spec):
-        g = torch.Generator().manual_seed(seed + i)
-        out[key] = torch.randn(tuple(shape), generator=g, dtype=torch.float64).float() * std + mean
-    return out
 
 
 def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

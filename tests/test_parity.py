@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import parity_inputs as inputs
+from parity_recipe import load_spec, weights
 from textmask.methods.diffseg import anchor_grid, diffseg, merge_once, symmetric_kl_fp16
 from textmask.methods.segments import _full_res_labels
 
@@ -101,10 +102,8 @@ def test_ldznet_matches_the_reference(copy):
     Lightning saves them; textmask converts them and runs them on the same inputs."""
     import parity_ldznet as recipe
 
-    stored = np.load(FIXTURES / "ldznet.npz")
-    spec = [(str(k), tuple(int(n) for n in str(s).split(",")), float(m), float(sd))
-            for k, s, (m, sd) in zip(stored["keys"], stored["shapes"], stored["stats"])]
-    logits = recipe.textmask_logits(recipe.weights(spec), use_ema=copy == "ema")
+    spec, stored = load_spec(FIXTURES / "ldznet.npz")
+    logits = recipe.textmask_logits(weights(spec), use_ema=copy == "ema")
     reference = torch.from_numpy(stored[copy])
     assert logits.shape == reference.shape == (1, 1, 384, 384)
     assert (logits - reference).abs().max() <= 1e-5 * reference.abs().max()
@@ -144,11 +143,9 @@ def test_refdiff_attribution_matches_the_reference():
 
     import parity_refdiff as recipe
 
-    stored = np.load(FIXTURES / "refdiff.npz")
-    spec = [(str(k), tuple(int(n) for n in str(s).split(",")), float(m), float(sd))
-            for k, s, (m, sd) in zip(stored["keys"], stored["shapes"], stored["stats"])]
+    spec, stored = load_spec(FIXTURES / "refdiff.npz")
     unet = UNetModel(**recipe.UNET_ARGS).eval()
-    unet.load_state_dict(recipe.weights(spec))  # strict: the same ldm key layout as Ref-Diff's copy
+    unet.load_state_dict(weights(spec))  # strict: the same ldm key layout as Ref-Diff's copy
     ours = recipe.textmask_attribution(unet)
     reference = torch.from_numpy(stored["attribution"])
     assert ours.shape == reference.shape == (recipe.LATENT // 4, recipe.LATENT // 4)

@@ -11,8 +11,6 @@ plotting and parsing, which these functions never call; missing ones are replace
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import types
 from pathlib import Path
@@ -24,18 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import parity_daam as recipe  # noqa: E402
-from stubs import stub_missing  # noqa: E402
+from common import command_line, stub_missing  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "daam.npz"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=os.environ.get("DAAM_ROOT"), help="castorini/daam checkout")
-    parser.add_argument("--write-fixture", action="store_true")
-    args = parser.parse_args()
-    if not args.reference:
-        sys.exit("give the reference checkout: --reference PATH or DAAM_ROOT")
+    args = command_line(__doc__, "DAAM_ROOT", "castorini/daam")
     import diffusers  # noqa: F401  (before the stubs: it probes which packages exist)
 
     stub_missing("spacy", "spacy.tokens", "matplotlib", "matplotlib.pyplot")

@@ -12,8 +12,6 @@ which tests/test_parity.py checks in CI without the reference.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +26,8 @@ from textmask.methods.diffseg import anchor_grid, diffseg, merge_once, symmetric
 from textmask.methods.segments import _full_res_labels  # noqa: E402
 
 TAU, POINTS = 1.1, 16
+from common import command_line  # noqa: E402
+
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "diffseg.npz"
 SAMPLE = np.random.default_rng(0).integers(0, 4096, (2, 2000))  # aggregate entries kept in the fixture
 
@@ -66,12 +66,7 @@ def labels_from_decisions(agg: torch.Tensor, decisions: np.ndarray) -> np.ndarra
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=os.environ.get("DIFFSEG_ROOT"), help="google/diffseg checkout")
-    parser.add_argument("--write-fixture", action="store_true")
-    args = parser.parse_args()
-    if not args.reference:
-        sys.exit("give the reference checkout: --reference PATH or DIFFSEG_ROOT")
+    args = command_line(__doc__, "DIFFSEG_ROOT", "google/diffseg")
     sys.path.insert(0, args.reference)
     from diffseg.segmentor import DiffSeg
 

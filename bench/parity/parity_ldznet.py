@@ -11,8 +11,6 @@ that the fixture stores, so CI rebuilds them without the reference.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import parity_ldznet as recipe  # noqa: E402
+from parity_recipe import spec_arrays, spec_of, weights  # noqa: E402
+
+from common import command_line  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "ldznet.npz"
 
@@ -43,24 +44,13 @@ def import_reference(root: Path, scratch: Path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=os.environ.get("LDZNET_ROOT"), help="koutilya-pnvr/LD-ZNet checkout")
-    parser.add_argument("--write-fixture", action="store_true")
-    args = parser.parse_args()
-    if not args.reference:
-        sys.exit("give the reference checkout: --reference PATH or LDZNET_ROOT")
+    args = command_line(__doc__, "LDZNET_ROOT", "koutilya-pnvr/LD-ZNet")
     with tempfile.TemporaryDirectory() as scratch:
         UNetModel = import_reference(Path(args.reference), Path(scratch))
         torch.manual_seed(0)
         reference = UNetModel(**recipe.REFERENCE_ARGS).eval()
-        # The recipe: every key redrawn around its own initial statistics (zero-initialised outputs get small
-        # values, so that every layer matters).
-        spec = []
-        for key, value in reference.state_dict().items():
-            v = value.double()
-            std = float(v.std()) if v.numel() > 1 else 0.0
-            spec.append((key, tuple(value.shape), float(v.mean()), std if std > 1e-6 else 0.05))
-        unet = recipe.weights(spec)
+        spec = spec_of(reference.state_dict())
+        unet = weights(spec)
         reference.load_state_dict(unet)
         latents, context, features = recipe.inputs()
         # The reference pops one entry per spatial transformer; only LD-ZNet's five (layers 6-10) read theirs.
@@ -77,9 +67,7 @@ def main() -> None:
     print(f"converter: {len(unet)} reference keys mapped")
     if args.write_fixture:
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(FIXTURE, keys=np.array([k for k, *_ in spec]),
-                            shapes=np.array([",".join(map(str, s)) for _, s, *_ in spec]),
-                            stats=np.array([(m, s) for *_, m, s in spec]), raw=ref_raw.numpy(), ema=ref_ema.numpy())
+        np.savez_compressed(FIXTURE, **spec_arrays(spec), raw=ref_raw.numpy(), ema=ref_ema.numpy())
         print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.2f} MB)")
 
 

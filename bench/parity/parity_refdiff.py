@@ -14,8 +14,6 @@ an empty module stands in where it is missing. The later steps of ``get_diffattn
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import types
 from pathlib import Path
@@ -27,18 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import parity_refdiff as recipe  # noqa: E402
-from stubs import stub_missing  # noqa: E402
+from parity_recipe import spec_arrays, spec_of, weights  # noqa: E402
+from common import command_line, stub_missing  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "refdiff.npz"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=os.environ.get("REFDIFF_ROOT"), help="kodenii/Ref-Diff checkout")
-    parser.add_argument("--write-fixture", action="store_true")
-    args = parser.parse_args()
-    if not args.reference:
-        sys.exit("give the reference checkout: --reference PATH or REFDIFF_ROOT")
+    args = command_line(__doc__, "REFDIFF_ROOT", "kodenii/Ref-Diff")
     stub_missing("matplotlib", "matplotlib.pyplot")
     sys.path.insert(0, args.reference)
     # Ref-Diff's ldm has no __init__.py, so an installed ldm (stable-diffusion-sdkit's) would win: name its folder.
@@ -52,12 +46,8 @@ def main() -> None:
     assert Path(sys.modules["ldm.modules.attention"].__file__).resolve().is_relative_to(Path(args.reference).resolve())
     torch.manual_seed(0)
     unet = UNetModel(**recipe.UNET_ARGS).eval()
-    spec = []
-    for key, value in unet.state_dict().items():
-        v = value.double()
-        std = float(v.std()) if v.numel() > 1 else 0.0
-        spec.append((key, tuple(value.shape), float(v.mean()), std if std > 1e-6 else 0.05))
-    unet.load_state_dict(recipe.weights(spec))
+    spec = spec_of(unet.state_dict())
+    unet.load_state_dict(weights(spec))
     x, t, context = recipe.inputs()
     G.images, G.index = {}, recipe.SUBJECT
     G.attn_w = G.attn_h = recipe.LATENT // 4
@@ -73,10 +63,7 @@ def main() -> None:
           f"difference {err:.1e}")
     if args.write_fixture:
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(FIXTURE, keys=np.array([k for k, *_ in spec]),
-                            shapes=np.array([",".join(map(str, s)) for _, s, *_ in spec]),
-                            stats=np.array([(m, s) for *_, m, s in spec]), attribution=reference.numpy(),
-                            layers=np.array(len(layers)))
+        np.savez_compressed(FIXTURE, **spec_arrays(spec), attribution=reference.numpy(), layers=np.array(len(layers)))
         print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -1,10 +1,24 @@
-"""The harnesses' one import fix: empty modules for packages a reference imports but never calls here."""
+"""What the parity harnesses share: their command line, and the import fix of empty modules for packages a
+reference imports but never calls here."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
 import types
+
+
+def command_line(doc: str, env: str, repository: str) -> argparse.Namespace:
+    """``--reference PATH`` (default ``$env``) and ``--write-fixture``; exits in one line without a reference."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=os.environ.get(env), help=f"{repository} checkout")
+    parser.add_argument("--write-fixture", action="store_true", help="write the fixture into tests/fixtures/parity/")
+    args = parser.parse_args()
+    if not args.reference:
+        sys.exit(f"give the reference checkout: --reference PATH or {env}")
+    return args
 
 
 def empty_attribute(attr: str):
