@@ -8,6 +8,10 @@ import importlib
 import os
 import sys
 import types
+from pathlib import Path
+
+import numpy as np
+import torch
 
 
 def command_line(doc: str, env: str, repository: str) -> argparse.Namespace:
@@ -19,6 +23,18 @@ def command_line(doc: str, env: str, repository: str) -> argparse.Namespace:
     if not args.reference:
         sys.exit(f"give the reference checkout: --reference PATH or {env}")
     return args
+
+
+def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours − reference| / max |reference|: the figure every harness reports."""
+    return float((ours - reference).abs().max() / reference.abs().max())
+
+
+def write_fixture(path: Path, **arrays) -> None:
+    """The reference's outputs (and the inputs' recipe), compressed, for tests/test_parity.py."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 def empty_attribute(attr: str):

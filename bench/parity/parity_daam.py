@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import parity_daam as recipe  # noqa: E402
-from common import command_line, stub_missing  # noqa: E402
+from common import command_line, relative_difference, stub_missing, write_fixture  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "daam.npz"
 
@@ -61,13 +61,11 @@ def main() -> None:
         groups.append([i + 1 for i, t in enumerate(token_map) if t == word])  # +1: the start token
     reference = torch.stack(words)[None]
     ours = recipe.textmask_maps(groups)
-    err = float((ours - reference).abs().max() / reference.abs().max())
+    err = relative_difference(ours, reference)
     print(f"word heat maps {tuple(reference.shape)} for {recipe.WORDS} (tokens {groups}): max relative difference "
           f"{err:.1e}")
     if args.write_fixture:
-        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(FIXTURE, maps=reference.numpy(), groups=np.array(groups))  # one token per word here
-        print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.2f} MB)")
+        write_fixture(FIXTURE, maps=reference.numpy(), groups=np.array(groups))  # one token per word here
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from textmask.methods.diffseg import anchor_grid, diffseg, merge_once, symmetric
 from textmask.methods.segments import _full_res_labels  # noqa: E402
 
 TAU, POINTS = 1.1, 16
-from common import command_line  # noqa: E402
+from common import command_line, write_fixture  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "diffseg.npz"
 SAMPLE = np.random.default_rng(0).integers(0, 4096, (2, 2000))  # aggregate entries kept in the fixture
@@ -105,9 +105,7 @@ def main() -> None:
         fixture[f"decisions_{index}"] = np.packbits(decisions.astype(bool), axis=-1)
         fixture[f"counts_{index}"] = np.array(counts)
     if args.write_fixture:
-        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(FIXTURE, **fixture)
-        print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.1f} MB)")
+        write_fixture(FIXTURE, **fixture)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import parity_ldznet as recipe  # noqa: E402
 from parity_recipe import spec_arrays, spec_of, weights  # noqa: E402
 
-from common import command_line  # noqa: E402
+from common import command_line, relative_difference, write_fixture  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "ldznet.npz"
 
@@ -62,13 +61,11 @@ def main() -> None:
             ref_ema, _ = reference(latents, torch.zeros(1, dtype=torch.long), context, list(slots))
     ours = {"raw": recipe.textmask_logits(unet, use_ema=False), "ema": recipe.textmask_logits(unet, use_ema=True)}
     for name, ref in (("raw", ref_raw), ("ema", ref_ema)):
-        err = float((ours[name] - ref).abs().max() / ref.abs().max())
+        err = relative_difference(ours[name], ref)
         print(f"{name} weights: logits {tuple(ref.shape)}, max relative difference {err:.1e}")
     print(f"converter: {len(unet)} reference keys mapped")
     if args.write_fixture:
-        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(FIXTURE, **spec_arrays(spec), raw=ref_raw.numpy(), ema=ref_ema.numpy())
-        print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.2f} MB)")
+        write_fixture(FIXTURE, **spec_arrays(spec), raw=ref_raw.numpy(), ema=ref_ema.numpy())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import parity_refdiff as recipe  # noqa: E402
 from parity_recipe import spec_arrays, spec_of, weights  # noqa: E402
-from common import command_line, stub_missing  # noqa: E402
+from common import command_line, relative_difference, stub_missing, write_fixture  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "refdiff.npz"
 
@@ -58,13 +58,11 @@ def main() -> None:
     G.images = {}
     G.attn_w = G.attn_h = -1  # no more storing: textmask's capture runs the same forward
     ours = recipe.textmask_attribution(unet)
-    err = float((ours - reference).abs().max() / reference.abs().max())
+    err = relative_difference(ours, reference)
     print(f"attribution {tuple(reference.shape)} from {len(layers)} layers at 1/32 of the image: max relative "
           f"difference {err:.1e}")
     if args.write_fixture:
-        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(FIXTURE, **spec_arrays(spec), attribution=reference.numpy(), layers=np.array(len(layers)))
-        print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1e6:.2f} MB)")
+        write_fixture(FIXTURE, **spec_arrays(spec), attribution=reference.numpy(), layers=np.array(len(layers)))
 
 
 if __name__ == "__main__":
