@@ -179,6 +179,13 @@ def test_hooks_removed_after_exception(sd15):
     with pytest.raises(Boom):
         with AttentionCapture(find_attention_modules(sd15), (16, 16), [Exploding()]):
             run(sd15, batch=1, seed=4)
+
+    class ExplodingPerHead(Exploding):
+        need = Need(kinds=("cross",), values="head_probs")  # DAAM's per-head path
+
+    with pytest.raises(Boom):
+        with AttentionCapture(find_attention_modules(sd15), (16, 16), [ExplodingPerHead()]):
+            run(sd15, batch=1, seed=4)
     with pytest.raises(KeyboardInterrupt):
         with AttentionCapture(find_attention_modules(sd15), (16, 16), [ProbsStore(BOTH)]):
             raise KeyboardInterrupt
