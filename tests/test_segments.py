@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from textmask import TextMaskError
-from textmask.methods.diffseg import anchor_grid, diffseg, merge_once, symmetric_kl
+from textmask.methods.diffseg import anchor_grid, close_fp16, diffseg, fp16_sum, merge_once, symmetric_kl, symmetric_kl_fp16_pairs
 
 
 def planted_attention(labels: torch.Tensor, noise: float = 0.02, seed: int = 0) -> torch.Tensor:
@@ -39,6 +39,27 @@ def test_symmetric_kl():
     torch.testing.assert_close(d, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(symmetric_kl(y, x), d.T, atol=1e-6, rtol=0)  # symmetric
     assert symmetric_kl(x, x).diagonal().abs().max() < 1e-5 and (d >= -1e-6).all()
+
+
+@pytest.mark.parametrize("n", [5, 37, 1000, 4096, 5000])
+def test_fp16_sum_adds_in_fp16(n):
+    # Every length (remainders, one or two halvings) gives a sum of fp16 values, within fp16's rounding of n steps.
+    values = torch.rand(3, n, generator=torch.Generator().manual_seed(n)).half().float() / 64
+    total = fp16_sum(values)
+    assert torch.equal(total, total.half().float())
+    torch.testing.assert_close(total, values.double().sum(-1).float(), rtol=n * 2**-11, atol=0)
+
+
+def test_close_fp16_is_the_pairwise_fp16_distance():
+    # The estimate-then-recheck decisions equal the fp16 distance of every pair, here with many pairs near τ.
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(6, 64, generator=g) * 2).softmax(-1)
+    y = (torch.rand(50, 64, generator=g) * 2).softmax(-1)
+    tau = float(symmetric_kl(x, y).median())
+    pairs = symmetric_kl_fp16_pairs(x.repeat_interleave(50, 0), y.repeat(6, 1)).reshape(6, 50)
+    assert torch.equal(close_fp16(x, y, tau), pairs < torch.tensor(tau).half().float())
+    y[0, 0] = 1e-9  # fp16 rounds it to zero: the reference's log is -inf, that row is close to nothing
+    assert not close_fp16(x, y / y.sum(-1, keepdim=True), 10.0)[:, 0].any()
 
 
 def test_merging_is_monotone_in_tau():

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import parity_inputs as inputs  # noqa: E402
-from textmask.methods.diffseg import anchor_grid, diffseg, merge_once, symmetric_kl_fp16  # noqa: E402
+from textmask.methods.diffseg import anchor_grid, close_fp16, diffseg, merge_once  # noqa: E402
 from textmask.methods.segments import _full_res_labels  # noqa: E402
 
 TAU, POINTS = 1.1, 16
@@ -82,8 +82,8 @@ def main() -> None:
         ours_agg = inputs.aggregate(probs).double().numpy()
         agg_err = np.abs(ours_agg - ref_agg).max() / np.abs(ref_agg).max()
         decisions, counts = reference_steps(seg, ref_agg)
-        mine = (symmetric_kl_fp16(torch.from_numpy(ref_agg).float()[anchor_grid((64, 64), POINTS)],
-                                  torch.from_numpy(ref_agg).float()) < torch.tensor(TAU).half()).numpy()
+        flat = torch.from_numpy(ref_agg)
+        mine = close_fp16(flat[anchor_grid((64, 64), POINTS)], flat, TAU).numpy()
         ref_labels = seg.generate_masks(ref_agg.reshape(64, 64, 64, 64), seg.kl_threshold, seg.grid)
         _, maps = diffseg(torch.from_numpy(ours_agg).float(), (64, 64), threshold=TAU, points=POINTS)
         ours = _full_res_labels(maps, (64, 64), (512, 512)).numpy()
