@@ -8,6 +8,7 @@ import pytest
 
 from textmask.demo.model import MODEL_DIR, load_demo_masker
 from textmask.demo.scenes import make_scene
+from textmask.methods.refdiff import refer
 
 FIXTURE = np.load(__import__("pathlib").Path(__file__).parent / "fixtures" / "shapes_pinned.npz")
 SCENES = (0, 1)
@@ -77,7 +78,8 @@ def test_segments_named_segments_and_refer_are_unchanged(masker, j):
     named = masker.named_segments(scene(j), phrases(j), tau=0.05)
     same_masks(f"s{j}_named_labels", named.labels)
     same_masks(f"s{j}_named_masks", named.masks)
-    ref = masker.refer(scene(j), str(FIXTURE[f"s{j}_relation"]))
+    # Ref-Diff itself, on the pinned relational phrase (TextMasker.refer now sends relations to instances).
+    ref = refer(masker.host, scene(j), str(FIXTURE[f"s{j}_relation"]))
     same_masks(f"s{j}_refer_masks", ref.masks)
     same_maps(f"s{j}_refer_heat", ref.heatmaps)
 

@@ -152,15 +152,33 @@ class TextMasker:
     def refer(self, images, expression: str, *, clip=None, alpha: float = 0.5, tau: float = defaults.TAU,
               timestep: int | None = defaults.REFER_TIMESTEP, seed: int = 0, resolution: int | None = None,
               batch_size: int = 1, use_spacy: bool = False) -> ReferResult:
-        """Ref-Diff: the mask of the object a referring expression names ("the man on the left").
+        """The mask of the one object (or, for "every"/"all", the objects) a referring expression names.
 
-        ``clip`` (optional) is a local transformers CLIP folder (run on the host's device), or a scorer with
-        ``scores(image, proposals, texts)``.
+        An expression that orders things ("the man on the left", "the larger square", "the second car from the
+        right", "every chair"; ``textmask.relations``) masks its subject with ``attention`` conditioned on the whole
+        expression, with PAMR edges, splits that mask into instances and picks by the relation. Any other
+        expression goes to Ref-Diff, where
+        ``clip`` (optional: a local transformers CLIP folder, or a scorer with ``scores(image, proposals, texts)``)
+        adds its score, and ``alpha``, ``tau`` and ``timestep`` apply.
         """
+        from . import relations
         from .methods.refdiff import refer
+        from .subject import subject
 
-        return refer(self.host, images, expression, clip=clip, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
-                     resolution=resolution, batch_size=batch_size, use_spacy=use_spacy)
+        if not isinstance(expression, str) or not expression.strip():
+            raise TextMaskError("the referring expression is empty")
+        relation = relations.parse(expression)
+        if relation is None:
+            res = refer(self.host, images, expression, clip=clip, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
+                        resolution=resolution, batch_size=batch_size, use_spacy=use_spacy)
+            res.instances = [relations.instances(m) for m in res.masks]
+            return res
+        head = subject(expression, use_spacy=use_spacy)
+        out = self.mask(images, head, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size,
+                        pamr=True)
+        candidates = [relations.instances(m) for m in out.masks]
+        masks = torch.stack([relations.choose(c, relation).float() for c in candidates])
+        return ReferResult(masks, out.terms[head].clamp(0, 1), head, candidates)
 
     def build_prototypes(self, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
                          seed: int = 0, overrides: dict[str, bool] | None = None, cache_dir: str | Path | None = None,

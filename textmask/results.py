@@ -15,6 +15,14 @@ class MaskResult:
     heatmaps: torch.Tensor  # [B, H, W], the combined soft map before thresholding
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # phrase -> [B, H, W] normalised heatmap
 
+    @property
+    def instances(self) -> list[torch.Tensor]:
+        """Per image, the mask's instances [K, H, W] (bool): its connected parts, largest first, without fragments
+        (``relations.instances``); their union is the mask up to those fragments."""
+        from .relations import instances
+
+        return [instances(m) for m in self.masks]
+
 
 @dataclass
 class SegmentsResult:
@@ -39,5 +47,6 @@ class ReferResult:
     """``TextMasker.refer`` (Ref-Diff): the one object a referring expression names, per image."""
 
     masks: torch.Tensor  # [B, H, W] in {0, 1}
-    heatmaps: torch.Tensor  # [B, H, W] attribution of the subject, min-max normalised
-    subject: str  # the expression's head noun, whose attention was read
+    heatmaps: torch.Tensor  # [B, H, W] the subject's map (Ref-Diff's attribution, or its attention), in [0, 1]
+    subject: str  # the expression's head noun (or noun phrase, with a relation), whose attention was read
+    instances: list[torch.Tensor] = field(default_factory=list)  # per image [K, H, W] bool: the candidates

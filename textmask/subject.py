@@ -12,7 +12,7 @@ import re
 
 from .errors import TextMaskError
 
-DETERMINERS = set("a an the this that these those its his her their our my your some any each every no".split())
+DETERMINERS = set("a an the this that these those its his her their our my your some any each every all no".split())
 NUMBERS = set("one two three four five six seven eight nine ten first second third fourth fifth sixth last "
               "1st 2nd 3rd 4th 5th 2 3 4 5 both".split()) - {"one"}
 COLOURS = set("red green blue yellow black white gray grey brown orange pink purple beige tan gold golden silver "
@@ -48,21 +48,29 @@ def _spacy_subject(expression: str) -> str | None:
     return None
 
 
-def subject(expression: str, use_spacy: bool = False) -> str:
-    """The head noun of the first noun phrase; raises TextMaskError when the expression has none."""
-    if use_spacy and (found := _spacy_subject(expression)):
-        return found
+def _first_noun_phrase(expression: str) -> tuple[list[str], str]:
+    """The words of the first noun phrase up to its head (determiners and numbers left out), and the head."""
     words = [w.removesuffix("'s") for w in WORD.findall(expression.lower())]
-    head = None
+    head, kept = None, []
     for w in words:
         ends_phrase = w in BOUNDARIES or w in VERBS or (w.endswith("ing") and len(w) > 4 and head is not None)
         if ends_phrase and head is not None:
             break
-        if ends_phrase or w in DETERMINERS or w in NUMBERS or w in COLOURS or w in MODIFIERS:
+        if ends_phrase or w in DETERMINERS or w in NUMBERS:
             continue
         if w.endswith("ed") and head is not None and len(w) > 4:  # "car parked ..."
             break
-        head = w
+        kept.append(w)
+        if w not in COLOURS and w not in MODIFIERS:
+            head = w
     if head is None:
         raise TextMaskError(f"no noun found in '{expression}'; name the object, e.g. 'the man on the left'")
-    return head
+    return kept[: len(kept) - kept[::-1].index(head)], head
+
+
+def subject(expression: str, use_spacy: bool = False) -> str:
+    """The head noun of the first noun phrase; raises TextMaskError when the expression has none."""
+    if use_spacy and (found := _spacy_subject(expression)):
+        return found
+    return _first_noun_phrase(expression)[1]
+

@@ -1,0 +1,110 @@
+"""Instances of a mask and the relations that choose among them (textmask.relations), and ``refer`` with them."""
+
+import numpy as np
+import pytest
+import torch
+
+from textmask import relations
+from textmask.relations import Relation, choose, instances, parse
+
+
+@pytest.mark.parametrize("expression,expected", [
+    ("the triangle on the left", Relation(("left",))),
+    ("the man on the right", Relation(("right",))),
+    ("the larger square", Relation(("larger",))),
+    ("the smallest cup", Relation(("smaller",))),
+    ("the second car from the right", Relation(("right",), rank=1)),
+    ("third bottle from the left", Relation(("left",), rank=2)),
+    ("the top left star", Relation(("top", "left"))),
+    ("the lower shelf", Relation(("bottom",))),
+    ("the dog in the middle", Relation(("middle",))),
+    ("every chair", Relation(every=True)),
+    ("all the cups", Relation(every=True)),
+    ("both horses", Relation(every=True)),
+    ("the red car", None),
+    ("a man holding a cup", None),
+])
+def test_parse(expression, expected):
+    assert parse(expression) == expected
+
+
+def blobs():
+    """Three squares on a 40×60 grid: big on the left, middle-sized top right, small bottom right; one speck."""
+    m = torch.zeros(40, 60)
+    m[10:30, 2:22] = 1   # 400 px, left
+    m[2:12, 40:50] = 1   # 100 px, top right
+    m[30:37, 45:52] = 1  # 49 px, bottom right
+    m[20, 35] = 1        # a 1 px fragment
+    return m
+
+
+def test_instances_are_components_largest_first_without_fragments():
+    inst = instances(blobs())
+    assert inst.shape == (3, 40, 60) and inst.dtype == torch.bool
+    assert inst.flatten(1).sum(1).tolist() == [400, 100, 49]
+    assert instances(torch.zeros(8, 8)).shape == (0, 8, 8)
+    # Diagonal neighbours belong together (8-connected).
+    d = torch.zeros(5, 5)
+    d[1, 1] = d[2, 2] = d[3, 3] = 1
+    assert len(instances(d)) == 1
+
+
+@pytest.mark.parametrize("expression,area", [
+    ("the square on the left", 400), ("the square on the right", 49), ("the top square", 100),
+    ("the bottom square", 49), ("the larger square", 400), ("the smallest square", 49),
+    ("the second square from the left", 100), ("the top right square", 100), ("the bottom right square", 49),
+    ("the fifth square from the left", 49),  # fewer instances than the rank: the last one
+])
+def test_choose(expression, area):
+    assert int(choose(instances(blobs()), parse(expression)).sum()) == area
+
+
+def test_choose_every_and_nothing():
+    inst = instances(blobs())
+    assert int(choose(inst, parse("every square")).sum()) == 549
+    assert choose(inst[:0], parse("the square on the left")).shape == (40, 60)
+    assert not choose(inst[:0], parse("the square on the left")).any()
+
+
+def test_mask_result_instances():
+    from textmask.results import MaskResult
+
+    masks = torch.stack([blobs(), torch.zeros(40, 60)])
+    res = MaskResult(masks, masks)
+    assert [len(i) for i in res.instances] == [3, 0]
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from textmask.demo.model import load_demo_masker
+
+    return load_demo_masker()
+
+
+def test_refer_picks_by_relation_on_shapes(shapes):
+    # The first 20 Shapes val scenes (30 phrases; settings were chosen on val): measured mean IoU 0.47 here, 0.64
+    # on 60 val scenes; Ref-Diff alone scores 0.11 on those 60.
+    from textmask.demo.scenes import make_scene, split_seeds
+
+    ious = []
+    for seed in split_seeds("val", 20):
+        scene = make_scene(seed)
+        for phrase, target in scene.relations:
+            res = shapes.refer(scene.image, phrase)
+            assert res.masks.shape == (1, *scene.image.shape[:2]) and res.subject == scene.objects[target].shape
+            assert len(res.instances) == 1 and res.instances[0].shape[1:] == scene.image.shape[:2]
+            got, want = res.masks[0].numpy() > 0.5, scene.masks[target]
+            ious.append((got & want).sum() / max((got | want).sum(), 1))
+    assert len(ious) >= 20 and np.mean(ious) >= 0.4
+
+
+def test_refer_relation_on_a_tiny_model_keeps_the_input_size():
+    import tiny_models
+    from textmask import TextMasker
+
+    masker = TextMasker.from_pipe(tiny_models.sd1_pipe(), resolution=64)
+    res = masker.refer(torch.rand(2, 37, 53, 3), "every red car")
+    assert res.subject == "car" and res.masks.shape == res.heatmaps.shape == (2, 37, 53)
+    for m, inst in zip(res.masks, res.instances):
+        assert inst.dtype == torch.bool and inst.shape[1:] == (37, 53)
+        assert torch.equal(m.bool(), inst.any(0)) if len(inst) else not m.any()
