@@ -50,13 +50,15 @@ class TextMask:
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "What to subtract from the mask."}),
                 "latent": ("LATENT", {"tooltip": "The IMAGE's latent (from VAE Encode), used instead of encoding again."}),
                 "fill_holes": ("BOOLEAN", {"default": False, "tooltip": "Fill holes inside masked regions."}),
+                "edges": ("BOOLEAN", {"default": defaults.PAMR,
+                                      "tooltip": "Make the mask follow the image's edges (PAMR) rather than the attention grid."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
                                        "tooltip": "Working resolution in pixels; 0 = the model's native (512 SD1, 768 SD2-v, 1024 SDXL)."}),
             },
         }
 
     def run(self, model, clip, vae, image, mask_prompt, method, refine, threshold, blur, grow, invert, soft, timestep, seed,
-            negative="", latent=None, fill_holes=False, resolution=0):
+            negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR):
         host = ComfyHost(model, clip, vae)
         latents = None
         if latent is not None:
@@ -64,7 +66,7 @@ class TextMask:
         result = TextMasker(host).mask(
             image, mask_prompt, negative=negative or None, method=method, refine=refine,
             threshold=threshold, soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,
-            invert=invert, timestep=timestep, seed=seed, latents=latents, resolution=resolution or None,
+            invert=invert, timestep=timestep, seed=seed, latents=latents, resolution=resolution or None, pamr=edges,
         )
         preview = overlay(image[..., :3].float().cpu(), result.heatmaps)
         return (result.masks.float().cpu(), preview)

@@ -241,5 +241,5 @@ def test_pamr_flag_reaches_the_api():
 
     parser = build_parser()
     base = ["mask", "a.png", "x", "--out", "o.png", "--checkpoint", "model.safetensors"]
-    assert mask_kwargs(parser.parse_args([*base, "--pamr"]))["pamr"] is True
-    assert mask_kwargs(parser.parse_args(base))["pamr"] is False
+    assert mask_kwargs(parser.parse_args([*base, "--no-pamr"]))["pamr"] is False
+    assert mask_kwargs(parser.parse_args(base))["pamr"] is True  # the default, as every face

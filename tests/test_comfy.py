@@ -79,6 +79,10 @@ def test_all_options_and_methods(pack, sd15):
         assert mask.shape == (1, 40, 48) and mask.min() >= 0 and mask.max() <= 1
     nothing, _ = run_node(pack, sd15, image, prompt="car AND NOT car")
     assert nothing.sum() == 0
+    # Edge refinement: on by default, as in every face; off gives the grid-bound soft map.
+    edged, _ = run_node(pack, sd15, image, soft=True)
+    plain, _ = run_node(pack, sd15, image, soft=True, edges=False)
+    assert edged.shape == plain.shape == (1, 40, 48) and not torch.equal(edged, plain)
 
 
 NODE_BAD = {

@@ -76,8 +76,9 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default="attention", help="how masks are decoded (default: attention)")
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=defaults.REFINE,
                    help=f"refine attention maps with self-attention (default: {'on' if defaults.REFINE else 'off'})")
-    p.add_argument("--pamr", action="store_true",
-                   help="refine the maps along the image's own edges (PAMR) before thresholding")
+    p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=defaults.PAMR,
+                   help="refine the maps along the image's own edges (PAMR) before thresholding "
+                        f"(default: {'on' if defaults.PAMR else 'off'})")
     p.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (Otsu) or a value in [0, 1]")
     p.add_argument("--soft", action="store_true", help="soft masks instead of binary")
     p.add_argument("--blur", type=finite("blur"), default=0.0, metavar="PX",

@@ -20,10 +20,12 @@ from .results import LabelsResult, MaskResult, ReferResult, SegmentsResult
 
 
 def edge_refined(maps: torch.Tensor, images: forward.Images, region: tuple[int, int, int, int]) -> torch.Tensor:
-    """Maps [B, P, h, w] resized to the working grid of ``region`` and refined by PAMR along the image there."""
+    """Maps [B, P, h, w] refined by PAMR along the image of ``region``, on a grid twice the maps' own (at most the
+    working size): there the image has the detail the maps lack, at a sixteenth of the cost of the working size."""
     top, left, rh, rw = region
     (wh, ww), (ih, iw) = images.working, images.size
-    grid = (max(1, round(rh * wh / ih)), max(1, round(rw * ww / iw)))
+    h, w = maps.shape[-2:]
+    grid = (max(1, min(2 * h, round(rh * wh / ih))), max(1, min(2 * w, round(rw * ww / iw))))
     guide = F.interpolate(images.pixels[:, :, top : top + rh, left : left + rw].float(), size=grid, mode="bilinear",
                           align_corners=False, antialias=True)
     return pp.pamr(pp.resize(maps.float(), grid), guide)
@@ -78,7 +80,7 @@ class TextMasker:
         resolution: int | None = None,
         batch_size: int = defaults.BATCH_SIZE,
         latents: torch.Tensor | None = None,
-        pamr: bool = False,
+        pamr: bool = defaults.PAMR,
         **method_options: Any,
     ) -> MaskResult:
         """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
@@ -87,8 +89,8 @@ class TextMasker:
         to the method: ``ldznet`` (an LDZNet or the path of its .safetensors) and ``template`` for ``ld-znet``,
         ``refine_mode``, ``refine_steps`` and ``aggregation`` ("aggsd" or "daam") for ``attention``. ``latents``
         (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
-        which pixels they cover. ``pamr`` refines every map along the image's own edges at the working size
-        (``postprocess.pamr``) before thresholding.
+        which pixels they cover. ``pamr`` (default on) refines every map along the image's own edges
+        (``postprocess.pamr``, on a grid twice the maps') before thresholding.
         """
         chosen = get_method(method)
         if refine is not None and "refine" in chosen.options:
@@ -174,8 +176,7 @@ class TextMasker:
             res.instances = [relations.instances(m) for m in res.masks]
             return res
         head = subject(expression, use_spacy=use_spacy)
-        out = self.mask(images, head, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size,
-                        pamr=True)
+        out = self.mask(images, head, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size)
         candidates = [relations.instances(m) for m in out.masks]
         masks = torch.stack([relations.choose(c, relation).float() for c in candidates])
         return ReferResult(masks, out.terms[head].clamp(0, 1), head, candidates)
