@@ -3,7 +3,8 @@
     python bench/overhead.py [--size 512] [--repeats 3] [--device cuda --dtype float16]
 
 Each row times exactly what TextMasker.mask runs per batch once latents exist: the hooked UNet forward plus
-the method's decoding (textmask.methods.attention.AttentionDecoder). Peak extra memory is the RSS peak above the plain
+the method's decoding (textmask.methods.attention.AttentionDecoder); the "+pamr" row adds the default PAMR edge
+refinement of its maps (textmask.masker.edge_refined). Peak extra memory is the RSS peak above the plain
 forward's own peak, sampled every 2 ms, as a share of the UNet's weight bytes; on CUDA it is the peak of
 allocated GPU memory above the plain forward's.
 """
@@ -146,10 +147,15 @@ def main() -> None:
     from textmask.methods.segments import segment_everything
 
     image = torch.rand(1, args.size, args.size, 3, generator=g)
+    from textmask.masker import edge_refined
+
+    images = forward.prepare_images(host, image, args.size, host.geometry.size_multiple)
+    region = (0, 0, *images.size)
     rows = {
         "plain": plain,
         "attention": lambda: attention(one, False),
         "attention+refine": lambda: attention(one, True),
+        "attention+refine+pamr": lambda: edge_refined(attention(one, True), images, region),
         "attention-8-phrases": lambda: attention(eight, False),
         "segments": lambda: segment_everything(host, image),
         "refer": lambda: refer(host, image, "the man on the left"),
@@ -183,6 +189,7 @@ def main() -> None:
     print()
     print(f"attention: {med['attention'] / med['plain']:.2f}x")
     print(f"attention+refine: {med['attention+refine'] / med['plain']:.2f}x")
+    print(f"attention+refine+pamr: {med['attention+refine+pamr'] / med['plain']:.2f}x")
     print(f"8-phrases: {med['attention-8-phrases'] / med['attention']:.2f}x")
     print(f"extra-memory: {100 * max(0, extra) / weight_bytes:.0f}%")
     print(f"segments: {med['segments'] / med['plain']:.2f}x")

@@ -1,9 +1,12 @@
-"""Mask quality of every method on the Shapes test split, against baselines and a ceiling.
+"""Mask quality of every method on a Shapes split (test by default), against baselines and a ceiling.
 
-    python bench/shapes_eval.py [--scenes 200] [--model textmask/demo/model] [--sweep]
+    python bench/shapes_eval.py [--split test] [--scenes 200] [--model textmask/demo/model] [--sweep]
 
 Rows: each method on each object's phrase ("red circle"; GT = every instance of it), scored with mean IoU
-at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC and the pointing game.
+at the method's own threshold (Otsu), best single-threshold IoU, pixel ROC AUC, the pointing game and the boundary
+F-score (DAVIS's, at 0.75% of the diagonal). "every X" phrases (a shape the scene holds twice or more) are scored by
+instance: ``refer``'s instances matched one to one at IoU > 0.5. Absent phrases (one per object phrase, naming
+nothing in the scene) are scored by the share given an empty mask and the mean area selected.
 OVDiff builds prototypes for every test phrase (``--ovdiff-images`` support images each, cached by the
 model's fingerprint) and is scored on its own labels, given each scene's phrases and given all of them at once.
 The ``attention`` rows (plain and refined) are also broken down by phrase: whether another object in the
@@ -31,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from textmask import TextMasker  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
-    Scores, ceiling_heatmap, centre_prior, hungarian_miou, margin_heatmap, object_phrases, otsu_mask, phrase_groups,
-    wrong_phrase)
+    Scores, absent_phrases, ceiling_heatmap, centre_prior, every_phrases, hungarian_miou, instance_matches, iou,
+    margin_heatmap, object_phrases, otsu_mask, phrase_groups, wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
 from textmask.demo.scenes import caption as caption_of  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
@@ -41,6 +44,7 @@ METHODS = {
     "attention": dict(method="attention", refine=False),
     "attention (caption prompt)": dict(method="attention", refine=False, caption=True),
     "attention+refine": dict(method="attention", refine=True),
+    "attention+refine, pamr=False": dict(method="attention", refine=True, pamr=False),
     "noise-diff": dict(method="noise-diff"),
 }
 # The wrong phrase's map under the same prompt style as each of these rows.
@@ -101,6 +105,8 @@ def random_unet_masker(masker):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", choices=("val", "test"), default="test",
+                    help="choose settings on val, report on test (default: test)")
     ap.add_argument("--scenes", type=int, default=200)
     ap.add_argument("--model", type=Path, default=MODEL_DIR)
     ap.add_argument("--sweep", action="store_true", help="also sweep timestep, refinement and DiffSeg tau settings")
@@ -110,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     masker = load_demo_masker(args.model)
-    scenes = [make_scene(s) for s in split_seeds("test", args.scenes)]
+    scenes = [make_scene(s) for s in split_seeds(args.split, args.scenes)]
     grid = masker.host.unet.config.sample_size  # the largest attention grid (latent size)
     rows: dict[str, dict] = {}
     t0 = time.time()
@@ -146,6 +152,8 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
             res = masker.refer(scene.image, phrase)
             refer.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), scene.masks[target])
     rows["refer (relational phrases)"] = refer.summary()
+    rows.update(every_rows(masker, scenes))
+    rows.update(absent_rows(masker, scenes))
     rows.update(ovdiff_rows(masker, scenes, args.ovdiff_images))
     rnd = Scores()
     score_method(random_unet_masker(masker), scenes, METHODS["attention"], rnd)
@@ -173,6 +181,36 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
                 s = Scores()
                 score_method(masker, sweep, dict(method="attention", refine=True, refine_mode=mode, refine_steps=steps), s)
                 rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
+
+
+def every_rows(masker, scenes) -> dict[str, dict]:
+    """``refer`` on "every X": the union's IoU, and its instances' precision and recall at IoU > 0.5."""
+    union, found, predicted, truth = Scores(), 0, 0, 0
+    for scene in scenes:
+        for phrase, objects in every_phrases(scene):
+            res = masker.refer(scene.image, phrase)
+            gt = [scene.masks[i] for i in objects]
+            union.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), np.any(gt, axis=0))
+            pred = [m.numpy() for m in res.instances[0]]
+            found, predicted, truth = found + instance_matches(pred, gt), predicted + len(pred), truth + len(gt)
+    print(f'"every X": {union.summary()["n"]} phrases; instances at IoU > 0.5: precision '
+          f"{found / max(predicted, 1):.3f}, recall {found / max(truth, 1):.3f} ({found} of {truth}, {predicted} predicted)")
+    return {'refer "every X" (union)': union.summary()}
+
+
+def absent_rows(masker, scenes) -> dict[str, dict]:
+    """Absent phrases with the default settings: the share given an empty mask, and the mean area selected."""
+    empty, area = [], []
+    for scene in scenes:
+        for phrase in absent_phrases(scene):
+            mask = masker.mask(scene.image, phrase).masks[0]
+            empty.append(float(not mask.any()))
+            area.append(float(mask.float().mean()))
+    gray = np.full_like(scenes[0].image, 0.5)
+    gray_area = float(masker.mask(gray, object_phrases(scenes[0])[0]).masks[0].float().mean())
+    print(f"absent phrases ({len(empty)}): {np.mean(empty):.3f} given an empty mask; mean area selected "
+          f"{np.mean(area):.3f}; a gray image: {gray_area:.3f} selected")
+    return {}
 
 
 def segment_rows(masker, scenes, tau: float = 1.1) -> dict[str, dict]:
@@ -216,13 +254,14 @@ def report(masker, rows, scenes, args, seconds) -> None:
         for name, auc in per_layer_auc(masker, scenes[:20]).items():
             print(f"  {name:<48} {auc:.2f}")
         print()
-    print(f"Shapes test split: {len(scenes)} scenes, {next(iter(rows.values()))['n']} object phrases, "
+    print(f"Shapes {args.split} split: {len(scenes)} scenes, {next(iter(rows.values()))['n']} object phrases, "
           f"model {args.model.name}, {seconds:.0f}s")
     wide = max(len(name) for name in rows)
-    print(f"| {'row':<{wide}} | {'IoU':>5} | {'best IoU':>8} | {'AUC':>5} | {'pointing':>8} |")
-    print(f"|{'-' * (wide + 2)}|{'-' * 7}|{'-' * 10}|{'-' * 7}|{'-' * 10}|")
+    print(f"| {'row':<{wide}} | {'IoU':>5} | {'best IoU':>8} | {'AUC':>5} | {'pointing':>8} | {'boundary F':>10} |")
+    print(f"|{'-' * (wide + 2)}|{'-' * 7}|{'-' * 10}|{'-' * 7}|{'-' * 10}|{'-' * 12}|")
     for name, r in rows.items():
-        print(f"| {name:<{wide}} | {r['iou']:>5.3f} | {r['best_iou']:>8.3f} | {r['auc']:>5.3f} | {r['pointing']:>8.3f} |")
+        print(f"| {name:<{wide}} | {r['iou']:>5.3f} | {r['best_iou']:>8.3f} | {r['auc']:>5.3f} | {r['pointing']:>8.3f} "
+              f"| {r.get('boundary_f', float('nan')):>10.3f} |")
     print()
     for name, r in rows.items():
         key = name.replace(" (", "-").replace(")", "").replace(" ", "-").lower()

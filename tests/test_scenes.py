@@ -113,6 +113,24 @@ def test_metrics_on_known_arrays():
     assert hungarian_miou(segs[:1], [b, ~b]) == 0.5  # an unmatched region counts as 0
 
 
+def test_boundary_f_and_instance_matches_on_known_arrays():
+    from textmask.demo.evaluate import boundary, boundary_f, instance_matches
+
+    gt = np.zeros((40, 40), bool)
+    gt[10:30, 10:30] = True
+    assert boundary(gt).sum() == 4 * 19 and boundary_f(gt, gt) == 1.0
+    shifted = np.roll(gt, 1, axis=1)  # one pixel off: within the 1 px reach of a 40 px image
+    assert boundary_f(shifted, gt) == 1.0
+    far = np.roll(gt, 6, axis=1)  # the left and right edges miss, top and bottom mostly still meet
+    assert 0.2 < boundary_f(far, gt) < 0.8
+    assert boundary_f(np.zeros_like(gt), gt) == 0.0 and boundary_f(np.zeros_like(gt), np.zeros_like(gt)) == 1.0
+    a, b = gt.copy(), np.zeros_like(gt)
+    b[32:38, 32:38] = True
+    assert instance_matches([b, a], [a, b]) == 2 and instance_matches([a | b], [a, b]) == 1
+    assert instance_matches([], [a]) == 0 and instance_matches([far], [gt]) == 1  # IoU 0.54 is a match
+    assert instance_matches([np.roll(gt, 9, axis=1)], [gt]) == 0  # IoU 0.38 is not
+
+
 def test_phrase_groups_and_subsets():
     from textmask.demo.evaluate import Scores, phrase_groups
     from textmask.demo.scenes import Scene

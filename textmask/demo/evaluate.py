@@ -1,4 +1,5 @@
-"""Scoring masks against Shapes ground truth: IoU, best-threshold IoU, ROC AUC and the pointing game."""
+"""Scoring masks against Shapes ground truth: IoU, best-threshold IoU, ROC AUC, the pointing game, boundary F-score,
+instance matching, and what is given for a phrase that names nothing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.stats import rankdata
 
 from .. import postprocess as pp
@@ -35,6 +37,53 @@ def pointing(scores: np.ndarray, gt: np.ndarray) -> float:
     return float(gt.ravel()[int(np.argmax(scores.ravel()))])
 
 
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """The mask's boundary pixels: inside pixels with a 4-neighbour outside (the image border counts as outside)."""
+    mask = mask.astype(bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def boundary_f(pred: np.ndarray, gt: np.ndarray, tolerance: float = 0.0075) -> float:
+    """Boundary F-score (Perazzi et al., DAVIS): precision and recall of the boundary pixels that lie within
+    ``tolerance`` × the image diagonal of the other mask's boundary; 1.0 when both masks are empty."""
+    bp, bg = boundary(pred), boundary(gt)
+    if not bp.any() and not bg.any():
+        return 1.0
+    if not bp.any() or not bg.any():
+        return 0.0
+    reach = max(1.0, tolerance * float(np.hypot(*gt.shape)))
+    near_gt = ndimage.distance_transform_edt(~bg) <= reach
+    near_pred = ndimage.distance_transform_edt(~bp) <= reach
+    precision, recall = (bp & near_gt).sum() / bp.sum(), (bg & near_pred).sum() / bg.sum()
+    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+
+
+def instance_matches(pred: list[np.ndarray], gt: list[np.ndarray], at: float = 0.5) -> int:
+    """How many predicted instances match a ground-truth instance one to one at IoU above ``at`` (at 0.5 a match
+    is unique, so greedy matching is optimal)."""
+    used, hits = set(), 0
+    for p in pred:
+        for k, g in enumerate(gt):
+            if k not in used and iou(p, g) > at:
+                used.add(k)
+                hits += 1
+                break
+    return hits
+
+
+def absent_phrases(scene: Scene) -> list[str]:
+    """One phrase per object phrase that names nothing in the scene (``wrong_phrase``)."""
+    return [wrong_phrase(scene, p) for p in object_phrases(scene)]
+
+
+def every_phrases(scene: Scene) -> list[tuple[str, list[int]]]:
+    """("every star", [object indices]) for each shape the scene holds more than once."""
+    shapes: dict[str, list[int]] = {}
+    for i, o in enumerate(scene.objects):
+        shapes.setdefault(o.shape, []).append(i)
+    return [(f"every {shape}", idx) for shape, idx in shapes.items() if len(idx) > 1]
+
+
 @dataclass
 class Scores:
     """Accumulates per-sample scores for one method."""
@@ -43,19 +92,22 @@ class Scores:
     auc: list[float] = field(default_factory=list)
     pointing: list[float] = field(default_factory=list)
     by_threshold: list[np.ndarray] = field(default_factory=list)
+    boundary_f: list[float] = field(default_factory=list)
 
     def add(self, heatmap: np.ndarray, mask: np.ndarray, gt: np.ndarray) -> None:
         self.iou.append(iou(mask > 0.5, gt))
         self.auc.append(roc_auc(heatmap, gt))
         self.pointing.append(pointing(heatmap, gt))
         self.by_threshold.append(np.array([iou(heatmap > t, gt) for t in THRESHOLDS]))
+        self.boundary_f.append(boundary_f(mask > 0.5, gt))
 
     def subset(self, keep: list[bool]) -> "Scores":
         """The samples where ``keep`` (one flag per sample) is true, in order."""
         if len(keep) != len(self.iou):
             raise ValueError(f"{len(keep)} flags for {len(self.iou)} samples")
         rows = [i for i, k in enumerate(keep) if k]
-        return Scores(*([xs[i] for i in rows] for xs in (self.iou, self.auc, self.pointing, self.by_threshold)))
+        return Scores(*([xs[i] for i in rows]
+                        for xs in (self.iou, self.auc, self.pointing, self.by_threshold, self.boundary_f)))
 
     def summary(self) -> dict[str, float]:
         best = float(np.mean(self.by_threshold, axis=0).max()) if self.by_threshold else float("nan")
@@ -64,6 +116,7 @@ class Scores:
             "best_iou": best,
             "auc": float(np.mean(self.auc)),
             "pointing": float(np.mean(self.pointing)),
+            "boundary_f": float(np.mean(self.boundary_f)) if self.boundary_f else float("nan"),
             "n": len(self.iou),
         }
 
