@@ -95,6 +95,27 @@ def test_refinement_is_aggsd_eq2(mode, expected):
     assert torch.allclose(out.reshape(-1), torch.tensor(expected), atol=1e-6)
 
 
+def test_iseg_refinement_is_the_references_entropy_reduced_walk():
+    # linsun449/iseg.code (wsss/iSeg.py, get_att_map), written out entry by entry for one and two steps.
+    from textmask.methods.attention import ISEG_ENTROPY, refine_with_self_attention
+
+    sa = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    t = np.array([[sa[j, i] / sa[j].max() for j in range(3)] for i in range(3)])  # SAᵀ, columns to a max of 1
+    t = np.array([[max(0.0, x + ISEG_ENTROPY * np.log10(np.e * x)) if x > 0 else 0.0 for x in row] for row in t])
+    t = t / t.sum(1, keepdims=True)
+    ca = np.array([1.0, 0.5, 0.0])
+    for steps in (1, 2):
+        x = (ca - ca.min()) / (ca - ca.min()).sum()
+        for _ in range(steps):
+            x = t @ x
+            x = (x - x.min()) / (x - x.min()).sum()
+        want = (x - x.min()) / (x.max() - x.min())
+        got = refine_with_self_attention(torch.tensor(ca, dtype=torch.float32).reshape(1, 1, 1, 3),
+                                         torch.tensor(sa, dtype=torch.float32)[None], (1, 3), mode="iseg", steps=steps)
+        assert np.allclose(got.reshape(-1).numpy(), want, atol=1e-6)
+    assert not np.allclose(t, sa.T / sa.T.sum(1, keepdims=True))  # the entropy term changes the walk
+
+
 # ---- LD-ZNet (koutilya-pnvr/LD-ZNet@3d28f76): converter and forward -------------------------------------------
 @pytest.mark.parametrize("copy", ["raw", "ema"])
 def test_ldznet_matches_the_reference(copy):

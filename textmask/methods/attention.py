@@ -173,8 +173,10 @@ def upsampled_keys(probs: torch.Tensor, size: tuple[int, int], target: tuple[int
     return keys / keys.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-RefineMode = Literal["transpose", "aggsd", "forward"]
-REFINE_MODES = ("transpose", "aggsd", "forward")
+RefineMode = Literal["transpose", "aggsd", "forward", "iseg"]
+REFINE_MODES = ("transpose", "aggsd", "forward", "iseg")
+# iSeg's entropy-reduction weight (its VOC setting; 0.1 for COCO).
+ISEG_ENTROPY = 0.015
 
 
 def refine_with_self_attention(
@@ -185,6 +187,9 @@ def refine_with_self_attention(
     ``transpose``: AGG = rownorm(SAᵀ)·CA, the mean CA of the pixels attending to each pixel (AggSD's eq. 2,
     with each pixel's weights normalised to sum 1). ``aggsd``: AGG = SAᵀ·CA, eq. 2 as the report writes it.
     ``forward``: AGG = SA·CA, the mean CA of the pixels each pixel attends to (a random-walk step).
+    ``iseg``: iSeg's entropy-reduced self-attention (linsun449/iseg.code): SAᵀ scaled to a column maximum of 1,
+    plus ``ISEG_ENTROPY``·log10(e·SAᵀ) and clamped at 0 (weak links drop out), row-normalised; each step
+    multiplies, then shifts each map to a minimum of 0 and a sum of 1 (iSeg iterates 10 steps).
     """
     b, p = cross.shape[:2]
     ca = cross if tuple(cross.shape[-2:]) == tuple(size) else F.interpolate(cross, size=size, mode="bicubic", align_corners=False)
@@ -202,6 +207,19 @@ def refine_with_self_attention(
     elif mode == "forward":
         def walk(x: torch.Tensor) -> torch.Tensor:
             return sa @ x
+    elif mode == "iseg":
+        t = sa.transpose(1, 2) / sa.amax(2).clamp_min(1e-12)[:, None, :]  # column j of SAᵀ is row j of SA
+        t = (t + torch.where(t > 0, ISEG_ENTROPY * torch.log10(math.e * t.clamp_min(1e-30)), 0.0)).clamp_min(0)
+        t = t / t.sum(2, keepdim=True).clamp_min(1e-12)
+
+        def shifted(x: torch.Tensor) -> torch.Tensor:
+            x = x - x.amin(1, keepdim=True)
+            return x / x.sum(1, keepdim=True).clamp_min(1e-12)
+
+        ca = shifted(ca)
+
+        def walk(x: torch.Tensor) -> torch.Tensor:
+            return shifted(t @ x)
     else:
         raise ValueError(f"unknown refine mode {mode!r}")
     for _ in range(max(1, steps)):
