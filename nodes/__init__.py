@@ -1,5 +1,6 @@
 """ComfyUI node classes of the textmask pack."""
 
+from .instances import TextMaskToSEGS
 from .ldznet import LoadLDZNet, TextMaskLDZNet
 from .ovdiff import OVDiffPrototypes, OVDiffSegment
 from .referring import ReferringMask
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "TextMaskLDZNet": TextMaskLDZNet,
     "OVDiffPrototypes": OVDiffPrototypes,
     "OVDiffSegment": OVDiffSegment,
+    "TextMaskToSEGS": TextMaskToSEGS,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TextMask": "Text Mask",
@@ -25,4 +27,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TextMaskLDZNet": "Text Mask (LD-ZNet)",
     "OVDiffPrototypes": "OVDiff Prototypes",
     "OVDiffSegment": "OVDiff Segment",
+    "TextMaskToSEGS": "Text Mask to SEGS",
 }
