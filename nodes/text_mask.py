@@ -50,15 +50,18 @@ class TextMask:
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "What to subtract from the mask."}),
                 "latent": ("LATENT", {"tooltip": "The IMAGE's latent (from VAE Encode), used instead of encoding again."}),
                 "fill_holes": ("BOOLEAN", {"default": False, "tooltip": "Fill holes inside masked regions."}),
-                "edges": ("BOOLEAN", {"default": defaults.PAMR,
-                                      "tooltip": "Make the mask follow the image's edges (PAMR) rather than the attention grid."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
                                        "tooltip": "Working resolution in pixels; 0 = the model's native (512 SD1, 768 SD2-v, 1024 SDXL)."}),
+                "edges": ("BOOLEAN", {"default": defaults.PAMR,
+                                      "tooltip": "Make the mask follow the image's edges (PAMR) rather than the attention grid."}),
+                "temporal": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 64.0, "step": 0.5,
+                                       "tooltip": "For video frames: smooth the maps over neighbouring frames of the "
+                                                  "batch (Gaussian sigma in frames; 0 = off) so masks do not flicker."}),
             },
         }
 
     def run(self, model, clip, vae, image, mask_prompt, method, refine, threshold, blur, grow, invert, soft, timestep, seed,
-            negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR):
+            negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR, temporal=0.0):
         host = ComfyHost(model, clip, vae)
         latents = None
         if latent is not None:
@@ -67,6 +70,7 @@ class TextMask:
             image, mask_prompt, negative=negative or None, method=method, refine=refine,
             threshold=threshold, soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,
             invert=invert, timestep=timestep, seed=seed, latents=latents, resolution=resolution or None, pamr=edges,
+            temporal=temporal,
         )
         preview = overlay(image[..., :3].float().cpu(), result.heatmaps)
         return (result.masks.float().cpu(), preview)

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from textmask import mask_prompt as mp
@@ -130,3 +131,39 @@ def test_pamr_option_of_mask(sd1_masker):
     assert refined.masks.shape == plain.masks.shape == (1, 40, 56)
     assert not torch.equal(refined.heatmaps, plain.heatmaps)
     assert torch.equal(refined.masks, sd1_masker.mask(image, "red car | truck", pamr=True).masks)  # deterministic
+
+
+def test_temporal_smooth():
+    maps = torch.zeros(5, 2, 4, 4)
+    maps[:, 0] = torch.linspace(0, 1, 16).reshape(4, 4)  # the same map in every frame: unchanged
+    maps[2, 1, 1, 1] = 1.0  # a blink in one frame of the second phrase
+    out = pp.temporal_smooth(maps, 1.0)
+    assert torch.allclose(out[:, 0], maps[:, 0], atol=1e-6)
+    assert out[1, 1, 1, 1] > 0 and out[3, 1, 1, 1] > 0  # the blink spreads to its neighbours...
+    assert torch.equal(out[1, 1], out[3, 1])  # ...symmetrically
+    assert torch.equal(pp.temporal_smooth(maps, 0), maps) and torch.equal(pp.temporal_smooth(maps[:1], 2.0), maps[:1])
+
+
+def test_temporal_option_steadies_a_moving_object():
+    """Shapes objects moving 2 px per frame, each frame with its own noise (3 val scenes, 8 frames): smoothing over
+    frames makes consecutive masks agree more (after undoing the motion) without losing the object. Measured: flicker
+    0.0079 -> 0.0029 of the pixels, IoU 0.650 -> 0.680."""
+    from textmask.demo.evaluate import iou
+    from textmask.demo.model import load_demo_masker
+    from textmask.demo.scenes import make_scene, split_seeds
+
+    masker = load_demo_masker()
+
+    def run(scene, temporal):
+        phrase = scene.objects[0].phrase
+        frames = np.stack([np.roll(scene.image, 2 * i, axis=1) for i in range(8)])
+        truth = [np.roll(scene.phrase_mask(phrase), 2 * i, axis=1) for i in range(8)]
+        masks = masker.mask(frames, phrase, temporal=temporal).masks.numpy() > 0.5
+        back = [np.roll(m, -2 * i, axis=1) for i, m in enumerate(masks)]
+        flicker = np.mean([(a ^ b).mean() for a, b in zip(back, back[1:])])
+        return flicker, np.mean([iou(m, t) for m, t in zip(masks, truth)])
+
+    scenes = [make_scene(seed) for seed in split_seeds("val", 3)]
+    (flicker_off, iou_off), (flicker_on, iou_on) = (np.mean([run(s, t) for s in scenes], axis=0) for t in (0.0, 1.0))
+    assert flicker_on < 0.7 * flicker_off
+    assert iou_on >= iou_off - 0.05

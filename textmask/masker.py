@@ -81,6 +81,7 @@ class TextMasker:
         batch_size: int = defaults.BATCH_SIZE,
         latents: torch.Tensor | None = None,
         pamr: bool = defaults.PAMR,
+        temporal: float = 0.0,
         **method_options: Any,
     ) -> MaskResult:
         """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
@@ -90,7 +91,8 @@ class TextMasker:
         ``refine_mode``, ``refine_steps`` and ``aggregation`` ("aggsd" or "daam") for ``attention``. ``latents``
         (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
         which pixels they cover. ``pamr`` (default on) refines every map along the image's own edges
-        (``postprocess.pamr``, on a grid twice the maps') before thresholding.
+        (``postprocess.pamr``, on a grid twice the maps') before thresholding. ``temporal`` (σ in frames, default 0 =
+        off) smooths the maps over neighbouring images of the batch, for the frames of a video.
         """
         chosen = get_method(method)
         if refine is not None and "refine" in chosen.options:
@@ -110,6 +112,7 @@ class TextMasker:
         images = forward.prepare_images(self.host, images, resolution or decoder.resolution,
                                         max(self.host.geometry.size_multiple, decoder.size_multiple or 0))
         blur, grow = options.blur(blur, images.size), options.grow(grow, images.size)
+        temporal = options.temporal(temporal)
         region = (0, 0, *images.size)
         if latents is not None:
             if latents.dim() != 4 or latents.shape[0] not in (1, len(images)):
@@ -125,6 +128,7 @@ class TextMasker:
         maps = torch.cat(parts)
         if pamr:
             maps = edge_refined(maps, images, region)
+        maps = pp.temporal_smooth(maps, temporal)
         return pp.masks_from_maps(expr, phrases, maps, images.size, region, threshold,
                                   chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,
                                   invert_mask=invert)

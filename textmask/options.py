@@ -19,6 +19,7 @@ MAX_TAU = 100.0
 MAX_CFG = 100.0
 MAX_SUPPORT_IMAGES, MAX_STEPS = 1024, 1000
 MAX_BATCH = 4096
+MAX_TEMPORAL = 64.0  # frames; wider smoothing than this would average a clip's motion away
 
 
 def _number(name: str, value: Any) -> float:
@@ -63,6 +64,11 @@ def grow(value: Any, size: tuple[int, int]) -> float:
     """Pixels to grow (negative: shrink) the mask by: at most the image's diagonal either way."""
     d = diagonal(size)
     return in_range("grow", value, -d, d, unit=" pixels (the image's diagonal either way)")
+
+
+def temporal(value: Any) -> float:
+    """σ, in frames, of the Gaussian that smooths a batch's maps over neighbouring frames: 0 (off) to 64."""
+    return in_range("temporal", value, 0, MAX_TEMPORAL, unit=" frames (0 = off)")
 
 
 def resolution(value: Any) -> int | None:

@@ -160,6 +160,18 @@ def combine(ours: torch.Tensor, painted: torch.Tensor | None, mode: str) -> torc
     return painted * (1 - ours)
 
 
+def temporal_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Maps [B, P, h, w] of consecutive frames averaged over neighbouring frames with a Gaussian of ``sigma``
+    frames (edges repeat the first and last frame), so a video batch's masks do not flicker; 0 returns them as they
+    are. Each map is normalised again, as every map is."""
+    if sigma <= 0 or maps.shape[0] < 2:
+        return maps
+    from scipy.ndimage import gaussian_filter1d
+
+    smoothed = gaussian_filter1d(maps.float().cpu().numpy(), float(sigma), axis=0, mode="nearest", truncate=3.0)
+    return normalize(torch.from_numpy(smoothed).to(maps.device))
+
+
 def masks_from_maps(expr, phrases: list[str], maps: torch.Tensor, size: tuple[int, int],
                     region: tuple[int, int, int, int], threshold: float | str, auto_threshold: float | None = None, *,
                     soft: bool = False, blur: float = 0.0, grow_px: float = 0.0, fill: bool = False,
