@@ -143,7 +143,7 @@ def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) ->
             gt = scene.phrase_mask(p)
             tiles = [score_and_save(scene, p, m, *maps[m][p], gt) for m in maps]
             object_rows.append([_tile(scene.image, label=p), _tile(_gray(gt)), *tiles])
-        for phrase, target in scene.relations:  # Ref-Diff takes relational phrases: "the larger square"
+        for phrase, target in scene.relations:  # refer takes relational phrases: "the larger square"
             res = masker.refer(scene.image, phrase)
             gt = scene.masks[target]
             tile = score_and_save(scene, phrase, "refer", res.heatmaps[0], res.masks[0], gt)
@@ -154,7 +154,7 @@ def run_demo(out: Path, scenes: int = 4, model: Path = MODEL_DIR, echo=print) ->
     objects, relations = len(scores["attention"].iou), len(scores["refer"].iou)
     echo(f"{objects} object phrases and {relations} relational phrases in {len(scenes)} scenes, "
          f"{time.time() - t0:.1f}s")
-    echo("contact sheet: each method's heatmap with its mask outlined in white; Ref-Diff's relational phrases below")
+    echo("contact sheet: each method's heatmap with its mask outlined in white; refer's relational phrases below")
     for m, s in summary.items():
         line = f"{m:<28} IoU {s['iou']:.2f}"
         echo(line if m in BINARY else f"{line}   AUC {s['auc']:.2f}   pointing {s['pointing']:.2f}")
