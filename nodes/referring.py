@@ -1,6 +1,8 @@
-"""ComfyUI node: Referring Mask (Ref-Diff), the one object a referring expression names."""
+"""ComfyUI node: Referring Mask, the one object a referring expression names (relations or Ref-Diff)."""
 
 from __future__ import annotations
+
+import torch
 
 from ..textmask import defaults
 from ..textmask.hosts.comfy import ComfyClipScorer, ComfyHost
@@ -11,12 +13,16 @@ from .text_mask import CATEGORY
 
 
 class ReferringMask:
-    DESCRIPTION = ("Masks the one object a referring expression names ('the man on the left', 'black horse jumping') "
-                   "with Ref-Diff: the subject's attention scores DiffSeg proposals. Outputs a MASK and the heatmap.")
+    DESCRIPTION = ("Masks the one object a referring expression names. 'the man on the left', 'the larger cup', "
+                   "'the second car from the right' or 'every chair' pick among the subject's instances; other "
+                   "expressions ('black horse jumping') go to Ref-Diff, where the subject's attention scores DiffSeg "
+                   "proposals. Outputs a MASK, the heatmap and the candidate instances.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MASK", "IMAGE")
-    RETURN_NAMES = ("mask", "heatmap")
-    OUTPUT_TOOLTIPS = ("The referred object's mask per image.", "The subject's attention blended over the image.")
+    RETURN_TYPES = ("MASK", "IMAGE", "MASK")
+    RETURN_NAMES = ("mask", "heatmap", "instances")
+    OUTPUT_TOOLTIPS = ("The referred object's mask per image.", "The subject's attention blended over the image.",
+                       "The candidates, one mask each, largest first, image after image; an image without any adds "
+                       "one empty mask.")
     FUNCTION = "run"
 
     @classmethod
@@ -39,4 +45,6 @@ class ReferringMask:
         scorer = ComfyClipScorer(clip_vision, clip) if clip_vision is not None else None
         res = masker.refer(image, expression, clip=scorer, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
                            resolution=resolution or None)
-        return res.masks.float(), overlay(image[..., :3].float().cpu(), res.heatmaps)
+        height, width = res.masks.shape[-2:]
+        instances = torch.cat([c.float() if len(c) else torch.zeros(1, height, width) for c in res.instances])
+        return res.masks.float(), overlay(image[..., :3].float().cpu(), res.heatmaps), instances

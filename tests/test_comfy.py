@@ -292,8 +292,16 @@ def test_referring_mask_node(pack, sd15, sdxl):
     assert cls.CATEGORY == "mask/textmask" and cls.DESCRIPTION and pack.NODE_DISPLAY_NAME_MAPPINGS["ReferringMask"] == "Referring Mask"
     for mcv in (sd15, sdxl):
         with torch.inference_mode():
-            mask, heat = cls().run(*mcv, torch.rand(2, 37, 53, 3), "the red car on the left", 1.1, 100, 0, resolution=64)
+            mask, heat, instances = cls().run(*mcv, torch.rand(2, 37, 53, 3), "the red car on the left", 1.1, 100, 0,
+                                              resolution=64)
         assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3)
+        assert instances.shape[1:] == (37, 53) and len(instances) >= 2  # at least one entry per image
+        for expression in ("the red car", "every red car"):  # Ref-Diff's path, and every instance
+            with torch.inference_mode():
+                mask, _, instances = cls().run(*mcv, torch.rand(1, 37, 53, 3), expression, 1.1, 100, 0, resolution=64)
+            assert mask.shape == (1, 37, 53) and instances.shape[1:] == (37, 53)
+            if expression.startswith("every"):
+                assert torch.equal(mask[0].bool(), instances.bool().any(0))
     with pytest.raises(pack.textmask.errors.TextMaskError, match="no noun"):
         with torch.inference_mode():
             cls().run(*sd15, torch.rand(1, 32, 32, 3), "bottom left", 1.1, 100, 0, resolution=64)
@@ -349,9 +357,10 @@ def test_referring_mask_with_clip_vision(pack, sd15, tmp_path):
     cls = pack.NODE_CLASS_MAPPINGS["ReferringMask"]
     image = torch.rand(1, 37, 53, 3)
     with torch.inference_mode():
-        plain, _ = cls().run(*sd15, image, "the red car on the left", 1.1, 100, 0, resolution=64)
-        mask, _ = cls().run(*sd15, image, "the red car on the left", 1.1, 100, 0, resolution=64,
-                            clip_vision=tiny_vision(32), alpha=0.0)
+        # an expression without a relation word: Ref-Diff, where CLIP takes part
+        plain, _, _ = cls().run(*sd15, image, "the red car", 1.1, 100, 0, resolution=64)
+        mask, _, _ = cls().run(*sd15, image, "the red car", 1.1, 100, 0, resolution=64,
+                               clip_vision=tiny_vision(32), alpha=0.0)
         assert mask.shape == (1, 37, 53)
         scorer = pack.textmask.hosts.comfy.ComfyClipScorer(tiny_vision(32), sd15[1])
         props = torch.zeros(3, 37, 53, dtype=torch.bool)
