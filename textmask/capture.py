@@ -319,9 +319,11 @@ class QueryStore:
     def __init__(self, kinds: tuple[Kind, ...] = ("cross",)):
         self.need = Need(kinds=kinds, values="queries")
         self.queries: dict[str, torch.Tensor] = {}
+        self.layers: dict[str, AttentionLayer] = {}
 
     def __call__(self, layer: AttentionLayer, start: int, q: torch.Tensor) -> None:
         self.queries[layer.name] = q
+        self.layers[layer.name] = layer
 
 
 class OutputCapture(Hooks):

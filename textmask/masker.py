@@ -133,6 +133,15 @@ class TextMasker:
                                   chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,
                                   invert_mask=invert)
 
+    def trace(self, images, *, prompt: str = "", refine: bool = defaults.REFINE, timestep: int = defaults.TIMESTEP,
+              seed: int = 0, resolution: int | None = None, batch_size: int = defaults.BATCH_SIZE):
+        """One forward whose attention is kept, so ``trace.mask("any words")`` needs no further UNet forward
+        (OVAM; ``textmask.trace``). ``prompt``: the text the forward runs under (the image's caption, or empty)."""
+        from .trace import trace
+
+        return trace(self.host, images, prompt=prompt, refine=refine, timestep=timestep, seed=seed,
+                     resolution=resolution, batch_size=batch_size)
+
     def segments(self, images, *, tau: float = defaults.TAU, kmeans: bool = False, timestep: int = defaults.TIMESTEP,
                  seed: int = 0, resolution: int | None = None, batch_size: int = 1) -> SegmentsResult:
         """Segment everything (DiffSeg): a label map and one mask per segment, largest first, per image."""

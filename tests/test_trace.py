@@ -1,0 +1,78 @@
+"""Traces (OVAM): masks for any words from one kept forward, without another UNet forward."""
+
+import pytest
+import torch
+
+import tiny_models
+from textmask import TextMasker, TextMaskError
+
+
+@pytest.fixture(scope="module")
+def masker():
+    return TextMasker.from_pipe(tiny_models.sd1_pipe(), resolution=64)
+
+
+def forwards(masker):
+    calls = []
+    handle = masker.host.unet.register_forward_hook(lambda m, a, o: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_under_the_traced_prompt_it_is_the_forwards_attention_mask(masker, refine):
+    image = torch.rand(3, 40, 56, 3)
+    caption = "a red car next to a tree"
+    for kw in (dict(pamr=False), dict(soft=True, blur=1.0), dict()):
+        want = masker.mask(image, "red car | tree", prompt=caption, refine=refine, batch_size=3, **kw)
+        got = masker.trace(image, prompt=caption, refine=refine, batch_size=3).mask("red car | tree", prompt=caption, **kw)
+        assert torch.equal(got.heatmaps, want.heatmaps) and torch.equal(got.masks, want.masks)
+    # In batches of 2 the trace refines all images at once: float32 sums in another order, as mask() itself differs
+    # between batch sizes (7e-5 here).
+    want = masker.mask(image, "red car | tree", prompt=caption, refine=refine, batch_size=2, pamr=False)
+    got = masker.trace(image, prompt=caption, refine=refine, batch_size=2).mask("red car | tree", prompt=caption, pamr=False)
+    torch.testing.assert_close(got.heatmaps, want.heatmaps, atol=2e-4, rtol=0)
+
+
+def test_new_words_need_no_forward(masker):
+    image = torch.rand(2, 40, 56, 3)
+    trace = masker.trace(image, prompt="a photo")
+    calls, handle = forwards(masker)
+    try:
+        res = trace.mask("dog | cat AND NOT grass")
+        other = trace.mask("bicycle", threshold=0.5, invert=True)
+    finally:
+        handle.remove()
+    assert calls == []  # re-queried through the layers' key projections only
+    assert res.masks.shape == other.masks.shape == (2, 40, 56) and set(res.terms) == {"dog", "cat", "grass"}
+    assert not torch.equal(res.terms["dog"], res.terms["cat"])
+
+
+def test_bad_input_is_one_line(masker):
+    trace = masker.trace(torch.rand(1, 32, 32, 3))
+    with pytest.raises(TextMaskError, match="empty"):
+        trace.mask("  ")
+    with pytest.raises(TextMaskError, match="refine_mode"):
+        trace.mask("cat", refine_mode="sideways")
+    with pytest.raises(TextMaskError, match="blur"):
+        trace.mask("cat", blur=-1)
+    with pytest.raises(TextMaskError, match="prompt"):
+        masker.trace(torch.rand(1, 32, 32, 3), prompt=3)
+
+
+def test_a_trace_leaves_the_model_untouched():
+    from conftest import assert_unchanged, state_snapshot
+
+    pipe = tiny_models.sd1_pipe()
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    unet = pipe.unet
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before_out = unet(x, t, encoder_hidden_states=ctx).sample
+    before = state_snapshot(unet)
+    trace = masker.trace(torch.rand(1, 32, 32, 3), prompt="a cat")
+    trace.mask("cat | dog")
+    hooks = [m for m in unet.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert not hooks
+    assert_unchanged(before, state_snapshot(unet))
+    with torch.no_grad():
+        assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)

@@ -1,0 +1,115 @@
+"""A trace of one forward's attention, to mask any words afterwards without another UNet forward (OVAM).
+
+>>> trace = masker.trace(image, prompt="a cat on a sofa")
+>>> trace.mask("cat").masks, trace.mask("cushion").masks      # no further UNet forward
+
+The trace keeps each cross-attention layer's projected queries and the self-attention aggregate of one hooked
+forward. A phrase's map is then softmax(q·kᵀ) of those queries against keys that each layer's own ``to_k`` makes
+from a new prompt (so LoRA and low-VRAM patches apply), aggregated and refined exactly as ``attention`` does
+(Marcos-Manchón et al., OVAM). Asked under the prompt the trace ran with, it is exactly that forward's ``attention``
+map; for any other prompt it is OVAM's approximation, because the queries stay those the traced prompt produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import defaults, forward
+from . import mask_prompt as mp
+from . import postprocess as pp
+from .capture import AttentionLayer, QueryStore, attention_probs
+from .errors import TextMaskError
+from .hosts.contract import Host
+from .methods.attention import (REFINE_MODES, CrossAttentionMaps, SelfAttentionAggregate, attention_prompt,
+                                refine_with_self_attention)
+from .results import MaskResult
+
+
+@dataclass
+class Trace:
+    """What one traced forward keeps: per cross-attention layer its queries [B, N, C] (on the host's device) and
+    the layer, the self-attention aggregate [B, R², R²] on its R×R grid when traced with ``refine``, and the
+    images' geometry."""
+
+    host: Host
+    images: forward.Images
+    queries: dict[str, torch.Tensor]
+    layers: dict[str, AttentionLayer]
+    self_attention: torch.Tensor | None = None
+    self_size: tuple[int, int] | None = None
+
+    def maps(self, phrases: list[str], prompt: str | None = None, refine_mode: str = defaults.REFINE_MODE,
+             refine_steps: int = defaults.REFINE_STEPS) -> torch.Tensor:
+        """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default AggSD's template of the
+        phrases), refined along the traced self-attention if the trace kept it."""
+        if refine_mode not in REFINE_MODES:
+            raise TextMaskError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {refine_mode!r}")
+        text = prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)
+        cond = forward.encode_prompts(self.host, [text])
+        groups = [cond.token_maps[0].find(p) for p in phrases]
+        cross = CrossAttentionMaps(groups)
+        modules = dict(self.host.attention_modules())
+        with torch.inference_mode():
+            for name, q in self.queries.items():
+                layer, module = self.layers[name], modules[name]
+                context = cond.context.to(q.device, q.dtype).expand(q.shape[0], -1, -1)
+                k = module.to_k(context)  # the module's own call: patched weights apply, .weight is never read
+                scale = getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5
+                for start, chunk in attention_probs(q, k, layer.heads, float(scale)):
+                    cross(layer, start, chunk)
+            maps = cross.aggregate()
+            if self.self_attention is not None:
+                maps = refine_with_self_attention(maps, self.self_attention, self.self_size, refine_mode,
+                                                  int(refine_steps))
+        return maps.float().cpu()
+
+    def mask(self, mask_prompt: str, *, prompt: str | None = None, threshold: float | str = "auto",
+             soft: bool = False, blur: float = 0.0, grow: float = 0.0, fill_holes: bool = False, invert: bool = False,
+             pamr: bool = defaults.PAMR, refine_mode: str = defaults.REFINE_MODE,
+             refine_steps: int = defaults.REFINE_STEPS) -> MaskResult:
+        """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
+        and defaults; ``prompt`` is the text whose keys the queries meet (default AggSD's template)."""
+        from . import options
+        from .masker import edge_refined
+
+        threshold = pp.parse_threshold(threshold)
+        expr = mp.parse(mask_prompt)
+        phrases = mp.phrases(expr)
+        blur, grow = options.blur(blur, self.images.size), options.grow(grow, self.images.size)
+        maps = self.maps(phrases, prompt, refine_mode, refine_steps)
+        region = (0, 0, *self.images.size)
+        if pamr:
+            maps = edge_refined(maps, self.images, region)
+        return pp.masks_from_maps(expr, phrases, maps, self.images.size, region, threshold, None, soft=soft,
+                                  blur=blur, grow_px=grow, fill=fill_holes, invert_mask=invert)
+
+
+def trace(host: Host, images, *, prompt: str = "", refine: bool = defaults.REFINE, timestep: int = defaults.TIMESTEP,
+          seed: int = 0, resolution: int | None = None, batch_size: int = defaults.BATCH_SIZE) -> Trace:
+    """One hooked forward per batch of ``images`` under ``prompt`` (noised to ``timestep`` as ``mask`` does),
+    keeping what ``Trace.mask`` needs."""
+    from . import options
+
+    if not isinstance(prompt, str):
+        raise TextMaskError(f"prompt must be text, got {type(prompt).__name__}")
+    timestep, seed, batch_size = options.timestep(timestep), options.seed(seed), options.batch_size(batch_size)
+    images = forward.prepare_images(host, images, resolution, host.geometry.size_multiple)  # as mask() prepares them
+    cond = forward.encode_prompts(host, [prompt])
+    stores, aggregates = [], []
+    with torch.inference_mode():
+        for rows in forward.batches(host, len(images), batch_size, "textmask trace"):
+            z = forward.encode(host, images.pixels[rows], images.working)
+            x, sigma = forward.add_noise(host, z, timestep, seed + rows.start)
+            store = QueryStore()
+            selfagg = SelfAttentionAggregate(weighting="layer") if refine else None  # as the attention method's
+            forward.eps(host, x, sigma, cond.select([0] * x.shape[0]), z, [store] + ([selfagg] if selfagg else []))
+            stores.append(store)
+            if selfagg is not None:
+                aggregates.append(selfagg.result())  # finished here: it adds in place, inside inference mode
+                size = selfagg.size
+        queries = {name: torch.cat([st.queries[name] for st in stores]) for name in stores[0].queries}
+        if not refine:
+            return Trace(host, images, queries, stores[0].layers)
+        return Trace(host, images, queries, stores[0].layers, torch.cat(aggregates), size)
