@@ -155,7 +155,7 @@ def main() -> None:
         "plain": plain,
         "attention": lambda: attention(one, False),
         "attention+refine": lambda: attention(one, True),
-        "attention+refine+pamr": lambda: edge_refined(attention(one, True), images, region),
+        "attention+refine+pamr": lambda: edge_refined(attention(one, True), images, region, host.geometry.latent_factor),
         "attention-8-phrases": lambda: attention(eight, False),
         "segments": lambda: segment_everything(host, image),
         "refer": lambda: refer(host, image, "the man on the left"),

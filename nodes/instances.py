@@ -43,17 +43,23 @@ def crop_region(box: list[int], crop_factor: float, width: int, height: int) -> 
 
 
 def image_instances(mask: torch.Tensor, drop_size: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """The instances of one mask [h, w] (``relations.instances``: largest first) whose box has both sides over
-    ``drop_size`` pixels, as bool [K, h, w], and their boxes."""
-    found = instances(mask)
+    """The instances of one mask [h, w] (``relations.instances``: largest first, every part however small next to
+    the largest) whose box has both sides over ``drop_size`` pixels, as bool [K, h, w], and their boxes."""
+    found = instances(mask, min_share=0.0)  # a small face beside a large one is a face: drop_size alone decides
     boxes = [box_of(m) for m in found]
     keep = [i for i, b in enumerate(boxes) if b[2] - b[0] > drop_size and b[3] - b[1] > drop_size]
     return found[keep], [boxes[i] for i in keep]
 
 
+def instance_planes(per_image: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Every image's instances [K_i, H, W] in one MASK batch, image after image; an image without any adds one empty
+    mask, so the batch never shifts and an empty result is [1, H, W], never [0, H, W]."""
+    return torch.cat([m.float() if len(m) else torch.zeros(1, height, width) for m in per_image])
+
+
 class TextMaskToSEGS:
     DESCRIPTION = (
-        "Splits a MASK into its instances (connected parts, largest first, without small fragments) for detailers. "
+        "Splits a MASK into its instances (connected parts, largest first, without those under drop_size) for detailers. "
         "Outputs Impact Pack SEGS of the first image (for Detailer (SEGS), SEGSDetailer, SEGSPaste, SEGSPreview), "
         "one MASK per instance and ComfyUI BOUNDING_BOXes."
     )
@@ -111,8 +117,7 @@ class TextMaskToSEGS:
             segs.append(SEG(first[:, y1:y2, x1:x2].clone(), cropped.numpy().astype("float32"), score, region, box,
                             label))
 
-        # An image without instances still adds one empty mask, so an empty mask gives [1, H, W], never [0, H, W].
-        planes = torch.cat([insts.float() if len(insts) else torch.zeros(1, height, width) for insts, _ in found])
+        planes = instance_planes([insts for insts, _ in found], height, width)
         bboxes = [[{"x": b[0], "y": b[1], "width": b[2] - b[0], "height": b[3] - b[1], "score": s}
                    for b, s in zip(boxes, image_scores)] for (_, boxes), image_scores in zip(found, scores)]
         return ((height, width), segs), planes, bboxes

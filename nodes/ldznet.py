@@ -13,7 +13,9 @@ from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.render import overlay
 from ..textmask.ldznet import load_ldznet
 from ..textmask.ldznet.inference import DEFAULT_TEMPLATE, DEFAULT_TIMESTEP
+from ..textmask import defaults
 from ..textmask.masker import TextMasker
+from .text_mask import EDGES
 
 CATEGORY = "mask/textmask"
 FOLDER = "ldznet"
@@ -87,17 +89,18 @@ class TextMaskLDZNet:
                 "template": ("STRING", {"default": DEFAULT_TEMPLATE, "tooltip": "Prompt template; {} is the phrase."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
                                        "tooltip": "Working resolution; 0 = LD-ZNet's training resolution (384)."}),
+                "edges": EDGES,
             },
         }
 
     def run(self, model, clip, vae, ldznet, image, mask_prompt, threshold, blur, grow, invert, soft, timestep, seed,
-            negative="", template=DEFAULT_TEMPLATE, resolution=0):
+            negative="", template=DEFAULT_TEMPLATE, resolution=0, edges=defaults.PAMR):
         host = ComfyHost(model, clip, vae)
         comfy.model_management.load_models_gpu([model, ldznet])
         result = TextMasker(host).mask(
             image, mask_prompt, negative=negative or None, method="ld-znet", ldznet=ldznet.model,
             template=template or None, threshold=threshold, soft=soft, blur=blur, grow=grow,
-            invert=invert, timestep=timestep, seed=seed, resolution=resolution or None,
+            invert=invert, timestep=timestep, seed=seed, resolution=resolution or None, pamr=edges,
         )
         preview = overlay(image[..., :3].float().cpu(), result.heatmaps)
         return (result.masks.float().cpu(), preview)

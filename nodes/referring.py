@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..textmask import defaults
 from ..textmask.hosts.comfy import ComfyClipScorer, ComfyHost
 from ..textmask.masker import TextMasker
 from ..textmask.render import overlay
+from .instances import instance_planes
 from .segments import COMMON, MODELS, OPTIONAL
 from .text_mask import CATEGORY
 
@@ -30,13 +29,16 @@ class ReferringMask:
         return {"required": {**MODELS,
                              "expression": ("STRING", {"multiline": True, "default": "the person on the left",
                                                        "tooltip": "A referring expression naming one object."}),
-                             "tau": COMMON["tau"],
+                             "tau": (COMMON["tau"][0], {**COMMON["tau"][1], "tooltip": COMMON["tau"][1]["tooltip"]
+                                                        + " (Ref-Diff's proposals; a relation does not use it)"}),
                              "timestep": ("INT", {"default": defaults.REFER_TIMESTEP, "min": 0, "max": 999,
-                                                  "tooltip": "Noise level of the forward; Ref-Diff reads it at low noise."}),
+                                                  "tooltip": "Noise level of Ref-Diff's forward, which reads it at low "
+                                                             "noise; a relation uses Text Mask's (300)."}),
                              "seed": COMMON["seed"]},
                 "optional": {**OPTIONAL,
                              "clip_vision": ("CLIP_VISION", {"tooltip": "Adds CLIP's score of each masked proposal against "
-                                                                        "the expression (clip_vision_g with SDXL)."}),
+                                                                        "the expression (clip_vision_g with SDXL); "
+                                                                        "Ref-Diff's path only."}),
                              "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                                  "tooltip": "Weight of the attention score against CLIP's (with clip_vision)."})}}
 
@@ -45,6 +47,5 @@ class ReferringMask:
         scorer = ComfyClipScorer(clip_vision, clip) if clip_vision is not None else None
         res = masker.refer(image, expression, clip=scorer, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
                            resolution=resolution or None)
-        height, width = res.masks.shape[-2:]
-        instances = torch.cat([c.float() if len(c) else torch.zeros(1, height, width) for c in res.instances])
+        instances = instance_planes(res.instances, *res.masks.shape[-2:])
         return res.masks.float(), overlay(image[..., :3].float().cpu(), res.heatmaps), instances

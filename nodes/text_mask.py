@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.render import overlay
-from ..textmask import defaults
+from ..textmask import defaults, options
 from ..textmask.masker import TextMasker
 from ..textmask.methods import ZERO_SHOT_METHODS
 
 CATEGORY = "mask/textmask"
+# The edges switch every mask node shares: PAMR, on by default as in every face.
+EDGES = ("BOOLEAN", {"default": defaults.PAMR,
+                     "tooltip": "Make the mask follow the image's edges (PAMR) rather than the attention grid."})
 
 
 class TextMask:
@@ -52,16 +55,15 @@ class TextMask:
                 "fill_holes": ("BOOLEAN", {"default": False, "tooltip": "Fill holes inside masked regions."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
                                        "tooltip": "Working resolution in pixels; 0 = the model's native (512 SD1, 768 SD2-v, 1024 SDXL)."}),
-                "edges": ("BOOLEAN", {"default": defaults.PAMR,
-                                      "tooltip": "Make the mask follow the image's edges (PAMR) rather than the attention grid."}),
-                "temporal": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 64.0, "step": 0.5,
+                "edges": EDGES,
+                "temporal": ("FLOAT", {"default": defaults.TEMPORAL, "min": 0.0, "max": options.MAX_TEMPORAL, "step": 0.5,
                                        "tooltip": "For video frames: smooth the maps over neighbouring frames of the "
                                                   "batch (Gaussian sigma in frames; 0 = off) so masks do not flicker."}),
             },
         }
 
     def run(self, model, clip, vae, image, mask_prompt, method, refine, threshold, blur, grow, invert, soft, timestep, seed,
-            negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR, temporal=0.0):
+            negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR, temporal=defaults.TEMPORAL):
         host = ComfyHost(model, clip, vae)
         latents = None
         if latent is not None:

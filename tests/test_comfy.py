@@ -300,8 +300,6 @@ def test_referring_mask_node(pack, sd15, sdxl):
             with torch.inference_mode():
                 mask, _, instances = cls().run(*mcv, torch.rand(1, 37, 53, 3), expression, 1.1, 100, 0, resolution=64)
             assert mask.shape == (1, 37, 53) and instances.shape[1:] == (37, 53)
-            if expression.startswith("every"):
-                assert torch.equal(mask[0].bool(), instances.bool().any(0))
     with pytest.raises(pack.textmask.errors.TextMaskError, match="no noun"):
         with torch.inference_mode():
             cls().run(*sd15, torch.rand(1, 32, 32, 3), "bottom left", 1.1, 100, 0, resolution=64)

@@ -131,6 +131,13 @@ def test_drop_size_drops_small_instances(pack, node):
     assert segs == [] and masks.shape == (1, H, W) and masks.sum() == 0 and bboxes == [[]]
 
 
+def test_a_small_instance_beside_a_large_one_stays(pack, node):
+    # A 4 x 4 part is under a tenth of the 15 x 22 one (refer drops such fragments); here only drop_size decides.
+    speck = (slice(40, 44), slice(5, 9))
+    (_, segs), masks, _ = run(node, planted(BIG, speck), drop_size=3)
+    assert [s.bbox for s in segs] == [[8, 5, 30, 20], [5, 40, 9, 44]] and masks.shape == (2, H, W)
+
+
 def test_batch_segs_of_the_first_image_masks_of_all(pack, node):
     mask = torch.zeros(3, H, W)
     mask[0][BIG] = 1

@@ -23,6 +23,16 @@ from textmask.relations import Relation, choose, instances, parse
     ("both horses", Relation(every=True)),
     ("the red car", None),
     ("a man holding a cup", None),
+    ("the sixth car from the left", Relation(("left",), rank=5)),
+    ("the man on the far right", Relation(("right",))),
+    ("the dog on the left of the picture", Relation(("left",))),
+    # words of another phrase state no relation of the subject's
+    ("the man holding a small dog", None),
+    ("the woman with a big hat", None),
+    ("the cup on top of the box", None),
+    ("the man who left the building", None),
+    ("the dog on the left of both cats", None),
+    ("the tallest of all the buildings", None),
 ])
 def test_parse(expression, expected):
     assert parse(expression) == expected
@@ -103,8 +113,10 @@ def test_refer_relation_on_a_tiny_model_keeps_the_input_size():
     from textmask import TextMasker
 
     masker = TextMasker.from_pipe(tiny_models.sd1_pipe(), resolution=64)
-    res = masker.refer(torch.rand(2, 37, 53, 3), "every red car")
+    images = torch.rand(2, 37, 53, 3)
+    res = masker.refer(images, "every red car")
     assert res.subject == "car" and res.masks.shape == res.heatmaps.shape == (2, 37, 53)
-    for m, inst in zip(res.masks, res.instances):
+    for inst in res.instances:
         assert inst.dtype == torch.bool and inst.shape[1:] == (37, 53)
-        assert torch.equal(m.bool(), inst.any(0)) if len(inst) else not m.any()
+    # "every" keeps every part of the subject's mask, however small: the whole mask
+    assert torch.equal(res.masks, masker.mask(images, "car", prompt="every red car").masks)

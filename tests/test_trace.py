@@ -55,6 +55,11 @@ def test_bad_input_is_one_line(masker):
         trace.mask("cat", refine_mode="sideways")
     with pytest.raises(TextMaskError, match="blur"):
         trace.mask("cat", blur=-1)
+    for steps in (0, "two", 1.5):
+        with pytest.raises(TextMaskError, match="refine_steps"):
+            trace.mask("cat", refine_steps=steps)
+    with pytest.raises(TextMaskError, match="prompt must be text"):
+        trace.mask("cat", prompt=3)
     with pytest.raises(TextMaskError, match="prompt"):
         masker.trace(torch.rand(1, 32, 32, 3), prompt=3)
 
@@ -76,3 +81,20 @@ def test_a_trace_leaves_the_model_untouched():
     assert_unchanged(before, state_snapshot(unet))
     with torch.no_grad():
         assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_layers_off_the_device_are_one_line(masker):
+    # A low-VRAM host can leave a layer's weights elsewhere between forwards; its key projection then fails.
+    trace = masker.trace(torch.rand(1, 32, 32, 3))
+    name, module = masker.host.attention_modules()[1]
+
+    def offloaded(_module, _args):
+        raise RuntimeError("Expected all tensors to be on the same device, but found cuda:0 and cpu\nmore detail")
+
+    handle = module.to_k.register_forward_pre_hook(offloaded)
+    try:
+        with pytest.raises(TextMaskError, match="use mask\\(\\) instead") as info:
+            trace.mask("cat")
+    finally:
+        handle.remove()
+    assert "\n" not in str(info.value)

@@ -98,6 +98,11 @@ def attention_probs(
         yield i, out if per_head else out.mean(dim=1)
 
 
+def attention_scale(module: nn.Module, layer: AttentionLayer, q: torch.Tensor) -> float:
+    """The softmax scale of an attention module: its own ``scale`` where it has one, else 1/√(head dim)."""
+    return float(getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5)
+
+
 @dataclass(frozen=True)
 class Need:
     """What a collector reads: which layer kinds, which values, and which batch rows.
@@ -270,9 +275,8 @@ class AttentionCapture(Hooks):
                 for c, _ in members:
                     c(layer, 0, qs)
                 continue
-            scale = getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5
-            chunks = attention_probs(qs, ks, layer.heads, float(scale), self._max_chunk_bytes, values == "logits",
-                                     values == "head_probs")
+            chunks = attention_probs(qs, ks, layer.heads, attention_scale(module, layer, q), self._max_chunk_bytes,
+                                     values == "logits", values == "head_probs")
             for start, chunk in chunks:
                 for c, _ in members:
                     c(layer, start, chunk)

@@ -26,10 +26,13 @@ REFINE = True
 REFINE_MODE = "transpose"
 REFINE_STEPS = 1
 
-# PAMR edge refinement of every mask method's maps (postprocess.pamr), on a grid twice the maps' own: on Shapes val
-# IoU goes 0.369 -> 0.486 (attention), 0.197 -> 0.378 (noise-diff), 0.768 -> 0.861 (ld-znet), for about 1% of a
-# UNet forward at 512 px (docs/quality.md); pass pamr=False for the maps without it.
+# PAMR edge refinement of every mask method's maps (postprocess.pamr), on a grid twice the latent's: on Shapes val
+# IoU goes 0.369 -> 0.486 (attention), 0.197 -> 0.378 (noise-diff), 0.768 -> 0.802 (ld-znet), for about 1% of a
+# UNet forward at 512 px on the CPU (docs/quality.md); pass pamr=False for the maps without it.
 PAMR = True
+
+# Smoothing over neighbouring frames (σ in frames) is for video batches only: off, so images stay independent.
+TEMPORAL = 0.0
 
 # Masks are computed this many images to a UNet forward.
 BATCH_SIZE = 4

@@ -19,16 +19,21 @@ from .methods import get_method
 from .results import LabelsResult, MaskResult, ReferResult, SegmentsResult
 
 
-def edge_refined(maps: torch.Tensor, images: forward.Images, region: tuple[int, int, int, int]) -> torch.Tensor:
-    """Maps [B, P, h, w] refined by PAMR along the image of ``region``, on a grid twice the maps' own (at most the
-    working size): there the image has the detail the maps lack, at a sixteenth of the cost of the working size."""
+def edge_refined(maps: torch.Tensor, images: forward.Images, region: tuple[int, int, int, int],
+                 latent_factor: int) -> torch.Tensor:
+    """Maps [B, P, h, w] refined by PAMR along the image of ``region``, on a grid twice the latent's (at most the
+    working size): there the image has the detail the attention lacks, at a sixteenth of the working size's cost
+    for SD. One image at a time, on the CPU, so a long batch holds one image's neighbours at once."""
     top, left, rh, rw = region
     (wh, ww), (ih, iw) = images.working, images.size
-    h, w = maps.shape[-2:]
-    grid = (max(1, min(2 * h, round(rh * wh / ih))), max(1, min(2 * w, round(rw * ww / iw))))
-    guide = F.interpolate(images.pixels[:, :, top : top + rh, left : left + rw].float(), size=grid, mode="bilinear",
-                          align_corners=False, antialias=True)
-    return pp.pamr(pp.resize(maps.float(), grid), guide)
+    side = [round(rh * wh / ih), round(rw * ww / iw)]  # the region at the working size
+    grid = tuple(max(1, min(s, 2 * -(-s // latent_factor))) for s in side)
+    out = []
+    for i in range(maps.shape[0]):
+        guide = F.interpolate(images.pixels[i : i + 1, :, top : top + rh, left : left + rw].float(), size=grid,
+                              mode="bilinear", align_corners=False, antialias=True)
+        out.append(pp.pamr(pp.resize(maps[i : i + 1].float(), grid), guide))
+    return torch.cat(out)
 
 
 class TextMasker:
@@ -81,7 +86,7 @@ class TextMasker:
         batch_size: int = defaults.BATCH_SIZE,
         latents: torch.Tensor | None = None,
         pamr: bool = defaults.PAMR,
-        temporal: float = 0.0,
+        temporal: float = defaults.TEMPORAL,
         **method_options: Any,
     ) -> MaskResult:
         """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
@@ -91,7 +96,7 @@ class TextMasker:
         ``refine_mode``, ``refine_steps`` and ``aggregation`` ("aggsd" or "daam") for ``attention``. ``latents``
         (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
         which pixels they cover. ``pamr`` (default on) refines every map along the image's own edges
-        (``postprocess.pamr``, on a grid twice the maps') before thresholding. ``temporal`` (σ in frames, default 0 =
+        (``postprocess.pamr``, on a grid twice the latent's) before thresholding. ``temporal`` (σ in frames, default 0 =
         off) smooths the maps over neighbouring images of the batch, for the frames of a video.
         """
         chosen = get_method(method)
@@ -127,7 +132,7 @@ class TextMasker:
             parts.append(decoder(self.host, z, x, sigma))
         maps = torch.cat(parts)
         if pamr:
-            maps = edge_refined(maps, images, region)
+            maps = edge_refined(maps, images, region, self.host.geometry.latent_factor)
         maps = pp.temporal_smooth(maps, temporal)
         return pp.masks_from_maps(expr, phrases, maps, images.size, region, threshold,
                                   chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,
@@ -171,8 +176,8 @@ class TextMasker:
 
         An expression that orders things ("the man on the left", "the larger square", "the second car from the
         right", "every chair"; ``textmask.relations``) masks its subject with ``attention`` conditioned on the whole
-        expression, with PAMR edges, splits that mask into instances and picks by the relation. Any other
-        expression goes to Ref-Diff, where
+        expression (at ``attention``'s timestep), with PAMR edges, splits that mask into instances and picks by the
+        relation. Any other expression goes to Ref-Diff, where
         ``clip`` (optional: a local transformers CLIP folder, or a scorer with ``scores(image, proposals, texts)``)
         adds its score, and ``alpha``, ``tau`` and ``timestep`` apply.
         """
@@ -182,6 +187,7 @@ class TextMasker:
 
         if not isinstance(expression, str) or not expression.strip():
             raise TextMaskError("the referring expression is empty")
+        options.alpha(alpha), options.tau(tau), options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
         relation = relations.parse(expression)
         if relation is None:
             res = refer(self.host, images, expression, clip=clip, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
@@ -190,7 +196,9 @@ class TextMasker:
             return res
         head = subject(expression, use_spacy=use_spacy)
         out = self.mask(images, head, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size)
-        candidates = [relations.instances(m) for m in out.masks]
+        # "every" keeps every part; one of several keeps parts of a tenth of the largest or more (no fragments)
+        share = 0.0 if relation.every else relations.MIN_SHARE
+        candidates = [relations.instances(m, share) for m in out.masks]
         masks = torch.stack([relations.choose(c, relation).float() for c in candidates])
         return ReferResult(masks, out.terms[head].clamp(0, 1), head, candidates)
 

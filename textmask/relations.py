@@ -24,9 +24,15 @@ ORDER_WORDS = {
     **dict.fromkeys("large larger largest big bigger biggest huge".split(), "larger"),
     **dict.fromkeys("small smaller smallest little tiny".split(), "smaller"),
 }
-ORDINALS = {w: i for i, ws in enumerate(["first 1st", "second 2nd", "third 3rd", "fourth 4th", "fifth 5th"])
+ORDINALS = {w: i for i, ws in enumerate(["first 1st", "second 2nd", "third 3rd", "fourth 4th", "fifth 5th",
+                                         "sixth 6th", "seventh 7th", "eighth 8th", "ninth 9th", "tenth 10th"])
             for w in ws.split()}
 EVERY = set("every all each both".split())
+# "on the left", "from the right", "in the middle", "at the top": a position attached to the noun phrase.
+POSITION_PREPOSITIONS = set("on at in from to towards toward".split())
+POSITIONS = {"left", "right", "top", "bottom", "middle"}
+# "on the left of the picture" still places the object in the image; "on the left of the car" relates it to another.
+FRAME_WORDS = set("picture image photo photograph frame scene screen".split())
 WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 # A component smaller than this share of the largest one is a fragment, not an instance.
 MIN_SHARE = 0.1
@@ -42,28 +48,56 @@ class Relation:
     every: bool = False
 
 
+def _attached_positions(words: list[str]) -> list[str]:
+    """The positions that phrases such as "on the left" or "from the far right" in ``words`` give, where nothing
+    but the image follows them ("on top of the box" relates to another object and gives none)."""
+    found = []
+    for i, w in enumerate(words):
+        if w not in POSITION_PREPOSITIONS:
+            continue
+        j = i + 1
+        while j < len(words) and words[j] in ("the", "far", "very"):
+            j += 1
+        position = ORDER_WORDS.get(words[j]) if j < len(words) else None
+        if position not in POSITIONS:
+            continue
+        after = words[j + 1 : j + 4]
+        if after[:1] == ["of"] and not FRAME_WORDS & set(after[1:]):
+            continue
+        found.append(position)
+    return found
+
+
 def parse(expression: str) -> Relation | None:
-    """The relation an expression states, or None when it states none."""
+    """The relation an expression states, or None when it states none.
+
+    Only the first noun phrase ("the second red car") and positions attached to it ("… from the right") count, so
+    "the man holding a small dog" or "the man who left" state none."""
+    from .subject import BOUNDARIES, VERBS
+
     words = WORD.findall(expression.lower())
-    if any(w in EVERY for w in words):
+    end = next((i for i, w in enumerate(words) if i > 0 and (w in BOUNDARIES or w in VERBS)), len(words))
+    phrase = words[:end]
+    if any(w in EVERY for w in phrase):
         return Relation(every=True)
-    order = tuple(dict.fromkeys(ORDER_WORDS[w] for w in words if w in ORDER_WORDS))
+    order = [ORDER_WORDS[w] for w in phrase if w in ORDER_WORDS] + _attached_positions(words[end:])
+    order = tuple(dict.fromkeys(order))
     if not order:
         return None
-    rank = next((ORDINALS[w] for w in words if w in ORDINALS), 0)
-    if "last" in words:  # "the last car on the right" is the rightmost: last from the other side, first from this
+    rank = next((ORDINALS[w] for w in phrase if w in ORDINALS), 0)
+    if "last" in phrase:  # "the last car on the right" is the rightmost: last from the other side, first from this
         rank = 0
     return Relation(order=order, rank=rank)
 
 
-def instances(mask: torch.Tensor) -> torch.Tensor:
-    """The connected components of a mask [h, w] (8-connected), largest first, without fragments smaller than
-    ``MIN_SHARE`` of the largest. Returns bool [K, h, w]; K = 0 for an empty mask."""
+def instances(mask: torch.Tensor, min_share: float = MIN_SHARE) -> torch.Tensor:
+    """The connected components of a mask [h, w] (8-connected, at 0.5), largest first, without fragments smaller
+    than ``min_share`` of the largest. Returns bool [K, h, w]; K = 0 for an empty mask."""
     labels, count = ndimage.label(mask.cpu().numpy() > 0.5, structure=np.ones((3, 3)))
     if count == 0:
         return torch.zeros(0, *mask.shape, dtype=torch.bool)
     areas = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
-    keep = [k + 1 for k in np.argsort(-areas, kind="stable") if areas[k] >= MIN_SHARE * areas.max()]
+    keep = [k + 1 for k in np.argsort(-areas, kind="stable") if areas[k] >= min_share * areas.max()]
     return torch.from_numpy(np.stack([labels == k for k in keep]))
 
 

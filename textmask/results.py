@@ -44,9 +44,10 @@ class LabelsResult:
 
 @dataclass
 class ReferResult:
-    """``TextMasker.refer`` (Ref-Diff): the one object a referring expression names, per image."""
+    """``TextMasker.refer``: the one object a referring expression names (by a relation, or Ref-Diff), per image."""
 
     masks: torch.Tensor  # [B, H, W] in {0, 1}
     heatmaps: torch.Tensor  # [B, H, W] the subject's map (Ref-Diff's attribution, or its attention), in [0, 1]
     subject: str  # the expression's head noun (or noun phrase, with a relation), whose attention was read
-    instances: list[torch.Tensor] = field(default_factory=list)  # per image [K, H, W] bool: the candidates
+    instances: list[torch.Tensor] = field(default_factory=list)  # per image [K, H, W] bool: a relation's
+    # candidates, or the parts of Ref-Diff's chosen proposal

@@ -48,29 +48,22 @@ def _spacy_subject(expression: str) -> str | None:
     return None
 
 
-def _first_noun_phrase(expression: str) -> tuple[list[str], str]:
-    """The words of the first noun phrase up to its head (determiners and numbers left out), and the head."""
-    words = [w.removesuffix("'s") for w in WORD.findall(expression.lower())]
-    head, kept = None, []
-    for w in words:
-        ends_phrase = w in BOUNDARIES or w in VERBS or (w.endswith("ing") and len(w) > 4 and head is not None)
-        if ends_phrase and head is not None:
-            break
-        if ends_phrase or w in DETERMINERS or w in NUMBERS:
-            continue
-        if w.endswith("ed") and head is not None and len(w) > 4:  # "car parked ..."
-            break
-        kept.append(w)
-        if w not in COLOURS and w not in MODIFIERS:
-            head = w
-    if head is None:
-        raise TextMaskError(f"no noun found in '{expression}'; name the object, e.g. 'the man on the left'")
-    return kept[: len(kept) - kept[::-1].index(head)], head
-
-
 def subject(expression: str, use_spacy: bool = False) -> str:
     """The head noun of the first noun phrase; raises TextMaskError when the expression has none."""
     if use_spacy and (found := _spacy_subject(expression)):
         return found
-    return _first_noun_phrase(expression)[1]
+    words = [w.removesuffix("'s") for w in WORD.findall(expression.lower())]
+    head = None
+    for w in words:
+        ends_phrase = w in BOUNDARIES or w in VERBS or (w.endswith("ing") and len(w) > 4 and head is not None)
+        if ends_phrase and head is not None:
+            break
+        if ends_phrase or w in DETERMINERS or w in NUMBERS or w in COLOURS or w in MODIFIERS:
+            continue
+        if w.endswith("ed") and head is not None and len(w) > 4:  # "car parked ..."
+            break
+        head = w
+    if head is None:
+        raise TextMaskError(f"no noun found in '{expression}'; name the object, e.g. 'the man on the left'")
+    return head
 

@@ -19,10 +19,10 @@ import torch
 from . import defaults, forward
 from . import mask_prompt as mp
 from . import postprocess as pp
-from .capture import AttentionLayer, QueryStore, attention_probs
+from .capture import AttentionLayer, QueryStore, attention_probs, attention_scale
 from .errors import TextMaskError
 from .hosts.contract import Host
-from .methods.attention import (REFINE_MODES, CrossAttentionMaps, SelfAttentionAggregate, attention_prompt,
+from .methods.attention import (CrossAttentionMaps, SelfAttentionAggregate, attention_prompt, refine_options,
                                 refine_with_self_attention)
 from .results import MaskResult
 
@@ -44,20 +44,28 @@ class Trace:
              refine_steps: int = defaults.REFINE_STEPS) -> torch.Tensor:
         """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default AggSD's template of the
         phrases), refined along the traced self-attention if the trace kept it."""
-        if refine_mode not in REFINE_MODES:
-            raise TextMaskError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {refine_mode!r}")
+        refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
+        if prompt is not None and not isinstance(prompt, str):
+            raise TextMaskError(f"prompt must be text, got {type(prompt).__name__}")
         text = prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)
         cond = forward.encode_prompts(self.host, [text])
         groups = [cond.token_maps[0].find(p) for p in phrases]
         cross = CrossAttentionMaps(groups)
+        first = next(iter(self.queries.values()))
+        self.host.prepare((first.shape[0], 4, *self.images.working))  # load the model, as before a forward
         modules = dict(self.host.attention_modules())
         with torch.inference_mode():
             for name, q in self.queries.items():
                 layer, module = self.layers[name], modules[name]
                 context = cond.context.to(q.device, q.dtype).expand(q.shape[0], -1, -1)
-                k = module.to_k(context)  # the module's own call: patched weights apply, .weight is never read
-                scale = getattr(module, "scale", None) or (q.shape[-1] // layer.heads) ** -0.5
-                for start, chunk in attention_probs(q, k, layer.heads, float(scale)):
+                try:  # the module's own call: patched weights apply, .weight is never read
+                    k = module.to_k(context)
+                except RuntimeError as e:
+                    raise TextMaskError(
+                        "this host keeps the UNet's layers off the device between forwards (low-VRAM or CPU "
+                        f"offload), so a trace cannot re-query them; use mask() instead ({str(e).splitlines()[0]})"
+                    ) from None
+                for start, chunk in attention_probs(q, k, layer.heads, attention_scale(module, layer, q)):
                     cross(layer, start, chunk)
             maps = cross.aggregate()
             if self.self_attention is not None:
@@ -81,7 +89,7 @@ class Trace:
         maps = self.maps(phrases, prompt, refine_mode, refine_steps)
         region = (0, 0, *self.images.size)
         if pamr:
-            maps = edge_refined(maps, self.images, region)
+            maps = edge_refined(maps, self.images, region, self.host.geometry.latent_factor)
         return pp.masks_from_maps(expr, phrases, maps, self.images.size, region, threshold, None, soft=soft,
                                   blur=blur, grow_px=grow, fill=fill_holes, invert_mask=invert)
 

@@ -228,6 +228,15 @@ def refine_with_self_attention(
     return normalize(out)
 
 
+def refine_options(mode: str, steps) -> tuple[RefineMode, int]:
+    """The refinement's mode and step count, checked: one line naming the choices otherwise."""
+    if mode not in REFINE_MODES:
+        raise TextMaskError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {mode!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TextMaskError(f"refine_steps must be a whole number of at least 1, got {steps!r}")
+    return mode, steps
+
+
 def attention_prompt(terms: Sequence[str]) -> str:
     """The AggSD prompt template: "a photo of A, B, and C" (commas separate the words' maps)."""
     if len(terms) == 1:
@@ -331,10 +340,7 @@ class AttentionMethod:
               aggregation: str = "aggsd") -> AttentionDecoder:
         if aggregation not in AGGREGATIONS:
             raise TextMaskError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
-        if refine_mode not in REFINE_MODES:
-            raise TextMaskError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {refine_mode!r}")
-        if int(refine_steps) < 1:
-            raise TextMaskError(f"refine_steps must be at least 1, got {refine_steps}")
+        refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
         cond = forward.encode_prompts(host, [prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
         groups = [cond.token_maps[0].find(p) for p in phrases]
-        return AttentionDecoder(cond, groups, bool(refine), refine_mode, int(refine_steps), aggregation)
+        return AttentionDecoder(cond, groups, bool(refine), refine_mode, refine_steps, aggregation)
