@@ -41,6 +41,18 @@ def torchvision_usable() -> bool:
     return probe.returncode == 0
 
 
+def _bind_comfy_nodes(root: Path) -> None:
+    """``import nodes`` is ComfyUI's nodes.py, loaded on first use. pytest puts a checkout whose folder name is not an
+    identifier on sys.path itself, ahead of ComfyUI, and there this pack's ``nodes`` package would be found."""
+    if "nodes" in sys.modules or not (root / "nodes.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location("nodes", root / "nodes.py")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nodes"] = module
+    spec.loader.exec_module(module)
+
+
 def setup() -> Path:
     """Put ComfyUI on sys.path, in CPU mode unless TEXTMASK_COMFY_GPU=1, and import its model code."""
     root = comfy_root()
@@ -59,6 +71,7 @@ def setup() -> Path:
     import comfy.sd  # noqa: F401
     import comfy.supported_models  # noqa: F401
 
+    _bind_comfy_nodes(root)  # after ComfyUI's model code, which may itself import nodes half-way
     return root
 
 
