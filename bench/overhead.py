@@ -4,7 +4,7 @@
 
 Each row times exactly what TextMasker.mask runs per batch once latents exist: the hooked UNet forward plus
 the method's decoding (textmask.methods.attention.AttentionDecoder); the "+pamr" row adds the default PAMR edge
-refinement of its maps (textmask.masker.edge_refined). Peak extra memory is the RSS peak above the plain
+refinement of its maps (textmask.postprocess.edge_refined). Peak extra memory is the RSS peak above the plain
 forward's own peak, sampled every 2 ms, as a share of the UNet's weight bytes; on CUDA it is the peak of
 allocated GPU memory above the plain forward's.
 """
@@ -147,7 +147,7 @@ def main() -> None:
     from textmask.methods.segments import segment_everything
 
     image = torch.rand(1, args.size, args.size, 3, generator=g)
-    from textmask.masker import edge_refined
+    from textmask.postprocess import edge_refined
 
     images = forward.prepare_images(host, image, args.size, host.geometry.size_multiple)
     region = (0, 0, *images.size)
@@ -155,7 +155,8 @@ def main() -> None:
         "plain": plain,
         "attention": lambda: attention(one, False),
         "attention+refine": lambda: attention(one, True),
-        "attention+refine+pamr": lambda: edge_refined(attention(one, True), images, region, host.geometry.latent_factor),
+        "attention+refine+pamr": lambda: edge_refined(attention(one, True), images.pixels, images.working, images.size,
+                                                      region, host.geometry.latent_factor),
         "attention-8-phrases": lambda: attention(eight, False),
         "segments": lambda: segment_everything(host, image),
         "refer": lambda: refer(host, image, "the man on the left"),

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,19 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert before["tensors"].keys() == after["tensors"].keys()
     for k in before["tensors"]:
         assert torch.equal(before["tensors"][k], after["tensors"][k]), k
+
+
+@contextlib.contextmanager
+def unet_untouched(unet: torch.nn.Module):
+    """Asserts on exit that a diffusers UNet's forward is bit-identical and no hook or tensor changed."""
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before_out = unet(x, t, encoder_hidden_states=ctx).sample
+    before = state_snapshot(unet)
+    yield
+    assert_unchanged(before, state_snapshot(unet))
+    with torch.no_grad():
+        assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
 
 
 @pytest.fixture(scope="session")

@@ -95,32 +95,26 @@ def test_bad_alpha(masker):
 
 
 def test_segments_and_refer_leave_the_model_untouched():
-    from conftest import assert_unchanged, state_snapshot
+    from conftest import unet_untouched
 
     pipe = tiny_models.sd1_pipe()
     masker = TextMasker.from_pipe(pipe, resolution=64)
     unet = pipe.unet
-    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 32)
-    with torch.no_grad():
-        before_out = unet(x, t, encoder_hidden_states=ctx).sample
-    before = state_snapshot(unet)
-    masker.segments(torch.rand(1, 32, 32, 3))
-    masker.semantic(torch.rand(1, 32, 32, 3), ["cat", "dog"])
-    masker.refer(torch.rand(1, 32, 32, 3), "the cat on the left")
+    with unet_untouched(unet):
+        masker.segments(torch.rand(1, 32, 32, 3))
+        masker.semantic(torch.rand(1, 32, 32, 3), ["cat", "dog"])
+        masker.refer(torch.rand(1, 32, 32, 3), "the cat on the left")
 
-    class Boom(Exception):
-        pass
+        class Boom(Exception):
+            pass
 
-    boom = unet.mid_block.register_forward_hook(lambda *a: (_ for _ in ()).throw(Boom()))
-    try:
-        for call in (lambda: masker.segments(torch.rand(1, 32, 32, 3)), lambda: masker.refer(torch.rand(1, 32, 32, 3), "the cat")):
-            with pytest.raises(Boom):
-                call()
-    finally:
-        boom.remove()
-    assert_unchanged(before, state_snapshot(unet))
-    with torch.no_grad():
-        assert torch.equal(before_out, unet(x, t, encoder_hidden_states=ctx).sample)
+        boom = unet.mid_block.register_forward_hook(lambda *a: (_ for _ in ()).throw(Boom()))
+        try:
+            for call in (lambda: masker.segments(torch.rand(1, 32, 32, 3)), lambda: masker.refer(torch.rand(1, 32, 32, 3), "the cat")):
+                with pytest.raises(Boom):
+                    call()
+        finally:
+            boom.remove()
 
 
 def test_attribution_grid_is_sds_one_thirty_second_level_said_structurally():

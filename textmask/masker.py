@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import defaults, forward, options
 from . import mask_prompt as mp
@@ -17,23 +16,6 @@ from .hosts.contract import Host
 from .images import ImageInput
 from .methods import get_method
 from .results import LabelsResult, MaskResult, ReferResult, SegmentsResult
-
-
-def edge_refined(maps: torch.Tensor, images: forward.Images, region: tuple[int, int, int, int],
-                 latent_factor: int) -> torch.Tensor:
-    """Maps [B, P, h, w] refined by PAMR along the image of ``region``, on a grid twice the latent's (at most the
-    working size): there the image has the detail the attention lacks, at a sixteenth of the working size's cost
-    for SD. One image at a time, on the CPU, so a long batch holds one image's neighbours at once."""
-    top, left, rh, rw = region
-    (wh, ww), (ih, iw) = images.working, images.size
-    side = [round(rh * wh / ih), round(rw * ww / iw)]  # the region at the working size
-    grid = tuple(max(1, min(s, 2 * -(-s // latent_factor))) for s in side)
-    out = []
-    for i in range(maps.shape[0]):
-        guide = F.interpolate(images.pixels[i : i + 1, :, top : top + rh, left : left + rw].float(), size=grid,
-                              mode="bilinear", align_corners=False, antialias=True)
-        out.append(pp.pamr(pp.resize(maps[i : i + 1].float(), grid), guide))
-    return torch.cat(out)
 
 
 class TextMasker:
@@ -132,7 +114,8 @@ class TextMasker:
             parts.append(decoder(self.host, z, x, sigma))
         maps = torch.cat(parts)
         if pamr:
-            maps = edge_refined(maps, images, region, self.host.geometry.latent_factor)
+            maps = pp.edge_refined(maps, images.pixels, images.working, images.size, region,
+                                   self.host.geometry.latent_factor)
         maps = pp.temporal_smooth(maps, temporal)
         return pp.masks_from_maps(expr, phrases, maps, images.size, region, threshold,
                                   chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,

@@ -160,6 +160,24 @@ def combine(ours: torch.Tensor, painted: torch.Tensor | None, mode: str) -> torc
     return painted * (1 - ours)
 
 
+def edge_refined(maps: torch.Tensor, pixels: torch.Tensor, working: tuple[int, int], size: tuple[int, int],
+                 region: tuple[int, int, int, int], latent_factor: int) -> torch.Tensor:
+    """Maps [B, P, h, w] of ``region`` = (top, left, h, w) of images ``pixels`` [B, 3, H, W] (``size`` = (H, W),
+    worked on at ``working``) refined by PAMR along the image, on a grid twice the latent's (at most the working
+    size): there the image has the detail the attention lacks, at a sixteenth of the working size's cost for SD.
+    One image at a time, on the CPU, so a long batch holds one image's neighbours at once."""
+    top, left, rh, rw = region
+    (wh, ww), (ih, iw) = working, size
+    side = [round(rh * wh / ih), round(rw * ww / iw)]  # the region at the working size
+    grid = tuple(max(1, min(s, 2 * -(-s // latent_factor))) for s in side)
+    out = []
+    for i in range(maps.shape[0]):
+        guide = F.interpolate(pixels[i : i + 1, :, top : top + rh, left : left + rw].float(), size=grid,
+                              mode="bilinear", align_corners=False, antialias=True)
+        out.append(pamr(resize(maps[i : i + 1].float(), grid), guide))
+    return torch.cat(out)
+
+
 def temporal_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Maps [B, P, h, w] of consecutive frames averaged over neighbouring frames with a Gaussian of ``sigma``
     frames (edges repeat the first and last frame), so a video batch's masks do not flicker; 0 returns them as they

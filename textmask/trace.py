@@ -80,7 +80,6 @@ class Trace:
         """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
         and defaults; ``prompt`` is the text whose keys the queries meet (default AggSD's template)."""
         from . import options
-        from .masker import edge_refined
 
         threshold = pp.parse_threshold(threshold)
         expr = mp.parse(mask_prompt)
@@ -89,7 +88,8 @@ class Trace:
         maps = self.maps(phrases, prompt, refine_mode, refine_steps)
         region = (0, 0, *self.images.size)
         if pamr:
-            maps = edge_refined(maps, self.images, region, self.host.geometry.latent_factor)
+            maps = pp.edge_refined(maps, self.images.pixels, self.images.working, self.images.size, region,
+                                   self.host.geometry.latent_factor)
         return pp.masks_from_maps(expr, phrases, maps, self.images.size, region, threshold, None, soft=soft,
                                   blur=blur, grow_px=grow, fill=fill_holes, invert_mask=invert)
 
