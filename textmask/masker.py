@@ -170,7 +170,9 @@ class TextMasker:
 
         if not isinstance(expression, str) or not expression.strip():
             raise TextMaskError("the referring expression is empty")
-        options.alpha(alpha), options.tau(tau), options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
+        # checked on both paths, though only Ref-Diff's reads them
+        options.alpha(alpha), options.tau(tau)
+        options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
         relation = relations.parse(expression)
         if relation is None:
             res = refer(self.host, images, expression, clip=clip, alpha=alpha, tau=tau, timestep=timestep, seed=seed,

@@ -52,7 +52,8 @@ class Trace:
         groups = [cond.token_maps[0].find(p) for p in phrases]
         cross = CrossAttentionMaps(groups)
         first = next(iter(self.queries.values()))
-        self.host.prepare((first.shape[0], 4, *self.images.working))  # load the model, as before a forward
+        g = self.host.geometry  # the model loaded, as before a forward
+        self.host.prepare((first.shape[0], g.in_channels, *(s // g.latent_factor for s in self.images.working)))
         modules = dict(self.host.attention_modules())
         with torch.inference_mode():
             for name, q in self.queries.items():
