@@ -48,6 +48,6 @@ class ReferResult:
 
     masks: torch.Tensor  # [B, H, W] in {0, 1}
     heatmaps: torch.Tensor  # [B, H, W] the subject's map (Ref-Diff's attribution, or its attention), in [0, 1]
-    subject: str  # the expression's head noun (or noun phrase, with a relation), whose attention was read
+    subject: str  # the expression's head noun, whose attention was read
     instances: list[torch.Tensor] = field(default_factory=list)  # per image [K, H, W] bool: a relation's
     # candidates, or the parts of Ref-Diff's chosen proposal
