@@ -4,6 +4,7 @@ from .instances import TextMaskToSEGS
 from .ldznet import LoadLDZNet, TextMaskLDZNet
 from .ovdiff import OVDiffPrototypes, OVDiffSegment
 from .referring import ReferringMask
+from .sampling import TextMaskCapture, TextMaskFromSampling
 from .segments import NamedSegments, SegmentEverything
 from .text_mask import TextMask
 
@@ -17,6 +18,8 @@ NODE_CLASS_MAPPINGS = {
     "OVDiffPrototypes": OVDiffPrototypes,
     "OVDiffSegment": OVDiffSegment,
     "TextMaskToSEGS": TextMaskToSEGS,
+    "TextMaskCapture": TextMaskCapture,
+    "TextMaskFromSampling": TextMaskFromSampling,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TextMask": "Text Mask",
@@ -28,4 +31,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OVDiffPrototypes": "OVDiff Prototypes",
     "OVDiffSegment": "OVDiff Segment",
     "TextMaskToSEGS": "Text Mask to SEGS",
+    "TextMaskCapture": "Text Mask Capture",
+    "TextMaskFromSampling": "Text Mask from Sampling",
 }

@@ -249,11 +249,11 @@ def test_windows_fall_back_to_smaller_batches_when_the_gpu_is_full(masker, tmp_p
 
 
 def test_context_rows_are_found_once_per_context_tensor(monkeypatch):
-    from textmask.ovdiff import support
+    from textmask import capture
 
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, 77, 8, generator=g), torch.randn(1, 77, 8, generator=g)
-    rows = support.context_matcher(cond)
+    rows = capture.context_matcher(cond)
     calls = []
     nonzero = torch.nonzero
     monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append(1) or nonzero(*a, **k))

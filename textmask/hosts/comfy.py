@@ -181,9 +181,20 @@ class ComfyHost(HostDefaults):
         return self.base.apply_model(x.float(), sigma.float(), **conds)  # ComfyUI's own c_in, c_out and parametrisation
 
     def _comfy_conditioning(self, text: str) -> list:
+        """``text``'s CONDITIONING as CLIPTextEncode makes it (scheduled, where this ComfyUI has hooks)."""
         tokens = self.clip.tokenize(text)
+        if hasattr(self.clip, "encode_from_tokens_scheduled"):
+            return self.clip.encode_from_tokens_scheduled(tokens)
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         return [[cond, {"pooled_output": pooled}]]
+
+    def prompt_conditioning(self, text: str) -> tuple[list, Conditioning]:
+        """``text`` as a CONDITIONING for the graph's samplers, and as the core's Conditioning with its token map
+        (the same context tensor, so a sampler's rows of it can be recognised)."""
+        comfy_cond = self._comfy_conditioning(text)
+        context, extra = comfy_cond[0][0], comfy_cond[0][1]
+        token_map = self._token_map(self.clip.tokenize(text, return_word_ids=True))
+        return comfy_cond, Conditioning(context, [token_map], extra.get("pooled_output"))
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
                resolution: int | None = None) -> torch.Tensor:
@@ -205,6 +216,31 @@ class ComfyHost(HostDefaults):
 
     def progress(self, total: int, desc: str) -> ComfyProgress:
         return ComfyProgress(total)  # the node's bar in ComfyUI's frontend
+
+
+def capturing_model(patcher, capture):
+    """A clone of the MODEL ``patcher`` whose sampler forwards feed ``capture`` (a ``SamplingCapture``).
+
+    The clone's model function wrapper (chained after any wrapper the MODEL already has) installs the capture's
+    read-only hooks for each denoiser call and removes them when the call returns, raises or is interrupted, so the
+    shared modules are hooked only while this clone samples: other samplers on the same MODEL are untouched.
+    """
+    clone = patcher.clone()
+    previous = clone.model_options.get("model_function_wrapper")
+    found: list = []  # the UNet's attention modules, found at the first call
+
+    def wrapper(apply_model, args):
+        x, sigma, c = args["input"], args["timestep"], args["c"]
+        if not found:
+            found.extend(find_attention_modules(clone.model.diffusion_model))
+        schedule = (c.get("transformer_options") or {}).get("sample_sigmas")  # newer ComfyUI passes the run's σ table
+        with capture.forward(found, x, sigma, c.get("c_crossattn"), schedule):
+            if previous is not None:
+                return previous(apply_model, args)
+            return apply_model(x, sigma, **c)
+
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone
 
 
 class ComfyClipScorer:

@@ -10,7 +10,7 @@ from scipy.ndimage import binary_erosion
 
 from .. import defaults, forward
 from .. import postprocess as pp
-from ..capture import AttentionCapture, AttentionLayer, Need
+from ..capture import AttentionCapture, AttentionLayer, Need, context_matcher
 from ..hosts.contract import Host
 from ..methods.attention import CrossAttentionMaps
 from ..methods.diffseg import diffseg
@@ -43,28 +43,6 @@ class AttributionSum(CrossAttentionMaps):
         if not self.sums:
             return torch.zeros(self.count, *self.size)
         return self.total(self.size, mode="bilinear")[:, 0].cpu()
-
-
-def context_matcher(target: torch.Tensor):
-    """A ``context_rows`` function: the batch rows whose text context is ``target`` [1, L, D].
-
-    Every cross-attention layer of a forward passes the same context tensor, and a sampler usually passes one
-    for all its steps, so the rows are found once per tensor: finding them syncs a GPU (``nonzero``).
-    """
-    ref = target[0].float()
-    last: list = [None, None]  # the context tensor last seen and its rows
-
-    def rows(context: torch.Tensor) -> torch.Tensor:
-        if context is last[0]:
-            return last[1]
-        ctx = context.float()
-        n = min(ctx.shape[1], ref.shape[0])
-        scale = ref.abs().amax().clamp_min(1e-6)
-        diff = (ctx[:, :n] - ref[:n].to(ctx.device)).abs().amax(dim=(1, 2)) / scale
-        last[:] = [context, torch.nonzero(diff < 1e-2).flatten()]
-        return last[1]
-
-    return rows
 
 
 @dataclass
