@@ -1,5 +1,8 @@
 """AUTOMATIC1111 / Forge installer: the webui runs this, not pip, so requirements.txt is installed here.
 
+ComfyUI-Manager runs this file too, after it has installed requirements.txt itself; outside a webui (no ``launch``
+module) it does nothing and exits 0, so the Manager reports the install as done.
+
 Only what is missing is installed, and never at the cost of a package the webui already has: pip gets every
 installed distribution's version as a constraint, so it picks versions that fit the webui's environment (an older
 diffusers beside A1111's transformers 4.30) or installs nothing. A requirement that cannot fit is reported in one
@@ -12,7 +15,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import launch
+try:
+    import launch
+except ImportError:  # not a webui (ComfyUI-Manager, or python install.py by hand): nothing to do here
+    launch = None
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
 
@@ -55,4 +61,5 @@ def install() -> None:
         os.unlink(f.name)
 
 
-install()
+if launch is not None:
+    install()

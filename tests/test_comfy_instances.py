@@ -5,6 +5,7 @@ test also runs Impact's own SEGS functions (and SEGSPaste) on them.
 """
 
 import ast
+import importlib.util
 import os
 import types
 from pathlib import Path
@@ -181,26 +182,33 @@ IMPACT_NAMES = {
 }
 
 
-def impact_functions(root: Path) -> types.SimpleNamespace:
-    """The named top-level functions and classes of the Impact Pack checkout at ``root``, executed with numpy and torch
-    only (its modules import cv2, segment_anything and a running ComfyUI server at import time)."""
-    ns = {"np": np, "torch": torch, "args": types.SimpleNamespace(highvram=False, gpu_only=False)}
-    ns["core"] = ns["utils"] = funcs = types.SimpleNamespace()
+def impact_functions(root: Path, tmp: Path) -> types.ModuleType:
+    """The named top-level functions and classes of the Impact Pack checkout at ``root``, imported with numpy and torch
+    only (its modules import cv2, segment_anything and a running ComfyUI server at import time): they are written to
+    one module under ``tmp`` and imported from there."""
+    picked = []
     for file, names in IMPACT_NAMES.items():
         tree = ast.parse((root / "modules" / "impact" / file).read_text())
-        picked = [n for n in tree.body if getattr(n, "name", None) in names
-                  or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets))]
-        missing = set(names) - {getattr(n, "name", None) or n.targets[0].id for n in picked}
+        nodes = [n for n in tree.body if getattr(n, "name", None) in names
+                 or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets))]
+        missing = set(names) - {getattr(n, "name", None) or n.targets[0].id for n in nodes}
         assert not missing, f"{file} lacks {missing}"
-        exec(compile(ast.Module(picked, type_ignores=[]), str(root / file), "exec"), ns)
-    vars(funcs).update(ns)
-    return funcs
+        picked += nodes
+    path = tmp / "impact_subset.py"
+    path.write_text(ast.unparse(ast.Module(picked, type_ignores=[])))
+    spec = importlib.util.spec_from_file_location("impact_subset", path)
+    module = importlib.util.module_from_spec(spec)
+    # The names the picked code reads from its own modules' imports; core.X and utils.X resolve to the subset itself.
+    vars(module).update(np=np, torch=torch, args=types.SimpleNamespace(highvram=False, gpu_only=False),
+                        core=module, utils=module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.skipif(not os.environ.get("IMPACT_PACK_ROOT"),
                     reason="set IMPACT_PACK_ROOT to a ComfyUI-Impact-Pack checkout")
-def test_impact_pack_reads_the_segs(pack, node):
-    impact = impact_functions(Path(os.environ["IMPACT_PACK_ROOT"]))
+def test_impact_pack_reads_the_segs(pack, node, tmp_path):
+    impact = impact_functions(Path(os.environ["IMPACT_PACK_ROOT"]), tmp_path)
     image = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(2))
     middle = (slice(22, 34), slice(28, 40))
     mask = planted(BIG, SMALL, middle)
