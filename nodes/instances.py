@@ -64,13 +64,17 @@ class TextMaskToSEGS:
         "one MASK per instance and ComfyUI BOUNDING_BOXes."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("SEGS", "MASK", "BOUNDING_BOX")
-    RETURN_NAMES = ("segs", "instances", "bboxes")
+    RETURN_TYPES = ("SEGS", "MASK", "BOUNDING_BOX", "INT", "INT")
+    RETURN_NAMES = ("segs", "instances", "bboxes", "count", "counts")
+    # counts is a list, one INT per image: a node fed from it runs once per image, as ComfyUI's lists do.
+    OUTPUT_IS_LIST = (False, False, False, False, True)
     OUTPUT_TOOLTIPS = (
         "Impact Pack SEGS of the first image: one SEG per instance, cropped crop_factor times its box.",
         "One full-size mask per instance, largest first, the instances of each image after those of the one before; "
         "an image without any adds one empty mask.",
         "Per image, a list of {x, y, width, height, score} boxes (pixels), as SAM3 Detect outputs them.",
+        "How many instances the whole batch has.",
+        "How many instances each image has (a list, one per image, 0 where it has none).",
     )
     FUNCTION = "run"
 
@@ -94,7 +98,7 @@ class TextMaskToSEGS:
 
     def run(self, mask, image, crop_factor=3.0, drop_size=10, label="textmask"):
         """mask [B, H, W] (or [H, W]) in [0, 1], image [B', H, W, C] -> (SEGS of image 0, instances [N, H, W] float,
-        per-image lists of box dicts)."""
+        per-image lists of box dicts, the instance count, the per-image counts)."""
         if mask.dim() not in (2, 3) or image.dim() != 4 or 0 in mask.shape[:-2] or len(image) == 0:
             raise ImageError(f"the mask must be [B,H,W] and the image [B,H,W,C], B at least 1; got {list(mask.shape)} "
                              f"and {list(image.shape)}")
@@ -120,4 +124,5 @@ class TextMaskToSEGS:
         planes = instance_planes([insts for insts, _ in found], height, width)
         bboxes = [[{"x": b[0], "y": b[1], "width": b[2] - b[0], "height": b[3] - b[1], "score": s}
                    for b, s in zip(boxes, image_scores)] for (_, boxes), image_scores in zip(found, scores)]
-        return ((height, width), segs), planes, bboxes
+        counts = [len(insts) for insts, _ in found]
+        return ((height, width), segs), planes, bboxes, sum(counts), counts

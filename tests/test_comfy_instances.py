@@ -48,10 +48,12 @@ def plane(rows, cols):
     return m
 
 
-def run(node, mask, image=None, **kw):
+def run(node, mask, image=None, counts=False, **kw):
+    """(segs, instances, bboxes), and with ``counts`` also (count, counts)."""
     image = torch.rand(len(mask), H, W, 3, generator=torch.Generator().manual_seed(0)) if image is None else image
     with torch.inference_mode():  # ComfyUI runs nodes in inference mode
-        return node.run(mask, image, **{"crop_factor": 3.0, "drop_size": 10, "label": "textmask", **kw})
+        out = node.run(mask, image, **{"crop_factor": 3.0, "drop_size": 10, "label": "textmask", **kw})
+    return out if counts else out[:3]
 
 
 def test_registration_and_tooltips(pack):
@@ -60,7 +62,8 @@ def test_registration_and_tooltips(pack):
     spec = cls.INPUT_TYPES()
     assert set(spec["required"]) == {"mask", "image", "crop_factor", "drop_size", "label"}
     assert spec["required"]["crop_factor"][1]["default"] == 3.0 and spec["required"]["drop_size"][1]["default"] == 10
-    assert cls.RETURN_TYPES == ("SEGS", "MASK", "BOUNDING_BOX") and cls.CATEGORY == "mask/textmask" and cls.DESCRIPTION
+    assert cls.RETURN_TYPES == ("SEGS", "MASK", "BOUNDING_BOX", "INT", "INT") and cls.CATEGORY == "mask/textmask"
+    assert cls.OUTPUT_IS_LIST == (False, False, False, False, True) and cls.DESCRIPTION
     assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
     for group in spec.values():
         assert all("tooltip" in opts for _, opts in group.values())
@@ -151,6 +154,8 @@ def test_batch_segs_of_the_first_image_masks_of_all(pack, node):
     assert masks.shape == (4, H, W)  # 1 + 1 empty + 2
     assert torch.equal(masks[0], plane(*BIG)) and masks[1].sum() == 0 and torch.equal(masks[3], plane(*SMALL))
     assert [len(b) for b in bboxes] == [1, 0, 2]
+    *_, count, counts = run(node, mask, image, counts=True)
+    assert count == 3 and counts == [1, 0, 2]  # the batch's instances, and each image's (a list output)
     (_, segs), _, _ = run(node, mask.flip(0), image)  # the first image decides, even when it has none
     assert len(segs) == 2
     (_, segs), _, _ = run(node, mask[1:2], image)
