@@ -2,7 +2,8 @@
 
 Every task composes the same steps: ``prepare_images`` (a batch at the model's working size), ``batches``
 (progress and interrupt, once), ``encode`` and ``add_noise`` (x = z + σ·ε with per-image seeds), then ``eps``:
-one host forward under an ``AttentionCapture`` that streams the layers its collectors read. ``halving_batches``
+one host forward under the host's attention capture (``capture.AttentionCapture`` on a UNet, an MM-DiT's
+``capture_mmdit.JointAttentionCapture``) that streams the layers its collectors read. ``halving_batches``
 retries a batch with half as many rows when a GPU runs out of memory. ``encode_prompts``, ``encode`` and ``eps``
 check that what the host returns is finite: NaN is an error with its likely cause, never an empty mask.
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import options
-from .capture import AttentionCapture, Collector
+from .capture import Collector
 from .errors import NONFINITE_HINT, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import ImageInput, to_batch, working_size
@@ -140,8 +141,7 @@ def eps(host: Host, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, im
     """
     collectors = list(collectors)
     host.prepare(x.shape)
-    capture = (AttentionCapture(host.attention_modules(), tuple(x.shape[-2:]), collectors) if collectors
-               else contextlib.nullcontext())
+    capture = host.attention_capture(tuple(x.shape[-2:]), collectors) if collectors else contextlib.nullcontext()
     with capture:
         denoised = host.denoise(x, sigma, cond, image_latents)
     # A non-finite forward poisons the attention it computed too; the maps' min-max would hide it as zeros.

@@ -1,4 +1,6 @@
-"""The CLIP BPE tokenizer, built offline from the BPE merges file that ships with textmask."""
+"""The tokenizers of SD-family text encoders, built offline from files that ship with textmask: CLIP's BPE merges
+(SD1, SD2, SDXL, SD3, Flux's CLIP-L) and T5's SentencePiece vocabulary as a tokenizers JSON (SD3's and Flux's
+T5-XXL); their sources are in assets/README.md."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from .tokens import PromptTokens
 
 BPE_FILE = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+T5_FILE = Path(__file__).parent / "assets" / "t5_tokenizer.json.gz"
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -57,7 +60,24 @@ def clip_tokenizer():
     return CLIPTokenizerFast(str(vocab), str(merges))
 
 
+@functools.lru_cache(maxsize=1)
+def t5_tokenizer():
+    """A transformers T5TokenizerFast for T5-XXL (SD3's third and Flux's second text encoder), without any download."""
+    from tokenizers import Tokenizer
+    from transformers import T5TokenizerFast
+
+    inner = Tokenizer.from_str(gzip.decompress(T5_FILE.read_bytes()).decode("utf-8"))
+    return T5TokenizerFast(tokenizer_object=inner, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
 def tokenize(tokenizer, text: str) -> PromptTokens:
-    """Tokenize ``text`` (no BOS/EOS) keeping each token's character span."""
+    """Tokenize ``text`` (no BOS/EOS) keeping each token's character span (without the whitespace a sentencepiece
+    token carries in front)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return PromptTokens(text=text, ids=tuple(enc["input_ids"]), spans=tuple(map(tuple, enc["offset_mapping"])))
+    spans = []
+    for start, end in enc["offset_mapping"]:
+        while start < end and text[start].isspace():
+            start += 1
+        spans.append((start, end))
+    return PromptTokens(text=text, ids=tuple(enc["input_ids"]), spans=tuple(spans))

@@ -4,7 +4,8 @@ A host is a k-diffusion denoiser over x = z + σ·ε plus its encoders:
 
 - ``geometry``: latent factor, size multiple, native resolution and UNet input channels (frozen);
 - ``device`` and ``dtype``: where and in what the UNet computes;
-- ``attention_modules()`` / ``transformer_modules()``: the UNet's modules to hook (read-only);
+- ``attention_modules()`` / ``transformer_modules()``: the UNet's modules to hook (read-only), and
+  ``attention_capture(latent_size, collectors)``, the capture a forward runs under (an MM-DiT's joint attention);
 - ``encode_prompts(prompts)``: a ``Conditioning`` (context, one token map per row, the pooled embedding);
 - ``encode_images(pixels)``: scaled latents, deterministically (the same image gives the same latents);
 - ``sigma(t)``: the noise level of textmask's timestep t under the schedule the host samples with;
@@ -99,6 +100,9 @@ class Host(Protocol):
     def prepare(self, batch_shape: Sequence[int]) -> None:
         """Make room for a forward of ``batch_shape`` latents (load the model, reserve memory)."""
 
+    def attention_capture(self, latent_size: tuple[int, int], collectors: Sequence[Any]) -> Any:
+        """A context manager that feeds ``collectors`` the attention of the forwards run inside it (read-only)."""
+
     def progress(self, total: int, desc: str) -> Any:
         """A progress bar with ``update(n)``, used as a context manager."""
 
@@ -121,6 +125,13 @@ class HostDefaults:
 
     def prepare(self, batch_shape: Sequence[int]) -> None:
         return None
+
+    def attention_capture(self, latent_size: tuple[int, int], collectors: Sequence[Any]):
+        """The read-only capture one forward runs under: the UNet's attention modules (``capture.AttentionCapture``);
+        MM-DiT hosts return ``capture_mmdit.JointAttentionCapture``."""
+        from ..capture import AttentionCapture
+
+        return AttentionCapture(self.attention_modules(), latent_size, collectors)
 
     def progress(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm

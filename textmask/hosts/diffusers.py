@@ -52,6 +52,25 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def vae_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> the posterior mean's latents in the scale the pipeline samples in (its scaling and
+    shift factors, or per-channel statistics), deterministically."""
+    vdev, vdtype = execution_device(vae), next(vae.parameters()).dtype
+    encoded = vae.encode(pixels.to(vdev, vdtype) * 2 - 1)
+    posterior = getattr(encoded, "latent_dist", None)
+    raw = posterior.mean if posterior is not None else encoded.latents  # AutoencoderTiny (TAESD): no distribution
+    latents = raw * vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):  # SD3's and Flux's VAEs
+        latents = latents - vae.config.shift_factor * vae.config.scaling_factor
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:  # Playground v2.5's per-channel statistics, as its pipeline does
+        stats = [torch.tensor(v, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1) for v in (mean, std)]
+        latents = (raw - stats[0]) * vae.config.scaling_factor / stats[1]
+    if not torch.isfinite(latents).all():
+        raise CheckpointError(f"the VAE produced non-finite latents in {vdtype}; use an fp16-fixed VAE or fp32")
+    return latents
+
+
 class DiffusersHost(HostDefaults):
     """Runs textmask on diffusers components; owns nothing it did not load."""
 
@@ -142,22 +161,9 @@ class DiffusersHost(HostDefaults):
         return find_transformer_modules(self.unet)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        vdev, vdtype = execution_device(vae), next(vae.parameters()).dtype
-        encoded = vae.encode(pixels.to(vdev, vdtype) * 2 - 1)
-        posterior = getattr(encoded, "latent_dist", None)
-        raw = posterior.mean if posterior is not None else encoded.latents  # AutoencoderTiny (TAESD): no distribution
-        latents = raw * vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            latents = latents - vae.config.shift_factor * vae.config.scaling_factor
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:  # Playground v2.5's per-channel statistics, as its pipeline does
-            stats = [torch.tensor(v, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1) for v in (mean, std)]
-            latents = (raw - stats[0]) * vae.config.scaling_factor / stats[1]
+        latents = vae_latents(self.vae, pixels)
         if self.edm is not None:
             latents = latents / self.edm.sigma_data  # in units of σ_data (see EDMSchedule)
-        if not torch.isfinite(latents).all():
-            raise CheckpointError(f"the VAE produced non-finite latents in {vdtype}; use an fp16-fixed VAE or fp32")
         return latents.to(self.device, self.dtype)
 
     def _windows(self, text: str) -> tuple[TokenMap, list[list[int]]]:

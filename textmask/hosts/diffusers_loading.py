@@ -87,8 +87,13 @@ def upcast_sdxl_vae(vae: nn.Module, text_encoder_2: nn.Module | None) -> nn.Modu
     return vae
 
 
-def from_pipe(pipe: Any, **kwargs) -> DiffusersHost:
-    """Wrap an already-built diffusers pipeline (its modules are shared, never modified)."""
+def from_pipe(pipe: Any, **kwargs):
+    """Wrap an already-built diffusers pipeline (its modules are shared, never modified): a ``DiffusersHost`` for
+    SD1.x, SD2.x and SDXL, a ``DiffusersDiTHost`` for SD3 and Flux."""
+    from .diffusers_dit import DiffusersDiTHost, is_mmdit_pipeline
+
+    if is_mmdit_pipeline(pipe):
+        return DiffusersDiTHost(pipe, **{k: v for k, v in kwargs.items() if k in ("resolution", "show_progress")})
     sched = getattr(pipe, "scheduler", None)
     alphas = getattr(sched, "alphas_cumprod", None)
     edm = edm_schedule(type(sched).__name__, getattr(sched, "config", {})) if sched is not None else None
@@ -96,8 +101,8 @@ def from_pipe(pipe: Any, **kwargs) -> DiffusersHost:
         raise no_ddpm_schedule(f"this pipeline's {type(sched).__name__}")
     pred = kwargs.pop("prediction_type", None) or getattr(getattr(sched, "config", None), "prediction_type", "epsilon")
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
-        raise CheckpointError(f"{type(pipe).__name__} runs a transformer, not a UNet; textmask needs an SD1.x, SD2.x "
-                              "or SDXL pipeline")
+        raise CheckpointError(f"{type(pipe).__name__} runs a transformer textmask does not know; it reads SD1.x, "
+                              "SD2.x, SDXL, SD3 and Flux pipelines")
     return DiffusersHost(
         getattr(pipe, "unet", None),
         getattr(pipe, "vae", None),

@@ -10,7 +10,7 @@ from scipy.ndimage import binary_erosion
 
 from .. import defaults, forward
 from .. import postprocess as pp
-from ..capture import AttentionCapture, AttentionLayer, Need, context_matcher
+from ..capture import AttentionLayer, Need, context_matcher
 from ..hosts.contract import Host
 from ..methods.attention import CrossAttentionMaps
 from ..methods.diffseg import diffseg
@@ -63,7 +63,7 @@ def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float,
         start, n = rows.start, rows.stop - rows.start
         attribution = AttributionSum(positions, n, (side, side), context_matcher(cond.context))
         # The host's own sampler runs the forwards, so this is the one capture outside forward.eps.
-        with AttentionCapture(host.attention_modules(), (side, side), [attribution]):
+        with host.attention_capture((side, side), [attribution]):
             latents = host.sample(prompt, NEGATIVE, n, steps=steps, cfg=cfg, seed=seed + start, resolution=resolution)
         total = attribution.result()
         for i in range(n):

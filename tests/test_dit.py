@@ -1,0 +1,154 @@
+"""SD3 and Flux (flow-matching MM-DiTs) through the diffusers host, on tiny random-config pipelines built offline
+(CLIP from small configs, T5 from a small config with the T5 tokenizer that ships with textmask)."""
+
+import pytest
+import torch
+
+from textmask import TextMasker, forward
+from textmask.errors import CaptureError
+from textmask.hosts.diffusers_dit import DiffusersDiTHost
+from textmask.tokenizer import clip_tokenizer, t5_tokenizer, tokenize
+
+
+def pipeline_clip_tokenizer():
+    """CLIP's tokenizer as pipelines load it: with its 77-token limit (textmask's own has none: it windows prompts)."""
+    from transformers import CLIPTokenizerFast
+
+    from textmask.defaults import cache_dir
+    from textmask.tokenizer import write_clip_vocab
+
+    vocab, merges = write_clip_vocab(cache_dir() / "clip-bpe")
+    return CLIPTokenizerFast(str(vocab), str(merges), model_max_length=77)
+
+
+def clip(hidden=32, projection=True):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                         projection_dim=hidden, vocab_size=49408, max_position_embeddings=77, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def t5(d_model):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                   num_heads=2)).eval()
+
+
+def vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=4,
+                         layers_per_block=1, scaling_factor=1.5305, shift_factor=0.0609).eval()
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                                        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=32).eval()
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae(), text_encoder=clip(), tokenizer=pipeline_clip_tokenizer(), text_encoder_2=clip(),
+                                    tokenizer_2=pipeline_clip_tokenizer(), text_encoder_3=t5(64), tokenizer_3=t5_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(), text_encoder=clip(projection=False),
+                        tokenizer=pipeline_clip_tokenizer(), text_encoder_2=t5(32), tokenizer_2=t5_tokenizer(),
+                        transformer=transformer)
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def pipe(request, sd3_pipe, flux_pipe):
+    return sd3_pipe if request.param == "sd3" else flux_pipe
+
+
+def transformer_output(pipe):
+    host = DiffusersDiTHost(pipe, resolution=64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        return host.denoise(x, torch.tensor([1.5]), host.encode_prompts(["a cat"]), x)
+
+
+def test_masks_match_odd_sizes_and_batches_and_leave_the_model_untouched(pipe):
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    assert isinstance(masker.host, DiffusersDiTHost) and masker.host.geometry.size_multiple == 16
+    before = transformer_output(pipe)
+    images = torch.rand(3, 37, 53, 3, generator=torch.Generator().manual_seed(0))
+    for method, kw in (("attention", {}), ("attention", {"refine": False}), ("noise-diff", {})):
+        result = masker.mask(images, "red car | truck", method=method, **kw)
+        assert result.masks.shape == (3, 37, 53) and result.heatmaps.shape == (3, 37, 53)
+        assert torch.isfinite(result.heatmaps).all()
+    one = masker.mask(images[:1], "red car")
+    assert one.masks.shape == (1, 37, 53)
+    assert torch.equal(before, transformer_output(pipe))  # read-only, and no hook left behind
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pipe.transformer.modules())
+
+
+def test_the_transformer_sees_the_flow_matching_point(pipe):
+    """x = z + σ·ε reaches the transformer as x_s = (1 − s)·z + s·ε at s = σ / (1 + σ) (flow matching's forward
+    process, as FlowMatchEulerDiscreteScheduler.scale_noise writes it), and textmask's t is read at SD's σ."""
+    host = DiffusersDiTHost(pipe, resolution=64)
+    from textmask.schedule import DDPMDenoiser, ddpm_alphas_cumprod
+
+    assert torch.equal(host.sigma(300), DDPMDenoiser(ddpm_alphas_cumprod()).sigma(300))
+    z = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(1))
+    x, sigma = forward.add_noise(host, z, 300, seed=5)
+    eps = (x - z) / sigma.view(-1, 1, 1, 1)
+    s = float(sigma[0] / (1 + sigma[0]))
+    seen = {}
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            host.denoise(x, sigma, host.encode_prompts(["a cat", "a dog"]), z)
+    finally:
+        handle.remove()
+    expected = (1 - s) * z + s * eps
+    got = seen["hidden_states"]
+    if host.is_flux:  # packed 2x2 patches: unpack to compare
+        b, n, c4 = got.shape
+        got = got.view(b, 2, 3, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 16, 4, 6)
+        assert torch.allclose(seen["timestep"], torch.full((2,), s), atol=1e-6)
+        assert torch.equal(seen["guidance"], torch.full((2,), 3.5))
+    else:
+        assert torch.allclose(seen["timestep"], torch.full((2,), 1000 * s), atol=1e-3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_t5_positions_past_clips_window(sd3_pipe, flux_pipe):
+    words = " ".join(f"word{i}" for i in range(60))  # far more than CLIP's 75 tokens
+    text = f"{words} a lighthouse"
+    t5 = tokenize(t5_tokenizer(), text)
+    start = text.index("lighthouse")
+    expected = [j for j, (a, b) in enumerate(t5.spans) if a < start + len("lighthouse") and b > start]
+    assert expected and expected[0] > 77
+    sd3 = DiffusersDiTHost(sd3_pipe)._token_map(text)
+    assert sd3.find("lighthouse") == [77 + j for j in expected]  # only T5 reaches it; SD3's T5 starts at 77
+    assert DiffusersDiTHost(flux_pipe)._token_map(text).find("lighthouse") == expected  # Flux: T5 alone
+    both = DiffusersDiTHost(sd3_pipe)._token_map("a lighthouse").find("lighthouse")
+    clip_ids = tokenize(clip_tokenizer(), "a lighthouse").ids
+    assert both[: len(clip_ids) - 1] == list(range(2, len(clip_ids) + 1))  # CLIP after BOS, then T5
+    assert all(p >= 77 for p in both[len(clip_ids) - 1 :])
+
+
+def test_unet_only_paths_refuse_in_one_line(sd3_pipe):
+    masker = TextMasker.from_pipe(sd3_pipe, resolution=64)
+    image = torch.rand(1, 32, 32, 3)
+    with pytest.raises(CaptureError, match="LD-ZNet's weights are for SD1") as e:
+        masker.host.transformer_modules()
+    assert "\n" not in str(e.value)
+    with pytest.raises(CaptureError, match="MM-DiT"):
+        masker.trace(image).mask("cat")

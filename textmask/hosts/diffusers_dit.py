@@ -1,0 +1,137 @@
+"""The diffusers adapter for flow-matching MM-DiTs: SD3/SD3.5 and Flux.1 pipelines.
+
+The transformer predicts the velocity v = ε − x₀ at x_s = (1 − s)·x₀ + s·ε. The core's k-diffusion form
+x = x₀ + σ·ε is the same point scaled: σ = s / (1 − s) and x_s = x / (1 + σ), so ``denoise`` returns
+x₀ = x_s − s·v and everything after (noising, ε, the methods) is the core's, unchanged. textmask's timestep t
+is read at SD's noise level for t (the σ with the same signal-to-noise ratio), as for EDM models: t = 300 is
+s ≈ 0.49 whatever the model's sampling shift, which only moves where a sampler spends its steps.
+
+Attention is read with ``capture_mmdit.JointAttentionCapture``. A prompt's token map covers every text stream the
+transformer reads: SD3's CLIP context (positions 1..75 after BOS) and its T5 context (from position 77), Flux's T5
+context (from position 0); a phrase's tokens are all of its tokens in all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..capture_mmdit import JointAttentionCapture, find_joint_attention_modules
+from ..errors import CaptureError, CheckpointError
+from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod
+from ..tokenizer import clip_tokenizer, t5_tokenizer, tokenize
+from ..tokens import CONTEXT, WINDOW, PromptTokens, TokenMap
+from .contract import Conditioning, Geometry, HostDefaults
+from .diffusers import execution_device, vae_latents
+
+FLUX_GUIDANCE = 3.5  # the guidance input Flux.1-dev's pipeline passes by default (guidance-distilled models)
+
+
+def is_mmdit_pipeline(pipe: Any) -> bool:
+    return type(getattr(pipe, "transformer", None)).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+class DiffusersDiTHost(HostDefaults):
+    """Runs textmask on an SD3 or Flux diffusers pipeline; shares its modules, never modifies them."""
+
+    def __init__(self, pipe: Any, *, max_sequence_length: int | None = None, resolution: int | None = None,
+                 show_progress: bool = False):
+        if not is_mmdit_pipeline(pipe):
+            raise CheckpointError(f"{type(pipe).__name__} is not an SD3 or Flux pipeline")
+        if getattr(pipe, "vae", None) is None:
+            raise CheckpointError("this pipeline has no vae; textmask encodes the images with it")
+        self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
+        self.is_flux = type(self.transformer).__name__ == "FluxTransformer2DModel"
+        # Flux's T5 context is 512 tokens, SD3's 256 (each pipeline's default).
+        self.max_sequence_length = int(max_sequence_length or (512 if self.is_flux else 256))
+        self.denoiser = DDPMDenoiser(ddpm_alphas_cumprod())  # SD's noise levels, for textmask's timesteps
+        latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        patch = 2 if self.is_flux else int(self.transformer.config.patch_size)  # Flux packs 2x2 latents per token
+        sample = int(getattr(self.transformer.config, "sample_size", 128))
+        self.geometry = Geometry(latent_factor, latent_factor * patch, int(resolution or sample * latent_factor),
+                                 int(self.vae.config.latent_channels))
+        self.show_progress = show_progress
+
+    # ---- the host contract ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return execution_device(self.transformer)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def attention_capture(self, latent_size, collectors):
+        return JointAttentionCapture(self.transformer, latent_size, collectors,
+                                     modules=find_joint_attention_modules(self.transformer))
+
+    def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        raise CaptureError("this is an MM-DiT (SD3 or Flux): traces and OVDiff's sampling capture read UNets only")
+
+    def transformer_modules(self) -> list[tuple[str, nn.Module]]:
+        raise CaptureError("LD-ZNet's weights are for SD1, SD2 and SDXL UNets; this model is an MM-DiT (SD3 or Flux)")
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return vae_latents(self.vae, pixels).to(self.device, self.dtype)
+
+    def _token_map(self, text: str) -> TokenMap:
+        """Every text stream's tokens of ``text`` with their context positions (see the module docstring)."""
+        ids, spans, positions = [], [], []
+        t5 = tokenize(t5_tokenizer(), text)
+        t5_offset, t5_limit = 0, self.max_sequence_length - 1  # T5 appends EOS within the window
+        if not self.is_flux:
+            clip = tokenize(clip_tokenizer(), text)
+            keep = min(len(clip.ids), WINDOW)  # SD3's pipeline truncates CLIP at 77 with BOS and EOS
+            ids += clip.ids[:keep]
+            spans += clip.spans[:keep]
+            positions += [1 + i for i in range(keep)]
+            t5_offset = CONTEXT
+            if getattr(self.pipe, "text_encoder_3", None) is None:
+                t5_limit = 0  # SD3 without T5: zeros stand in for its context
+        keep = min(len(t5.ids), t5_limit)
+        ids += t5.ids[:keep]
+        spans += t5.spans[:keep]
+        positions += [t5_offset + j for j in range(keep)]
+        return TokenMap(PromptTokens(text, tuple(ids), tuple(spans)), positions=positions,
+                        context_length=t5_offset + self.max_sequence_length)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        prompts = list(prompts)
+        if self.is_flux:
+            context, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device, num_images_per_prompt=1,
+                                                         max_sequence_length=self.max_sequence_length)
+        else:
+            context, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
+                                                            do_classifier_free_guidance=False,
+                                                            max_sequence_length=self.max_sequence_length)
+        return Conditioning(context.to(self.device, self.dtype), [self._token_map(p) for p in prompts],
+                            pooled.to(self.device, self.dtype))
+
+    def sigma(self, timestep: int) -> torch.Tensor:
+        return self.denoiser.sigma(timestep)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        sig = sigma.float().to(x.device).view(-1, 1, 1, 1)
+        s = sig / (1 + sig)  # the flow time of σ
+        x_s = (x.float() / (1 + sig)).to(self.dtype)
+        if self.is_flux:
+            packed = x_s.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+            ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+            ids[..., 1] = torch.arange(h // 2, device=x.device)[:, None]
+            ids[..., 2] = torch.arange(w // 2, device=x.device)[None, :]
+            guidance = None
+            if getattr(self.transformer.config, "guidance_embeds", False):
+                guidance = torch.full((b,), FLUX_GUIDANCE, device=x.device, dtype=torch.float32)
+            out = self.transformer(hidden_states=packed, timestep=s.view(-1).to(self.dtype), guidance=guidance,
+                                   pooled_projections=cond.pooled, encoder_hidden_states=cond.context,
+                                   txt_ids=torch.zeros(cond.context.shape[1], 3, device=x.device),
+                                   img_ids=ids.reshape(-1, 3), return_dict=False)[0]
+            v = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        else:
+            v = self.transformer(hidden_states=x_s, timestep=(s.view(-1) * 1000).to(self.dtype),
+                                 encoder_hidden_states=cond.context, pooled_projections=cond.pooled,
+                                 return_dict=False)[0]
+        return x_s.float() - s * v.float()
