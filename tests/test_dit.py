@@ -94,6 +94,8 @@ def test_masks_match_odd_sizes_and_batches_and_leave_the_model_untouched(pipe):
         assert torch.isfinite(result.heatmaps).all()
     one = masker.mask(images[:1], "red car")
     assert one.masks.shape == (1, 37, 53)
+    segments = masker.segments(images[:2])  # DiffSeg on the joint attention's image part
+    assert segments.labels.shape == (2, 37, 53) and all(m.shape[-2:] == (37, 53) for m in segments.masks)
     assert torch.equal(before, transformer_output(pipe))  # read-only, and no hook left behind
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pipe.transformer.modules())
 
@@ -117,15 +119,27 @@ def test_the_transformer_sees_the_flow_matching_point(pipe):
     finally:
         handle.remove()
     expected = (1 - s) * z + s * eps
-    got = seen["hidden_states"]
-    if host.is_flux:  # packed 2x2 patches: unpack to compare
-        b, n, c4 = got.shape
-        got = got.view(b, 2, 3, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 16, 4, 6)
+
+    def unpacked(got):
+        if host.is_flux:  # packed 2x2 patches
+            return got.view(got.shape[0], 2, 3, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, 16, 4, 6)
+        return got
+
+    if host.is_flux:
         assert torch.allclose(seen["timestep"], torch.full((2,), s), atol=1e-6)
         assert torch.equal(seen["guidance"], torch.full((2,), 3.5))
     else:
         assert torch.allclose(seen["timestep"], torch.full((2,), 1000 * s), atol=1e-3)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unpacked(seen["hidden_states"]), expected, atol=1e-5, rtol=1e-5)
+    # DiffSeg's forward: the clean latent itself under t's embedding.
+    x, sigma = forward.without_noise(host, z, 300)
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            host.denoise(x, sigma, host.encode_prompts(["", ""]), z)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(unpacked(seen["hidden_states"]), z, atol=1e-5, rtol=1e-5)
 
 
 def test_t5_positions_past_clips_window(sd3_pipe, flux_pipe):

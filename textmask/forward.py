@@ -126,11 +126,12 @@ def add_noise(host: Host, latents: torch.Tensor, timestep: int, seed: int,
 
 
 def without_noise(host: Host, latents: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, σ) whose UNet input is the clean latent itself under timestep t's embedding (DiffSeg's forward):
-    x = z·√(1 + σ²), which the denoiser's input scaling 1/√(1 + σ²) turns back into z. σ [B]."""
+    """(x, σ) whose model input is the clean latent itself under timestep t's embedding (DiffSeg's forward):
+    x = z / c_in(σ), which the denoiser's input scaling c_in (``host.input_scale``: 1/√(1 + σ²) for SD's
+    schedules, 1/(1 + σ) for flow matching) turns back into z. σ [B]."""
     b = latents.shape[0]
     sigma = host.sigma(options.timestep(timestep)).float().to(latents.device)
-    return latents.float() * float((1 + sigma.double() ** 2).sqrt()), sigma.expand(b)
+    return latents.float() / float(host.input_scale(sigma.double())), sigma.expand(b)
 
 
 def eps(host: Host, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor,

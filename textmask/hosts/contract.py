@@ -13,8 +13,9 @@ A host is a k-diffusion denoiser over x = z + σ·ε plus its encoders:
   low-VRAM casting and v-prediction all take the host's path).
 
 Noising (x = z + σ·ε) and ε = (x − denoised) / σ live in the core (``textmask.forward``), once. The optional
-services (``prepare``, ``progress``, ``check_interrupt``, ``latent_region``, ``sample``) have their defaults in
-``HostDefaults``, which every adapter inherits; nothing outside this contract is asked of a host.
+services (``prepare``, ``attention_capture``, ``input_scale``, ``progress``, ``check_interrupt``,
+``latent_region``, ``sample``) have their defaults in ``HostDefaults``, which every adapter inherits; nothing
+outside this contract is asked of a host.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ class Host(Protocol):
     def attention_capture(self, latent_size: tuple[int, int], collectors: Sequence[Any]) -> Any:
         """A context manager that feeds ``collectors`` the attention of the forwards run inside it (read-only)."""
 
+    def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_in(σ): the factor the model's input is of x = z + σ·ε (1/√(1 + σ²) for SD, 1/(1 + σ) for flow matching)."""
+
     def progress(self, total: int, desc: str) -> Any:
         """A progress bar with ``update(n)``, used as a context manager."""
 
@@ -125,6 +129,10 @@ class HostDefaults:
 
     def prepare(self, batch_shape: Sequence[int]) -> None:
         return None
+
+    def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_in(σ): what the model's input is of x = z + σ·ε, 1/√(1 + σ²) under SD's schedules (k-diffusion's)."""
+        return (1 + sigma**2).rsqrt()
 
     def attention_capture(self, latent_size: tuple[int, int], collectors: Sequence[Any]):
         """The read-only capture one forward runs under: the UNet's attention modules (``capture.AttentionCapture``);

@@ -112,6 +112,9 @@ class DiffusersDiTHost(HostDefaults):
     def sigma(self, timestep: int) -> torch.Tensor:
         return self.denoiser.sigma(timestep)
 
+    def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / (1 + sigma)  # x_s = x / (1 + σ)
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         sig = sigma.float().to(x.device).view(-1, 1, 1, 1)
