@@ -64,10 +64,10 @@ class TextMaskToSEGS:
         "one MASK per instance and ComfyUI BOUNDING_BOXes."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("SEGS", "MASK", "BOUNDING_BOX", "INT", "INT")
-    RETURN_NAMES = ("segs", "instances", "bboxes", "count", "counts")
-    # counts is a list, one INT per image: a node fed from it runs once per image, as ComfyUI's lists do.
-    OUTPUT_IS_LIST = (False, False, False, False, True)
+    RETURN_TYPES = ("SEGS", "MASK", "BOUNDING_BOX", "INT", "INT", "MASK")
+    RETURN_NAMES = ("segs", "instances", "bboxes", "count", "counts", "instance_list")
+    # counts and instance_list are lists: a node fed from one runs once per item, as ComfyUI's lists do.
+    OUTPUT_IS_LIST = (False, False, False, False, True, True)
     OUTPUT_TOOLTIPS = (
         "Impact Pack SEGS of the first image: one SEG per instance, cropped crop_factor times its box.",
         "One full-size mask per instance, largest first, the instances of each image after those of the one before; "
@@ -75,6 +75,8 @@ class TextMaskToSEGS:
         "Per image, a list of {x, y, width, height, score} boxes (pixels), as SAM3 Detect outputs them.",
         "How many instances the whole batch has.",
         "How many instances each image has (a list, one per image, 0 where it has none).",
+        "The instances as a list of masks [1,H,W], image after image, so the next node runs once per instance; "
+        "one empty mask if there is none at all (an empty list would stop the graph).",
     )
     FUNCTION = "run"
 
@@ -98,7 +100,7 @@ class TextMaskToSEGS:
 
     def run(self, mask, image, crop_factor=3.0, drop_size=10, label="textmask"):
         """mask [B, H, W] (or [H, W]) in [0, 1], image [B', H, W, C] -> (SEGS of image 0, instances [N, H, W] float,
-        per-image lists of box dicts, the instance count, the per-image counts)."""
+        per-image lists of box dicts, the instance count, the per-image counts, the instances as a list)."""
         if mask.dim() not in (2, 3) or image.dim() != 4 or 0 in mask.shape[:-2] or len(image) == 0:
             raise ImageError(f"the mask must be [B,H,W] and the image [B,H,W,C], B at least 1; got {list(mask.shape)} "
                              f"and {list(image.shape)}")
@@ -125,4 +127,5 @@ class TextMaskToSEGS:
         bboxes = [[{"x": b[0], "y": b[1], "width": b[2] - b[0], "height": b[3] - b[1], "score": s}
                    for b, s in zip(boxes, image_scores)] for (_, boxes), image_scores in zip(found, scores)]
         counts = [len(insts) for insts, _ in found]
-        return ((height, width), segs), planes, bboxes, sum(counts), counts
+        listed = [inst[None].float() for insts, _ in found for inst in insts] or [torch.zeros(1, height, width)]
+        return ((height, width), segs), planes, bboxes, sum(counts), counts, listed

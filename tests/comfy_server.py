@@ -45,6 +45,12 @@ EXAMPLE_IMAGE_SIZE = (56, 40)  # the example workflows' LoadImage "example.png",
 SMALL_OUTPUT_SIZES = (EXAMPLE_IMAGE_SIZE, (64, 64))  # what a shrunk example workflow may save or preview
 
 
+def third_party(workflow: dict) -> dict[str, str]:
+    """Node types a workflow takes from other node packs, with the pack (its ``extra.textmask_third_party``): where
+    a pack is not installed, the rest of the graph is checked and the run is skipped."""
+    return dict(workflow.get("extra", {}).get("textmask_third_party", {}))
+
+
 def needs_inpainting_checkpoint(path: Path) -> bool:
     """The workflow needs a 9-channel inpainting checkpoint: it is loaded and checked, but not run."""
     return "inpaint_model" in path.stem

@@ -22,7 +22,7 @@ import pytest
 
 import comfy_env
 from comfy_server import (SMALL_INPUTS, WORKFLOWS, check_small_outputs, needs_inpainting_checkpoint, running,
-                          wait_for_outputs, write_example_image)
+                          third_party, wait_for_outputs, write_example_image)
 
 ROOT = comfy_env.ROOT
 SCREENSHOT = ROOT / "docs" / "comfyui_graph.png"
@@ -234,12 +234,20 @@ def test_example_workflow_in_the_frontend(frontend, server, path, tmp_path):
     WebDriverWait(frontend, 10).until(lambda b: b.execute_script("return !document.querySelector('.p-dialog')"))
     loaded = frontend.execute_async_script(LOAD, workflow, path.stem)
     assert "error" not in loaded, loaded.get("error")
-    assert loaded["missing"] == [], f"missing node types: {loaded['missing']}"
-    assert loaded["dialogs"] == [], loaded["dialogs"]  # no missing-nodes/models or error dialog
+    others = third_party(workflow)  # another pack's nodes, which this server may lack
+    absent = set(loaded["missing"])
+    assert absent <= set(others), f"missing node types: {sorted(absent - set(others))}"
+    if not absent:
+        assert loaded["dialogs"] == [], loaded["dialogs"]  # no missing-nodes/models or error dialog
     assert sorted((n["id"], n["type"]) for n in loaded["nodes"]) == sorted((n["id"], n["type"]) for n in workflow["nodes"])
     for node in loaded["nodes"]:  # each node is the registered class of its type, not a placeholder
+        if node["type"] in absent:
+            continue
         assert node["comfyClass"] == node["type"] and not node["hasErrors"], node
         assert "UNKNOWN" not in node["widgets"], node
+    if absent:
+        packs = ", ".join(sorted({others[kind] for kind in absent}))
+        pytest.skip(f"needs {packs}, not installed here; the rest of the graph loaded and resolved")
 
     if path == SCREENSHOT_WORKFLOW:
         time.sleep(0.5)  # after the frontend's own fit-to-view on load (on the next animation frame)

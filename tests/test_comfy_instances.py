@@ -49,7 +49,7 @@ def plane(rows, cols):
 
 
 def run(node, mask, image=None, counts=False, **kw):
-    """(segs, instances, bboxes), and with ``counts`` also (count, counts)."""
+    """(segs, instances, bboxes), and with ``counts`` also (count, counts, instance_list)."""
     image = torch.rand(len(mask), H, W, 3, generator=torch.Generator().manual_seed(0)) if image is None else image
     with torch.inference_mode():  # ComfyUI runs nodes in inference mode
         out = node.run(mask, image, **{"crop_factor": 3.0, "drop_size": 10, "label": "textmask", **kw})
@@ -62,8 +62,9 @@ def test_registration_and_tooltips(pack):
     spec = cls.INPUT_TYPES()
     assert set(spec["required"]) == {"mask", "image", "crop_factor", "drop_size", "label"}
     assert spec["required"]["crop_factor"][1]["default"] == 3.0 and spec["required"]["drop_size"][1]["default"] == 10
-    assert cls.RETURN_TYPES == ("SEGS", "MASK", "BOUNDING_BOX", "INT", "INT") and cls.CATEGORY == "mask/textmask"
-    assert cls.OUTPUT_IS_LIST == (False, False, False, False, True) and cls.DESCRIPTION
+    assert cls.RETURN_TYPES == ("SEGS", "MASK", "BOUNDING_BOX", "INT", "INT", "MASK")
+    assert cls.OUTPUT_IS_LIST == (False, False, False, False, True, True) and cls.DESCRIPTION
+    assert cls.CATEGORY == "mask/textmask"
     assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
     for group in spec.values():
         assert all("tooltip" in opts for _, opts in group.values())
@@ -154,8 +155,12 @@ def test_batch_segs_of_the_first_image_masks_of_all(pack, node):
     assert masks.shape == (4, H, W)  # 1 + 1 empty + 2
     assert torch.equal(masks[0], plane(*BIG)) and masks[1].sum() == 0 and torch.equal(masks[3], plane(*SMALL))
     assert [len(b) for b in bboxes] == [1, 0, 2]
-    *_, count, counts = run(node, mask, image, counts=True)
+    *_, count, counts, listed = run(node, mask, image, counts=True)
     assert count == 3 and counts == [1, 0, 2]  # the batch's instances, and each image's (a list output)
+    assert [m.shape for m in listed] == [(1, H, W)] * 3  # one list item per instance, no placeholder for image 1
+    assert torch.equal(torch.cat(listed), masks[[0, 2, 3]])
+    *_, listed = run(node, torch.zeros(2, H, W), image[:2], counts=True)
+    assert len(listed) == 1 and listed[0].sum() == 0  # nothing at all: one empty mask, so the graph goes on
     (_, segs), _, _ = run(node, mask.flip(0), image)  # the first image decides, even when it has none
     assert len(segs) == 2
     (_, segs), _, _ = run(node, mask[1:2], image)
@@ -234,3 +239,36 @@ def test_impact_pack_reads_the_segs(pack, node, tmp_path):
         dark = (segs[0], [seg._replace(cropped_image=torch.zeros_like(seg.cropped_image)) for seg in segs[1]])
         (pasted,) = impact.SEGSPaste.doit(image.clone(), dark, 0, 255)
         torch.testing.assert_close(pasted, image * (1 - mask[0])[None, ..., None])
+
+
+@pytest.mark.skipif(not os.environ.get("IMPACT_PACK_ROOT"),
+                    reason="set IMPACT_PACK_ROOT to a ComfyUI-Impact-Pack checkout")
+def test_detailer_example_matches_impacts_inputs():
+    """The example's Detailer (SEGS) node against DetailerForEach.INPUT_TYPES in the Impact Pack's source (read with
+    ast: the module imports a running ComfyUI): one widget value per widget input, in order, of the input's kind."""
+    import json
+
+    source = (Path(os.environ["IMPACT_PACK_ROOT"]) / "modules" / "impact" / "impact_pack.py").read_text()
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "DetailerForEach")
+    method = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "INPUT_TYPES")
+    spec = next(n.value for n in ast.walk(method) if isinstance(n, ast.Return))
+    kinds = []  # (name, kind) in declaration order: required, then optional
+    for group in spec.values:
+        for key, value in zip(group.keys, group.values):
+            first = value.elts[0]
+            kinds.append((key.value, first.value if isinstance(first, ast.Constant) else "COMBO"))
+    workflow = json.loads((comfy_env.ROOT / "example_workflows" / "text_mask_detailer.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == "DetailerForEach")
+    linked = {i["name"] for i in node["inputs"]}
+    values = list(node["widgets_values"])
+    checks = {"INT": lambda v: isinstance(v, int) and not isinstance(v, bool), "FLOAT": lambda v: isinstance(v, (int, float)),
+              "BOOLEAN": lambda v: isinstance(v, bool), "STRING": lambda v: isinstance(v, str),
+              "COMBO": lambda v: isinstance(v, str)}
+    for name, kind in kinds:
+        if name in linked or kind not in checks:
+            continue  # a link (IMAGE, SEGS, MODEL, ...) or an optional link input
+        value = values.pop(0)
+        assert checks[kind](value), (name, kind, value)
+        if name == "seed":
+            assert values.pop(0) in ("fixed", "randomize", "increment", "decrement")  # control_after_generate
+    assert not values, values
