@@ -10,15 +10,7 @@ from textmask.hosts.diffusers_dit import DiffusersDiTHost
 from textmask.tokenizer import clip_tokenizer, t5_tokenizer, tokenize
 
 
-def pipeline_clip_tokenizer():
-    """CLIP's tokenizer as pipelines load it: with its 77-token limit (textmask's own has none: it windows prompts)."""
-    from transformers import CLIPTokenizerFast
-
-    from textmask.defaults import cache_dir
-    from textmask.tokenizer import write_clip_vocab
-
-    vocab, merges = write_clip_vocab(cache_dir() / "clip-bpe")
-    return CLIPTokenizerFast(str(vocab), str(merges), model_max_length=77)
+from textmask.hosts.diffusers_dit import clip_pipeline_tokenizer as pipeline_clip_tokenizer  # noqa: E402
 
 
 def clip(hidden=32, projection=True):
@@ -171,3 +163,26 @@ def test_unet_only_paths_refuse_in_one_line(sd3_pipe):
     assert "\n" not in str(e.value)
     with pytest.raises(CaptureError, match="MM-DiT"):
         masker.trace(image).mask("cat")
+
+
+@pytest.mark.parametrize("kind", ["sd3", "sd3-without-t5", "flux"])
+def test_folders_load_offline(kind, sd3_pipe, flux_pipe, tmp_path):
+    """A saved pipeline folder, with its tokenizer folders removed (textmask ships them), loads through
+    TextMasker.from_pretrained; SD3 without text_encoder_3/ runs without T5 (its positions are then CLIP's only)."""
+    import shutil
+
+    pipe = flux_pipe if kind == "flux" else sd3_pipe
+    pipe.save_pretrained(tmp_path)
+    for folder in ("tokenizer", "tokenizer_2", "tokenizer_3") + (("text_encoder_3",) if kind == "sd3-without-t5" else ()):
+        shutil.rmtree(tmp_path / folder, ignore_errors=True)
+    masker = TextMasker.from_pretrained(tmp_path, resolution=64)
+    assert isinstance(masker.host, DiffusersDiTHost)
+    assert masker.mask(torch.rand(1, 37, 53, 3), "car").masks.shape == (1, 37, 53)
+    positions = masker.host._token_map("a car").find("car")
+    if kind == "flux":  # T5 alone, from position 0
+        spans = tokenize(t5_tokenizer(), "a car").spans
+        assert positions == [j for j, (a, b) in enumerate(spans) if a < 5 and b > 2]
+    else:  # SD3: CLIP's positions, and T5's from 77 only where T5 is there
+        assert min(positions) < 77 and (max(positions) >= 77) == (kind == "sd3")
+    loaded, saved = masker.host.transformer.state_dict(), pipe.transformer.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)

@@ -29,6 +29,53 @@ from .diffusers import execution_device, vae_latents
 FLUX_GUIDANCE = 3.5  # the guidance input Flux.1-dev's pipeline passes by default (guidance-distilled models)
 
 
+PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+def from_folder(directory, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                **kwargs) -> "DiffusersDiTHost":
+    """Load an SD3/SD3.5 or Flux.1 diffusers folder offline. The tokenizers ship with textmask, so a folder without
+    tokenizer folders loads; SD3 without ``text_encoder_3/`` runs without T5, as its pipeline allows."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    from .diffusers import quiet_diffusers
+
+    directory = Path(directory)
+    try:
+        name = json.loads((directory / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError):
+        raise CheckpointError(f"{directory} has a transformer/ but no readable model_index.json naming its pipeline") from None
+    if name not in PIPELINES:
+        raise CheckpointError(f"{directory} is a {name}; textmask reads SD3 and Flux transformer folders")
+    clip_slots = ("tokenizer", "tokenizer_2") if PIPELINES[name] == "sd3" else ("tokenizer",)
+    t5_slot = "tokenizer_3" if PIPELINES[name] == "sd3" else "tokenizer_2"
+    given = {slot: clip_pipeline_tokenizer() for slot in clip_slots if not (directory / slot).is_dir()}
+    if not (directory / t5_slot).is_dir():
+        given[t5_slot] = t5_tokenizer()
+    if PIPELINES[name] == "sd3" and not (directory / "text_encoder_3").is_dir():
+        given.update(text_encoder_3=None, tokenizer_3=None)
+    try:
+        with quiet_diffusers():
+            pipe = getattr(diffusers, name).from_pretrained(directory, local_files_only=True, torch_dtype=dtype, **given)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"cannot load diffusers folder {directory}: {str(e).splitlines()[0]}") from None
+    return DiffusersDiTHost(pipe.to(device), **kwargs)
+
+
+def clip_pipeline_tokenizer():
+    """CLIP's tokenizer as pipelines load it, with its 77-token limit (textmask's own windows prompts instead)."""
+    from transformers import CLIPTokenizerFast
+
+    from ..defaults import cache_dir
+    from ..tokenizer import write_clip_vocab
+
+    vocab, merges = write_clip_vocab(cache_dir() / "clip-bpe")
+    return CLIPTokenizerFast(str(vocab), str(merges), model_max_length=77)
+
+
 def is_mmdit_pipeline(pipe: Any) -> bool:
     return type(getattr(pipe, "transformer", None)).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel")
 

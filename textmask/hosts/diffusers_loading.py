@@ -118,13 +118,19 @@ def from_pipe(pipe: Any, **kwargs):
 
 def from_pretrained(directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     **kwargs) -> DiffusersHost:
-    """Load from a diffusers-format folder (unet/, vae/, text_encoder/[, text_encoder_2/], scheduler/)."""
+    """Load from a diffusers-format folder (unet/, vae/, text_encoder/[, text_encoder_2/], scheduler/), or an SD3 or
+    Flux one (transformer/, ``diffusers_dit.from_folder``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     directory = Path(directory)
+    if (directory / "transformer").is_dir() and not (directory / "unet").is_dir():
+        from .diffusers_dit import from_folder
+
+        return from_folder(directory, device=device, dtype=dtype,
+                           **{k: v for k, v in kwargs.items() if k in ("resolution", "show_progress")})
     if not (directory / "unet").is_dir():
-        raise CheckpointError(f"{directory} is not a diffusers model folder (no unet/ inside)")
+        raise CheckpointError(f"{directory} is not a diffusers model folder (no unet/ or transformer/ inside)")
     opts = dict(local_files_only=True, torch_dtype=dtype)
     try:
         with quiet_diffusers():
