@@ -79,7 +79,7 @@ def main() -> None:
         capture = SamplingCapture(host, Conditioning(pos_ctx, [token_map]), float(host.sigma(defaults.TIMESTEP)))
         t, a = sample(model)
         plain.append(t)
-        t, b = sample(capturing_model(model, capture))
+        t, b = sample(capturing_model(host, capture))
         captured.append(t)
         assert torch.equal(a, b) and capture.run.steps == args.steps
     p, c = statistics.median(plain), statistics.median(captured)

@@ -41,7 +41,7 @@ class TextMaskCapture:
         host = ComfyHost(model, clip, None)
         comfy_cond, cond = host.prompt_conditioning(text)
         capture = SamplingCapture(host, cond, float(host.sigma(defaults.TIMESTEP)))
-        return capturing_model(model, capture), comfy_cond, capture
+        return capturing_model(host, capture), comfy_cond, capture
 
 
 class TextMaskFromSampling:

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from . import defaults, forward, options
 from . import mask_prompt as mp
 from . import postprocess as pp
-from .capture import AttentionCapture, AttentionLayer, Need, QueryStore, context_matcher
-from .errors import PhraseNotFoundError, TextMaskError
+from .capture import AttentionLayer, Need, QueryStore, context_matcher
+from .errors import CaptureError, PhraseNotFoundError, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import to_batch
 from .methods.attention import (CrossAttentionMaps, SelfAttentionAggregate, attention_prompt, refine_options,
@@ -129,11 +129,12 @@ class SamplingCapture:
         return run
 
     @contextlib.contextmanager
-    def forward(self, attention_modules, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor | None,
+    def forward(self, capture_for: Callable, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor | None,
                 schedule: torch.Tensor | None = None) -> Iterator[None]:
         """Capture one denoiser call: ``x`` [rows, C, h, w], ``sigma`` [rows], ``context`` [rows, L, D] (the call's
-        text contexts), ``schedule`` the run's σ table if the host has it. Hooks come off when the call returns or
-        raises; a call without this prompt's rows runs unhooked."""
+        text contexts), ``schedule`` the run's σ table if the host has it; ``capture_for(latent_size, collectors)``
+        makes the model's capture (a UNet's ``AttentionCapture``, an MM-DiT's joint one). Hooks come off when the
+        call returns or raises; a call without this prompt's rows runs unhooked."""
         rows = self._block(context)
         if rows is None:
             yield
@@ -148,7 +149,7 @@ class SamplingCapture:
             queries = QueryStore()
             queries.need = Need(kinds=("cross",), values="queries", rows=rows)
             collectors += [selfagg, queries]
-        with AttentionCapture(attention_modules, tuple(x.shape[-2:]), collectors):
+        with capture_for(tuple(x.shape[-2:]), collectors):
             yield
         if keep:  # finished here: the aggregate adds in place, in the sampler's inference mode
             run.self_attention, run.self_size = selfagg.result(), selfagg.size
@@ -194,7 +195,11 @@ class SamplingCapture:
                 from .trace import Trace
 
                 trace = Trace(self.host, images, run.queries, run.layers)
-                maps = trace.maps(missing, attention_prompt(missing), refine_mode, refine_steps)
+                try:
+                    maps = trace.maps(missing, attention_prompt(missing), refine_mode, refine_steps)
+                except CaptureError as e:
+                    raise TextMaskError(f"'{missing[0]}' is not in the prompt '{token_map.tokens.text}', and other "
+                                        f"words cannot be re-queried here: {e}") from None
                 parts.update({p: maps[:, i : i + 1].to(device) for i, p in enumerate(missing)})
             maps = torch.cat([parts[p] for p in phrases], dim=1)
             if refine and run.self_attention is not None:

