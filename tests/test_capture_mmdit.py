@@ -130,3 +130,20 @@ def test_fused_projections_and_unet_are_refused():
         find_joint_attention_modules(model)
     with pytest.raises(CaptureError, match="SD3 or Flux"):
         JointAttentionCapture(torch.nn.Linear(2, 2), LATENT, [])
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_rows_picked_by_the_forwards_text_context(kind):
+    """A collector's ``context_rows`` picks rows by the text context the transformer was called with (the text
+    stream itself changes from block to block): the picked row's probabilities are that row's of a full capture."""
+    from textmask.capture import context_matcher
+
+    model, inputs = sd3() if kind == "sd3" else flux()
+    full, picked = ProbsStore(("cross",)), ProbsStore(("cross",))
+    picked.need = Need(kinds=("cross",), context_rows=context_matcher(inputs["encoder_hidden_states"][1:2]))
+    with torch.no_grad(), JointAttentionCapture(model, LATENT, [full, picked]):
+        model(**inputs)
+    assert set(picked.probs) == set(full.probs)
+    for name, probs in picked.probs.items():
+        assert probs.shape[0] == 1
+        torch.testing.assert_close(probs, full.probs[name][1:2], atol=0, rtol=0)

@@ -372,3 +372,25 @@ def test_segments_and_referring_nodes(pack, mcv):
             mask, heat, instances = pack.NODE_CLASS_MAPPINGS["ReferringMask"]().run(*models, image, expression, 1.1, 100,
                                                                                     0, resolution=64)
         assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3) and instances.shape[1:] == (37, 53)
+
+
+def test_ovdiff_nodes_on_flow_models(pack, mcv, tmp_path, monkeypatch):
+    """OVDiff's support images from ComfyUI's own sampler on the Flux or SD3 MODEL; the class prompt's rows are
+    picked by the text context the model is called with."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    _, (model, clip, vae) = mcv
+    hooks = hook_counts(model)
+    support = pack.textmask.ovdiff.support  # the pack's own copy of textmask
+    read = []
+    real_call = support.AttributionSum.__call__
+    monkeypatch.setattr(support.AttributionSum, "__call__",
+                        lambda self, layer, start, probs: read.append(probs.shape[0]) or real_call(self, layer, start, probs))
+    with torch.inference_mode():
+        (protos,) = pack.NODE_CLASS_MAPPINGS["OVDiffPrototypes"]().build(model, clip, vae, "cat, grass", 2, 2, 3.0, 0,
+                                                                          resolution=64)
+        masks, one, labels = pack.NODE_CLASS_MAPPINGS["OVDiffSegment"]().run(protos, torch.rand(2, 37, 53, 3), "grass", 0)
+    assert protos.names == ["cat", "grass"] and masks.shape == (4, 37, 53) and one.shape == (2, 37, 53)
+    assert read and set(read) == {2}  # every sampler forward's class-prompt rows (2 images), never the negative's
+    assert hook_counts(model) == hooks

@@ -186,3 +186,20 @@ def test_folders_load_offline(kind, sd3_pipe, flux_pipe, tmp_path):
         assert min(positions) < 77 and (max(positions) >= 77) == (kind == "sd3")
     loaded, saved = masker.host.transformer.state_dict(), pipe.transformer.state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_ovdiff_samples_support_images_with_the_flow_model(pipe, tmp_path, monkeypatch):
+    """OVDiff's prototypes from support images sampled through the flow-matching denoiser, its attribution picked
+    by the class prompt's rows, then a label map at every image's size."""
+    from textmask.ovdiff import support
+
+    monkeypatch.setenv("TEXTMASK_CACHE", str(tmp_path))
+    read = []
+    real_call = support.AttributionSum.__call__
+    monkeypatch.setattr(support.AttributionSum, "__call__",
+                        lambda self, layer, start, probs: read.append(probs.shape[0]) or real_call(self, layer, start, probs))
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    prototypes = masker.build_prototypes(["cat", "grass"], images=2, steps=2, cfg=2.0)
+    assert read and set(read) == {2}  # the class prompt's rows of every sampler forward, never the negative's
+    result = masker.ovdiff(torch.rand(2, 37, 53, 3), prototypes)
+    assert result.masks.shape == (2, 2, 37, 53) and result.labels.shape == (2, 37, 53)

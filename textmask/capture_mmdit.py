@@ -63,12 +63,12 @@ class JointAttentionCapture(Hooks):
         if not self._modules:
             raise CaptureError("no joint attention modules found in this transformer (is it SD3 or Flux?)")
         self._collectors = list(collectors)
-        for c in self._collectors:
-            if c.need.context_rows is not None:
-                raise CaptureError("joint attention has no fixed text context to pick rows by; use Need.rows")
         self.latent_size = tuple(latent_size)
         self._max_chunk_bytes = max_chunk_bytes
         self._text_length: int | None = None
+        # The text context the transformer was called with: the text stream changes from block to block, so a
+        # collector's ``context_rows`` picks rows by this, once per forward.
+        self._context: torch.Tensor | None = None
         self._pending: dict[str, dict] = {}
         self.layers: list[AttentionLayer] = []
         self._by_name: dict[str, AttentionLayer] = {}
@@ -91,9 +91,10 @@ class JointAttentionCapture(Hooks):
         self._pending.clear()
 
     def _on_transformer(self, _mod, args, kwargs):
-        context = kwargs.get("encoder_hidden_states")
+        context = kwargs.get("encoder_hidden_states", kwargs.get("context"))  # diffusers' name, ComfyUI's
         if context is None and len(args) > 1 and torch.is_tensor(args[1]):
             context = args[1]
+        self._context = context
         self._text_length = None if context is None else int(context.shape[1])
 
     def _on_call(self, name: str):
@@ -166,12 +167,30 @@ class JointAttentionCapture(Hooks):
         b, n, heads, d = q.shape
         scale = float(getattr(module, "scale", None) or d**-0.5)
         groups: dict[tuple, list[tuple[Collector, AttentionLayer]]] = {}
+        picked_for: dict[int, torch.Tensor] = {}  # context_rows function -> its rows for this forward
         for c, layer in readers:
-            rows = c.need.rows
-            groups.setdefault((c.need.values, None if rows is None else (rows.start, rows.stop, rows.step)), []).append((c, layer))
-        for (values, _), members in groups.items():
-            rows = members[0][0].need.rows
-            qs, ik, tk = (q, image_k, text_k) if rows is None else (q[rows], image_k[rows], text_k[rows])
+            need = c.need
+            picked = None
+            if need.context_rows is not None:
+                if self._context is None:
+                    raise CaptureError("the transformer was called without a text context to pick rows by")
+                if id(need.context_rows) not in picked_for:
+                    picked_for[id(need.context_rows)] = need.context_rows(self._context)
+                picked = picked_for[id(need.context_rows)]
+                if picked.numel() == 0:
+                    continue
+            rows = need.rows
+            key = (need.values, None if rows is None else (rows.start, rows.stop, rows.step),
+                   None if picked is None else id(picked))
+            groups.setdefault(key, []).append((c, layer))
+        for (values, _, picked_id), members in groups.items():
+            need = members[0][0].need
+            qs, ik, tk = q, image_k, text_k
+            if picked_id is not None:
+                idx = picked_for[id(need.context_rows)].to(q.device)
+                qs, ik, tk = qs.index_select(0, idx), ik.index_select(0, idx), tk.index_select(0, idx)
+            if need.rows is not None:
+                qs, ik, tk = qs[need.rows], ik[need.rows], tk[need.rows]
             if values == "queries":
                 flat = qs.flatten(2)
                 for c, layer in members:

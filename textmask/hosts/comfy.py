@@ -153,7 +153,7 @@ class ComfyHost(HostDefaults):
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         if self.dit is not None:
-            raise CaptureError("this MODEL is an MM-DiT (Flux or SD3): traces and OVDiff's sampling capture read UNets only")
+            raise CaptureError("this MODEL is an MM-DiT (Flux or SD3): traces re-query UNet attention modules only")
         self.load()
         modules = find_attention_modules(self.base.diffusion_model)
         if not modules:

@@ -85,6 +85,8 @@ class ComfyJointCapture(JointAttentionCapture):
         self._blocks = blocks
 
     def install(self) -> None:
+        # The forward's text context (``context=``), for collectors that pick rows by it.
+        self._handles.append(self.transformer.register_forward_pre_hook(self._on_transformer, with_kwargs=True))
         if not {kind for c in self._collectors for kind in c.need.kinds}:
             return
         txt_in = getattr(self.transformer, "txt_in", None)

@@ -115,7 +115,7 @@ class DiffusersDiTHost(HostDefaults):
                                      modules=find_joint_attention_modules(self.transformer))
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
-        raise CaptureError("this is an MM-DiT (SD3 or Flux): traces and OVDiff's sampling capture read UNets only")
+        raise CaptureError("this is an MM-DiT (SD3 or Flux): traces re-query UNet attention modules only")
 
     def transformer_modules(self) -> list[tuple[str, nn.Module]]:
         raise CaptureError("LD-ZNet's weights are for SD1, SD2 and SDXL UNets; this model is an MM-DiT (SD3 or Flux)")

@@ -277,7 +277,7 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
     images = options.count("images", images, options.MAX_SUPPORT_IMAGES)
     steps = options.count("steps", steps, options.MAX_STEPS)
     cfg, seed, resolution = options.cfg(cfg), options.seed(seed), options.resolution(resolution)
-    if host.geometry.in_channels != 4:
+    if host.geometry.in_channels not in (4, 16):  # SD's 4 or SD3's and Flux's 16 latent channels, nothing more
         raise TextMaskError("OVDiff samples its support images, which needs a non-inpainting model; "
                             "build the prototypes with the base model of this inpainting checkpoint")
     overrides = {k.lower(): v for k, v in (overrides or {}).items()}
