@@ -203,3 +203,22 @@ def test_ovdiff_samples_support_images_with_the_flow_model(pipe, tmp_path, monke
     assert read and set(read) == {2}  # the class prompt's rows of every sampler forward, never the negative's
     result = masker.ovdiff(torch.rand(2, 37, 53, 3), prototypes)
     assert result.masks.shape == (2, 2, 37, 53) and result.labels.shape == (2, 37, 53)
+
+
+def test_sampling_uses_the_pipelines_flow_scheduler(pipe, monkeypatch):
+    """``sample`` steps a copy of the pipeline's FlowMatchEulerDiscreteScheduler (the pipeline's own is untouched);
+    image i starts from noise seeded seed + i, so an image does not depend on the batch it is sampled in."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    host = DiffusersDiTHost(pipe, resolution=64)
+    steps = []
+    real = FlowMatchEulerDiscreteScheduler.step
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "step", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
+    before = pipe.scheduler.timesteps
+    with torch.no_grad():
+        two = host.sample("a cat", "", 2, steps=3, cfg=2.0, seed=5)
+        one = host.sample("a cat", "", 1, steps=3, cfg=2.0, seed=6)
+    assert two.shape == (2, 16, 8, 8) and torch.isfinite(two).all() and len(steps) == 6
+    torch.testing.assert_close(two[1:], one, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(two[0], two[1])
+    assert pipe.scheduler.timesteps is before

@@ -162,26 +162,70 @@ class DiffusersDiTHost(HostDefaults):
     def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         return 1 / (1 + sigma)  # x_s = x / (1 + σ)
 
+    def velocity(self, x_s: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The transformer's velocity v = ε − x₀ [B, C, h, w] (float32) at the flow point ``x_s`` [B, C, h, w] and flow
+        time ``s`` [B] in [0, 1] (Flux's latents packed 2×2 and back, its guidance input for distilled models)."""
+        b, c, h, w = x_s.shape
+        x_s = x_s.to(self.dtype)
+        if not self.is_flux:
+            return self.transformer(hidden_states=x_s, timestep=(s * 1000).to(self.dtype),
+                                    encoder_hidden_states=cond.context, pooled_projections=cond.pooled,
+                                    return_dict=False)[0].float()
+        packed = x_s.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        ids = torch.zeros(h // 2, w // 2, 3, device=x_s.device)
+        ids[..., 1] = torch.arange(h // 2, device=x_s.device)[:, None]
+        ids[..., 2] = torch.arange(w // 2, device=x_s.device)[None, :]
+        guidance = None
+        if getattr(self.transformer.config, "guidance_embeds", False):
+            guidance = torch.full((b,), FLUX_GUIDANCE, device=x_s.device, dtype=torch.float32)
+        out = self.transformer(hidden_states=packed, timestep=s.to(self.dtype), guidance=guidance,
+                               pooled_projections=cond.pooled, encoder_hidden_states=cond.context,
+                               txt_ids=torch.zeros(cond.context.shape[1], 3, device=x_s.device),
+                               img_ids=ids.reshape(-1, 3), return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).float()
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
         sig = sigma.float().to(x.device).view(-1, 1, 1, 1)
         s = sig / (1 + sig)  # the flow time of σ
-        x_s = (x.float() / (1 + sig)).to(self.dtype)
-        if self.is_flux:
-            packed = x_s.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-            ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
-            ids[..., 1] = torch.arange(h // 2, device=x.device)[:, None]
-            ids[..., 2] = torch.arange(w // 2, device=x.device)[None, :]
-            guidance = None
-            if getattr(self.transformer.config, "guidance_embeds", False):
-                guidance = torch.full((b,), FLUX_GUIDANCE, device=x.device, dtype=torch.float32)
-            out = self.transformer(hidden_states=packed, timestep=s.view(-1).to(self.dtype), guidance=guidance,
-                                   pooled_projections=cond.pooled, encoder_hidden_states=cond.context,
-                                   txt_ids=torch.zeros(cond.context.shape[1], 3, device=x.device),
-                                   img_ids=ids.reshape(-1, 3), return_dict=False)[0]
-            v = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        x_s = x.float() / (1 + sig)
+        return x_s - s * self.velocity(x_s, s.view(-1), cond)
+
+    def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
+               resolution: int | None = None) -> torch.Tensor:
+        """``count`` latents [count, C, s, s] from the pipeline's own flow-matching scheduler (a copy: the pipeline's
+        is left as it was), with its shift (Flux: shifted by the image's token count, as its pipeline does). Image i
+        starts from noise seeded seed + i. Guidance-distilled Flux models sample with their embedded guidance and no
+        negative pass, as their pipeline does; other models under classifier-free guidance ``cfg``."""
+        import copy
+
+        import numpy as np
+
+        from ..schedule import image_noise
+
+        sched = copy.deepcopy(self.pipe.scheduler)
+        side = (resolution or self.geometry.resolution) // self.geometry.latent_factor
+        options = {}
+        if sched.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            c = sched.config
+            options["mu"] = calculate_shift((side // 2) ** 2, c.get("base_image_seq_len", 256),
+                                            c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                            c.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.device, **options)
+        x = image_noise((self.geometry.in_channels, side, side), seed, count).to(self.device, torch.float32)
+        distilled = self.is_flux and getattr(self.transformer.config, "guidance_embeds", False)
+        if distilled:
+            cond = self.encode_prompts([prompt]).select([0] * count)
         else:
-            v = self.transformer(hidden_states=x_s, timestep=(s.view(-1) * 1000).to(self.dtype),
-                                 encoder_hidden_states=cond.context, pooled_projections=cond.pooled,
-                                 return_dict=False)[0]
-        return x_s.float() - s * v.float()
+            both = self.encode_prompts([negative, prompt]).select([0] * count + [1] * count)
+        for i, t in enumerate(sched.timesteps):
+            self.check_interrupt()
+            s = sched.sigmas[i].float().to(self.device).expand(count)
+            if distilled:
+                v = self.velocity(x, s, cond)
+            else:
+                uncond, text = self.velocity(torch.cat([x, x]), torch.cat([s, s]), both).chunk(2)
+                v = uncond + cfg * (text - uncond)
+            x = sched.step(v, t, x, return_dict=False)[0].float()
+        return x.to(self.dtype)
