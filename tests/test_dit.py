@@ -222,3 +222,21 @@ def test_sampling_uses_the_pipelines_flow_scheduler(pipe, monkeypatch):
     torch.testing.assert_close(two[1:], one, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(two[0], two[1])
     assert pipe.scheduler.timesteps is before
+
+
+@pytest.mark.parametrize("offload", [[], ["--offload", "model"], ["--offload"]])
+def test_cli_masks_with_an_sd3_folder(sd3_pipe, tmp_path, offload):
+    """``textmask mask --checkpoint DIR`` on an SD3 folder, resident and under both offloads."""
+    import numpy as np
+    from PIL import Image
+
+    from textmask.cli import main
+
+    folder = tmp_path / "sd3"
+    sd3_pipe.save_pretrained(folder)
+    image = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((37, 53, 3)) * 255).astype("uint8")).save(image)
+    out = tmp_path / "mask.png"
+    assert main(["mask", str(image), "red car", "--out", str(out), "--checkpoint", str(folder), "--resolution", "64",
+                 *offload]) == 0
+    assert Image.open(out).size == (53, 37)

@@ -37,6 +37,7 @@ def from_folder(directory, *, device: str | torch.device = "cpu", dtype: torch.d
     """Load an SD3/SD3.5 or Flux.1 diffusers folder offline. The tokenizers ship with textmask, so a folder without
     tokenizer folders loads; SD3 without ``text_encoder_3/`` runs without T5, as its pipeline allows."""
     import json
+    import warnings
     from pathlib import Path
 
     import diffusers
@@ -58,7 +59,8 @@ def from_folder(directory, *, device: str | torch.device = "cpu", dtype: torch.d
     if PIPELINES[name] == "sd3" and not (directory / "text_encoder_3").is_dir():
         given.update(text_encoder_3=None, tokenizer_3=None)
     try:
-        with quiet_diffusers():
+        with quiet_diffusers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename: not the user's concern
             pipe = getattr(diffusers, name).from_pretrained(directory, local_files_only=True, torch_dtype=dtype, **given)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"cannot load diffusers folder {directory}: {str(e).splitlines()[0]}") from None
@@ -100,6 +102,27 @@ class DiffusersDiTHost(HostDefaults):
         self.geometry = Geometry(latent_factor, latent_factor * patch, int(resolution or sample * latent_factor),
                                  int(self.vae.config.latent_channels))
         self.show_progress = show_progress
+
+    def _components(self) -> list[nn.Module]:
+        return [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]
+
+    def enable_model_cpu_offload(self, device: str | torch.device) -> "DiffusersDiTHost":
+        """Keep the pipeline's components on the CPU, each moved whole to ``device`` for its call (accelerate's hooks,
+        as ``DiffusersHost`` sets them)."""
+        from accelerate import cpu_offload_with_hook
+
+        hook = None
+        for m in self._components():
+            _, hook = cpu_offload_with_hook(m.to("cpu"), execution_device=torch.device(device), prev_module_hook=hook)
+        return self
+
+    def enable_sequential_cpu_offload(self, device: str | torch.device) -> "DiffusersDiTHost":
+        """Keep the weights on the CPU and stream each layer to ``device`` for its call (least memory)."""
+        from accelerate import cpu_offload
+
+        for m in self._components():
+            cpu_offload(m.to("cpu"), execution_device=torch.device(device))
+        return self
 
     # ---- the host contract ---------------------------------------------------------------------
     @property
