@@ -16,32 +16,19 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import importlib
-
 import torch
 from torch import nn
-
-
-def comfy_module(name: str):
-    """``comfy.<name>``, or Forge's copy of it (``ldm_patched.modules.<name>``), whichever this host ships."""
-    for prefix in ("comfy", "ldm_patched.modules"):
-        try:
-            return importlib.import_module(f"{prefix}.{name}")
-        except ImportError:
-            continue
-    raise ImportError(f"neither comfy.{name} nor ldm_patched.modules.{name} can be imported")
-
-
-model_management = comfy_module("model_management")
-comfy_utils = comfy_module("utils")
 
 from ..capture import AttentionCapture, default_chunk_bytes, find_attention_modules, find_transformer_modules
 from ..clip import masked_crops
 from ..errors import CaptureError, TextMaskError
 from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod, schedule_sigma
 from ..tokens import PromptTokens, TokenMap, token_map_from_chunks
-from .common import fixed_draw, pad_contexts
+from .common import comfy_module, fixed_draw, pad_contexts
 from .contract import Conditioning, Geometry, HostDefaults, native_resolution
+
+model_management = comfy_module("model_management")
+comfy_utils = comfy_module("utils")
 
 
 FLUX_GUIDANCE = 3.5  # FluxGuidance's default, the guidance input of guidance-distilled Flux models

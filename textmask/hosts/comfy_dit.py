@@ -27,7 +27,7 @@ from torch import nn
 from ..capture import Collector
 from ..capture_mmdit import JointAttentionCapture
 from ..errors import CaptureError
-from .comfy import comfy_module
+from .common import comfy_module
 
 
 def _block_kinds() -> dict[type, str]:

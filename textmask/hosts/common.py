@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from typing import Iterator, Sequence
 
@@ -26,3 +27,13 @@ def fixed_draw(device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         yield
+
+
+def comfy_module(name: str):
+    """``comfy.<name>``, or Forge's copy of it (``ldm_patched.modules.<name>``), whichever this host ships."""
+    for prefix in ("comfy", "ldm_patched.modules"):
+        try:
+            return importlib.import_module(f"{prefix}.{name}")
+        except ImportError:
+            continue
+    raise ImportError(f"neither comfy.{name} nor ldm_patched.modules.{name} can be imported")
