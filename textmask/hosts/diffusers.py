@@ -71,6 +71,26 @@ def vae_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return latents
 
 
+def sequential_offload(modules: Sequence[nn.Module | None], device: str | torch.device) -> None:
+    """Keep each module's weights on the CPU and stream every layer to ``device`` for its call (accelerate)."""
+    from accelerate import cpu_offload
+
+    for m in modules:
+        if m is not None:
+            cpu_offload(m.to("cpu"), execution_device=torch.device(device))
+
+
+def model_offload(modules: Sequence[nn.Module | None], device: str | torch.device) -> None:
+    """Keep the modules on the CPU, each moved whole to ``device`` for its call and the one before it in ``modules``
+    sent back (diffusers' model offload: less memory than resident, faster than sequential)."""
+    from accelerate import cpu_offload_with_hook
+
+    hook = None
+    for m in modules:
+        if m is not None:
+            _, hook = cpu_offload_with_hook(m.to("cpu"), execution_device=torch.device(device), prev_module_hook=hook)
+
+
 class DiffusersHost(HostDefaults):
     """Runs textmask on diffusers components; owns nothing it did not load."""
 
@@ -127,22 +147,13 @@ class DiffusersHost(HostDefaults):
 
     def enable_sequential_cpu_offload(self, device: str | torch.device) -> "DiffusersHost":
         """Keep the weights this host loaded on the CPU and stream each layer to ``device`` for its call (least memory)."""
-        from accelerate import cpu_offload
-
-        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
-            if m is not None:
-                cpu_offload(m.to("cpu"), execution_device=torch.device(device))
+        sequential_offload((self.unet, self.vae, self.text_encoder, self.text_encoder_2), device)
         return self
 
     def enable_model_cpu_offload(self, device: str | torch.device) -> "DiffusersHost":
         """Keep the components this host loaded on the CPU, each moved whole to ``device`` for its call and the one
         before it in the chain sent back (diffusers' model offload: less memory than resident, faster than sequential)."""
-        from accelerate import cpu_offload_with_hook
-
-        hook = None
-        for m in (self.text_encoder, self.text_encoder_2, self.vae, self.unet):  # the order textmask calls them
-            if m is not None:
-                _, hook = cpu_offload_with_hook(m.to("cpu"), execution_device=torch.device(device), prev_module_hook=hook)
+        model_offload((self.text_encoder, self.text_encoder_2, self.vae, self.unet), device)  # the order textmask calls them
         return self
 
     # ---- the host contract ---------------------------------------------------------------------

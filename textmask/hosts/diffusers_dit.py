@@ -24,7 +24,7 @@ from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod
 from ..tokenizer import clip_tokenizer, t5_tokenizer, tokenize
 from ..tokens import CONTEXT, WINDOW, PromptTokens, TokenMap
 from .contract import Conditioning, Geometry, HostDefaults
-from .diffusers import execution_device, vae_latents
+from .diffusers import execution_device, model_offload, sequential_offload, vae_latents
 
 FLUX_GUIDANCE = 3.5  # the guidance input Flux.1-dev's pipeline passes by default (guidance-distilled models)
 
@@ -107,21 +107,13 @@ class DiffusersDiTHost(HostDefaults):
         return [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]
 
     def enable_model_cpu_offload(self, device: str | torch.device) -> "DiffusersDiTHost":
-        """Keep the pipeline's components on the CPU, each moved whole to ``device`` for its call (accelerate's hooks,
-        as ``DiffusersHost`` sets them)."""
-        from accelerate import cpu_offload_with_hook
-
-        hook = None
-        for m in self._components():
-            _, hook = cpu_offload_with_hook(m.to("cpu"), execution_device=torch.device(device), prev_module_hook=hook)
+        """Keep the pipeline's components on the CPU, each moved whole to ``device`` for its call."""
+        model_offload(self._components(), device)
         return self
 
     def enable_sequential_cpu_offload(self, device: str | torch.device) -> "DiffusersDiTHost":
         """Keep the weights on the CPU and stream each layer to ``device`` for its call (least memory)."""
-        from accelerate import cpu_offload
-
-        for m in self._components():
-            cpu_offload(m.to("cpu"), execution_device=torch.device(device))
+        sequential_offload(self._components(), device)
         return self
 
     # ---- the host contract ---------------------------------------------------------------------
