@@ -1,8 +1,9 @@
 """A real Forge backend for tests: $FORGE_ROOT, a stable-diffusion-webui-forge checkout (its 2024-08+ ``backend``).
 
-Tiny SD1.5- and SDXL-shaped engines are built from Forge's own classes: ``StableDiffusion`` and ``StableDiffusionXL``
-over an ``IntegratedUNet2DConditionModel``, ``IntegratedCLIP`` and ``IntegratedAutoencoderKL`` built from small
-configs, on the CPU (``--always-cpu``). Forge also needs ``gguf`` importable. The webui modules its text engine
+Tiny SD1.5-, SDXL- and Flux-shaped engines are built from Forge's own classes: ``StableDiffusion``,
+``StableDiffusionXL`` and ``Flux`` over an ``IntegratedUNet2DConditionModel`` or ``IntegratedFluxTransformer2DModel``,
+``IntegratedCLIP``, ``IntegratedT5`` and ``IntegratedAutoencoderKL`` built from small configs, on the CPU
+(``--always-cpu``). Forge also needs ``gguf`` importable. The webui modules its text engine
 reads (``modules.shared.opts``) and ``huggingface_guess`` come from small stand-ins.
 """
 
@@ -49,10 +50,32 @@ def setup() -> None:
             modules.shared = shared
             sys.modules["modules.shared"] = shared
     shared.opts = types.SimpleNamespace(emphasis="Original", sdxl_crop_left=0, sdxl_crop_top=0)
+    _forge_pinned_time_shift()
     guess = sys.modules.setdefault("huggingface_guess", types.ModuleType("huggingface_guess"))
     guess.model_list = types.ModuleType("huggingface_guess.model_list")
     guess.model_list.__getattr__ = lambda name: object  # the engines only name their matched guesses
     sys.modules["huggingface_guess.model_list"] = guess.model_list
+
+
+FLUX = dict(in_channels=4, vec_in_dim=32, context_in_dim=32, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1,
+            depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000, qkv_bias=True, guidance_embed=True)
+T5 = dict(num_layers=1, d_model=32, d_ff=64, dense_act_fn="gelu_pytorch_tanh", is_gated_act=True, num_heads=2,
+          model_type="t5", vocab_size=32128)
+
+
+def _forge_pinned_time_shift() -> None:
+    """Forge's Flux predictor calls ``FlowMatchEulerDiscreteScheduler.time_shift(None, mu, 1.0, t)``, as the
+    diffusers Forge pins allows; newer diffusers read ``self.config`` there. Give Forge's module the pinned form."""
+    import math
+
+    from backend.modules import k_prediction
+
+    class PinnedFlowMatch:
+        @staticmethod
+        def time_shift(_self, mu, sigma, t):
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+    k_prediction.FlowMatchEulerDiscreteScheduler = PinnedFlowMatch
 
 
 def text_encoder():
@@ -99,3 +122,36 @@ def make_engine(kind: str = "sd15", seed: int = 0, in_channels: int = 4):
 
     components.update(text_encoder_2=text_encoder(), tokenizer_2=clip_tokenizer())
     return StableDiffusionXL(guess, components)
+
+
+def _on_cpu(model):
+    model.storage_dtype = model.computation_dtype = torch.float32
+    from backend import memory_management
+
+    model.load_device = model.offload_device = model.initial_device = memory_management.cpu
+    return model
+
+
+@torch.no_grad()
+def make_flux_engine(seed: int = 0, distilled: bool = True):
+    """A tiny Forge Flux engine (Forge's own ``Flux`` over ``IntegratedFluxTransformer2DModel``), seeded: dev-like
+    (guidance-distilled, shifted schedule) or schnell-like."""
+    from backend.diffusion_engine.flux import Flux
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.nn.t5 import IntegratedT5
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from textmask.tokenizer import clip_tokenizer, t5_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = _on_cpu(IntegratedFluxTransformer2DModel(**dict(FLUX, guidance_embed=distilled)).eval())
+    vae = IntegratedAutoencoderKL(block_out_channels=(32, 32, 32, 32), norm_num_groups=32,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    repo = "black-forest-labs/FLUX.1-dev" if distilled else "black-forest-labs/FLUX.1-schnell"
+    guess = types.SimpleNamespace(inpaint_model=lambda: False, huggingface_repo=repo)
+    t5 = IntegratedT5(T5).eval()
+    for param in t5.parameters():  # Forge's T5 leaves its norms uninitialised (its loader fills every weight)
+        torch.nn.init.normal_(param, std=0.1) if param.dim() > 1 else param.fill_(1.0)
+    components = dict(transformer=transformer, text_encoder=text_encoder(), tokenizer=clip_tokenizer(),
+                      text_encoder_2=t5, tokenizer_2=t5_tokenizer(), vae=vae)
+    return Flux(guess, components)

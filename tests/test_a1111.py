@@ -286,17 +286,18 @@ def test_scripts_mask_with_the_model_processing_will_load(webui, monkeypatch):
 
 
 @pytest.mark.skipif(forge_env.forge_root() is None, reason="no Forge: set FORGE_ROOT to a checkout")
-def test_scripts_on_a_forge_engine(webui, monkeypatch):
-    """The script end to end on Forge's own engine classes: the checkpoint Forge loads at the start of processing,
-    a mask at the init image's size from both entries, and the engine's UNet as it was."""
+@pytest.mark.parametrize("kind", ["sd15", "flux"])
+def test_scripts_on_a_forge_engine(webui, monkeypatch, kind):
+    """The script end to end on Forge's own engine classes (SD1.5 and Flux): the checkpoint Forge loads at the start
+    of processing, a mask at the init image's size from both entries, and the engine's model as it was."""
     import modules.sd_models
 
-    from textmask.hosts.forge import ForgeHost
+    from textmask.hosts.forge import ForgeFluxHost, ForgeHost
 
     script_mod, shared, processing = webui
     monkeypatch.setattr(shared, "opts", shared.opts)  # forge_env.setup() sets its own; the stand-in's comes back
     forge_env.setup()
-    engine = forge_env.make_engine("sd15")
+    engine = forge_env.make_engine("sd15") if kind == "sd15" else forge_env.make_flux_engine()
     monkeypatch.setattr(modules.sd_models, "forge_model_reload", lambda: (engine, False), raising=False)
     monkeypatch.setattr(shared, "sd_model", None)  # Forge has loaded nothing before the first generation
 
@@ -304,16 +305,18 @@ def test_scripts_on_a_forge_engine(webui, monkeypatch):
 
     def forge_host(model):
         host = make_host(model)
-        assert isinstance(host, ForgeHost)
-        host.geometry = dataclasses.replace(host.geometry, resolution=64)  # the tiny UNet
+        assert isinstance(host, ForgeHost if kind == "sd15" else ForgeFluxHost)
+        host.geometry = dataclasses.replace(host.geometry, resolution=64)  # the tiny model
         return host
 
     monkeypatch.setattr(script_mod, "webui_host", forge_host)
-    unet = engine.forge_objects.unet.model.diffusion_model
+    model = engine.forge_objects.unet.model.diffusion_model
     g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    x, ctx, y = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g), torch.randn(1, 32, generator=g)
+    extra = {} if kind == "sd15" else {"y": y, "guidance": torch.tensor([3.5])}
+    t = torch.tensor([300.0 if kind == "sd15" else 0.3])
     with torch.no_grad():
-        before = unet(x, torch.tensor([300.0]), context=ctx)
+        before = model(x, t, context=ctx, **extra)
     p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], seed=3)
     script_mod.TextMaskScript().run(p, *ARGS.values())
     assert processing.calls[-1]["image_mask"].size == (53, 37)
@@ -321,7 +324,7 @@ def test_scripts_on_a_forge_engine(webui, monkeypatch):
     script_mod.TextMaskInpaint().process(painted, True, "add", *dict(ARGS, method="noise-diff").values())
     assert painted.image_mask.size == (53, 37) and np.asarray(painted.image_mask).any()
     with torch.no_grad():
-        assert torch.equal(before, unet(x, torch.tensor([300.0]), context=ctx))
+        assert torch.equal(before, model(x, t, context=ctx, **extra))
 
 
 def test_noise_follows_the_webuis_schedule_settings(webui, monkeypatch):

@@ -13,6 +13,7 @@ import torch
 import forge_env
 from conftest import noised, predict_eps
 from textmask import TextMasker
+from textmask.errors import TextMaskError
 from textmask.hosts.select import webui_host as make_host
 from textmask.hosts.forge import ForgeHost
 
@@ -197,3 +198,157 @@ def test_default_sampler_is_forges_own_dpmpp_2m(engine, monkeypatch):
     ours = sampling.dpmpp_2m(denoise, x, sigmas)
     theirs = k_sampling.sample_dpmpp_2m(denoise, x, sigmas, disable=True)
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))
+
+
+# ---- Forge's Flux (backend.nn.flux): flow matching, joint attention, T5 -------------------------------------------
+@pytest.fixture(scope="module")
+def flux_engine():
+    forge_env.setup()
+    return forge_env.make_flux_engine()
+
+
+def small_flux_host(engine):
+    from textmask.hosts.forge import ForgeFluxHost
+
+    host = make_host(engine)
+    assert isinstance(host, ForgeFluxHost)
+    host.geometry = dataclasses.replace(host.geometry, resolution=64)  # the tiny transformer
+    return host
+
+
+def flux_output(engine):
+    g = torch.Generator().manual_seed(0)
+    x, ctx, y = torch.randn(1, 4, 8, 12, generator=g), torch.randn(1, 256, 32, generator=g), torch.randn(1, 32, generator=g)
+    with torch.no_grad():
+        return engine.forge_objects.unet.model.diffusion_model(x, torch.tensor([0.4]), context=ctx, y=y,
+                                                               guidance=torch.tensor([3.5]))
+
+
+@needs_forge
+def test_flux_masks_at_the_image_size_and_the_model_is_unchanged(flux_engine):
+    host = small_flux_host(flux_engine)
+    assert host.geometry.latent_factor == 8 and host.geometry.size_multiple == 16 and host.geometry.in_channels == 4
+    before, hooks = flux_output(flux_engine), hook_counts(flux_engine)
+    images = torch.rand(2, 37, 53, 3)
+    for method in ("attention", "noise-diff"):
+        out = TextMasker(host).mask(images, "red car | truck", method=method, refine=True)
+        assert out.masks.shape == (2, 37, 53) and out.heatmaps.shape == (2, 37, 53) and float(out.heatmaps.std()) > 0
+    segments = TextMasker(host).segments(images)  # DiffSeg on the joint attention's image part
+    assert segments.labels.shape == (2, 37, 53)
+    referred = TextMasker(host).refer(images, "the car on the left")
+    assert referred.masks.shape == (2, 37, 53)
+    assert hook_counts(flux_engine) == hooks
+    assert torch.equal(before, flux_output(flux_engine))
+
+
+@needs_forge
+def test_flux_capture_equals_forges_own_attention(flux_engine, monkeypatch):
+    """The captured probabilities are the softmax Forge's attention computes (after its rotary embedding, text
+    first), image-query rows, within 1e-5; the text part shares each row's normaliser with the image part."""
+    import backend.nn.flux as forge_flux
+
+    from textmask.capture import ProbsStore
+
+    host = small_flux_host(flux_engine)
+    seen, real = [], forge_flux.attention_function
+
+    def attention(q, k, v, heads, *args, **kwargs):
+        seen.append(((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1))
+        return real(q, k, v, heads, *args, **kwargs)
+
+    monkeypatch.setattr(forge_flux, "attention_function", attention)
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a red car", "a truck"])
+        text = cond.context.shape[1]
+        cross, selfs = ProbsStore(("cross",)), ProbsStore(("self",))
+        with host.attention_capture((8, 12), [cross, selfs]) as cap:
+            host.denoise(x, torch.tensor([0.8, 1.5]), cond, None)
+    names = [l.name for l in cap.layers if l.kind == "cross"]
+    assert names == ["double_blocks.0", "single_blocks.0"] and len(seen) == 2
+    for name, probs in zip(names, seen):
+        rows = probs[:, :, text:]
+        txt, img = rows[..., :text].mean(1), rows[..., text:].mean(1)
+        torch.testing.assert_close(cross.probs[name], txt, atol=1e-5, rtol=0)
+        torch.testing.assert_close(selfs.probs[name + ".self"], img / img.sum(-1, keepdim=True), atol=1e-5, rtol=0)
+        assert bool((cross.probs[name].sum(-1) < 1).all())
+
+
+@needs_forge
+def test_flux_denoise_is_the_flow_models_x0(flux_engine):
+    """x = z + σ·ε reaches the transformer as x_s = (1 − s)·z + s·ε at s = σ / (1 + σ), with Forge's default
+    distilled guidance, and comes back as x₀ = x_s − s·v."""
+    host = small_flux_host(flux_engine)
+    g = torch.Generator().manual_seed(2)
+    z, eps, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.tensor([1.5])
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a red car"])
+        x0 = host.denoise(z + sigma * eps, sigma, cond, None)
+        s = 1.5 / 2.5
+        x_s = (1 - s) * z + s * eps
+        v = flux_engine.forge_objects.unet.model.diffusion_model(x_s, torch.tensor([s]), context=cond.context,
+                                                                 y=cond.pooled, guidance=torch.tensor([3.5])).float()
+    torch.testing.assert_close(x0, x_s - s * v, atol=1e-5, rtol=1e-5)
+
+
+@needs_forge
+def test_flux_token_positions_follow_forges_t5_engine(flux_engine):
+    host = small_flux_host(flux_engine)
+    text = "(a red car:1.2) beside a tiny zebra"
+    tokens = host._t5_tokens(text)
+    tm = host._token_map(tokens)
+    assert tm.context_length == len(tokens) == 256  # Forge pads T5 to 256
+    pieces = flux_engine.text_processing_engine_t5.tokenizer.convert_ids_to_tokens
+    assert "".join(pieces([tokens[p] for p in tm.find("red car")])).replace("▁", " ").strip() == "red car"
+    assert "".join(pieces([tokens[p] for p in tm.find("tiny zebra")])).replace("▁", " ").strip() == "tiny zebra"
+    with pytest.raises(TextMaskError, match="BREAK"):
+        host._t5_tokens("red car BREAK truck")
+
+
+@needs_forge
+def test_flux_failures_and_interrupts_leave_no_hooks(flux_engine):
+    import modules.shared
+
+    host = small_flux_host(flux_engine)
+    before, hooks = flux_output(flux_engine), hook_counts(flux_engine)
+    modules.shared.state.interrupted = True
+    try:
+        with pytest.raises(BaseException):
+            TextMasker(host).mask(torch.rand(1, 32, 32, 3), "car", refine=True)
+    finally:
+        modules.shared.state.interrupted = False
+    block = flux_engine.forge_objects.unet.model.diffusion_model.single_blocks[0]
+
+    def fail(*_):
+        raise RuntimeError("out of memory")
+
+    handle = block.linear2.register_forward_hook(fail)
+    try:
+        with pytest.raises(RuntimeError):
+            TextMasker(host).mask(torch.rand(1, 32, 32, 3), "car", refine=True)
+    finally:
+        handle.remove()
+    assert hook_counts(flux_engine) == hooks
+    assert torch.equal(before, flux_output(flux_engine))
+    for method in ("traces", "ld-znet"):
+        with pytest.raises(TextMaskError, match="MM-DiT"):
+            (host.attention_modules if method == "traces" else host.transformer_modules)()
+
+
+@needs_forge
+def test_flux_samples_with_its_guidance_and_schnell_with_cfg(flux_engine):
+    """OVDiff's support images: Flux.1-dev samples one pass per step at its distilled guidance, schnell-like
+    models under classifier-free guidance (two rows per step)."""
+    forge_env.setup()
+    schnell = forge_env.make_flux_engine(distilled=False)
+    for engine, rows in ((flux_engine, 1), (schnell, 2)):
+        host = small_flux_host(engine)
+        seen = []
+        real = host.denoise
+        host.denoise = lambda x, *a: seen.append(x.shape[0]) or real(x, *a)
+        with torch.inference_mode():
+            latents = host.sample("a red car", "", 2, steps=3, cfg=4.0, seed=0)
+        assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
+        assert seen == [2 * rows] * 3
+        out = TextMasker(small_flux_host(engine)).mask(torch.rand(1, 40, 56, 3), "red car", refine=True)
+        assert out.masks.shape == (1, 40, 56)

@@ -53,16 +53,20 @@ def dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: 
 def sample(host, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
            resolution: int | None = None) -> torch.Tensor:
     """``count`` square latents [count, C, s, s] (host-scaled, ``resolution`` px, default native) sampled with
-    DPM-Solver++(2M) through ``host.denoise`` under classifier-free guidance; image i starts from noise seeded
-    seed + i, so results do not depend on the batch size."""
+    DPM-Solver++(2M) through ``host.denoise`` under classifier-free guidance (none at ``cfg`` 1: one pass, as the
+    webuis skip the negative there); image i starts from noise seeded seed + i, so results do not depend on the
+    batch size."""
     g = host.geometry
     side = (resolution or g.resolution) // g.latent_factor
     sigmas = timestep_sigmas(host, steps)
     x = image_noise((g.in_channels, side, side), seed, count).to(host.device, torch.float32) * sigmas[0]
     both = forward.encode_prompts(host, [negative, prompt]).select([0] * count + [1] * count)
+    cond_only = both.select(range(count, 2 * count))
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         host.check_interrupt()
+        if cfg == 1:
+            return host.denoise(x, sigma.to(x.device), cond_only, x).float()
         pair = torch.cat([x, x])
         out = host.denoise(pair, torch.cat([sigma, sigma]).to(x.device), both, pair).float()
         uncond, cond = out.chunk(2)

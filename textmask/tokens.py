@@ -124,3 +124,39 @@ def token_map_from_chunks(chunks: Sequence[Sequence[tuple[int, str | None]]]) ->
             text += piece + (" " if ends_word else "")
         offset += len(chunk)
     return TokenMap(PromptTokens(text.rstrip(), tuple(ids), tuple(spans)), positions=positions, context_length=offset)
+
+
+STREAM_SEPARATOR = "\n|\n"  # between text streams' rebuilt texts: no phrase matches across it
+
+
+def token_map_from_streams(streams: Sequence[Sequence[tuple[int, str, int]]], context_length: int,
+                           offset: int = 0) -> TokenMap:
+    """A TokenMap over an MM-DiT's text streams (SD3: CLIP, then T5; Flux: T5), each a list of (token id, piece,
+    context position) for its content tokens. Words are rebuilt from the pieces (CLIP's "</w>" ends a word,
+    SentencePiece's "▁" starts one) and the streams joined by ``STREAM_SEPARATOR``, so a phrase finds its tokens in
+    every stream. ``offset`` shifts every position (tokens the model puts before the text, such as SD3's registers).
+    """
+    ids, spans, positions, text = [], [], [], ""
+    for stream in streams:
+        if text:
+            text += STREAM_SEPARATOR
+        bare = []  # T5's lone "▁" pieces (before "a", digits, punctuation): they belong to the next piece's word
+        for tok, piece, position in stream:
+            if piece.startswith("▁"):  # SentencePiece: a new word
+                piece = piece[1:]
+                if text and not text[-1].isspace():
+                    text += " "
+            ends_word = piece.endswith("</w>")
+            piece = piece[: -len("</w>")] if ends_word else piece
+            if not piece:
+                bare.append((tok, position))
+                continue
+            span = (len(text), len(text) + len(piece))
+            for tok_, position_ in [*bare, (tok, position)]:
+                ids.append(int(tok_))
+                spans.append(span)
+                positions.append(offset + position_)
+            bare = []
+            text += piece + (" " if ends_word else "")
+    return TokenMap(PromptTokens(text.rstrip(), tuple(ids), tuple(spans)), positions=positions,
+                    context_length=offset + context_length)

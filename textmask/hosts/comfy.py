@@ -23,16 +23,14 @@ from ..capture import AttentionCapture, default_chunk_bytes, find_attention_modu
 from ..clip import masked_crops
 from ..errors import CaptureError, TextMaskError
 from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod, schedule_sigma
-from ..tokens import PromptTokens, TokenMap, token_map_from_chunks
-from .common import comfy_module, fixed_draw, pad_contexts
+from ..tokens import TokenMap, token_map_from_chunks, token_map_from_streams
+from .common import FLUX_GUIDANCE, comfy_module, fixed_draw, mmdit_refusal, pad_contexts
 from .contract import Conditioning, Geometry, HostDefaults, native_resolution
 
 model_management = comfy_module("model_management")
 comfy_utils = comfy_module("utils")
 
 
-FLUX_GUIDANCE = 3.5  # FluxGuidance's default, the guidance input of guidance-distilled Flux models
-STREAM_SEPARATOR = "\n|\n"  # between the text streams' rebuilt texts: no phrase matches across it
 
 
 class ComfyProgress:
@@ -140,7 +138,7 @@ class ComfyHost(HostDefaults):
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         if self.dit is not None:
-            raise CaptureError("this MODEL is an MM-DiT (Flux or SD3): traces re-query UNet attention modules only")
+            raise mmdit_refusal("traces")
         self.load()
         modules = find_attention_modules(self.base.diffusion_model)
         if not modules:
@@ -149,7 +147,7 @@ class ComfyHost(HostDefaults):
 
     def transformer_modules(self) -> list[tuple[str, nn.Module]]:
         if self.dit is not None:
-            raise CaptureError("LD-ZNet's weights are for SD1, SD2 and SDXL UNets; this MODEL is an MM-DiT (Flux or SD3)")
+            raise mmdit_refusal("ld-znet")
         self.load()
         return find_transformer_modules(self.base.diffusion_model)
 
@@ -215,9 +213,7 @@ class ComfyHost(HostDefaults):
         return out
 
     def _dit_token_map(self, tokens: dict, context_length: int) -> TokenMap:
-        """Every text stream's tokens with their context positions (see the module docstring); each stream's text is
-        rebuilt from its pieces (CLIP's "</w>" ends a word, T5's "▁" starts one) and the streams are joined by a
-        separator, so a phrase finds its tokens in all of them."""
+        """Every text stream's tokens with their context positions (see the module docstring)."""
         encoder = self.clip.cond_stage_model
         t5 = tokens.get("t5xxl") or []
         t5_length = sum(len(c) for c in t5) if getattr(encoder, "t5xxl", None) is not None else 0
@@ -229,30 +225,7 @@ class ComfyHost(HostDefaults):
         if t5_length:  # T5 ends the context (SD3: after CLIP's windows; Flux: all of it)
             streams.append(self._stream_pieces("t5xxl", t5, context_length - t5_length))
         registers = int(getattr(self.base.diffusion_model, "register_length", 0) or 0)  # SD3 puts these first
-        ids, spans, positions, text = [], [], [], ""
-        for stream in streams:
-            if text:
-                text += STREAM_SEPARATOR
-            bare = []  # T5's lone "▁" pieces (before "a", digits, punctuation): they belong to the next piece's word
-            for tok, piece, position in stream:
-                if piece.startswith("▁"):  # SentencePiece: a new word
-                    piece = piece[1:]
-                    if text and not text[-1].isspace():
-                        text += " "
-                ends_word = piece.endswith("</w>")
-                piece = piece[: -len("</w>")] if ends_word else piece
-                if not piece:
-                    bare.append((tok, position))
-                    continue
-                span = (len(text), len(text) + len(piece))
-                for tok_, position_ in [*bare, (tok, position)]:
-                    ids.append(tok_)
-                    spans.append(span)
-                    positions.append(registers + position_)
-                bare = []
-                text += piece + (" " if ends_word else "")
-        return TokenMap(PromptTokens(text.rstrip(), tuple(ids), tuple(spans)), positions=positions,
-                        context_length=registers + context_length)
+        return token_map_from_streams(streams, context_length, offset=registers)
 
     def _pad_t5(self, batch: list[dict]) -> None:
         """Pad every prompt's T5 tokens to the longest with T5's pad token, as its tokenizer pads short prompts:

@@ -1,5 +1,6 @@
 """Read-only joint attention capture for ComfyUI's own MM-DiT blocks: Flux (``comfy.ldm.flux``) and SD3/SD3.5
-(``comfy.ldm.modules.diffusionmodules.mmdit``).
+(``comfy.ldm.modules.diffusionmodules.mmdit``), and for Forge's Flux (``backend.nn.flux``), which has ComfyUI's
+block layout: ``BlockLineage`` names the classes and the ``apply_rope`` of the copy in use.
 
 ComfyUI computes q and k inside block forwards (no projection module per stream), so the hooks sit on the last
 modules the queries and keys pass through before the attention call:
@@ -18,8 +19,9 @@ The probabilities come from ``capture_mmdit.joint_probs`` with ``JointAttentionC
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,6 +30,24 @@ from ..capture import Collector
 from ..capture_mmdit import JointAttentionCapture
 from ..errors import CaptureError
 from .common import comfy_module
+
+
+@dataclass(frozen=True)
+class BlockLineage:
+    """One copy of the Flux/SD3 reference blocks: its block classes by the capture kind that reads them, and the
+    ``apply_rope(q, k, pe)`` its attention applies."""
+
+    kinds: dict
+    apply_rope: Callable | None
+
+
+def comfy_lineage() -> BlockLineage:
+    """ComfyUI's blocks, those this ComfyUI ships."""
+    try:
+        rope = comfy_module("ldm.flux.math").apply_rope
+    except (ImportError, AttributeError):
+        rope = None
+    return BlockLineage(_block_kinds(), rope)
 
 
 def _block_kinds() -> dict[type, str]:
@@ -46,10 +66,10 @@ def _block_kinds() -> dict[type, str]:
     return kinds
 
 
-def find_comfy_joint_blocks(root: nn.Module) -> list[tuple[str, nn.Module, str]]:
+def find_comfy_joint_blocks(root: nn.Module, kinds: dict[type, str] | None = None) -> list[tuple[str, nn.Module, str]]:
     """(name, block, kind) of every Flux double/single block and SD3 joint block under ``root``, in execution order
-    (ComfyUI runs ``double_blocks`` before ``single_blocks`` and registers them in that order)."""
-    kinds = _block_kinds()
+    (ComfyUI and Forge run ``double_blocks`` before ``single_blocks`` and register them in that order)."""
+    kinds = _block_kinds() if kinds is None else kinds
     return [(name, m, kinds[type(m)]) for name, m in root.named_modules() if type(m) in kinds]
 
 
@@ -69,20 +89,23 @@ def _arg(args: tuple, kwargs: dict, index: int, key: str):
 class ComfyJointCapture(JointAttentionCapture):
     """Context manager that feeds the joint attention of ComfyUI Flux/SD3 forwards to collectors (read-only).
 
-    ``diffusion_model``: ``model.model.diffusion_model``; ``latent_size``: (h, w) of the latents the forward runs on.
+    ``diffusion_model``: ``model.model.diffusion_model``; ``latent_size``: (h, w) of the latents the forward runs on;
+    ``lineage``: whose block classes to read (ComfyUI's by default, or Forge's).
 
     >>> with ComfyJointCapture(base.diffusion_model, (64, 64), [maps]):
     ...     base.apply_model(x, s, **conds)
     """
 
     def __init__(self, diffusion_model: nn.Module, latent_size: tuple[int, int], collectors: Iterable[Collector] = (),
-                 *, max_chunk_bytes: int | None = None):
-        blocks = find_comfy_joint_blocks(diffusion_model)
+                 *, max_chunk_bytes: int | None = None, lineage: BlockLineage | None = None):
+        lineage = lineage or comfy_lineage()
+        blocks = find_comfy_joint_blocks(diffusion_model, lineage.kinds)
         if not blocks:
-            raise CaptureError("no Flux or SD3 joint attention blocks found in this MODEL")
+            raise CaptureError("no Flux or SD3 joint attention blocks found in this model")
         super().__init__(diffusion_model, latent_size, collectors, modules=[(n, m) for n, m, _ in blocks],
                          max_chunk_bytes=max_chunk_bytes)
         self._blocks = blocks
+        self._apply_rope = lineage.apply_rope
 
     def install(self) -> None:
         # The forward's text context (``context=``), for collectors that pick rows by it.
@@ -165,7 +188,7 @@ class ComfyJointCapture(JointAttentionCapture):
             q_all, k_all = pending["all"]
         pe = pending.get("pe")
         if pe is not None:  # the rotary embedding over the attention's own order, as flux.math.attention applies it
-            q_all, k_all = comfy_module("ldm.flux.math").apply_rope(q_all.float(), k_all.float(), pe)
+            q_all, k_all = self._apply_rope(q_all.float(), k_all.float(), pe)
         n = q_all.shape[2] - length
         if flipped:
             q, image_k, text_k = q_all[:, :, :n], k_all[:, :, :n], k_all[:, :, n:]

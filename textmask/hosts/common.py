@@ -9,6 +9,17 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..errors import CaptureError
+
+FLUX_GUIDANCE = 3.5  # the guidance input of guidance-distilled Flux models: their pipeline's, FluxGuidance's and Forge's default
+
+
+def mmdit_refusal(what: str) -> CaptureError:
+    """The one line for a method a Flux/SD3 model cannot run: ``what`` is "traces" or "ld-znet"."""
+    if what == "traces":
+        return CaptureError("this model is an MM-DiT (Flux or SD3): traces re-query UNet attention modules only")
+    return CaptureError("LD-ZNet's weights are for SD1, SD2 and SDXL UNets; this model is an MM-DiT (Flux or SD3)")
+
 
 def pad_contexts(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Repeat each [1, L, D] context to a common length (the lcm), as ComfyUI does.

@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from ..capture_mmdit import JointAttentionCapture, find_joint_attention_modules
-from ..errors import CaptureError, CheckpointError
+from ..errors import CheckpointError
 from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod
 from ..tokenizer import clip_tokenizer, t5_tokenizer, tokenize
 from ..tokens import CONTEXT, WINDOW, PromptTokens, TokenMap
+from .common import FLUX_GUIDANCE, mmdit_refusal
 from .contract import Conditioning, Geometry, HostDefaults
 from .diffusers import execution_device, model_offload, sequential_offload, vae_latents
 
-FLUX_GUIDANCE = 3.5  # the guidance input Flux.1-dev's pipeline passes by default (guidance-distilled models)
 
 
 PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
@@ -130,10 +130,10 @@ class DiffusersDiTHost(HostDefaults):
                                      modules=find_joint_attention_modules(self.transformer))
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
-        raise CaptureError("this is an MM-DiT (SD3 or Flux): traces re-query UNet attention modules only")
+        raise mmdit_refusal("traces")
 
     def transformer_modules(self) -> list[tuple[str, nn.Module]]:
-        raise CaptureError("LD-ZNet's weights are for SD1, SD2 and SDXL UNets; this model is an MM-DiT (SD3 or Flux)")
+        raise mmdit_refusal("ld-znet")
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return vae_latents(self.vae, pixels).to(self.device, self.dtype)

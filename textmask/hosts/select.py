@@ -12,9 +12,9 @@ def webui_host(sd_model: Any):
     """The adapter for ``shared.sd_model``: Forge's patcher objects, or A1111's ldm/sgm model."""
     objects = getattr(sd_model, "forge_objects", None)
     if objects is not None and hasattr(getattr(objects.unet, "model", None), "predictor"):
-        from .forge import ForgeHost  # Forge's own backend (since 2024-08): the UNet is a KModel
+        from .forge import ForgeFluxHost, ForgeHost, is_forge_flux  # Forge's own backend (since 2024-08): a KModel
 
-        return ForgeHost(sd_model)
+        return ForgeFluxHost(sd_model) if is_forge_flux(sd_model) else ForgeHost(sd_model)
     if objects is not None:  # Forge's first release: ComfyUI's model management as ldm_patched
         try:
             from .comfy import ComfyHost

@@ -108,13 +108,18 @@ class WebuiHost(HostDefaults):
         return Conditioning(context, maps, pooled)
 
     def check_interrupt(self) -> None:
+        webui_interrupt()
+
+
+def webui_interrupt() -> None:
+    """Raise the webui's InterruptedException when the user pressed Interrupt or Skip (a no-op outside a webui)."""
+    try:
+        from modules import shared
+    except ImportError:
+        return
+    if getattr(shared.state, "interrupted", False) or getattr(shared.state, "skipped", False):
         try:
-            from modules import shared
+            from modules.sd_samplers_common import InterruptedException
         except ImportError:
-            return
-        if getattr(shared.state, "interrupted", False) or getattr(shared.state, "skipped", False):
-            try:
-                from modules.sd_samplers_common import InterruptedException
-            except ImportError:
-                InterruptedException = KeyboardInterrupt  # noqa: N806
-            raise InterruptedException
+            InterruptedException = KeyboardInterrupt  # noqa: N806
+        raise InterruptedException
