@@ -394,3 +394,150 @@ def test_ovdiff_nodes_on_flow_models(pack, mcv, tmp_path, monkeypatch):
     assert protos.names == ["cat", "grass"] and masks.shape == (4, 37, 53) and one.shape == (2, 37, 53)
     assert read and set(read) == {2}  # every sampler forward's class-prompt rows (2 images), never the negative's
     assert hook_counts(model) == hooks
+
+
+# ---- single files: the diffusers adapter loads what ComfyUI saves ------------------------------------------------
+def clip_json(path: Path, hidden: int, act: str) -> str:
+    """A tiny CLIP with 64-wide heads, as CLIP-L and CLIP-G have (a single file does not say the head count)."""
+    config = json.loads(comfy_env.clip_config(hidden, path, act).read_text())
+    path.write_text(json.dumps({**config, "num_attention_heads": hidden // 64, "bos_token_id": 49406,
+                                "eos_token_id": 49407, "pad_token_id": 49407}))
+    return str(path)
+
+
+def single_file_parts(kind: str, seed: int = 3, flux_width: int = 128):
+    """(diffusion model, text encoder model, LDM VAE) the way ComfyUI builds them, shaped as the real families are
+    where a file cannot say (Flux: 128-wide heads; SD3: 64-wide heads). A Flux ``flux_width`` of 3072 (Flux.1's,
+    which diffusers' converter requires) is built on the meta device: shapes without memory."""
+    tmp = Path(tempfile.mkdtemp(prefix="textmask-single-"))
+    t5_width = 32 if kind == "flux" else 128  # SD3 pads CLIP-L + CLIP-G (64 + 64) to T5's width
+    t5 = json.loads(Path(t5_config(tmp / "t5.json")).read_text())
+    (tmp / "t5.json").write_text(json.dumps({**t5, "d_model": t5_width, "d_kv": t5_width // 4}))
+    l_cfg = clip_json(tmp / "l.json", 64, "quick_gelu")
+    t5_clip = dict(special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5)
+    if kind == "flux":
+        cfg = dict(FLUX_UNET, hidden_size=flux_width, num_heads=flux_width // 128, axes_dim=[16, 56, 56],
+                   mlp_ratio=4.0, vec_in_dim=64, context_in_dim=t5_width)
+
+        class Clip(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.clip_l = comfy.sd1_clip.SDClipModel(return_projected_pooled=False, textmodel_json_config=l_cfg)
+                self.t5xxl = comfy.sd1_clip.SDClipModel(textmodel_json_config=str(tmp / "t5.json"), **t5_clip,
+                                                        model_options={"model_name": "t5xxl"})
+        with torch.device("meta" if flux_width > 128 else "cpu"):
+            model = comfy.supported_models.Flux(cfg).get_model({})
+    else:
+        g_cfg = clip_json(tmp / "g.json", 64, "gelu")
+        cfg = dict(SD3_UNET, adm_in_channels=128, context_embedder_config={
+            "target": "torch.nn.Linear", "params": {"in_features": t5_width, "out_features": 128}})
+
+        class Clip(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, textmodel_json_config=l_cfg,
+                                                         layer_norm_hidden_state=False, return_projected_pooled=False)
+                self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, textmodel_json_config=g_cfg,
+                                                         layer_norm_hidden_state=False)
+                self.t5xxl = comfy.sd1_clip.SDClipModel(textmodel_json_config=str(tmp / "t5.json"), **t5_clip,
+                                                        model_options={"model_name": "t5xxl"})
+        model = comfy.supported_models.SD3(cfg).get_model({})
+    if not next(model.diffusion_model.parameters()).is_meta:
+        comfy_env.init_weights(model.diffusion_model, seed)
+        g = torch.Generator().manual_seed(seed)
+        for buffer in model.diffusion_model.buffers():
+            buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.05)
+    clip = comfy_env.init_weights(Clip(), seed + 1)
+    vae = make_vae(seed + 2)
+    return model.diffusion_model.eval(), clip.eval(), vae.first_stage_model
+
+
+def single_file_state(diffusion, clip, ldm_vae) -> dict:
+    """The keys ComfyUI saves a checkpoint with."""
+    state = {"model.diffusion_model." + k: v for k, v in diffusion.state_dict().items()}
+    state.update({"first_stage_model." + k: v for k, v in ldm_vae.state_dict().items()})
+    state.update({"text_encoders." + k: v for k, v in clip.state_dict().items()})
+    return state
+
+
+def ldm_mean(ldm_vae, pixels):
+    """The LDM VAE's posterior mean, without ComfyUI's regulariser drawing a sample."""
+    moments = ldm_vae.encoder(pixels * 2 - 1)
+    if getattr(ldm_vae, "quant_conv", None) is not None:
+        moments = ldm_vae.quant_conv(moments)
+    return moments[:, :16]
+
+
+def assert_text_encoders_match(pipe, clip, kind):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (1, 12), generator=g)
+    theirs = clip.t5xxl.transformer(ids, None)[0]
+    ours = (pipe.text_encoder_2 if kind == "flux" else pipe.text_encoder_3)(ids).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    clip_ids = torch.tensor([[49406, 320, 736, 1615, 49407] + [49407] * 72])
+    _, _, projected, pooled = clip.clip_l.transformer(clip_ids)
+    ours = pipe.text_encoder(clip_ids)  # Flux reads CLIP-L's pooled output, SD3 its projection
+    torch.testing.assert_close(ours[1] if kind == "flux" else ours[0], pooled if kind == "flux" else projected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_sd3_single_file_loads_into_the_diffusers_adapter(tmp_path):
+    """A file with ComfyUI's keys (transformer, VAE, text encoders) loads offline with configs read from its shapes:
+    the transformer's velocity, the VAE's latents and the text encoders' outputs equal ComfyUI's own models'. A bare
+    transformer file takes the rest from a diffusers folder (``components``)."""
+    from safetensors.torch import save_file
+
+    from textmask import TextMasker
+    from textmask.hosts.contract import Conditioning
+    from textmask.hosts.diffusers_dit import DiffusersDiTHost
+
+    diffusion, clip, ldm_vae = single_file_parts("sd3")
+    path = tmp_path / "sd3.safetensors"
+    save_file({k: v.contiguous() for k, v in single_file_state(diffusion, clip, ldm_vae).items()}, str(path))
+    host = TextMasker.from_single_file(path, resolution=64).host  # the tiny positional table
+    assert isinstance(host, DiffusersDiTHost) and not host.is_flux
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        assert_text_encoders_match(host.pipe, clip, "sd3")
+        pixels = torch.rand(1, 3, 32, 48, generator=g)
+        torch.testing.assert_close(host.encode_images(pixels), (ldm_mean(ldm_vae, pixels) - 0.0609) * 1.5305,
+                                   atol=1e-5, rtol=1e-5)
+        x, s = torch.randn(2, 16, 8, 12, generator=g), torch.tensor([0.3, 0.7])
+        ctx, y = torch.randn(2, 77 + 256, 128, generator=g), torch.randn(2, 128, generator=g)
+        theirs = diffusion(x, s * 1000, context=ctx, y=y).float()
+        ours = host.velocity(x, s, Conditioning(ctx, [], y))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    out = TextMasker(host).mask(torch.rand(1, 37, 53, 3), "red car", refine=True)
+    assert out.masks.shape == (1, 37, 53)
+    host.pipe.save_pretrained(tmp_path / "base")
+    bare = tmp_path / "finetune.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusion.state_dict().items()}, str(bare))  # a transformer alone
+    again = TextMasker.from_single_file(bare, components=tmp_path / "base", resolution=64).host
+    with torch.inference_mode():
+        torch.testing.assert_close(again.velocity(x, s, Conditioning(ctx, [], y)), ours)
+
+
+def test_flux_single_file_layout_and_components():
+    """Flux.1's full width through diffusers' converter on meta tensors (every weight assigned at its shape), with
+    real VAE and text encoders that equal ComfyUI's; Flux of other widths and bare files are refused in one line."""
+    from textmask.errors import CheckpointError
+    from textmask.hosts.diffusers_dit_single_file import from_state_dict
+
+    diffusion, clip, ldm_vae = single_file_parts("flux", flux_width=3072)
+    pipe = from_state_dict(single_file_state(diffusion, clip, ldm_vae))
+    config = pipe.transformer.config
+    assert (config.num_layers, config.num_single_layers, config.num_attention_heads) == (1, 1, 24)
+    assert (config.joint_attention_dim, config.pooled_projection_dim, config.guidance_embeds) == (32, 64, True)
+    assert all(p.is_meta and p.shape for p in pipe.transformer.parameters())
+    with torch.inference_mode():
+        assert_text_encoders_match(pipe, clip, "flux")
+        pixels = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(pipe.vae.encode(pixels * 2 - 1).latent_dist.mean, ldm_mean(ldm_vae, pixels),
+                                   atol=1e-5, rtol=1e-5)
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (0.3611, 0.1159)
+    small, clip, ldm_vae = single_file_parts("flux")
+    with pytest.raises(CheckpointError, match="is 128 wide with 128-wide heads; diffusers' Flux converter reads Flux.1's"):
+        from_state_dict(single_file_state(small, clip, ldm_vae))
+    bare = {k: v for k, v in diffusion.state_dict().items()}  # bare keys, as Black Forest Labs ships Flux.1
+    with pytest.raises(CheckpointError, match="no vae, text_encoder, text_encoder_2; give the model's diffusers folder"):
+        from_state_dict(bare)

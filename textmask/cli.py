@@ -111,8 +111,11 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="SD1/SD2/SDXL .safetensors (or .ckpt), or a diffusers folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="SD1/SD2/SDXL/SD3/Flux .safetensors (or .ckpt), or a diffusers folder")
     p.add_argument("--config", default=None, help="diffusers-format config folder overriding the shipped configs")
+    p.add_argument("--components", default=None,
+                   help="SD3/Flux single files: the model's diffusers folder, for the VAE and text encoders the file lacks")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--offload", nargs="?", const="sequential", choices=("model", "sequential"), default=None,
@@ -272,7 +275,7 @@ def load_masker(args: argparse.Namespace, shard: Shard | None = None):
         host = diffusers_loading.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=show)
     else:
         host = diffusers_loading.from_single_file(ckpt, device=load_to, dtype=dtype, config=args.config,
-                                                  show_progress=show)
+                                                  components=args.components, show_progress=show)
     if args.offload == "model":
         host.enable_model_cpu_offload(device)
     elif args.offload == "sequential":

@@ -159,10 +159,20 @@ def from_single_file(
     dtype: torch.dtype = torch.float32,
     config: str | Path | None = None,
     prediction_type: str | None = None,
+    components: str | Path | None = None,
     **kwargs,
 ) -> DiffusersHost:
-    """Load an original-layout SD1/SD2/SDXL checkpoint; ``config`` overrides the shipped component configs."""
+    """Load an original-layout SD1/SD2/SDXL checkpoint (``config`` overrides the shipped component configs), or an
+    SD3/Flux one (``diffusers_dit_single_file``; ``components``: a diffusers folder for what the file lacks)."""
+    from .diffusers_dit_single_file import dit_family
+
     state = read_state_dict(path)
+    if dit_family(state) is not None:
+        from .diffusers_dit import DiffusersDiTHost
+        from .diffusers_dit_single_file import from_state_dict as dit_from_state_dict
+
+        pipe = dit_from_state_dict(state, components=components, dtype=dtype)
+        return DiffusersDiTHost(pipe.to(device), **{k: v for k, v in kwargs.items() if k in ("resolution", "show_progress")})
     return from_state_dict(state, device=device, dtype=dtype, config=config, prediction_type=prediction_type, **kwargs)
 
 
