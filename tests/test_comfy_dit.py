@@ -541,3 +541,24 @@ def test_flux_single_file_layout_and_components():
     bare = {k: v for k, v in diffusion.state_dict().items()}  # bare keys, as Black Forest Labs ships Flux.1
     with pytest.raises(CheckpointError, match="no vae, text_encoder, text_encoder_2; give the model's diffusers folder"):
         from_state_dict(bare)
+
+
+def test_flux_fill_sees_the_image_with_nothing_to_repaint(flux, pack):
+    """A Flux Fill MODEL reads the image's latents with an empty mask (keep everything), as SD's inpainting UNets
+    do: its forward depends on the image, and the node masks at the image's size."""
+    _, clip, vae = flux
+    model = comfy.supported_models.FluxInpaint(dict(FLUX_UNET, in_channels=96)).get_model({})
+    comfy_env.init_weights(model.diffusion_model, 5)
+    patcher = comfy.model_patcher.ModelPatcher(model.eval(), load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    host = ComfyHost(patcher, clip, vae)
+    assert host.dit == "flux"
+    g = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(1, 16, 8, 8, generator=g) for _ in range(3))
+    with torch.inference_mode():
+        cond = host.encode_prompts(["a red car"])
+        host.load()
+        one, same, other = (host.denoise(x, torch.tensor([1.0]), cond, image) for image in (a, a, b))
+    assert torch.equal(one, same) and not torch.allclose(one, other)
+    out = run_node(pack, (patcher, clip, vae), torch.rand(1, 40, 56, 3))[0]
+    assert out.shape == (1, 40, 56)

@@ -165,6 +165,19 @@ def test_unet_only_paths_refuse_in_one_line(sd3_pipe):
         masker.trace(image).mask("cat")
 
 
+def test_image_conditioned_flux_is_refused_in_one_line(flux_pipe):
+    """Flux Fill's transformer takes the image and mask channels too (384, not 64): refused before any forward."""
+    import copy
+
+    from textmask.errors import CheckpointError
+
+    fill = copy.copy(flux_pipe)
+    fill.transformer = type(flux_pipe.transformer).from_config({**flux_pipe.transformer.config, "in_channels": 384})
+    with pytest.raises(CheckpointError, match="takes 384 input channels, not the VAE's 64") as e:
+        TextMasker.from_pipe(fill)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("kind", ["sd3", "sd3-without-t5", "flux"])
 def test_folders_load_offline(kind, sd3_pipe, flux_pipe, tmp_path):
     """A saved pipeline folder, with its tokenizer folders removed (textmask ships them), loads through

@@ -279,8 +279,15 @@ class ComfyHost(HostDefaults):
         if self.dit is not None:
             sig = sigma.float().to(x.device).view(-1, 1, 1, 1)
             s = sig / (1 + sig)  # ComfyUI's flow "sigma" for σ
+            image = {}
+            config = getattr(self.base, "model_config", None)
+            channels = getattr(config, "unet_config", {}) if config is not None else {}
+            if image_latents is not None and channels.get("in_channels", 0) > 2 * channels.get("out_channels", 16):
+                # Flux Fill: the image with an empty mask (nothing to repaint), as SD's inpainting UNets get it
+                image = {"concat_latent_image": self.base.process_latent_out(image_latents.float()),
+                         "concat_mask": torch.zeros(b, 1, h * f, w * f, device=device)}
             extra = self.base.extra_conds(cross_attn=cond.context, pooled_output=cond.pooled, guidance=FLUX_GUIDANCE,
-                                          device=device, noise=x, width=w * f, height=h * f)
+                                          device=device, noise=x, width=w * f, height=h * f, **image)
             conds = {k: v.process_cond(batch_size=b, device=device, area=(h, w, 0, 0)).cond for k, v in extra.items()}
             return self.base.apply_model(x.float() / (1 + sig), s.view(-1), **conds).float()  # x0 at x_s = x / (1 + σ)
         extra = self.base.extra_conds(

@@ -93,6 +93,11 @@ class DiffusersDiTHost(HostDefaults):
             raise CheckpointError("this pipeline has no vae; textmask encodes the images with it")
         self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
         self.is_flux = type(self.transformer).__name__ == "FluxTransformer2DModel"
+        channels = int(self.vae.config.latent_channels) * (4 if self.is_flux else 1)
+        if int(self.transformer.config.in_channels) != channels:  # Flux Fill, Depth, Canny: image inputs of their own
+            raise CheckpointError(f"this transformer takes {self.transformer.config.in_channels} input channels, not "
+                                  f"the VAE's {channels}: an image-conditioned model (Flux Fill, Depth or Canny) is "
+                                  "read in ComfyUI only")
         # Flux's T5 context is 512 tokens, SD3's 256 (each pipeline's default).
         self.max_sequence_length = int(max_sequence_length or (512 if self.is_flux else 256))
         self.denoiser = DDPMDenoiser(ddpm_alphas_cumprod())  # SD's noise levels, for textmask's timesteps
