@@ -97,10 +97,17 @@ def per_layer_auc(masker, scenes) -> dict[str, float]:
 
 
 def random_unet_masker(masker):
+    """The same pipeline on a randomly initialised denoiser (UNet or transformer) of the same config."""
     host = copy.copy(masker.host)
     torch.manual_seed(1234)
-    host.unet = type(masker.host.unet).from_config(masker.host.unet.config).eval()
+    name = "transformer" if is_dit(host) else "unet"
+    model = getattr(host, name)
+    setattr(host, name, type(model).from_config(model.config).eval())
     return TextMasker(host)
+
+
+def is_dit(host) -> bool:
+    return hasattr(host, "transformer")
 
 
 def main() -> None:
@@ -117,11 +124,12 @@ def main() -> None:
     torch.set_num_threads(2)
     masker = load_demo_masker(args.model)
     scenes = [make_scene(s) for s in split_seeds(args.split, args.scenes)]
-    grid = masker.host.unet.config.sample_size  # the largest attention grid (latent size)
+    g = masker.host.geometry  # the largest attention grid: the latent (a UNet), the token grid (an MM-DiT)
+    grid = g.resolution // (g.size_multiple if is_dit(masker.host) else g.latent_factor)
     rows: dict[str, dict] = {}
     t0 = time.time()
     methods = dict(METHODS)
-    if args.ldznet.is_file():
+    if args.ldznet.is_file() and not is_dit(masker.host):  # LD-ZNet reads UNets
         methods["ld-znet (trained on Shapes)"] = dict(method="ld-znet", ldznet=masker.load_ldznet(args.ldznet))
     if args.only_ldznet:
         methods = {k: v for k, v in methods.items() if v["method"] == "ld-znet"}
