@@ -1,12 +1,16 @@
 """Overhead of textmask's methods against one plain UNet forward (full-size SD1.5 UNet, random weights).
 
-    python bench/overhead.py [--size 512] [--repeats 3] [--device cuda --dtype float16]
+    python bench/overhead.py [--size 512] [--repeats 3] [--device cuda --dtype float16] [--kernels]
 
 Each row times exactly what TextMasker.mask runs per batch once latents exist: the hooked UNet forward plus
 the method's decoding (textmask.methods.attention.AttentionDecoder); the "+pamr" row adds the default PAMR edge
 refinement of its maps (textmask.postprocess.edge_refined). Peak extra memory is the RSS peak above the plain
 forward's own peak, sampled every 2 ms, as a share of the UNet's weight bytes; on CUDA it is the peak of
 allocated GPU memory above the plain forward's.
+
+``--kernels`` also counts, with PyTorch's profiler, what each row launches beyond the plain forward: CUDA kernels on
+a GPU (where a forward is bound by launches), and on the CPU the operators that compute (views and metadata
+excluded), which are the kernels a GPU would launch.
 """
 
 from __future__ import annotations
@@ -76,6 +80,36 @@ def parsed_device(ap: argparse.ArgumentParser, args) -> tuple[torch.device, torc
     return device, getattr(torch, args.dtype)
 
 
+VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::expand", "aten::slice", "aten::select",
+         "aten::transpose", "aten::permute", "aten::t", "aten::alias", "aten::detach", "aten::as_strided",
+         "aten::unsqueeze", "aten::squeeze", "aten::unflatten", "aten::flatten", "aten::split", "aten::chunk",
+         "aten::narrow", "aten::unbind", "aten::contiguous", "aten::empty", "aten::empty_strided", "aten::lift_fresh",
+         "aten::result_type", "aten::resolve_conj", "aten::resolve_neg", "aten::_unsafe_view", "aten::is_nonzero",
+         "aten::item", "aten::_local_scalar_dense", "aten::size", "aten::stride", "aten::numel", "aten::to",
+         "aten::_to_copy", "aten::matmul", "aten::linear"}  # no work of their own (to/_to_copy: a copy only on change,
+# counted by its aten::copy_; matmul/linear: counted by the mm/bmm/addmm they dispatch to)
+
+
+def launches(fn, cuda: bool) -> int:
+    """Kernels one call of ``fn`` launches (CUDA), or computing operators it runs (CPU): see the module docstring."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    count = 0
+    for e in prof.events():  # innermost computing operators: an op whose children compute is counted through them
+        if not e.name.startswith("aten::") or e.name in VIEWS:
+            continue
+        if not any(c.name.startswith("aten::") and c.name not in VIEWS for c in e.cpu_children):
+            count += 1
+    return count
+
+
 class PeakCUDA:
     """``peak`` is the most GPU memory allocated above the level at entry (CUDA's own peak counter)."""
 
@@ -121,6 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size / 8)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kernels", action="store_true", help="also count each row's kernels beyond the plain forward")
     add_device_arguments(ap)
     args = ap.parse_args()
     device, dtype = parsed_device(ap, args)
@@ -197,6 +232,14 @@ def main() -> None:
     print(f"refer: {med['refer'] / med['plain']:.2f}x")
     print(f"segments-extra-memory: {100 * max(0, extra_segments) / weight_bytes:.0f}%")
     print(f"refer-extra-memory: {100 * max(0, extra_refer) / weight_bytes:.0f}%")
+    if args.kernels:
+        with torch.inference_mode():
+            counts = {k: launches(fn, cuda) for k, fn in rows.items()}
+        what = "CUDA kernels" if cuda else "computing operators"
+        print(f"\n{what} per call, and beyond the plain forward's {counts['plain']}:")
+        for k in rows:
+            if k != "plain":
+                print(f"{k}-kernels: {counts[k]} (+{counts[k] - counts['plain']})")
 
 
 if __name__ == "__main__":

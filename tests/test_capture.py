@@ -414,3 +414,30 @@ def test_per_head_probabilities_average_to_the_probabilities_and_change_nothing(
         assert full.shape == (2, layer.heads, layer.tokens, 77)
         torch.testing.assert_close(full.sum(-1), torch.ones_like(full.sum(-1)), atol=1e-5, rtol=0)
         torch.testing.assert_close(full.mean(1), mean.probs[layer.name], atol=1e-6, rtol=0)
+
+
+def test_module_inventory_is_remembered_until_the_model_changes():
+    """The attention modules are found once per model (a walk over every module costs a GPU forward's launch
+    budget); a replaced top-level block is found again, and a LoRA-style wrapper on ``to_q`` is still read."""
+    unet = tiny_models.unet_sd1()
+    first = find_attention_modules(unet)
+    assert [m for _, m in find_attention_modules(unet)] == [m for _, m in first]
+    old = unet.down_blocks
+    unet.down_blocks = copy.deepcopy(old)  # a new block: its attention modules are new objects
+    again = find_attention_modules(unet)
+    assert {id(m) for _, m in again} != {id(m) for _, m in first} and len(again) == len(first)
+
+    class Wrapped(torch.nn.Module):  # as PEFT wraps a projection with a LoRA layer
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x)
+
+    name, module = next((n, m) for n, m in again if "attn2" in n)
+    module.to_q = Wrapped(module.to_q)
+    store = ProbsStore(("cross",))
+    with AttentionCapture(find_attention_modules(unet), (16, 16), [store]):
+        run(unet)
+    assert name in store.probs

@@ -39,13 +39,28 @@ class AttentionLayer:
         return self.size[0] * self.size[1]
 
 
+# root -> (its children's ids, its attention modules): walking a UNet's ~1 400 modules costs 1-2 ms of Python per
+# mask, as much as a GPU forward's launch overhead allows for the whole capture.
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[tuple[str, nn.Module]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
 def find_attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Attention modules of a UNet: diffusers ``Attention`` and ldm/ComfyUI ``CrossAttention`` alike."""
+    """Attention modules of a UNet: diffusers ``Attention`` and ldm/ComfyUI ``CrossAttention`` alike.
+
+    Remembered per root module while its top-level children stay the same modules; the projections are looked up
+    again at every install, so a LoRA wrapping ``to_q`` or fused projections are still read.
+    """
+    stamp = tuple(id(m) for m in root.children())
+    known = _FOUND.get(root)
+    if known is not None and known[0] == stamp:
+        return list(known[1])
     # Submodule lookups in _modules: hasattr on every module of a UNet costs a raised AttributeError each (~1 ms).
     found = [(n, m) for n, m in root.named_modules() if "to_q" in m._modules and "to_k" in m._modules and hasattr(m, "heads")]
     if not found and any(hasattr(m, "to_qkv") for m in root.modules()):
         raise CaptureError("this UNet has fused QKV projections; call unfuse_qkv_projections() before masking")
-    return found
+    _FOUND[root] = (stamp, found)
+    return list(found)
 
 
 def find_transformer_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -205,6 +220,7 @@ class AttentionCapture(Hooks):
         self._max_chunk_bytes = max_chunk_bytes
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._selective = False  # hooks only on the kinds read, from the learned inventory
+        self._plans: dict[Kind, list] = {}  # kind -> its readers, grouped by need (``_plan``)
         self.layers: list[AttentionLayer] = []  # inventory, in execution order of the first forward
         self._by_name: dict[str, AttentionLayer] = {}
 
@@ -260,47 +276,53 @@ class AttentionCapture(Hooks):
 
         return hook
 
+    def _plan(self, kind: Kind) -> list[tuple[str, slice | None, Callable | None, list[Collector]]]:
+        """The readers of ``kind``'s layers, grouped by what they need: (values, rows, context_rows, collectors).
+        Made once per capture: collectors and their needs do not change between layers."""
+        plan = self._plans.get(kind)
+        if plan is None:
+            groups: dict[tuple, tuple[str, slice | None, Callable | None, list[Collector]]] = {}
+            for c in self._collectors:
+                need = c.need
+                if kind not in need.kinds:
+                    continue
+                pick = need.context_rows if kind == "cross" else None
+                rows = need.rows
+                key = (need.values, None if rows is None else (rows.start, rows.stop, rows.step), id(pick))
+                groups.setdefault(key, (need.values, rows, pick, []))[3].append(c)
+            plan = self._plans[kind] = list(groups.values())
+        return plan
+
     def _on_qk(self, name: str, module: nn.Module, q_in, q: torch.Tensor, k_in, k: torch.Tensor) -> None:
         """One attention call's queries and keys (and the inputs they were projected from)."""
         if q.dim() != 3 or k.dim() != 3:
             return  # not the (batch, tokens, channels) layout of a spatial transformer
         layer = self._register(name, module, kind="self" if k_in is q_in else "cross", tokens=q.shape[1])
-        readers = [c for c in self._collectors if layer.kind in c.need.kinds]
-        if not readers:
+        plan = self._plan(layer.kind)
+        if not plan:
             return
         q, k = q.detach(), k.detach()
         picked_for: dict[int, torch.Tensor | None] = {}  # context_rows function -> its rows for this call
-        groups: dict[tuple, list[tuple[Collector, torch.Tensor | None]]] = {}
-        for c in readers:
-            need = c.need
-            picked = None
-            if need.context_rows is not None and layer.kind == "cross":
-                key = id(need.context_rows)
-                if key not in picked_for:
-                    picked_for[key] = need.context_rows(k_in)
-                picked = picked_for[key]
-                if picked is not None and picked.numel() == 0:
-                    continue
-            rows = need.rows
-            group = (need.values, None if rows is None else (rows.start, rows.stop, rows.step),
-                     None if picked is None else id(picked))
-            groups.setdefault(group, []).append((c, picked))
-        for (values, _, _), members in groups.items():
-            picked = members[0][1]
-            rows = members[0][0].need.rows
+        for values, rows, pick, members in plan:
             qs, ks = q, k
-            if picked is not None:
-                qs, ks = q.index_select(0, picked.to(q.device)), k.index_select(0, picked.to(k.device))
+            if pick is not None:
+                if id(pick) not in picked_for:
+                    picked_for[id(pick)] = pick(k_in)
+                picked = picked_for[id(pick)]
+                if picked is not None:
+                    if picked.numel() == 0:
+                        continue
+                    qs, ks = q.index_select(0, picked.to(q.device)), k.index_select(0, picked.to(k.device))
             if rows is not None:
                 qs, ks = qs[rows], ks[rows]
             if values == "queries":
-                for c, _ in members:
+                for c in members:
                     c(layer, 0, qs)
                 continue
             chunks = attention_probs(qs, ks, layer.heads, attention_scale(module, layer, q), self._max_chunk_bytes,
                                      values == "logits", values == "head_probs")
             for start, chunk in chunks:
-                for c, _ in members:
+                for c in members:
                     c(layer, start, chunk)
 
     def _register(self, name: str, module: nn.Module, kind: Kind, tokens: int) -> AttentionLayer:
