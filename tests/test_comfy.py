@@ -503,3 +503,39 @@ def test_edm_schedule_noises_at_the_same_noise_level(pack, sd15, sampling):
             assert torch.isfinite(heat).all() and 0 < float(mask.mean()) < 1
     comfy.model_management.load_models_gpu([model])
     assert hook_counts(model) == hooks and torch.equal(before, model_output(model))  # the patches came off
+
+
+def test_a_compiled_model_is_refused_in_one_line(pack, sd15):
+    """ComfyUI's TorchCompileModel patches in a compiled diffusion model. Once a sampler has run it, its graph never
+    calls hooks added later: the node says so in one line (masking it would need the host's model swapped)."""
+    _, clip, vae = sd15
+    model = comfy_env.make_model("sd15")  # its own: the object patch stays on the model while it is loaded
+    compiled = model.clone()
+    compiled.add_object_patch("diffusion_model", torch.compile(model.model.diffusion_model, backend="eager"))
+    try:
+        model_output(compiled)  # a sampler's run compiles it
+        with pytest.raises(pack.textmask.errors.TextMaskError, match="compiled") as e:
+            run_node(pack, (compiled, clip, vae), torch.rand(1, 32, 32, 3))
+        assert "\n" not in str(e.value)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_current_comfyuis_compile_wrapper_masks_eagerly_and_capture_refuses(pack, sd15):
+    """Current ComfyUI's TorchCompileModel compiles inside an apply_model wrapper that only the sampler's forwards
+    run: the Text Mask node's own forward is the eager model (masks as without it), and Text Mask Capture, which
+    reads the sampler's forwards, says in one line that it cannot."""
+    helpers = pytest.importorskip("comfy_api.torch_helpers")
+    model, clip, vae = sd15
+    compiled = model.clone()
+    helpers.set_torch_compile_wrapper(model=compiled, backend="eager")
+    image = torch.rand(1, 32, 32, 3)
+    try:
+        ours, plain = run_node(pack, (compiled, clip, vae), image)[0], run_node(pack, sd15, image)[0]
+        assert torch.equal(ours, plain)
+        node = pack.NODE_CLASS_MAPPINGS["TextMaskCapture"]()
+        with pytest.raises(pack.textmask.errors.TextMaskError, match="torch.compile"):
+            with torch.inference_mode():
+                node.run(compiled, clip, "a red car")
+    finally:
+        torch._dynamo.reset()

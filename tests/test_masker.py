@@ -145,6 +145,21 @@ def test_terms_share_one_forward(sd1_pipe):
         handle.remove()
 
 
+def test_a_compiled_unet_masks_through_its_eager_module(sd1_pipe):
+    """A pipeline whose UNet is torch.compile'd masks as the uncompiled one does: textmask's forward runs the
+    compiled module's eager original (the same weights), whose hooks fire."""
+    import copy
+
+    compiled = copy.copy(sd1_pipe)
+    compiled.unet = torch.compile(sd1_pipe.unet, backend="eager")
+    try:
+        ours = TextMasker.from_pipe(compiled, resolution=64).mask(images(1), "red car", refine=True)
+    finally:
+        torch._dynamo.reset()
+    plain = TextMasker.from_pipe(sd1_pipe, resolution=64).mask(images(1), "red car", refine=True)
+    assert torch.equal(ours.heatmaps, plain.heatmaps) and float(plain.heatmaps.std()) > 0
+
+
 def test_model_bit_identical_after_masking(sd1_pipe):
     unet = sd1_pipe.unet
     masker = TextMasker.from_pipe(sd1_pipe, resolution=64)

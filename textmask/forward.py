@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import options
 from .capture import Collector
-from .errors import NONFINITE_HINT, TextMaskError
+from .errors import NONFINITE_HINT, CaptureError, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import ImageInput, to_batch, working_size
 from .schedule import image_noise
@@ -145,5 +145,8 @@ def eps(host: Host, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, im
     capture = host.attention_capture(tuple(x.shape[-2:]), collectors) if collectors else contextlib.nullcontext()
     with capture:
         denoised = host.denoise(x, sigma, cond, image_latents)
+    if collectors and not getattr(capture, "layers", True):
+        raise CaptureError("the model ran but no attention layer was seen: it is compiled (torch.compile) or replayed "
+                           "as a CUDA graph, which hooks cannot read; mask with the model uncompiled")
     # A non-finite forward poisons the attention it computed too; the maps' min-max would hide it as zeros.
     return check_finite((x - denoised.float()) / sigma.view(-1, 1, 1, 1), "the model's prediction")

@@ -33,6 +33,10 @@ comfy_utils = comfy_module("utils")
 
 
 
+COMPILED = ("this MODEL is torch.compile'd (TorchCompileModel), and a compiled graph never calls the hooks textmask "
+            "reads attention with; give textmask the MODEL from before TorchCompileModel")
+
+
 class ComfyProgress:
     """ComfyUI's ProgressBar as the context manager the core expects."""
 
@@ -122,8 +126,20 @@ class ComfyHost(HostDefaults):
     def prepare(self, batch_shape: Sequence[int]) -> None:
         self.load(batch_shape)
 
+    def compiled(self, sampling: bool = False) -> bool:
+        """Whether this MODEL's forwards run a torch.compile'd graph, which hooks added later never see.
+
+        TorchCompileModel patches the compiled model in as an object (older ComfyUI: every forward), or adds an
+        ``apply_model`` wrapper (current ComfyUI: the sampler's forwards only; textmask's own calls skip it)."""
+        patched = getattr(self.patcher, "object_patches", {}).get("diffusion_model")
+        if hasattr(patched, "_orig_mod") or hasattr(self.base.diffusion_model, "_orig_mod"):
+            return True
+        return sampling and "torch_compile_kwargs" in getattr(self.patcher, "model_options", {})
+
     def attention_capture(self, latent_size: tuple[int, int], collectors: Sequence):
         """The UNet's ``AttentionCapture``, or for a Flux/SD3 MODEL ``comfy_dit.ComfyJointCapture`` on its blocks."""
+        if self.compiled():
+            raise CaptureError(COMPILED)
         if self.dit is None:
             return super().attention_capture(latent_size, collectors)
         from .comfy_dit import ComfyJointCapture
@@ -344,6 +360,8 @@ def capturing_model(host: "ComfyHost", capture):
     read-only hooks for each denoiser call and removes them when the call returns, raises or is interrupted, so the
     shared modules are hooked only while this clone samples: other samplers on the same MODEL are untouched.
     """
+    if host.compiled(sampling=True):
+        raise CaptureError(COMPILED)
     clone = host.patcher.clone()
     previous = clone.model_options.get("model_function_wrapper")
     diffusion_model = clone.model.diffusion_model

@@ -115,6 +115,9 @@ class DiffusersHost(HostDefaults):
                                   "textmask needs an SD1.x, SD2.x or SDXL base model's")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise CheckpointError(f"unsupported prediction type {prediction_type!r}")
+        # A torch.compile'd UNet runs a graph that forward hooks never see: textmask's one forward runs its eager
+        # module (the same weights) instead.
+        unet = getattr(unet, "_orig_mod", unet)
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer = tokenizer if tokenizer is not None and getattr(tokenizer, "is_fast", False) else clip_tokenizer()
         self.edm = edm  # a continuous EDM schedule, read at SD's noise levels through its equivalent ᾱ_t

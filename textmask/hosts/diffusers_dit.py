@@ -91,7 +91,8 @@ class DiffusersDiTHost(HostDefaults):
             raise CheckpointError(f"{type(pipe).__name__} is not an SD3 or Flux pipeline")
         if getattr(pipe, "vae", None) is None:
             raise CheckpointError("this pipeline has no vae; textmask encodes the images with it")
-        self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
+        # a torch.compile'd transformer runs a graph forward hooks never see: run its eager module (same weights)
+        self.pipe, self.transformer, self.vae = pipe, getattr(pipe.transformer, "_orig_mod", pipe.transformer), pipe.vae
         self.is_flux = type(self.transformer).__name__ == "FluxTransformer2DModel"
         channels = int(self.vae.config.latent_channels) * (4 if self.is_flux else 1)
         if int(self.transformer.config.in_channels) != channels:  # Flux Fill, Depth, Canny: image inputs of their own
