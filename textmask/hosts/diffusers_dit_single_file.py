@@ -205,24 +205,23 @@ def from_state_dict(state: Mapping[str, torch.Tensor], *, components: str | Path
         part = {k: v for k, v in part.items() if k not in unused}  # saved with the encoder, never read by the pipeline
         config_ = t5_config(part) if key == "t5xxl" else clip_config(part, act)
         parts[slot] = _transformers_model(model_cls, config_, part, key, dtype)
-    if family == "sd3":
-        slots = ["vae", "text_encoder", "text_encoder_2"]  # T5 is optional for SD3
-        parts.update(tokenizer=clip_pipeline_tokenizer(), tokenizer_2=clip_pipeline_tokenizer())
-        parts["tokenizer_3"] = t5_tokenizer() if "text_encoder_3" in parts else None
-    else:
-        slots = ["vae", "text_encoder", "text_encoder_2"]
-        parts.update(tokenizer=clip_pipeline_tokenizer(), tokenizer_2=t5_tokenizer())
+    slots = ["vae", "text_encoder", "text_encoder_2"]  # and SD3's optional T5, text_encoder_3
     missing = [s for s in slots if s not in parts]
-    if missing and components is not None:
-        parts.update(_from_folder_components(components, family, missing, dtype))
-    elif family == "sd3" and "text_encoder_3" not in parts and components is not None:
-        parts.update(_from_folder_components(components, family, ["text_encoder_3"], dtype, optional=True))
+    if components is not None:
+        if missing:
+            parts.update(_from_folder_components(components, family, missing, dtype))
+        if family == "sd3" and "text_encoder_3" not in parts:
+            parts.update(_from_folder_components(components, family, ["text_encoder_3"], dtype, optional=True))
     missing = [s for s in slots if s not in parts]
     if missing:
         raise CheckpointError(f"this {family.upper()} file has no {', '.join(missing)}; give the model's diffusers folder "
                               "for them (--components DIR, or components=)")
-    if family == "sd3" and "text_encoder_3" not in parts:
-        parts.update(text_encoder_3=None, tokenizer_3=None)
+    parts.update(tokenizer=clip_pipeline_tokenizer())
+    if family == "sd3":
+        parts.update(tokenizer_2=clip_pipeline_tokenizer(), text_encoder_3=parts.get("text_encoder_3"),
+                     tokenizer_3=t5_tokenizer() if "text_encoder_3" in parts else None)
+    else:
+        parts.update(tokenizer_2=t5_tokenizer())
     name = "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline"
     return getattr(diffusers, name)(**parts)
 
