@@ -513,6 +513,7 @@ def test_sd3_single_file_loads_into_the_diffusers_adapter(tmp_path):
     bare = tmp_path / "finetune.safetensors"
     save_file({k: v.contiguous() for k, v in diffusion.state_dict().items()}, str(bare))  # a transformer alone
     again = TextMasker.from_single_file(bare, components=tmp_path / "base", resolution=64).host
+    assert again.pipe.text_encoder_3 is not None and again.pipe.tokenizer_3 is not None  # T5 from the folder too
     with torch.inference_mode():
         torch.testing.assert_close(again.velocity(x, s, Conditioning(ctx, [], y)), ours)
 
