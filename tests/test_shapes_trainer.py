@@ -195,3 +195,25 @@ def test_bad_budget_or_device_is_a_one_line_error_before_any_work(tmp_path):
         assert run.returncode == 2 and "Traceback" not in run.stderr
         assert run.stderr.strip().splitlines()[-1].startswith("train_model.py: error: ")
         assert not (tmp_path / "out").exists()
+
+
+def test_mmdit_trainer_writes_an_sd3_folder_that_masks(tmp_path, monkeypatch):
+    """bench/shapes/train_mmdit.py: a few steps on a few scenes give an SD3 pipeline folder (fp16, no T5, no
+    tokenizers) that textmask loads offline, whose transformer learnt (its weights moved), and that masks."""
+    import train_mmdit
+
+    from textmask import TextMasker
+
+    out = tmp_path / "mmdit"
+    monkeypatch.setattr(sys, "argv", ["train_mmdit.py", "--out", str(out), "--scenes", "8", "--steps", "2",
+                                      "--batch", "2", "--threads", str(torch.get_num_threads())])
+    train_mmdit.main()
+    assert {p.name for p in out.iterdir()} >= {"transformer", "vae", "text_encoder", "text_encoder_2", "scheduler",
+                                               "model_index.json", "train_log.json"}
+    assert not (out / "text_encoder_3").exists() and not (out / "tokenizer").exists()
+    host = TextMasker.from_pretrained(out, resolution=128).host
+    fresh = train_mmdit.build_pipeline(0, 2.5).transformer
+    trained = dict(host.transformer.named_parameters())
+    assert any(not torch.equal(p.half().float(), trained[n].float()) for n, p in fresh.named_parameters())
+    out = TextMasker(host).mask(torch.rand(1, 40, 56, 3), "red circle")
+    assert out.masks.shape == (1, 40, 56)
