@@ -82,10 +82,14 @@ def make_flux_clip(seed: int = 0):
 
 
 @torch.no_grad()
-def make_sd3_clip(seed: int = 0):
-    """ComfyUI's SD3 text encoder with tiny CLIP-L and CLIP-G and no T5 (its context is padded to 4096 wide)."""
+def make_sd3_clip(seed: int = 0, t5: dict | None = None):
+    """ComfyUI's SD3 text encoder with tiny CLIP-L and CLIP-G (its context is padded to 4096 wide), and T5 with
+    ``t5``'s changes to the tiny T5 config where given."""
     tmp = Path(tempfile.mkdtemp(prefix="textmask-sd3-clip-"))
     l_cfg, g_cfg = str(comfy_env.clip_config(HIDDEN, tmp / "l.json")), str(comfy_env.clip_config(HIDDEN, tmp / "g.json", "gelu"))
+    if t5 is not None:
+        base = json.loads(Path(t5_config(tmp / "t5.json")).read_text())
+        (tmp / "t5.json").write_text(json.dumps({**base, **t5}))
 
     class TinySD3Clip(comfy.text_encoders.sd3_clip.SD3ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
@@ -97,7 +101,10 @@ def make_sd3_clip(seed: int = 0):
                                                      layer_norm_hidden_state=False, textmodel_json_config=g_cfg,
                                                      special_tokens={"start": 49406, "end": 49407, "pad": 0},
                                                      model_options=model_options)
-            self.t5xxl = None
+            self.t5xxl = None if t5 is None else comfy.sd1_clip.SDClipModel(
+                device=device, dtype=dtype, textmodel_json_config=str(tmp / "t5.json"),
+                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                model_options={**model_options, "model_name": "t5xxl"})
             self.t5_attention_mask = False
             self.dtypes = {dtype}
 
@@ -569,31 +576,7 @@ def test_sd3_with_t5_maps_phrases_into_both_streams(sd3, pack):
     """SD3 with T5 in ComfyUI: CLIP-L/G's window (padded to 4096 wide) then T5's tokens; a phrase's positions are
     its tokens in both streams, and T5's point at T5's own pieces."""
     model, _, vae = sd3
-    tmp = Path(tempfile.mkdtemp(prefix="textmask-sd3-t5-"))
-    l_cfg, g_cfg = str(comfy_env.clip_config(HIDDEN, tmp / "l.json")), str(comfy_env.clip_config(HIDDEN, tmp / "g.json", "gelu"))
-    t5 = json.loads(Path(t5_config(tmp / "t5.json")).read_text())
-    (tmp / "t5.json").write_text(json.dumps({**t5, "d_model": 4096, "d_kv": 8, "num_heads": 1, "d_ff": 16,
-                                             "num_layers": 1}))  # T5-XXL's width, tiny otherwise
-
-    class SD3ClipWithT5(comfy.text_encoders.sd3_clip.SD3ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
-            torch.nn.Module.__init__(self)
-            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
-                                                     layer_norm_hidden_state=False, return_projected_pooled=False,
-                                                     textmodel_json_config=l_cfg, model_options=model_options)
-            self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
-                                                     layer_norm_hidden_state=False, textmodel_json_config=g_cfg,
-                                                     special_tokens={"start": 49406, "end": 49407, "pad": 0},
-                                                     model_options=model_options)
-            self.t5xxl = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=str(tmp / "t5.json"),
-                                                    special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                                                    model_options={**model_options, "model_name": "t5xxl"})
-            self.t5_attention_mask = False
-            self.dtypes = {dtype}
-
-    target = types.SimpleNamespace(clip=SD3ClipWithT5, tokenizer=comfy.text_encoders.sd3_clip.SD3Tokenizer, params={})
-    clip = comfy.sd.CLIP(target)
-    comfy_env.init_weights(clip.cond_stage_model, 7)
+    clip = make_sd3_clip(seed=7, t5={"d_model": 4096, "d_kv": 8, "num_heads": 1, "d_ff": 16, "num_layers": 1})
     host = ComfyHost(model, clip, vae)
     with torch.inference_mode():
         cond = host.encode_prompts(["a red car on a hill"])
