@@ -60,6 +60,13 @@ def t5_config(path: Path) -> str:
 
 
 @torch.no_grad()
+def t5_encoder(config: str, device="cpu", dtype=None, model_options: dict | None = None):
+    """ComfyUI's T5-XXL slot (its T5 class, end 1 and pad 0) over a tiny config file."""
+    return comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=config,
+                                      special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                                      model_options={**(model_options or {}), "model_name": "t5xxl"})
+
+
 def make_flux_clip(seed: int = 0):
     """ComfyUI's Flux text encoder (CLIP-L for the pooled vector, T5 for the context) with tiny configs."""
     tmp = Path(tempfile.mkdtemp(prefix="textmask-flux-clip-"))
@@ -70,9 +77,7 @@ def make_flux_clip(seed: int = 0):
             torch.nn.Module.__init__(self)
             self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
                                                      textmodel_json_config=l_cfg, model_options=model_options)
-            self.t5xxl = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=t5_cfg,
-                                                    special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                                                    model_options={**model_options, "model_name": "t5xxl"})
+            self.t5xxl = t5_encoder(t5_cfg, device, dtype, model_options)
             self.dtypes = {dtype}
 
     target = types.SimpleNamespace(clip=TinyFluxClip, tokenizer=comfy.text_encoders.flux.FluxTokenizer, params={})
@@ -101,10 +106,7 @@ def make_sd3_clip(seed: int = 0, t5: dict | None = None):
                                                      layer_norm_hidden_state=False, textmodel_json_config=g_cfg,
                                                      special_tokens={"start": 49406, "end": 49407, "pad": 0},
                                                      model_options=model_options)
-            self.t5xxl = None if t5 is None else comfy.sd1_clip.SDClipModel(
-                device=device, dtype=dtype, textmodel_json_config=str(tmp / "t5.json"),
-                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                model_options={**model_options, "model_name": "t5xxl"})
+            self.t5xxl = None if t5 is None else t5_encoder(str(tmp / "t5.json"), device, dtype, model_options)
             self.t5_attention_mask = False
             self.dtypes = {dtype}
 
@@ -421,7 +423,6 @@ def single_file_parts(kind: str, seed: int = 3, flux_width: int = 128):
     t5 = json.loads(Path(t5_config(tmp / "t5.json")).read_text())
     (tmp / "t5.json").write_text(json.dumps({**t5, "d_model": t5_width, "d_kv": t5_width // 4}))
     l_cfg = clip_json(tmp / "l.json", 64, "quick_gelu")
-    t5_clip = dict(special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5)
     if kind == "flux":
         cfg = dict(FLUX_UNET, hidden_size=flux_width, num_heads=flux_width // 128, axes_dim=[16, 56, 56],
                    mlp_ratio=4.0, vec_in_dim=64, context_in_dim=t5_width)
@@ -430,8 +431,7 @@ def single_file_parts(kind: str, seed: int = 3, flux_width: int = 128):
             def __init__(self):
                 super().__init__()
                 self.clip_l = comfy.sd1_clip.SDClipModel(return_projected_pooled=False, textmodel_json_config=l_cfg)
-                self.t5xxl = comfy.sd1_clip.SDClipModel(textmodel_json_config=str(tmp / "t5.json"), **t5_clip,
-                                                        model_options={"model_name": "t5xxl"})
+                self.t5xxl = t5_encoder(str(tmp / "t5.json"))
         with torch.device("meta" if flux_width > 128 else "cpu"):
             model = comfy.supported_models.Flux(cfg).get_model({})
     else:
@@ -446,8 +446,7 @@ def single_file_parts(kind: str, seed: int = 3, flux_width: int = 128):
                                                          layer_norm_hidden_state=False, return_projected_pooled=False)
                 self.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, textmodel_json_config=g_cfg,
                                                          layer_norm_hidden_state=False)
-                self.t5xxl = comfy.sd1_clip.SDClipModel(textmodel_json_config=str(tmp / "t5.json"), **t5_clip,
-                                                        model_options={"model_name": "t5xxl"})
+                self.t5xxl = t5_encoder(str(tmp / "t5.json"))
         model = comfy.supported_models.SD3(cfg).get_model({})
     if not next(model.diffusion_model.parameters()).is_meta:
         comfy_env.init_weights(model.diffusion_model, seed)
