@@ -255,5 +255,21 @@ def pamr(maps: torch.Tensor, image: torch.Tensor, iterations: int = PAMR_ITERATI
     weight = (-diff / (1e-8 + 0.1 * sigma)).mean(1, keepdim=True).softmax(dim=2)  # [B, 1, N, H, W]
     out = maps.float()
     for _ in range(int(iterations)):
-        out = (_neighbours(out, dilations) * weight).sum(2)
+        out = _propagated(out, weight, dilations)
+    return out
+
+
+def _propagated(x: torch.Tensor, weight: torch.Tensor, dilations) -> torch.Tensor:
+    """One PAMR step: Σ over neighbours of x's neighbour times its weight [B, 1, N, H, W], x [B, P, H, W]. Added
+    one neighbour at a time, in ``_neighbours``' order, so memory stays at x's size whatever the map count."""
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    n = 0
+    for d in dilations:
+        p = F.pad(x, (d, d, d, d), mode="replicate")
+        for dy in (-d, 0, d):
+            for dx in (-d, 0, d):
+                if dy or dx:
+                    out.addcmul_(p[..., d + dy : d + dy + h, d + dx : d + dx + w], weight[:, :, n])
+                    n += 1
     return out
