@@ -71,6 +71,7 @@ NUMERIC = [
     (MASK, "--resolution", [*NOT_NUMBERS, "-64", "0.5", "8", "100000"]),
     (MASK, "--threshold", ["nan", "2", "-0.1", "abc"]),
     (SEGMENTS, "--tau", [*NOT_NUMBERS, "0", "-1", "1e9"]),
+    (SEGMENTS, "--cut", [*NOT_NUMBERS, "0", "-1", "2.5"]),
     (SEGMENTS, "--timestep", ["5000", "-1", "nan"]),
     (SEGMENTS, "--resolution", ["100000", "0.5"]),
     (REFER, "--timestep", ["5000", "-3", "inf"]),
@@ -247,10 +248,11 @@ def test_two_processes_share_a_folder_run(place):
 
 
 def test_segments_leave_no_stale_segment_files(place, capsys):
-    many = run(place, capsys, ["segments", "{t}/photo.png", "--out", "{t}/seg", "--tau", "0.01", *MODEL])
+    diffseg = ["segments", "{t}/photo.png", "--out", "{t}/seg", "--segmenter", "diffseg", *MODEL]
+    many = run(place, capsys, [*diffseg, "--tau", "0.01"])
     assert many[0] == 0
     count = len(list((place / "seg").glob("segment-*.png")))
-    assert run(place, capsys, ["segments", "{t}/photo.png", "--out", "{t}/seg", "--tau", "50", *MODEL])[0] == 0
+    assert run(place, capsys, [*diffseg, "--tau", "50"])[0] == 0
     labels = np.asarray(Image.open(place / "seg" / "labels.png"))
     kept = sorted(p.name for p in (place / "seg").glob("segment-*.png"))
     assert count > len(kept) and len(kept) == len(np.unique(labels.reshape(-1, 3), axis=0))
@@ -355,6 +357,10 @@ API_CASES = {
     "segments timestep": (lambda m: m.segments(IMAGE, timestep=5000), "timestep"),
     "segments negative timestep": (lambda m: m.segments(IMAGE, timestep=-1), "timestep"),
     "segments seed": (lambda m: m.segments(IMAGE, seed="x"), "seed"),
+    "segments cut": (lambda m: m.segments(IMAGE, cut=-0.5), "cut"),
+    "segments segmenter": (lambda m: m.segments(IMAGE, segmenter="sam"), "segmenter"),
+    "segments kmeans with diffcut": (lambda m: m.segments(IMAGE, segmenter="diffcut", kmeans=True), "kmeans"),
+    "named segments cut": (lambda m: m.named_segments(IMAGE, ["sky"], cut="x"), "cut"),
     "named segments no names": (lambda m: m.named_segments(IMAGE, []), "at least one name"),
     "named segments empty name": (lambda m: m.named_segments(IMAGE, ["sky", " "]), "no empty names"),
     "named segments duplicates": (lambda m: m.named_segments(IMAGE, ["sky", "Sky"]), "duplicate"),

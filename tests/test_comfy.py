@@ -282,6 +282,16 @@ def test_segment_everything_and_named_segments(pack, sd15, sdxl):
             assert segments.sum(0).max() == 2  # two partitions of the same frame size, stacked
             masks, named_labels = named_cls().run(*mcv, image, names="sky, red car", tau=1.1, timestep=300, seed=0, resolution=64)
             assert masks.shape == (4, 37, 53) and named_labels.shape == (2, 37, 53, 3)
+            # DiffSeg on request, and DiffCut (the default) reading ComfyUI's own encoder attention at its coarsest grid
+            diffseg, _ = seg_cls().run(*mcv, image, tau=1.1, timestep=-1, seed=0, kmeans=False, resolution=64,
+                                       segmenter="diffseg", edges=False)
+            assert diffseg.shape[1:] == (37, 53) and diffseg.sum(0).max() == 2
+        host = pack.textmask.hosts.comfy.ComfyHost(*mcv)
+        assert pack.textmask.methods.segments.encoder_modules(host)
+        features = pack.textmask.methods.diffcut.EncoderFeatures(host.attention_modules(), (8, 8))
+        with features, torch.inference_mode():
+            pack.textmask.methods.segments.segment_everything(host, image[:1], resolution=64)
+        assert features.name.startswith("input_blocks.") and features.name.endswith(".attn1")
     with pytest.raises(pack.textmask.errors.TextMaskError, match="at least one name"):
         with torch.inference_mode():
             named_cls().run(*sd15, image, names=" , ", tau=1.1, timestep=300, seed=0)

@@ -86,8 +86,9 @@ def test_masks_match_odd_sizes_and_batches_and_leave_the_model_untouched(pipe):
         assert torch.isfinite(result.heatmaps).all()
     one = masker.mask(images[:1], "red car")
     assert one.masks.shape == (1, 37, 53)
-    segments = masker.segments(images[:2])  # DiffSeg on the joint attention's image part
-    assert segments.labels.shape == (2, 37, 53) and all(m.shape[-2:] == (37, 53) for m in segments.masks)
+    for segmenter in ("diffcut", "diffseg"):  # both on the joint attention's image-to-image part
+        segments = masker.segments(images[:2], segmenter=segmenter)
+        assert segments.labels.shape == (2, 37, 53) and all(m.shape[-2:] == (37, 53) for m in segments.masks)
     named = masker.named_segments(images[:2], ["car", "tree"])
     assert named.masks.shape == (2, 2, 37, 53) and named.labels.shape == (2, 37, 53)
     for expression in ("the car on the left", "black horse jumping"):  # a relation; Ref-Diff's scores (logits)

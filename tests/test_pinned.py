@@ -1,7 +1,9 @@
 """The bundled Shapes model's outputs, pinned before the core was restructured (commit e94dd6b): every method gives
 the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a non-square size). The outputs that
 go through DiffSeg (segments, named segments, Ref-Diff's proposals, OVDiff's foreground split) were pinned again
-when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG)."""
+when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG), named segments
+again when they took the name of highest contrast (issue #33), and DiffCut's segments, the default since, were
+pinned then too."""
 
 import numpy as np
 import pytest
@@ -74,10 +76,12 @@ def test_mask_methods_are_unchanged(masker, ldznet, j, case):
 
 @pytest.mark.parametrize("j", SCENES)
 def test_segments_named_segments_and_refer_are_unchanged(masker, j):
-    same_masks(f"s{j}_segments_labels", masker.segments(scene(j)).labels)
-    named = masker.named_segments(scene(j), phrases(j), tau=0.05)
+    same_masks(f"s{j}_segments_labels", masker.segments(scene(j), segmenter="diffseg", pamr=False).labels)
+    named = masker.named_segments(scene(j), phrases(j), segmenter="diffseg", tau=0.05, pamr=False)
     same_masks(f"s{j}_named_labels", named.labels)
     same_masks(f"s{j}_named_masks", named.masks)
+    same_masks(f"s{j}_diffcut_labels", masker.segments(scene(j)).labels)  # the defaults: DiffCut, PAMR
+    same_masks(f"s{j}_diffcut_named_labels", masker.named_segments(scene(j), phrases(j)).labels)
     # Ref-Diff itself, on the pinned relational phrase (TextMasker.refer now sends relations to instances).
     ref = refer(masker.host, scene(j), str(FIXTURE[f"s{j}_relation"]))
     same_masks(f"s{j}_refer_masks", ref.masks)
@@ -96,7 +100,7 @@ def test_old_api_names_still_work_and_warn(masker, tmp_path):
     import textmask.ovdiff as ovdiff
 
     with pytest.warns(DeprecationWarning, match="named_segments"):
-        old = masker.semantic(scene(1), phrases(1), tau=0.05)
+        old = masker.semantic(scene(1), phrases(1), segmenter="diffseg", tau=0.05, pamr=False)
     assert np.array_equal(old.labels.numpy(), FIXTURE["s1_named_labels"])
     protos = masker.build_prototypes([str(v) for v in FIXTURE["vocab"]], images=2, steps=3, cache_dir=tmp_path)
     with pytest.warns(DeprecationWarning, match="ovdiff.label"):

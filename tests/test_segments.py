@@ -100,7 +100,7 @@ def test_anchor_grid():
 
 
 def test_segments_api(sd1_masker):
-    res = sd1_masker.segments(torch.rand(2, 37, 53, 3), tau=0.5)
+    res = sd1_masker.segments(torch.rand(2, 37, 53, 3), segmenter="diffseg", tau=0.5)
     assert res.labels.shape == (2, 37, 53)
     for lab, masks in zip(res.labels, res.masks):
         assert masks.shape[1:] == (37, 53)
@@ -108,7 +108,7 @@ def test_segments_api(sd1_masker):
         areas = masks.sum((1, 2))
         assert torch.equal(areas, areas.sort(descending=True).values)  # largest first
         assert torch.equal(masks.argmax(0), lab)
-    assert len(sd1_masker.segments(torch.rand(1, 37, 53, 3), kmeans=True).masks) == 1
+    assert len(sd1_masker.segments(torch.rand(1, 37, 53, 3), segmenter="diffseg", kmeans=True).masks) == 1
 
 
 def test_named_segments_api(sd1_masker):

@@ -149,13 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_options(seg)
         add_mask_options(seg)
         add_image_options(seg)
-    segs = sub.add_parser("segments", help="segment everything (DiffSeg): a label image and one mask per segment")
+    segs = sub.add_parser("segments", help="segment everything (DiffCut, or DiffSeg): a label image and one mask per "
+                                           "segment")
     segs.add_argument("input", help="an image file or a folder of images")
     segs.add_argument("--out", required=True, help="output folder: labels.png and segment-NNN.png per image")
+    segs.add_argument("--segmenter", choices=options.SEGMENTERS, default=defaults.SEGMENTER,
+                      help=f"how segments are found (default: {defaults.SEGMENTER})")
+    segs.add_argument("--cut", type=checked(options.cut), default=defaults.CUT,
+                      help=f"DiffCut's normalised-cut threshold (default {defaults.CUT}; higher gives more segments)")
     segs.add_argument("--tau", type=checked(options.tau), default=defaults.TAU,
-                      help=f"KL merge threshold (default {defaults.TAU}; lower gives more segments)")
-    segs.add_argument("--kmeans", action="store_true", help="refine segments with K-means (the reference's optional step)")
-    segs.add_argument("--timestep", type=checked(options.timestep, whole), default=defaults.TIMESTEP)
+                      help=f"DiffSeg's KL merge threshold (default {defaults.TAU}; lower gives more segments)")
+    segs.add_argument("--kmeans", action="store_true",
+                      help="refine DiffSeg's segments with K-means (its reference's optional step; with --segmenter "
+                           "diffseg)")
+    segs.add_argument("--timestep", type=checked(options.timestep, whole), default=None,
+                      help=f"noise level (default: the segmenter's, {defaults.DIFFCUT_TIMESTEP} for DiffCut and "
+                           f"{defaults.TIMESTEP} for DiffSeg)")
+    segs.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=defaults.PAMR,
+                      help="refine the segments along the image's edges (PAMR; default on)")
     add_seed_resolution(segs)
     add_model_options(segs)
     add_image_options(segs)
@@ -409,8 +420,9 @@ def run_segments(args: argparse.Namespace) -> None:
         run = FolderRun(out, settings_fingerprint(args))
         masker = load_masker(args)
         for f in files:
-            res = masker.segments(load_image(f), tau=args.tau, kmeans=args.kmeans, timestep=args.timestep,
-                                  seed=args.seed, resolution=args.resolution)
+            res = masker.segments(load_image(f), segmenter=args.segmenter, cut=args.cut, tau=args.tau,
+                                  kmeans=args.kmeans, timestep=args.timestep, seed=args.seed,
+                                  resolution=args.resolution, pamr=args.pamr)
             target = out / names[f]
             written = [target / "labels.png"] + [target / f"segment-{k:03d}.png" for k in range(len(res.masks[0]))]
             save_rgb(colour_labels(res.labels[0]), outputs.stage(written[0]))

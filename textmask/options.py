@@ -96,6 +96,24 @@ def tau(value: Any) -> float:
     return number
 
 
+SEGMENTERS = ("diffcut", "diffseg")
+
+
+def segmenter(value: Any) -> str:
+    """How segments are found: "diffcut" or "diffseg"."""
+    if not isinstance(value, str) or value.strip().lower() not in SEGMENTERS:
+        raise TextMaskError(f"segmenter must be one of {', '.join(SEGMENTERS)}, got {value!r}")
+    return value.strip().lower()
+
+
+def cut(value: Any) -> float:
+    """DiffCut's stopping threshold on the normalised cut, in (0, 2] (the cut's range; higher gives more segments)."""
+    number = in_range("cut", value, 0, 2)
+    if number <= 0:
+        raise TextMaskError(f"cut must be in (0, 2], got {value!r}")
+    return number
+
+
 def cfg(value: Any) -> float:
     """A guidance scale in [0, 100]."""
     return in_range("cfg", value, 0, MAX_CFG)

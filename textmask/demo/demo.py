@@ -20,10 +20,7 @@ METHODS = {
     "noise-diff": dict(method="noise-diff"),
 }
 LDZNET = "ldznet.safetensors"  # LD-ZNet fitted to Shapes through train/ (MODEL_CARD.md), shown when bundled
-# This model's self-attention rows are nearly flat, so at DiffSeg's τ = 1.1 (set for SD) it finds one segment per
-# scene; τ = 0.05 finds about ten (MODEL_CARD.md). The column says which τ it used.
-SEGMENTS_TAU = 0.05
-NAMED_SEGMENTS = f"named-segments (tau {SEGMENTS_TAU})"
+NAMED_SEGMENTS = "named-segments"
 # The bench builds 8 support images of 30 steps per phrase; given each scene's phrases, 6 of 15 scored 0.40 on 12
 # test scenes against 0.37-0.39 at half the cost, which keeps the demo under a minute on 2 cores. Cached.
 OVDIFF_SUPPORT = dict(images=6, steps=15)
@@ -97,7 +94,7 @@ def _scene_maps(masker, scene: Scene, methods: dict, prototypes) -> dict[str, di
         # the phrase's own mask as mask() thresholds it: Otsu, or 0.5 on LD-ZNet's probability
         own = (lambda h: (h > 0.5).float()) if m == "ld-znet" else otsu_mask
         maps[m] = {p: (res.terms[p][0], own(res.terms[p][0])) for p in phrases}
-    named = masker.named_segments(scene.image, phrases, tau=SEGMENTS_TAU)
+    named = masker.named_segments(scene.image, phrases)
     maps[NAMED_SEGMENTS] = {p: (named.masks[0, i], named.masks[0, i]) for i, p in enumerate(phrases)}
     ov = masker.ovdiff(scene.image, prototypes, classes=phrases)
     maps["ovdiff"] = {p: (margin_heatmap(ov.scores[0], i + 1), ov.masks[0, i]) for i, p in enumerate(phrases)}

@@ -1,4 +1,10 @@
-"""Segment everything (DiffSeg) and named segments (DiffSeg segments labelled by cross-attention), on the engine."""
+"""Segment everything (DiffCut or DiffSeg) and named segments (those segments labelled by cross-attention).
+
+Both run one forward per batch: DiffCut's features come from the encoder's last self-attention at its coarsest
+grid (``diffcut.EncoderFeatures``; an MM-DiT's image-to-image attention rows instead), DiffSeg's from the
+self-attention of every layer (``SelfAttentionAggregate``).
+Segments are given as maps [K, N] on their grid, and every output pixel takes the highest one, upsampled.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +14,83 @@ import torch
 
 from .. import defaults, forward, options
 from .. import postprocess as pp
-from ..errors import TextMaskError
+from ..errors import CaptureError, TextMaskError
 from ..hosts.contract import Host
 from ..results import LabelsResult, SegmentsResult
 from .attention import CrossAttentionMaps, SelfAttentionAggregate, attention_prompt
+from .diffcut import DIFFCUT_GRID, EncoderFeatures, concept_scores, encoder_self_attention, pooled_rows, recursive_ncut
 from .diffseg import diffseg
 
 
-def _forwards(host: Host, images: forward.Images, prompt: str, groups, timestep: int, seed: int, batch_size: int,
-              desc: str):
-    """Yield (self-attention aggregate [b, N, N], its grid, cross maps [b, P, h, w] or None) per batch.
+def encoder_modules(host: Host) -> list:
+    """The host's UNet encoder self-attention modules, where DiffCut reads its features; none on an MM-DiT."""
+    try:
+        modules = host.attention_modules()
+    except CaptureError:  # MM-DiT hosts have no UNet attention modules
+        return []
+    return encoder_self_attention(modules)
 
-    As the reference runs DiffSeg, the UNet sees the clean latent under timestep t's embedding: no noise, so
-    ``seed`` changes nothing here (it stays for the API's sake)."""
+
+def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, groups, timestep: int, seed: int,
+              batch_size: int, desc: str):
+    """Yield (the batch's rows, each image's features [N, C] or attention [N, N], their grid, cross maps
+    [b, P, h, w] or None) per batch.
+
+    DiffCut's forward is the reference's: the latent noised at ``timestep`` with per-image seeds. Its features are a
+    UNet encoder's (``EncoderFeatures``); an MM-DiT has no encoder, and there the image-to-image attention rows
+    stand in, pooled to at most DiffCut's 32×32 grid. DiffSeg's forward, as its reference runs it: the clean latent
+    under timestep t's embedding, so ``seed`` changes nothing there."""
     cond = forward.encode_prompts(host, [prompt])
+    modules = encoder_modules(host) if segmenter == "diffcut" else []
     for rows in forward.batches(host, len(images), batch_size, desc):
         latents = forward.encode(host, images.pixels[rows], images.working)
-        x, sigma = forward.without_noise(host, latents, timestep)
-        selfagg = SelfAttentionAggregate()
         cross = CrossAttentionMaps(groups) if groups else None
-        forward.eps(host, x, sigma, cond.select([0] * x.shape[0]), latents, [selfagg] + ([cross] if cross else []))
-        yield selfagg.result(), selfagg.size, (cross.aggregate() if cross else None)
+        ctx = cond.select([0] * latents.shape[0])
+        if modules:
+            x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
+            features = EncoderFeatures(modules, tuple(latents.shape[-2:]))
+            with features:
+                forward.eps(host, x, sigma, ctx, latents, [cross] if cross else [])
+            grid = features.grid  # refuses in one line if no hook saw the encoder (a compiled model)
+            yield rows, list(features.features), grid, (cross.aggregate() if cross else None)
+            continue
+        if segmenter == "diffcut":
+            x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
+        else:
+            x, sigma = forward.without_noise(host, latents, timestep)
+        selfagg = SelfAttentionAggregate()
+        forward.eps(host, x, sigma, ctx, latents, [selfagg] + ([cross] if cross else []))
+        attention, grid = selfagg.result(), selfagg.size
+        if segmenter == "diffcut":
+            attention, grid = pooled_rows(attention, grid, DIFFCUT_GRID)
+        yield rows, list(attention), grid, (cross.aggregate() if cross else None)
+
+
+def _segment_maps(segmenter: str, per_image: torch.Tensor, grid: tuple[int, int], *, tau: float, cut: float,
+                  kmeans: bool = False) -> torch.Tensor:
+    """Segment maps [K, N] on ``grid`` from one image's features [N, C] (DiffCut) or attention [N, N] (DiffSeg).
+    DiffCut's cuts run on the CPU, in float32 as the reference's, so the segments are the same on every device."""
+    if segmenter == "diffcut":
+        return concept_scores(per_image, recursive_ncut(per_image.cpu(), cut, defaults.CUT_ALPHA).to(per_image.device))
+    return diffseg(per_image, grid, threshold=tau, kmeans=kmeans)[1]
+
+
+def _edges(maps: torch.Tensor, grid: tuple[int, int], images: forward.Images, index: int,
+           host: Host) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Segment maps [K, N] on ``grid`` refined along image ``index`` by PAMR (``pp.edge_refined``): the maps
+    [K, N'] and their grid, twice the latent's."""
+    refined = pp.edge_refined(maps.reshape(1, -1, *grid).float().cpu(), images.pixels[index : index + 1].cpu(),
+                              images.working, images.size, (0, 0, *images.size), host.geometry.latent_factor)[0]
+    return refined.flatten(1), tuple(refined.shape[-2:])
+
+
+def _settings(segmenter, tau, cut, timestep, seed, batch_size, kmeans: bool = False) -> tuple:
+    segmenter = options.segmenter(segmenter)
+    if kmeans and segmenter != "diffseg":
+        raise TextMaskError("kmeans refines DiffSeg's segments; pass segmenter='diffseg' with it")
+    tau, cut, seed, batch_size = options.tau(tau), options.cut(cut), options.seed(seed), options.batch_size(batch_size)
+    own = defaults.DIFFCUT_TIMESTEP if segmenter == "diffcut" else defaults.TIMESTEP
+    return segmenter, tau, cut, options.timestep(own if timestep is None else timestep), seed, batch_size
 
 
 # Upsampled segment maps stay on the GPU up to this size; a larger stack (a huge image) is resized on the CPU.
@@ -52,31 +114,53 @@ def _full_res_labels(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int,
 
 
 def segment_everything(
-    host: Host, images, *, tau: float = defaults.TAU, kmeans: bool = False, timestep: int = defaults.TIMESTEP,
-    seed: int = 0, resolution: int | None = None, batch_size: int = 1,
+    host: Host, images, *, segmenter: str = defaults.SEGMENTER, tau: float = defaults.TAU, cut: float = defaults.CUT,
+    kmeans: bool = False, timestep: int | None = None, seed: int = 0, resolution: int | None = None,
+    batch_size: int = 1, pamr: bool = defaults.PAMR,
 ) -> SegmentsResult:
-    """DiffSeg over the host's self-attention; masks at the exact input size."""
-    tau, timestep, seed = options.tau(tau), options.timestep(timestep), options.seed(seed)
-    batch_size = options.batch_size(batch_size)
+    """Segments of the host's attention by ``segmenter`` ("diffcut" or "diffseg"); masks at the exact input size.
+    ``cut``: DiffCut's threshold; ``tau`` and ``kmeans``: DiffSeg's; ``timestep`` None: the segmenter's reference
+    (50 for DiffCut, 300 for DiffSeg); ``pamr``: refine the segments along the image's edges."""
+    segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size, kmeans)
     images = forward.prepare_images(host, images, resolution)
     labels, masks = [], []
     with torch.inference_mode():
-        for attention, grid, _ in _forwards(host, images, "", None, timestep, seed, batch_size, "segments"):
-            for a in attention:
-                _, maps = diffseg(a, grid, threshold=tau, kmeans=kmeans)
-                lab = _full_res_labels(maps, grid, images.size)
+        for rows, per_image, grid, _ in _forwards(host, segmenter, images, "", None, timestep, seed, batch_size,
+                                                  "segments"):
+            for index, a in zip(range(rows.start, rows.stop), per_image):
+                maps, on = _segment_maps(segmenter, a, grid, tau=tau, cut=cut, kmeans=kmeans), grid
+                if pamr:
+                    maps, on = _edges(maps, grid, images, index, host)
+                lab = _full_res_labels(maps, on, images.size)
                 labels.append(lab)
                 masks.append(torch.stack([(lab == k).float() for k in range(int(lab.max()) + 1)]))
     return SegmentsResult(torch.stack(labels), masks)
 
 
+def segment_names(cross: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
+    """Each of ``count`` segments' name [K]: 1 + the index of the name whose map is higher inside the segment than
+    outside by the most, or 0 (background) where no name's is higher inside. cross [P, h, w] (each map min-max
+    normalised); segments [h, w] labels 0..K-1 on the same grid. A segment that covers the whole grid, or none of
+    it, is background: no map can be higher inside it than outside."""
+    flat, seg = cross.flatten(1).float(), segments.reshape(-1)
+    names = torch.zeros(count, dtype=torch.long)
+    for k in range(count):
+        inside = seg == k
+        if inside.all() or not inside.any():
+            continue
+        contrast = flat[:, inside].mean(1) - flat[:, ~inside].mean(1)
+        if contrast.max() > 0:
+            names[k] = int(contrast.argmax()) + 1
+    return names
+
+
 def named_segments(
-    host: Host, images, names: Sequence[str], *, tau: float = defaults.TAU, timestep: int = defaults.TIMESTEP,
-    seed: int = 0, resolution: int | None = None, batch_size: int = 1,
+    host: Host, images, names: Sequence[str], *, segmenter: str = defaults.SEGMENTER, tau: float = defaults.TAU,
+    cut: float = defaults.CUT, timestep: int | None = None, seed: int = 0, resolution: int | None = None,
+    batch_size: int = 1, pamr: bool = defaults.PAMR,
 ) -> LabelsResult:
-    """Label DiffSeg segments with names: each segment takes the name (or background) of highest mean attention."""
-    tau, timestep, seed = options.tau(tau), options.timestep(timestep), options.seed(seed)
-    batch_size = options.batch_size(batch_size)
+    """Label segments with names (``segment_names``), from one forward under the names' prompt."""
+    segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size)
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise TextMaskError("names must be a list of words, e.g. ['sky', 'person']")
     names = [n.strip() for n in names]
@@ -88,19 +172,19 @@ def named_segments(
     images = forward.prepare_images(host, images, resolution)
     prompt = attention_prompt(names)
     token_map = forward.encode_prompts(host, [prompt]).token_maps[0]
-    groups = [[0]] + [token_map.find(n) for n in names]  # position 0 is [SOS]: its map stands for background
+    groups = [token_map.find(n) for n in names]
     all_masks, all_labels = [], []
     with torch.inference_mode():
-        for attention, grid, cross in _forwards(host, images, prompt, groups, timestep, seed, batch_size,
-                                                "named segments"):
-            for a, ca in zip(attention, cross):
-                seg, maps = diffseg(a, grid, threshold=tau)
-                ca = pp.resize(ca.float().cpu(), grid)  # [1 + names, h, w] on the segment grid
-                seg = seg.cpu()
-                score = torch.stack([ca[:, seg == k].mean(-1) for k in range(len(maps))])  # [K, 1 + names]
-                segment_label = score.argmax(-1)
-                pixel_segment = _upsampled_argmax(maps, grid, images.size)
-                label = segment_label[pixel_segment]
+        for rows, per_image, grid, cross in _forwards(host, segmenter, images, prompt, groups, timestep, seed,
+                                                      batch_size, "named segments"):
+            for index, a, ca in zip(range(rows.start, rows.stop), per_image, cross):
+                maps, on = _segment_maps(segmenter, a, grid, tau=tau, cut=cut).float().cpu(), grid
+                if pamr:
+                    maps, on = _edges(maps, grid, images, index, host)
+                ca = ca.float().cpu()  # [names, h, w] at the finest cross-attention grid
+                on_cross = pp.resize(maps.reshape(-1, *on), tuple(ca.shape[-2:])).argmax(0)
+                segment_label = segment_names(ca, on_cross, len(maps))
+                label = segment_label[_upsampled_argmax(maps, on, images.size)]
                 all_labels.append(label)
                 all_masks.append(torch.stack([(label == i + 1).float() for i in range(len(names))]))
     return LabelsResult(list(names), torch.stack(all_labels), torch.stack(all_masks))
