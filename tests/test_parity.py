@@ -1,6 +1,7 @@
 """textmask against the authors' reference code, through fixtures that bench/parity/ wrote from the reference
 (the reference itself is not needed here). DiffSeg: google/diffseg@77ea596's segmentor on identical
-self-attention (tests/parity_inputs.py), step by step."""
+self-attention (tests/parity_inputs.py), step by step. DiffCut: PaulCouairon/DiffCut@aa16df4's recursive normalised
+cut on the Shapes model's encoder features."""
 
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 
 import parity_inputs as inputs
 from parity_recipe import load_spec, weights
+from textmask import defaults
+from textmask.methods.diffcut import concept_scores, recursive_ncut
 from textmask.methods.diffseg import anchor_grid, close_fp16, diffseg, merge_once
 from textmask.methods.segments import _full_res_labels
 
@@ -81,6 +84,17 @@ def test_diffseg_matches_the_reference(fixture, scene):
 
 
 # ---- AggSD (the langseg report; no public code): its equations on hand-computed tensors -------------------------
+def test_diffcut_matches_the_reference():
+    data = np.load(FIXTURES / "diffcut.npz")
+    for features, reference in zip(data["features"], data["labels"]):
+        h, w, c = features.shape
+        flat = torch.from_numpy(features).reshape(h * w, c)
+        labels = recursive_ncut(flat, defaults.CUT, defaults.CUT_ALPHA)
+        ours = _full_res_labels(concept_scores(flat, labels), (h, w), reference.shape).numpy()
+        assert len(np.unique(ours)) == len(np.unique(reference)) > 1
+        assert adjusted_rand(ours, reference) == pytest.approx(1.0, abs=1e-9)
+
+
 @pytest.mark.parametrize("mode, expected", [
     ("aggsd", [1.0, (0.55 - 0.25) / 0.45, 0.0]),  # eq. 2: SAᵀ·CA = [0.7, 0.55, 0.25]
     ("transpose", [1.0, (0.55 / 0.9 - 0.25 / 1.2) / (0.7 / 0.9 - 0.25 / 1.2), 0.0]),  # over SA's column sums
