@@ -194,6 +194,7 @@ def main() -> None:
                                                       region, host.geometry.latent_factor),
         "attention-8-phrases": lambda: attention(eight, False),
         "segments": lambda: segment_everything(host, image),
+        "segments-diffseg": lambda: segment_everything(host, image, segmenter="diffseg", pamr=False),
         "refer": lambda: refer(host, image, "the man on the left"),
     }
     times = {k: [] for k in rows}
@@ -229,6 +230,7 @@ def main() -> None:
     print(f"8-phrases: {med['attention-8-phrases'] / med['attention']:.2f}x")
     print(f"extra-memory: {100 * max(0, extra) / weight_bytes:.0f}%")
     print(f"segments: {med['segments'] / med['plain']:.2f}x")
+    print(f"segments-diffseg: {med['segments-diffseg'] / med['plain']:.2f}x")
     print(f"refer: {med['refer'] / med['plain']:.2f}x")
     print(f"segments-extra-memory: {100 * max(0, extra_segments) / weight_bytes:.0f}%")
     print(f"refer-extra-memory: {100 * max(0, extra_refer) / weight_bytes:.0f}%")

@@ -15,7 +15,7 @@ third of the objects by area.
 Baselines: a centre prior, the map of a wrong phrase (sharing neither colour nor shape; under the
 caption-prompt row, written as the captions write it), the same pipeline on a randomly initialised UNet, and
 the ceiling (GT through the attention grid and back). ``--sweep``
-adds the timestep and refinement settings behind the defaults in textmask/defaults.py, and DiffSeg's τ.
+adds the timestep and refinement settings behind the defaults in textmask/defaults.py, DiffSeg's τ and DiffCut's cut.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--ldznet", type=Path, default=LDZNET_WEIGHTS, help="LD-ZNet weights for the ld-znet row")
     ap.add_argument("--ovdiff-images", type=int, default=8, help="OVDiff support images per phrase (the method's default: 32)")
     ap.add_argument("--only-ldznet", action="store_true", help="score only the ld-znet row")
+    ap.add_argument("--only-segments", action="store_true", help="score only the segments and named-segments rows")
     args = ap.parse_args()
     torch.set_num_threads(2)
     masker = load_demo_masker(args.model)
@@ -133,6 +134,8 @@ def main() -> None:
         methods["ld-znet (trained on Shapes)"] = dict(method="ld-znet", ldznet=masker.load_ldznet(args.ldznet))
     if args.only_ldznet:
         methods = {k: v for k, v in methods.items() if v["method"] == "ld-znet"}
+    if args.only_segments:
+        methods = {}
     with torch.inference_mode():
         for name, kwargs in methods.items():
             s = Scores()
@@ -145,7 +148,10 @@ def main() -> None:
                         rows[f"{name} ({group})"] = s.subset(keep).summary()
             if wrong is not None:
                 rows[WRONG_WORD_ROWS[name]] = wrong.summary()
-    if not args.only_ldznet:
+    if args.only_segments:
+        with torch.inference_mode():
+            rows.update(all_segment_rows(masker, scenes))
+    elif not args.only_ldznet:
         other_rows(masker, scenes, grid, rows, args)
     report(masker, rows, scenes, args, time.time() - t0)
 
@@ -153,7 +159,7 @@ def main() -> None:
 @torch.inference_mode()
 def other_rows(masker, scenes, grid, rows, args) -> None:
     """The rows besides the mask methods: named segments, segments, refer, OVDiff, baselines, ceiling, sweeps."""
-    rows.update(segment_rows(masker, scenes))
+    rows.update(all_segment_rows(masker, scenes))
     refer = Scores()
     for scene in scenes:
         for phrase, target in scene.relations:
@@ -183,7 +189,10 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
             score_method(masker, sweep, dict(method="attention", timestep=t), s)
             rows[f"sweep-attention-t{t}"] = s.summary()
         for tau in (0.02, 0.05, 0.2):
-            rows.update({f"sweep-{k}-tau{tau}": v for k, v in segment_rows(masker, sweep, tau).items()})
+            rows.update(segment_rows(masker, sweep, f", sweep DiffSeg tau {tau}", segmenter="diffseg", tau=tau))
+        if not is_dit(masker.host):
+            for cut in (0.3, 0.7):
+                rows.update(segment_rows(masker, sweep, f", sweep DiffCut cut {cut}", cut=cut))
         for mode in ("transpose", "forward"):
             for steps in (1, 2):
                 s = Scores()
@@ -221,22 +230,32 @@ def absent_rows(masker, scenes) -> dict[str, dict]:
     return {}
 
 
-def segment_rows(masker, scenes, tau: float = 1.1) -> dict[str, dict]:
-    """Named segments per phrase, and DiffSeg's segments as Hungarian-matched mIoU over objects + background."""
+def segment_rows(masker, scenes, label: str = "", **kwargs) -> dict[str, dict]:
+    """Named segments per phrase, and the segments as Hungarian-matched mIoU over objects + background, with
+    ``kwargs`` for both (segmenter, cut, tau, pamr); ``label`` names the settings in the rows' names."""
     named, miou, counts = Scores(), [], []
     for scene in scenes:
         phrases = object_phrases(scene)
-        res = masker.named_segments(scene.image, phrases, tau=tau)
+        res = masker.named_segments(scene.image, phrases, **kwargs)
         for i, p in enumerate(phrases):
             m = res.masks[0, i].numpy()
             named.add(m, m, scene.phrase_mask(p))
-        segs = masker.segments(scene.image, tau=tau).masks[0].numpy() > 0.5
+        segs = masker.segments(scene.image, **kwargs).masks[0].numpy() > 0.5
         counts.append(len(segs))
         miou.append(hungarian_miou(segs, list(scene.masks) + [~scene.masks.any(0)]))
-    print(f"DiffSeg at tau={tau}: {np.mean(counts):.1f} segments per scene")
+    print(f"segments{label or ' (defaults)'}: {np.mean(counts):.1f} per scene")
     segments = {"iou": float(np.mean(miou)), "best_iou": float("nan"), "auc": float("nan"), "pointing": float("nan"),
                 "n": len(miou)}
-    return {"named-segments": named.summary(), "segments (Hungarian mIoU)": segments}
+    return {f"named-segments{label}": named.summary(), f"segments{label} (Hungarian mIoU)": segments}
+
+
+def all_segment_rows(masker, scenes) -> dict[str, dict]:
+    """The defaults (DiffCut with PAMR on UNets), DiffCut without PAMR, and DiffSeg at its paper's τ."""
+    rows = segment_rows(masker, scenes)
+    if not is_dit(masker.host):
+        rows.update(segment_rows(masker, scenes, ", pamr=False", pamr=False))
+    rows.update(segment_rows(masker, scenes, ", DiffSeg (tau 1.1)", segmenter="diffseg", tau=1.1))
+    return rows
 
 
 def ovdiff_rows(masker, scenes, images: int) -> dict[str, dict]:
