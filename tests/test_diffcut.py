@@ -8,7 +8,7 @@ from textmask import TextMaskError
 from textmask.errors import CaptureError
 from textmask.capture import find_attention_modules
 from textmask.methods.diffcut import (EncoderFeatures, affinity, bipartition, concept_scores, encoder_self_attention,
-                                      pooled_rows, recursive_ncut)
+                                      pooled_rows, pooled_tokens, recursive_ncut)
 from textmask.methods.segments import encoder_modules, segment_names
 
 
@@ -111,6 +111,10 @@ def test_pooled_rows_average_blocks_of_queries_and_keys():
     assert torch.allclose(pooled[1, 1 * 24 + 2, 3 * 24 + 0], block)
     small = torch.rand(1, 16 * 12, 16 * 12, generator=g)
     assert pooled_rows(small, (16, 12), 32)[0] is small
+    tokens = torch.rand(1, 70 * 33, 5, generator=g)  # sides that do not divide: adaptive blocks, 3 to a side here
+    pooled, grid = pooled_tokens(tokens, (70, 33), 32)
+    assert grid == (24, 11) and pooled.shape == (1, 24 * 11, 5)
+    assert torch.allclose(pooled[0, 0], tokens[0].reshape(70, 33, 5)[:3, :3].mean((0, 1)))
 
 
 def test_mmdit_hosts_have_no_encoder_features():
@@ -153,3 +157,17 @@ def test_bad_segmenter_settings(sd1_masker, kwargs, match):
     with pytest.raises(TextMaskError, match=match) as e:
         sd1_masker.segments(torch.rand(1, 32, 32, 3), **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_large_working_sizes_cut_at_most_diffcuts_grid(sd1_masker, monkeypatch):
+    import textmask.methods.segments as segments
+
+    grids, cut = [], []
+    real_pool, real_cut = segments.pooled_tokens, segments.recursive_ncut
+    monkeypatch.setattr(segments, "pooled_tokens", lambda t, g, most: grids.append(g) or real_pool(t, g, most))
+    monkeypatch.setattr(segments, "recursive_ncut", lambda f, *a: cut.append(f.shape[0]) or real_cut(f, *a))
+    # A strip whose coarsest encoder grid is wider than 32 (cheap for the tiny UNet): pooled to 32 at most.
+    res = sd1_masker.segments(torch.rand(1, 40, 600, 3), resolution=200, pamr=False)
+    assert res.labels.shape == (1, 40, 600)
+    (h, w), = grids
+    assert w > 32 and cut[0] < h * w and cut[0] == -(-h // -(-w // 32)) * -(-w // -(-w // 32))

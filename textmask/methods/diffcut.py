@@ -21,8 +21,9 @@ from ..capture import Hooks, spatial_size
 from ..errors import CaptureError
 
 THRESHOLDS = 100  # candidate splits of the eigenvector, as the reference tries
-# The reference's feature grid at 1024 px (1/32 of the image): attention rows that stand in for the features on an
-# MM-DiT are pooled to at most this side, which also bounds the eigenproblems at 1 024 nodes.
+# The reference's feature grid at 1024 px (1/32 of the image): features from larger working sizes, and the attention
+# rows that stand in for them on an MM-DiT, are pooled to at most this side, which bounds the eigenproblems at 1 024
+# nodes (a 4 096-node one takes tens of seconds on a CPU).
 DIFFCUT_GRID = 32
 
 
@@ -71,18 +72,27 @@ class EncoderFeatures(Hooks):
         return spatial_size(self.features.shape[1], self.latent_size)
 
 
-def pooled_rows(attention: torch.Tensor, grid: tuple[int, int], most: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Attention [B, N, N] on ``grid`` averaged over blocks of queries and of keys alike, so that neither side of
-    the grid exceeds ``most``: ([B, n, n], the pooled grid). Unchanged where the grid is that small already."""
+def pooled_tokens(tokens: torch.Tensor, grid: tuple[int, int], most: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens [B, N, C] on ``grid`` averaged over blocks of the grid, so that neither side exceeds ``most``:
+    ([B, n, C], the pooled grid). Unchanged where the grid is that small already."""
     h, w = grid
     if max(h, w) <= most:
-        return attention, grid
+        return tokens, grid
     f = -(-max(h, w) // most)
     out = (-(-h // f), -(-w // f))
-    b = attention.shape[0]
-    keys = F.adaptive_avg_pool2d(attention.reshape(b * h * w, 1, h, w), out).reshape(b, h, w, -1)
-    rows = F.adaptive_avg_pool2d(keys.permute(0, 3, 1, 2), out)  # [B, n, h', w']: queries pooled
-    return rows.flatten(2).transpose(1, 2), out
+    b, _, c = tokens.shape
+    pooled = F.adaptive_avg_pool2d(tokens.transpose(1, 2).reshape(b, c, h, w).float(), out)
+    return pooled.flatten(2).transpose(1, 2), out
+
+
+def pooled_rows(attention: torch.Tensor, grid: tuple[int, int], most: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Attention [B, N, N] on ``grid`` averaged over blocks of queries and of keys alike (``pooled_tokens``):
+    ([B, n, n], the pooled grid)."""
+    if max(grid) <= most:
+        return attention, grid
+    rows, out = pooled_tokens(attention, grid, most)  # queries pooled: [B, n, N]
+    keys, _ = pooled_tokens(rows.transpose(1, 2), grid, most)  # then keys: [B, n, n], keys first
+    return keys.transpose(1, 2), out
 
 
 def affinity(features: torch.Tensor, alpha: float) -> torch.Tensor:

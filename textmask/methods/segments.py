@@ -18,7 +18,8 @@ from ..errors import CaptureError, TextMaskError
 from ..hosts.contract import Host
 from ..results import LabelsResult, SegmentsResult
 from .attention import CrossAttentionMaps, SelfAttentionAggregate, attention_prompt
-from .diffcut import DIFFCUT_GRID, EncoderFeatures, concept_scores, encoder_self_attention, pooled_rows, recursive_ncut
+from .diffcut import (DIFFCUT_GRID, EncoderFeatures, concept_scores, encoder_self_attention, pooled_rows,
+                      pooled_tokens, recursive_ncut)
 from .diffseg import diffseg
 
 
@@ -38,7 +39,7 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
 
     DiffCut's forward is the reference's: the latent noised at ``timestep`` with per-image seeds. Its features are a
     UNet encoder's (``EncoderFeatures``); an MM-DiT has no encoder, and there the image-to-image attention rows
-    stand in, pooled to at most DiffCut's 32×32 grid. DiffSeg's forward, as its reference runs it: the clean latent
+    stand in. Either is pooled to at most DiffCut's 32×32 grid. DiffSeg's forward, as its reference runs it: the clean latent
     under timestep t's embedding, so ``seed`` changes nothing there."""
     cond = forward.encode_prompts(host, [prompt])
     modules = encoder_modules(host) if segmenter == "diffcut" else []
@@ -52,7 +53,8 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
             with features:
                 forward.eps(host, x, sigma, ctx, latents, [cross] if cross else [])
             grid = features.grid  # refuses in one line if no hook saw the encoder (a compiled model)
-            yield rows, list(features.features), grid, (cross.aggregate() if cross else None)
+            kept, grid = pooled_tokens(features.features, grid, DIFFCUT_GRID)
+            yield rows, list(kept), grid, (cross.aggregate() if cross else None)
             continue
         if segmenter == "diffcut":
             x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
