@@ -149,7 +149,7 @@ def test_cuda_kmeans_runs_on_the_gpu_and_finds_the_centres():
 
 @pytest.mark.parametrize("budget", [256 << 20, 0])  # on the GPU, and on the CPU past the budget
 def test_cuda_full_res_segment_labels_match_the_cpus(budget, monkeypatch):
-    from textmask import segments
+    from textmask.methods import segments
 
     monkeypatch.setattr(segments, "FULL_RES_BYTES", budget)
     g = torch.Generator().manual_seed(0)
@@ -158,3 +158,14 @@ def test_cuda_full_res_segment_labels_match_the_cpus(budget, monkeypatch):
     gpu = segments._full_res_labels(maps.cuda(), (16, 16), (300, 200))
     assert gpu.device.type == "cpu" and gpu.shape == (300, 200)
     assert (gpu == cpu).float().mean() > 0.999  # argmax ties may fall either way
+
+
+def test_cuda_half_diffcut_segments_match_cpu_fp32(scenes, cpu_masker):
+    """DiffCut's cuts run on the CPU in float32 whatever the device; fp16 features move them little."""
+    from test_parity import adjusted_rand
+
+    masker = TextMasker.from_pretrained(MODEL_DIR, device="cuda", dtype=torch.float16)
+    images = [s.image for s in scenes]
+    gpu, cpu = masker.segments(images), cpu_masker.segments(images)
+    agreement = [adjusted_rand(g.numpy(), c.numpy()) for g, c in zip(gpu.labels, cpu.labels)]
+    assert np.mean(agreement) > 0.8, agreement
