@@ -288,7 +288,7 @@ def test_segment_everything_and_named_segments(pack, sd15, sdxl):
             assert diffseg.shape[1:] == (37, 53) and diffseg.sum(0).max() == 2
         host = pack.textmask.hosts.comfy.ComfyHost(*mcv)
         assert pack.textmask.methods.segments.encoder_modules(host)
-        features = pack.textmask.methods.diffcut.EncoderFeatures(host.attention_modules(), (8, 8))
+        features = pack.textmask.methods.diffcut.encoder_features(host.attention_modules(), (8, 8))
         with features, torch.inference_mode():
             pack.textmask.methods.segments.segment_everything(host, image[:1], resolution=64)
         assert features.name.startswith("input_blocks.") and features.name.endswith(".attn1")

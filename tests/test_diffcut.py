@@ -7,7 +7,7 @@ from conftest import unet_untouched
 from textmask import TextMaskError
 from textmask.errors import CaptureError
 from textmask.capture import find_attention_modules
-from textmask.methods.diffcut import (EncoderFeatures, affinity, bipartition, concept_scores, encoder_self_attention,
+from textmask.methods.diffcut import (affinity, bipartition, concept_scores, encoder_features, encoder_self_attention,
                                       pooled_rows, pooled_tokens, recursive_ncut)
 from textmask.methods.segments import encoder_modules, segment_names
 
@@ -91,14 +91,14 @@ def test_encoder_features_read_the_last_coarsest_encoder_self_attention(sd1_pipe
     coarsest = min(v.shape[1] for v in kept.values())
     expected = [n for n, v in kept.items() if v.shape[1] == coarsest][-1]
     with unet_untouched(unet):
-        features = EncoderFeatures(modules, (8, 6))
+        features = encoder_features(modules, (8, 6))
         with features, torch.no_grad():
             unet(x, t, encoder_hidden_states=ctx)
         with pytest.raises(RuntimeError, match="boom"):
-            with EncoderFeatures(modules, (8, 6)):
+            with encoder_features(modules, (8, 6)):
                 raise RuntimeError("boom")  # the hooks come off on an exception too
     assert features.name == expected and expected.startswith("down_blocks")
-    assert torch.equal(features.features, kept[expected])
+    assert torch.equal(features.output, kept[expected])
     assert features.grid[0] * features.grid[1] == coarsest and features.grid[0] < 8
 
 

@@ -1,5 +1,5 @@
 """Read-only capture: forward hooks that recompute head-averaged softmax(QKᵀ) for the layers collectors read,
-and keep chosen modules' outputs.
+and keep chosen modules' outputs (all of them, or the last at the coarsest grid).
 
 Fused attention backends (SDPA, xformers, sliced) never materialise the probabilities, so the hooks
 record the outputs of each attention module's ``to_q`` and ``to_k`` projections (or of diffusers' fused
@@ -395,3 +395,39 @@ class OutputCapture(Hooks):
             self.outputs[name] = (out[0] if isinstance(out, tuple) else out).detach()
 
         return hook
+
+
+class CoarsestOutput(Hooks):
+    """Context manager that keeps the output [B, N, C] of the module that runs last at the coarsest token grid,
+    among ``modules``, in one forward (DiffCut's features: ``methods.diffcut.encoder_features``).
+
+    Hooks read activations only and come off on exit. ``output`` is None until a module ran.
+    """
+
+    def __init__(self, modules: Iterable[tuple[str, nn.Module]], latent_size: tuple[int, int]):
+        super().__init__()
+        self._modules = list(modules)
+        self.latent_size = latent_size
+        self.output: torch.Tensor | None = None
+        self.name: str | None = None
+
+    def install(self) -> None:
+        for name, module in self._modules:
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(_mod, _args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            # Later modules at the same or a coarser grid replace earlier ones: the last at the coarsest grid stays.
+            if self.output is None or out.shape[1] <= self.output.shape[1]:
+                self.output, self.name = out.detach(), name
+
+        return hook
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the kept output's tokens; refuses in one line if no module ran (a compiled model)."""
+        if self.output is None:
+            raise CaptureError("the model ran but no hooked module was seen: it is compiled (torch.compile) or "
+                               "replayed as a CUDA graph, which hooks cannot read; run it uncompiled")
+        return spatial_size(self.output.shape[1], self.latent_size)

@@ -4,7 +4,7 @@
 
 Written against PaulCouairon/DiffCut@aa16df4 (``diffcut/recursive_normalized_cut.py`` and ``tools/utils.py``, imported
 as they are; their hard-coded ``.to("cuda")`` is sent to the CPU here). The features are the Shapes model's, read by
-``methods.diffcut.EncoderFeatures`` from test scenes at DiffCut's settings, and the reference's ``generate_masks``
+``methods.diffcut.encoder_features`` from test scenes at DiffCut's settings, and the reference's ``generate_masks``
 labels them at a 128 px mask size (its concept assignment). The harness prints, per scene, the segment counts and
 the adjusted Rand index between the two label maps; with ``--write-fixture`` it stores the features and the
 reference's labels in tests/fixtures/parity/, which tests/test_parity.py checks in CI without the reference.
@@ -26,7 +26,7 @@ from common import command_line, write_fixture  # noqa: E402
 from textmask import defaults, forward  # noqa: E402
 from textmask.demo.model import load_demo_masker  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
-from textmask.methods.diffcut import EncoderFeatures, concept_scores, recursive_ncut  # noqa: E402
+from textmask.methods.diffcut import concept_scores, encoder_features, recursive_ncut  # noqa: E402
 from textmask.methods.segments import _full_res_labels, encoder_modules  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "parity" / "diffcut.npz"
@@ -67,10 +67,10 @@ def scene_features() -> list[np.ndarray]:
         images = forward.prepare_images(host, make_scene(seed).image, None)
         latents = forward.encode(host, images.pixels, images.working)
         x, sigma = forward.add_noise(host, latents, defaults.DIFFCUT_TIMESTEP, 0)
-        features = EncoderFeatures(modules, tuple(latents.shape[-2:]))
+        features = encoder_features(modules, tuple(latents.shape[-2:]))
         with torch.inference_mode(), features:
             forward.eps(host, x, sigma, cond.select([0]), latents)
-        out.append(features.features[0].reshape(*features.grid, -1).numpy())
+        out.append(features.output[0].reshape(*features.grid, -1).numpy())
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import Hooks, spatial_size
+from ..capture import CoarsestOutput
 from ..errors import CaptureError
 
 THRESHOLDS = 100  # candidate splits of the eigenvector, as the reference tries
@@ -33,44 +33,15 @@ def encoder_self_attention(modules: list[tuple[str, nn.Module]]) -> list[tuple[s
             if n.split(".", 1)[0] in ("down_blocks", "input_blocks") and n.rsplit(".", 1)[-1] == "attn1"]
 
 
-class EncoderFeatures(Hooks):
-    """Keeps the output [B, N, C] of the last encoder self-attention at the coarsest grid of one forward.
-
-    The hooks sit on each encoder self-attention's output projection (``to_out[0]``), which every host calls, also
-    where a patch replaces the attention itself; they read the output and change nothing.
-    """
-
-    def __init__(self, attention_modules: list[tuple[str, nn.Module]], latent_size: tuple[int, int]):
-        super().__init__()
-        self.latent_size = latent_size
-        self._targets = [(n, m.to_out[0]) for n, m in encoder_self_attention(attention_modules)]
-        self.features: torch.Tensor | None = None
-        self.name: str | None = None
-
-    def install(self) -> None:
-        if not self._targets:
-            raise CaptureError("DiffCut reads a UNet encoder's self-attention, and this model has none; use "
-                               "segmenter='diffseg'")
-        for name, module in self._targets:
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str):
-        def hook(_mod, _args, out):
-            out = out[0] if isinstance(out, tuple) else out
-            # Later layers at the same or a coarser grid replace earlier ones: the last at the coarsest grid stays.
-            if self.features is None or out.shape[1] <= self.features.shape[1]:
-                self.features, self.name = out.detach(), name
-
-        return hook
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(h, w) of the kept features' tokens."""
-        if self.features is None:
-            raise CaptureError("the model ran but no encoder self-attention was seen: it is compiled (torch.compile) "
-                               "or replayed as a CUDA graph, which hooks cannot read; segment with the model "
-                               "uncompiled")
-        return spatial_size(self.features.shape[1], self.latent_size)
+def encoder_features(attention_modules: list[tuple[str, nn.Module]], latent_size: tuple[int, int]) -> CoarsestOutput:
+    """The read-only hooks that keep DiffCut's features [B, N, C] from one forward: the output of the encoder's last
+    self-attention at its coarsest grid. They sit on each encoder self-attention's output projection
+    (``to_out[0]``), which every host calls, also where a patch replaces the attention itself."""
+    targets = [(n, m.to_out[0]) for n, m in encoder_self_attention(attention_modules)]
+    if not targets:
+        raise CaptureError("DiffCut reads a UNet encoder's self-attention, and this model has none; use "
+                           "segmenter='diffseg'")
+    return CoarsestOutput(targets, latent_size)
 
 
 def pooled_tokens(tokens: torch.Tensor, grid: tuple[int, int], most: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -1,7 +1,7 @@
 """Segment everything (DiffCut or DiffSeg) and named segments (those segments labelled by cross-attention).
 
 Both run one forward per batch: DiffCut's features come from the encoder's last self-attention at its coarsest
-grid (``diffcut.EncoderFeatures``; an MM-DiT's image-to-image attention rows instead), DiffSeg's from the
+grid (``diffcut.encoder_features``; an MM-DiT's image-to-image attention rows instead), DiffSeg's from the
 self-attention of every layer (``SelfAttentionAggregate``).
 Segments are given as maps [K, N] on their grid, and every output pixel takes the highest one, upsampled.
 """
@@ -18,7 +18,7 @@ from ..errors import CaptureError, TextMaskError
 from ..hosts.contract import Host
 from ..results import LabelsResult, SegmentsResult
 from .attention import CrossAttentionMaps, SelfAttentionAggregate, attention_prompt
-from .diffcut import (DIFFCUT_GRID, EncoderFeatures, concept_scores, encoder_self_attention, pooled_rows,
+from .diffcut import (DIFFCUT_GRID, concept_scores, encoder_features, encoder_self_attention, pooled_rows,
                       pooled_tokens, recursive_ncut)
 from .diffseg import diffseg
 
@@ -38,7 +38,7 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
     [b, P, h, w] or None) per batch.
 
     DiffCut's forward is the reference's: the latent noised at ``timestep`` with per-image seeds. Its features are a
-    UNet encoder's (``EncoderFeatures``); an MM-DiT has no encoder, and there the image-to-image attention rows
+    UNet encoder's (``encoder_features``); an MM-DiT has no encoder, and there the image-to-image attention rows
     stand in. Either is pooled to at most DiffCut's 32×32 grid. DiffSeg's forward, as its reference runs it: the clean
     latent under timestep t's embedding, so ``seed`` changes nothing there."""
     cond = forward.encode_prompts(host, [prompt])
@@ -49,11 +49,11 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
         ctx = cond.select([0] * latents.shape[0])
         if modules:
             x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
-            features = EncoderFeatures(modules, tuple(latents.shape[-2:]))
+            features = encoder_features(modules, tuple(latents.shape[-2:]))
             with features:
                 forward.eps(host, x, sigma, ctx, latents, [cross] if cross else [])
             grid = features.grid  # refuses in one line if no hook saw the encoder (a compiled model)
-            kept, grid = pooled_tokens(features.features, grid, DIFFCUT_GRID)
+            kept, grid = pooled_tokens(features.output, grid, DIFFCUT_GRID)
             yield rows, list(kept), grid, (cross.aggregate() if cross else None)
             continue
         if segmenter == "diffcut":
