@@ -13,6 +13,7 @@ import textmask.capture as capture_module
 from textmask.capture import (AttentionCapture, Need, OutputCapture, ProbsStore, QueryStore, attention_probs,
                               find_attention_modules, find_transformer_modules, spatial_size)
 from textmask.errors import CaptureError
+from textmask.methods.diffcut import encoder_features
 
 BOTH = ("self", "cross")
 
@@ -153,14 +154,16 @@ def test_model_untouched_and_bit_identical(sd15):
     before = state_snapshot(sd15)
     out_before, _ = run(sd15, batch=1, seed=3)
     queries = QueryStore(BOTH)
+    features = encoder_features(find_attention_modules(sd15), (16, 16))  # DiffCut's
     with AttentionCapture(find_attention_modules(sd15), (16, 16), [ProbsStore(BOTH), queries]), \
-            OutputCapture(find_transformer_modules(sd15)) as outputs:
+            OutputCapture(find_transformer_modules(sd15)) as outputs, features:
         out_during, _ = run(sd15, batch=1, seed=3)
     out_after, _ = run(sd15, batch=1, seed=3)
     assert torch.equal(out_before, out_during)  # hooks only read activations
     assert torch.equal(out_before, out_after)
     assert_unchanged(before, state_snapshot(sd15))
     assert len(queries.queries) == 32 and len(outputs.outputs) == 16
+    assert features.output is not None and features.name.startswith("down_blocks")
 
 
 def test_hooks_removed_after_exception(sd15):
@@ -192,6 +195,10 @@ def test_hooks_removed_after_exception(sd15):
     with pytest.raises(Boom):
         with OutputCapture(find_transformer_modules(sd15)):
             raise Boom
+    with pytest.raises(KeyboardInterrupt):
+        with encoder_features(find_attention_modules(sd15), (16, 16)):
+            run(sd15, batch=1, seed=4)
+            raise KeyboardInterrupt
     assert_unchanged(before, state_snapshot(sd15))
     out_after, _ = run(sd15, batch=1, seed=4)
     assert torch.equal(out_before, out_after)

@@ -292,6 +292,7 @@ def test_segment_everything_and_named_segments(pack, sd15, sdxl):
         with features, torch.inference_mode():
             pack.textmask.methods.segments.segment_everything(host, image[:1], resolution=64)
         assert features.name.startswith("input_blocks.") and features.name.endswith(".attn1")
+        assert not any(m._forward_hooks for m in host.base.diffusion_model.modules())  # every hook came off
     with pytest.raises(pack.textmask.errors.TextMaskError, match="at least one name"):
         with torch.inference_mode():
             named_cls().run(*sd15, image, names=" , ", tau=1.1, timestep=300, seed=0)
