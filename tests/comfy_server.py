@@ -40,6 +40,8 @@ SMALL_INPUTS = {
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 2},
     "TextMask": {"resolution": 64},
+    "SegmentEverything": {"resolution": 64},
+    "NamedSegments": {"resolution": 64},
 }
 EXAMPLE_IMAGE_SIZE = (56, 40)  # the example workflows' LoadImage "example.png", written by write_example_image
 SMALL_OUTPUT_SIZES = (EXAMPLE_IMAGE_SIZE, (64, 64))  # what a shrunk example workflow may save or preview
