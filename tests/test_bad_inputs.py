@@ -119,6 +119,8 @@ OUTPUT_CASES = {
     "single run into a folder name": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/out", *MODEL],
                                       "must be a .png"),
     "segments into a file": (["segments", "{t}/photo.png", "--out", "{t}/file.txt", *MODEL], "is a file"),
+    "segments kmeans without diffseg": (["segments", "{t}/photo.png", "--out", "{t}/seg", "--kmeans", *MODEL],
+                                        "--segmenter diffseg"),
     "segments of the input's folder": (["segments", "{t}/frames", "--out", "{t}/frames/a.png", *MODEL],
                                        "must be a folder"),
     "refer out is the input": (["refer", "{t}/photo.png", "the circle", "--out", "{t}/photo.png", *MODEL],

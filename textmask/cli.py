@@ -409,6 +409,8 @@ def run_segments(args: argparse.Namespace) -> None:
     from .outputs import FolderRun, Outputs
     from .render import colour_labels, save_mask, save_rgb
 
+    if args.kmeans and args.segmenter != "diffseg":
+        raise CliError("--kmeans refines DiffSeg's segments: add --segmenter diffseg")
     src = Path(args.input)
     files = input_files(src)
     if Path(args.out).suffix.lower() == ".png":
