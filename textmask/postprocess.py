@@ -227,18 +227,21 @@ PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)  # Araslanov & Roth's settings, as TCL and
 PAMR_ITERATIONS = 10
 
 
-def _neighbours(x: torch.Tensor, dilations, centre: bool = False) -> torch.Tensor:
-    """The 8 neighbours of every pixel at each dilation (edges replicated), with the pixel itself first at each
-    dilation if ``centre``: [B, C, H, W] -> [B, C, (8 or 9)·D, H, W]."""
+def _neighbour_views(x: torch.Tensor, dilations, centre: bool = False):
+    """Each pixel's 8 neighbours at each dilation (edges replicated), one [B, C, H, W] view at a time, with the pixel
+    itself first at each dilation if ``centre``."""
     h, w = x.shape[-2:]
-    out = []
     for d in dilations:
         p = F.pad(x, (d, d, d, d), mode="replicate")
         for dy in (-d, 0, d):
             for dx in (-d, 0, d):
                 if dy or dx or centre:
-                    out.append(p[..., d + dy : d + dy + h, d + dx : d + dx + w])
-    return torch.stack(out, dim=2)
+                    yield p[..., d + dy : d + dy + h, d + dx : d + dx + w]
+
+
+def _neighbours(x: torch.Tensor, dilations, centre: bool = False) -> torch.Tensor:
+    """``_neighbour_views`` stacked: [B, C, H, W] -> [B, C, (8 or 9)·D, H, W]."""
+    return torch.stack(list(_neighbour_views(x, dilations, centre)), dim=2)
 
 
 def pamr(maps: torch.Tensor, image: torch.Tensor, iterations: int = PAMR_ITERATIONS,
@@ -261,15 +264,8 @@ def pamr(maps: torch.Tensor, image: torch.Tensor, iterations: int = PAMR_ITERATI
 
 def _propagated(x: torch.Tensor, weight: torch.Tensor, dilations) -> torch.Tensor:
     """One PAMR step: Σ over neighbours of x's neighbour times its weight [B, 1, N, H, W], x [B, P, H, W]. Added
-    one neighbour at a time, in ``_neighbours``' order, so memory stays at x's size whatever the map count."""
-    h, w = x.shape[-2:]
+    one neighbour at a time, so memory stays at x's size whatever the map count."""
     out = torch.zeros_like(x)
-    n = 0
-    for d in dilations:
-        p = F.pad(x, (d, d, d, d), mode="replicate")
-        for dy in (-d, 0, d):
-            for dx in (-d, 0, d):
-                if dy or dx:
-                    out.addcmul_(p[..., d + dy : d + dy + h, d + dx : d + dx + w], weight[:, :, n])
-                    n += 1
+    for n, view in enumerate(_neighbour_views(x, dilations)):
+        out.addcmul_(view, weight[:, :, n])
     return out

@@ -47,8 +47,11 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
         latents = forward.encode(host, images.pixels[rows], images.working)
         cross = CrossAttentionMaps(groups) if groups else None
         ctx = cond.select([0] * latents.shape[0])
-        if modules:
+        if segmenter == "diffcut":
             x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
+        else:
+            x, sigma = forward.without_noise(host, latents, timestep)
+        if modules:
             features = encoder_features(modules, tuple(latents.shape[-2:]))
             with features:
                 forward.eps(host, x, sigma, ctx, latents, [cross] if cross else [])
@@ -56,10 +59,6 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
             kept, grid = pooled_tokens(features.output, grid, DIFFCUT_GRID)
             yield rows, list(kept), grid, (cross.aggregate() if cross else None)
             continue
-        if segmenter == "diffcut":
-            x, sigma = forward.add_noise(host, latents, timestep, seed + rows.start)
-        else:
-            x, sigma = forward.without_noise(host, latents, timestep)
         selfagg = SelfAttentionAggregate()
         forward.eps(host, x, sigma, ctx, latents, [selfagg] + ([cross] if cross else []))
         attention, grid = selfagg.result(), selfagg.size
