@@ -168,6 +168,35 @@ def test_daam_aggregation_through_a_real_capture(sd1_masker):
         sd1_masker.mask(image, "car", aggregation="mean")
 
 
+# ---- OVAM (vpulab/ovam@12afd87): the trace's re-query -------------------------------------------------------
+def test_trace_requery_matches_ovam():
+    """OVAM's own hooker and re-query (``CrossAttentionDAAMBlock``) on the forward textmask traced
+    (bench/parity/parity_ovam.py): each layer's re-queried attention is the reference's sum over heads divided by
+    the heads, and textmask's collector with OVAM's layer weights gives the reference's aggregate."""
+    import parity_ovam as recipe
+
+    from textmask import TextMasker
+
+    spec, stored = load_spec(FIXTURES / "ovam.npz")
+    pipe, _ = recipe.pipe(spec)
+    trace = recipe.textmask_trace(TextMasker.from_pipe(pipe, resolution=recipe.RESOLUTION))
+    layers, _ = recipe.requery(trace)
+    tokens = stored["tokens"].tolist()  # <SoT>, the prompt's words, <EoT> of the 77 keys in the softmax
+    assert list(layers) == stored["names"].tolist()
+    reference, offset = torch.from_numpy(stored["layers"]), 0
+    for name, probs in layers.items():  # [1, N, 77] head-averaged, against the reference's head sum [T, N]
+        layer = trace.layers[name]
+        expected = reference[:, offset : offset + layer.tokens]
+        offset += layer.tokens
+        ours = probs[0, :, tokens].T * layer.heads
+        assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max(), name
+    assert offset == reference.shape[1]
+    aggregate = recipe.ovam_aggregate(trace, layers, tokens)[0]
+    expected = torch.from_numpy(stored["aggregate"])
+    assert aggregate.shape == expected.shape == (len(tokens), 16, 16)
+    assert (aggregate - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 # ---- Ref-Diff (kodenii/Ref-Diff@41a3c65): the generative attribution of one forward --------------------------
 def test_refdiff_attribution_matches_the_reference():
     """Ref-Diff's own CrossAttention code kept the subject's extrapolated pre-softmax scores of the layers at 1/32
