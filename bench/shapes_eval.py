@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--ovdiff-images", type=int, default=8, help="OVDiff support images per phrase (the method's default: 32)")
     ap.add_argument("--only-ldznet", action="store_true", help="score only the ld-znet row")
     ap.add_argument("--only-segments", action="store_true", help="score only the segments and named-segments rows")
+    ap.add_argument("--only-refer", action="store_true", help="score only the refer rows")
     args = ap.parse_args()
     torch.set_num_threads(2)
     masker = load_demo_masker(args.model)
@@ -134,7 +135,7 @@ def main() -> None:
         methods["ld-znet (trained on Shapes)"] = dict(method="ld-znet", ldznet=masker.load_ldznet(args.ldznet))
     if args.only_ldznet:
         methods = {k: v for k, v in methods.items() if v["method"] == "ld-znet"}
-    if args.only_segments:
+    if args.only_segments or args.only_refer:
         methods = {}
     with torch.inference_mode():
         for name, kwargs in methods.items():
@@ -148,9 +149,9 @@ def main() -> None:
                         rows[f"{name} ({group})"] = s.subset(keep).summary()
             if wrong is not None:
                 rows[WRONG_WORD_ROWS[name]] = wrong.summary()
-    if args.only_segments:
+    if args.only_segments or args.only_refer:
         with torch.inference_mode():
-            rows.update(all_segment_rows(masker, scenes))
+            rows.update(all_segment_rows(masker, scenes) if args.only_segments else refer_rows(masker, scenes))
     elif not args.only_ldznet:
         other_rows(masker, scenes, grid, rows, args)
     report(masker, rows, scenes, args, time.time() - t0)
@@ -160,13 +161,7 @@ def main() -> None:
 def other_rows(masker, scenes, grid, rows, args) -> None:
     """The rows besides the mask methods: named segments, segments, refer, OVDiff, baselines, ceiling, sweeps."""
     rows.update(all_segment_rows(masker, scenes))
-    refer = Scores()
-    for scene in scenes:
-        for phrase, target in scene.relations:
-            res = masker.refer(scene.image, phrase)
-            refer.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), scene.masks[target])
-    rows["refer (relational phrases)"] = refer.summary()
-    rows.update(every_rows(masker, scenes))
+    rows.update(refer_rows(masker, scenes))
     rows.update(absent_rows(masker, scenes))
     rows.update(ovdiff_rows(masker, scenes, args.ovdiff_images))
     rnd = Scores()
@@ -198,6 +193,25 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
                 s = Scores()
                 score_method(masker, sweep, dict(method="attention", refine=True, refine_mode=mode, refine_steps=steps), s)
                 rows[f"sweep-refine-{mode}-{steps}"] = s.summary()
+
+
+def refer_rows(masker, scenes) -> dict[str, dict]:
+    """``refer`` on relational phrases, on "the red circle" where the scene holds one (no relation, no CLIP), the
+    same through Ref-Diff (its own proposals, no CLIP), and on "every X"."""
+    from textmask.methods.refdiff import refer as refdiff
+
+    relational, one, by_refdiff = Scores(), Scores(), Scores()
+    for scene in scenes:
+        for phrase, target in scene.relations:
+            res = masker.refer(scene.image, phrase)
+            relational.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), scene.masks[target])
+        for obj, gt in zip(scene.objects, scene.masks):
+            if sum(o.phrase == obj.phrase for o in scene.objects) == 1:
+                for scores, res in ((one, masker.refer(scene.image, f"the {obj.phrase}")),
+                                    (by_refdiff, refdiff(masker.host, scene.image, f"the {obj.phrase}"))):
+                    scores.add(res.heatmaps[0].numpy(), res.masks[0].numpy(), gt)
+    return {"refer (relational phrases)": relational.summary(), 'refer ("the red circle": one object)': one.summary(),
+            'Ref-Diff without CLIP ("the red circle")': by_refdiff.summary(), **every_rows(masker, scenes)}
 
 
 def every_rows(masker, scenes) -> dict[str, dict]:

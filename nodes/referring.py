@@ -1,4 +1,5 @@
-"""ComfyUI node: Referring Mask, the one object a referring expression names (relations or Ref-Diff)."""
+"""ComfyUI node: Referring Mask, the one object a referring expression names (its subject's instances, or
+Ref-Diff with CLIP)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from .text_mask import CATEGORY
 
 
 class ReferringMask:
-    DESCRIPTION = ("Masks the one object a referring expression names. 'the man on the left', 'the larger cup', "
-                   "'the second car from the right' or 'every chair' pick among the subject's instances; other "
-                   "expressions ('black horse jumping') go to Ref-Diff, where the subject's attention scores DiffSeg "
-                   "proposals. Outputs a MASK, the heatmap and the candidate instances.")
+    DESCRIPTION = ("Masks the one object a referring expression names: its subject ('red car') is masked and split "
+                   "into instances. 'the man on the left', 'the larger cup', 'the second car from the right' or "
+                   "'every chair' pick among them by the relation; other expressions ('black horse jumping') take the "
+                   "instance the subject's attention favours, or, with clip_vision, go to Ref-Diff, where attention "
+                   "and CLIP score DiffSeg proposals. Outputs a MASK, the heatmap and the candidate instances.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MASK", "IMAGE", "MASK")
     RETURN_NAMES = ("mask", "heatmap", "instances")
@@ -30,15 +32,17 @@ class ReferringMask:
                              "expression": ("STRING", {"multiline": True, "default": "the person on the left",
                                                        "tooltip": "A referring expression naming one object."}),
                              "tau": (COMMON["tau"][0], {**COMMON["tau"][1], "tooltip": COMMON["tau"][1]["tooltip"]
-                                                        + " (Ref-Diff's proposals; a relation does not use it)"}),
+                                                        + " (Ref-Diff's proposals, with clip_vision)"}),
                              "timestep": ("INT", {"default": defaults.REFER_TIMESTEP, "min": 0, "max": 999,
-                                                  "tooltip": "Noise level of Ref-Diff's forward, which reads it at low "
-                                                             "noise; a relation uses Text Mask's (300)."}),
+                                                  "tooltip": "Noise level of Ref-Diff's forward (with clip_vision), "
+                                                             "which reads it at low noise; the subject's instances "
+                                                             "use Text Mask's (300)."}),
                              "seed": COMMON["seed"]},
                 "optional": {**OPTIONAL,
-                             "clip_vision": ("CLIP_VISION", {"tooltip": "Adds CLIP's score of each masked proposal against "
-                                                                        "the expression (clip_vision_g with SDXL); "
-                                                                        "Ref-Diff's path only."}),
+                             "clip_vision": ("CLIP_VISION", {"tooltip": "Sends an expression without a relation to Ref-Diff, "
+                                                                        "which adds CLIP's score of each masked "
+                                                                        "proposal against it (clip_vision_g with "
+                                                                        "SDXL)."}),
                              "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                                  "tooltip": "Weight of the attention score against CLIP's (with clip_vision)."})}}
 

@@ -215,7 +215,7 @@ def test_refer_command(tmp_path, model_args, capsys):
     assert main(["refer", str(img), "the red car on the left", "--out", str(tmp_path / "m.png"),
                  "--heatmap", str(tmp_path / "h.png"), *model_args]) == 0
     assert Image.open(tmp_path / "m.png").size == (45, 31) and Image.open(tmp_path / "h.png").size == (45, 31)
-    assert "'car'" in capsys.readouterr().out
+    assert "'red car'" in capsys.readouterr().out
     for argv, expected in [(["refer", str(img), "bottom left", "--out", str(tmp_path / "x.png")], "no noun"),
                            (["refer", str(img), "the cat", "--out", str(tmp_path / "x.jpg")], "must be a .png"),
                            (["refer", str(img), "the cat", "--out", str(tmp_path / "x.png"), "--alpha", "3"], "alpha")]:

@@ -307,7 +307,7 @@ def test_referring_mask_node(pack, sd15, sdxl):
                                               resolution=64)
         assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3)
         assert instances.shape[1:] == (37, 53) and len(instances) >= 2  # at least one entry per image
-        for expression in ("the red car", "every red car"):  # Ref-Diff's path, and every instance
+        for expression in ("the red car", "every red car"):  # the best instance, and every instance
             with torch.inference_mode():
                 mask, _, instances = cls().run(*mcv, torch.rand(1, 37, 53, 3), expression, 1.1, 100, 0, resolution=64)
             assert mask.shape == (1, 37, 53) and instances.shape[1:] == (37, 53)

@@ -367,7 +367,8 @@ def test_masks_from_the_sampling_run(pack, mcv):
 
 
 def test_segments_and_referring_nodes(pack, mcv):
-    """Segment Everything, Named Segments and Referring Mask (a relation, and Ref-Diff's path) on Flux and SD3."""
+    """Segment Everything, Named Segments and Referring Mask (a relation, and the best instance) on Flux and SD3,
+    and Ref-Diff (the node's path with CLIP_VISION) on their joint attention."""
     _, models = mcv
     image = torch.rand(2, 37, 53, 3)
     with torch.inference_mode():
@@ -381,6 +382,9 @@ def test_segments_and_referring_nodes(pack, mcv):
             mask, heat, instances = pack.NODE_CLASS_MAPPINGS["ReferringMask"]().run(*models, image, expression, 1.1, 100,
                                                                                     0, resolution=64)
         assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3) and instances.shape[1:] == (37, 53)
+    with torch.inference_mode():
+        ref = pack.textmask.methods.refdiff.refer(pack.textmask.hosts.comfy.ComfyHost(*models), image, "the red car")
+    assert ref.masks.shape == (2, 37, 53) and torch.isfinite(ref.heatmaps).all()
 
 
 def test_ovdiff_nodes_on_flow_models(pack, mcv, tmp_path, monkeypatch):

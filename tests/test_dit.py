@@ -7,6 +7,7 @@ import torch
 from textmask import TextMasker, forward
 from textmask.errors import CaptureError
 from textmask.hosts.diffusers_dit import DiffusersDiTHost
+from textmask.methods.refdiff import refer as refdiff_refer
 from textmask.tokenizer import clip_tokenizer, t5_tokenizer, tokenize
 
 
@@ -91,9 +92,11 @@ def test_masks_match_odd_sizes_and_batches_and_leave_the_model_untouched(pipe):
         assert segments.labels.shape == (2, 37, 53) and all(m.shape[-2:] == (37, 53) for m in segments.masks)
     named = masker.named_segments(images[:2], ["car", "tree"])
     assert named.masks.shape == (2, 2, 37, 53) and named.labels.shape == (2, 37, 53)
-    for expression in ("the car on the left", "black horse jumping"):  # a relation; Ref-Diff's scores (logits)
+    for expression in ("the car on the left", "black horse jumping"):  # a relation; the best instance
         referred = masker.refer(images[:2], expression)
         assert referred.masks.shape == (2, 37, 53) and torch.isfinite(referred.heatmaps).all()
+    referred = refdiff_refer(masker.host, images[:2], "black horse jumping")  # Ref-Diff's scores (logits)
+    assert referred.masks.shape == (2, 37, 53) and torch.isfinite(referred.heatmaps).all()
     assert torch.equal(before, transformer_output(pipe))  # read-only, and no hook left behind
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pipe.transformer.modules())
 

@@ -53,19 +53,40 @@ def masker():
 
 def test_refer_api(masker):
     res = masker.refer(torch.rand(2, 37, 53, 3), "the red car on the left")
-    assert res.subject == "car"
+    assert res.subject == "red car"
     assert res.masks.shape == res.heatmaps.shape == (2, 37, 53)
     assert set(res.masks.unique().tolist()) <= {0.0, 1.0} and res.masks.sum() > 0
 
 
-def test_refer_uses_one_forward_for_cond_and_uncond(masker):
+def test_refdiff_uses_one_forward_for_cond_and_uncond(masker):
+    from textmask.methods.refdiff import refer
+
     calls = []
     handle = masker.host.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
-        masker.refer(torch.rand(1, 32, 32, 3), "the dog")
+        res = refer(masker.host, torch.rand(1, 37, 53, 3), "the dog")
     finally:
         handle.remove()
     assert calls == [2]  # uncond and cond rows of the one image, batched
+    assert res.subject == "dog" and res.masks.shape == res.heatmaps.shape == (1, 37, 53)
+
+
+def test_refer_without_relation_or_clip_takes_the_subjects_best_instance(masker):
+    # One forward, conditioned on the expression; the chosen mask is one of the instances of the subject's mask.
+    calls = []
+    handle = masker.host.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    images = torch.rand(2, 37, 53, 3)
+    try:
+        res = masker.refer(images, "the black dog")
+    finally:
+        handle.remove()
+    assert calls == [1, 1]  # one forward per image (refer's batch size is 1), conditional rows only
+    assert res.subject == "black dog"
+    union = masker.mask(images, "black dog", prompt="the black dog").masks
+    for i in range(2):
+        chosen = res.masks[i].bool()
+        assert any(torch.equal(chosen, c) for c in res.instances[i])
+        assert not (chosen & ~union[i].bool()).any()
 
 
 def test_refer_with_clip(masker, tmp_path):
@@ -96,6 +117,7 @@ def test_bad_alpha(masker):
 
 def test_segments_and_refer_leave_the_model_untouched():
     from conftest import unet_untouched
+    from textmask.methods.refdiff import refer
 
     pipe = tiny_models.sd1_pipe()
     masker = TextMasker.from_pipe(pipe, resolution=64)
@@ -104,13 +126,15 @@ def test_segments_and_refer_leave_the_model_untouched():
         masker.segments(torch.rand(1, 32, 32, 3))
         masker.semantic(torch.rand(1, 32, 32, 3), ["cat", "dog"])
         masker.refer(torch.rand(1, 32, 32, 3), "the cat on the left")
+        refer(masker.host, torch.rand(1, 32, 32, 3), "the cat")
 
         class Boom(Exception):
             pass
 
         boom = unet.mid_block.register_forward_hook(lambda *a: (_ for _ in ()).throw(Boom()))
         try:
-            for call in (lambda: masker.segments(torch.rand(1, 32, 32, 3)), lambda: masker.refer(torch.rand(1, 32, 32, 3), "the cat")):
+            for call in (lambda: masker.segments(torch.rand(1, 32, 32, 3)),
+                         lambda: refer(masker.host, torch.rand(1, 32, 32, 3), "the cat")):
                 with pytest.raises(Boom):
                     call()
         finally:

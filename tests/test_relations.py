@@ -108,6 +108,30 @@ def test_refer_picks_by_relation_on_shapes(shapes):
     assert len(ious) >= 20 and np.mean(ious) >= 0.4
 
 
+def test_refer_one_object_on_shapes(shapes):
+    # "the red circle" with no relation and no CLIP: the instance of "red circle" (conditioned on the expression)
+    # its map favours. On 80 Shapes val scenes (136 phrases naming one object) IoU 0.60, against 0.52 for the whole
+    # mask, 0.27 for the head noun's best instance and 0.14 for Ref-Diff without CLIP.
+    from textmask.demo.scenes import make_scene, split_seeds
+    from textmask.methods.refdiff import refer
+
+    ours, union, refdiff = [], [], []
+    score = lambda got, want: (got & want).sum() / max((got | want).sum(), 1)  # noqa: E731
+    for seed in split_seeds("val", 12):
+        scene = make_scene(seed)
+        for obj, want in zip(scene.objects, scene.masks):
+            if sum(o.phrase == obj.phrase for o in scene.objects) > 1:
+                continue
+            res = shapes.refer(scene.image, f"the {obj.phrase}")
+            assert res.masks.shape == (1, *scene.image.shape[:2]) and res.subject == obj.phrase
+            ours.append(score(res.masks[0].numpy() > 0.5, want))
+            whole = shapes.mask(scene.image, obj.phrase, prompt=f"the {obj.phrase}").masks[0].numpy() > 0.5
+            union.append(score(whole, want))
+            refdiff.append(score(refer(shapes.host, scene.image, f"the {obj.phrase}").masks[0].numpy() > 0.5, want))
+    assert len(ours) >= 15
+    assert np.mean(ours) > np.mean(union) and np.mean(ours) > np.mean(refdiff) + 0.2
+
+
 def test_refer_relation_on_a_tiny_model_keeps_the_input_size():
     import tiny_models
     from textmask import TextMasker
@@ -115,8 +139,8 @@ def test_refer_relation_on_a_tiny_model_keeps_the_input_size():
     masker = TextMasker.from_pipe(tiny_models.sd1_pipe(), resolution=64)
     images = torch.rand(2, 37, 53, 3)
     res = masker.refer(images, "every red car")
-    assert res.subject == "car" and res.masks.shape == res.heatmaps.shape == (2, 37, 53)
+    assert res.subject == "red car" and res.masks.shape == res.heatmaps.shape == (2, 37, 53)
     for inst in res.instances:
         assert inst.dtype == torch.bool and inst.shape[1:] == (37, 53)
     # "every" keeps every part of the subject's mask, however small: the whole mask
-    assert torch.equal(res.masks, masker.mask(images, "car", prompt="every red car").masks)
+    assert torch.equal(res.masks, masker.mask(images, "red car", prompt="every red car", batch_size=1).masks)

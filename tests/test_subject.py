@@ -3,7 +3,7 @@
 import pytest
 
 from textmask.errors import TextMaskError
-from textmask.subject import subject
+from textmask.subject import subject, subject_phrase
 
 TABLE = [
     # RefCOCO: short, positional
@@ -54,3 +54,21 @@ def test_word_boundaries_and_case():
 def test_no_noun(expression):
     with pytest.raises(TextMaskError, match="no noun"):
         subject(expression)
+
+
+@pytest.mark.parametrize("expression,expected", [
+    ("the second red car from the right", "red car"), ("the larger square", "square"), ("the red triangle", "red triangle"),
+    ("white and black dog", "black dog"), ("the big red ball", "red ball"), ("hot dog on left", "hot dog"),
+    ("the larger of the two sheep", "sheep"), ("the top left star", "star"), ("wooden table", "wooden table"),
+    ("tennis player in white", "tennis player"), ("every red car", "red car"), ("the  Red   car", "red car"),
+    ("red, car", "car"), ("skier's legs", "skier's legs"), ("far left person", "person"),
+])
+def test_subject_phrase(expression, expected):
+    # the head noun and the words before it that say how it looks, as written: the refer path masks this phrase
+    assert subject_phrase(expression) == expected
+    assert subject_phrase(expression).split()[-1].removesuffix("'s") == subject(expression)
+
+
+def test_subject_phrase_without_a_noun():
+    with pytest.raises(TextMaskError, match="no noun"):
+        subject_phrase("the top left")

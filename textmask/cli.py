@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_seed_resolution(segs)
     add_model_options(segs)
     add_image_options(segs)
-    ref = sub.add_parser("refer", help="mask the object a referring expression names (Ref-Diff)")
+    ref = sub.add_parser("refer", help="mask the object a referring expression names (its subject's instances; "
+                                          "Ref-Diff with --clip)")
     ref.add_argument("input", help="an image file")
     ref.add_argument("expression", help='e.g. "the man on the left"')
     ref.add_argument("--out", required=True, help="mask PNG")
@@ -179,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--alpha", type=checked(options.alpha), default=0.5,
                      help="weight of the generative score when --clip is given, 0-1")
     ref.add_argument("--tau", type=checked(options.tau), default=defaults.TAU,
-                     help="DiffSeg merge threshold for the proposals")
+                     help="DiffSeg merge threshold for Ref-Diff's proposals (with --clip)")
     ref.add_argument("--timestep", type=checked(options.timestep, whole), default=defaults.REFER_TIMESTEP,
-                     help=f"noise level (default {defaults.REFER_TIMESTEP})")
+                     help=f"noise level of Ref-Diff's forward (with --clip; default {defaults.REFER_TIMESTEP}); "
+                          f"the subject's instances use the attention method's ({defaults.TIMESTEP})")
     add_seed_resolution(ref)
     add_model_options(ref)
     add_image_options(ref)

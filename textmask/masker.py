@@ -159,16 +159,20 @@ class TextMasker:
               batch_size: int = 1, use_spacy: bool = False) -> ReferResult:
         """The mask of the one object (or, for "every"/"all", the objects) a referring expression names.
 
-        An expression that orders things ("the man on the left", "the larger square", "the second car from the
-        right", "every chair"; ``textmask.relations``) masks its subject with ``attention`` conditioned on the whole
-        expression (at ``attention``'s timestep), with PAMR edges, splits that mask into instances and picks by the
-        relation. Any other expression goes to Ref-Diff, where
-        ``clip`` (optional: a local transformers CLIP folder, or a scorer with ``scores(image, proposals, texts)``)
-        adds its score, and ``alpha``, ``tau`` and ``timestep`` apply.
+        The subject ("the red car on the left" -> "red car"; ``textmask.subject.subject_phrase``) is masked with
+        ``attention`` conditioned on the whole expression (at ``attention``'s timestep), with PAMR edges, and that
+        mask is split into instances. An
+        expression that orders things ("the man on the left", "the larger square", "the second car from the right",
+        "every chair"; ``textmask.relations``) picks among them by its relation; any other expression takes the
+        instance whose map is higher inside than outside by the most (Ref-Diff's generative score). With ``clip``
+        (a local transformers CLIP folder, or a scorer with ``scores(image, proposals, texts)``) an expression
+        without a relation goes to Ref-Diff, its paper's setting: its proposals scored by attribution and by CLIP,
+        weighed by ``alpha``, with ``tau`` and ``timestep`` for its proposals and forward, and ``use_spacy`` to find
+        its head noun.
         """
         from . import relations
-        from .methods.refdiff import refer
-        from .subject import subject
+        from .methods.refdiff import generative_scores, refer
+        from .subject import subject_phrase
 
         if not isinstance(expression, str) or not expression.strip():
             raise TextMaskError("the referring expression is empty")
@@ -176,18 +180,23 @@ class TextMasker:
         options.alpha(alpha), options.tau(tau)
         options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
         relation = relations.parse(expression)
-        if relation is None:
+        if relation is None and clip is not None:
             res = refer(self.host, images, expression, clip=clip, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
                         resolution=resolution, batch_size=batch_size, use_spacy=use_spacy)
             res.instances = [relations.instances(m) for m in res.masks]
             return res
-        head = subject(expression, use_spacy=use_spacy)
+        head = subject_phrase(expression)
         out = self.mask(images, head, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size)
+        heat = out.terms[head].clamp(0, 1)
         # "every" keeps every part; one of several keeps parts of a tenth of the largest or more (no fragments)
-        share = 0.0 if relation.every else relations.MIN_SHARE
+        share = 0.0 if relation is not None and relation.every else relations.MIN_SHARE
         candidates = [relations.instances(m, share) for m in out.masks]
-        masks = torch.stack([relations.choose(c, relation).float() for c in candidates])
-        return ReferResult(masks, out.terms[head].clamp(0, 1), head, candidates)
+        if relation is None:
+            chosen = [c[int(generative_scores(c, h).argmax())] if len(c) else torch.zeros(h.shape, dtype=torch.bool)
+                      for c, h in zip(candidates, heat)]
+        else:
+            chosen = [relations.choose(c, relation) for c in candidates]
+        return ReferResult(torch.stack(chosen).float(), heat, head, candidates)
 
     def build_prototypes(self, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
                          seed: int = 0, overrides: dict[str, bool] | None = None, cache_dir: str | Path | None = None,

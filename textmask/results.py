@@ -44,10 +44,11 @@ class LabelsResult:
 
 @dataclass
 class ReferResult:
-    """``TextMasker.refer``: the one object a referring expression names (by a relation, or Ref-Diff), per image."""
+    """``TextMasker.refer``: the one object a referring expression names, per image: one of its subject's instances
+    (picked by a relation or by attention), or Ref-Diff's proposal where a CLIP model scores them."""
 
     masks: torch.Tensor  # [B, H, W] in {0, 1}
     heatmaps: torch.Tensor  # [B, H, W] the subject's map (Ref-Diff's attribution, or its attention), in [0, 1]
-    subject: str  # the expression's head noun, whose attention was read
-    instances: list[torch.Tensor] = field(default_factory=list)  # per image [K, H, W] bool: a relation's
-    # candidates, or the parts of Ref-Diff's chosen proposal
+    subject: str  # what the expression names, whose attention was read: "red car" (Ref-Diff: the head noun)
+    instances: list[torch.Tensor] = field(default_factory=list)  # per image [K, H, W] bool: the subject's
+    # instances (the candidates), or the parts of Ref-Diff's chosen proposal

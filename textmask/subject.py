@@ -25,6 +25,8 @@ MODIFIERS = set(
     "closed wooden metal plastic striped plaid spotted checkered blurry blurred fuzzy cut sliced visible hidden "
     "main second-from-the-left far-left far-right top-left top-right bottom-left bottom-right".split()
 )
+# Modifiers that say what a thing looks like, which an attention map can find (positions and sizes cannot).
+LOOKS = set("wooden metal plastic striped plaid spotted checkered blurry blurred fuzzy".split())
 BOUNDARIES = set(
     "on in at with near next by behind beside besides between under underneath over above below to from for "
     "without against across along around inside outside into onto toward towards of off who that which whose "
@@ -48,13 +50,13 @@ def _spacy_subject(expression: str) -> str | None:
     return None
 
 
-def subject(expression: str, use_spacy: bool = False) -> str:
-    """The head noun of the first noun phrase; raises TextMaskError when the expression has none."""
-    if use_spacy and (found := _spacy_subject(expression)):
-        return found
-    words = [w.removesuffix("'s") for w in WORD.findall(expression.lower())]
+def _first_noun_phrase(expression: str) -> tuple[list[re.Match], int]:
+    """The words of ``expression`` (matches on its lower-cased text) and the index of the first noun phrase's head
+    among them; raises TextMaskError when there is none."""
+    words = list(WORD.finditer(expression.lower()))
     head = None
-    for w in words:
+    for i, match in enumerate(words):
+        w = match.group().removesuffix("'s")
         ends_phrase = w in BOUNDARIES or w in VERBS or (w.endswith("ing") and len(w) > 4 and head is not None)
         if ends_phrase and head is not None:
             break
@@ -62,8 +64,31 @@ def subject(expression: str, use_spacy: bool = False) -> str:
             continue
         if w.endswith("ed") and head is not None and len(w) > 4:  # "car parked ..."
             break
-        head = w
+        head = i
     if head is None:
         raise TextMaskError(f"no noun found in '{expression}'; name the object, e.g. 'the man on the left'")
-    return head
+    return words, head
 
+
+def subject(expression: str, use_spacy: bool = False) -> str:
+    """The head noun of the first noun phrase; raises TextMaskError when the expression has none."""
+    if use_spacy and (found := _spacy_subject(expression)):
+        return found
+    words, head = _first_noun_phrase(expression)
+    return words[head].group().removesuffix("'s")
+
+
+def subject_phrase(expression: str) -> str:
+    """The head noun with the words right before it that say what it looks like (colours, materials, other nouns),
+    as the expression writes them: "the second red car from the right" -> "red car", "the larger square" ->
+    "square", "white and black dog" -> "black dog". Position, size and order words stay out: they pick among
+    instances (``textmask.relations``), where a map cannot see them. Raises TextMaskError without a noun."""
+    words, head = _first_noun_phrase(expression)
+    text = expression.lower()
+    first = head
+    while first > 0 and not text[words[first - 1].end() : words[first].start()].strip():  # only spaces between
+        w = words[first - 1].group().removesuffix("'s")
+        if w in DETERMINERS or w in NUMBERS or w in BOUNDARIES or w in VERBS or (w in MODIFIERS and w not in LOOKS):
+            break
+        first -= 1
+    return " ".join(w.group() for w in words[first : head + 1])
