@@ -161,10 +161,10 @@ class TextMasker:
 
         The subject ("the red car on the left" -> "red car"; ``textmask.subject.subject_phrase``) is masked with
         ``attention`` conditioned on the whole expression (at ``attention``'s timestep), with PAMR edges, and that
-        mask is split into instances. An
-        expression that orders things ("the man on the left", "the larger square", "the second car from the right",
-        "every chair"; ``textmask.relations``) picks among them by its relation; any other expression takes the
-        instance whose map is higher inside than outside by the most (Ref-Diff's generative score). With ``clip``
+        mask is split into instances. An expression that orders things ("the man on the left", "the larger square",
+        "the second car from the right", "every chair"; ``textmask.relations``) picks among them by its relation;
+        any other expression takes the instance whose map is higher inside than outside by the most (Ref-Diff's
+        generative score). With ``clip``
         (a local transformers CLIP folder, or a scorer with ``scores(image, proposals, texts)``) an expression
         without a relation goes to Ref-Diff, its paper's setting: its proposals scored by attribution and by CLIP,
         weighed by ``alpha``, with ``tau`` and ``timestep`` for its proposals and forward, and ``use_spacy`` to find
@@ -185,9 +185,9 @@ class TextMasker:
                         resolution=resolution, batch_size=batch_size, use_spacy=use_spacy)
             res.instances = [relations.instances(m) for m in res.masks]
             return res
-        head = subject_phrase(expression)
-        out = self.mask(images, head, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size)
-        heat = out.terms[head].clamp(0, 1)
+        phrase = subject_phrase(expression)
+        out = self.mask(images, phrase, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size)
+        heat = out.terms[phrase].clamp(0, 1)
         # "every" keeps every part; one of several keeps parts of a tenth of the largest or more (no fragments)
         share = 0.0 if relation is not None and relation.every else relations.MIN_SHARE
         candidates = [relations.instances(m, share) for m in out.masks]
@@ -196,7 +196,7 @@ class TextMasker:
                       for c, h in zip(candidates, heat)]
         else:
             chosen = [relations.choose(c, relation) for c in candidates]
-        return ReferResult(torch.stack(chosen).float(), heat, head, candidates)
+        return ReferResult(torch.stack(chosen).float(), heat, phrase, candidates)
 
     def build_prototypes(self, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
                          seed: int = 0, overrides: dict[str, bool] | None = None, cache_dir: str | Path | None = None,
