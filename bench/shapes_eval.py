@@ -34,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from textmask import TextMasker  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
-    Scores, absent_phrases, ceiling_heatmap, centre_prior, every_phrases, hungarian_miou, instance_matches, iou,
-    margin_heatmap, object_phrases, otsu_mask, phrase_groups, wrong_phrase)
+    Scores, absent_phrases, ceiling_heatmap, centre_prior, every_phrases, hungarian_miou, instance_matches, margin_heatmap, object_phrases, otsu_mask, phrase_groups, wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
 from textmask.demo.scenes import caption as caption_of  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402

@@ -102,5 +102,5 @@ class TextMaskLDZNet:
             template=template or None, threshold=threshold, soft=soft, blur=blur, grow=grow,
             invert=invert, timestep=timestep, seed=seed, resolution=resolution or None, pamr=edges,
         )
-        preview = overlay(image[..., :3].float().cpu(), result.heatmaps)
+        preview = overlay(image.float().cpu(), result.heatmaps)
         return (result.masks.float().cpu(), preview)

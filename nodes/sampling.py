@@ -70,4 +70,4 @@ class TextMaskFromSampling:
         result = capture.mask(image, mask_prompt, negative=negative or None, refine=refine, threshold=threshold,
                               soft=soft, blur=blur, grow=grow, fill_holes=fill_holes, invert=invert, pamr=edges,
                               temporal=temporal)
-        return result.masks.float().cpu(), overlay(image[..., :3].float().cpu(), result.heatmaps)
+        return result.masks.float().cpu(), overlay(image.float().cpu(), result.heatmaps)

@@ -74,5 +74,5 @@ class TextMask:
             invert=invert, timestep=timestep, seed=seed, latents=latents, resolution=resolution or None, pamr=edges,
             temporal=temporal,
         )
-        preview = overlay(image[..., :3].float().cpu(), result.heatmaps)
+        preview = overlay(image.float().cpu(), result.heatmaps)
         return (result.masks.float().cpu(), preview)

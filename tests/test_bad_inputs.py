@@ -381,6 +381,26 @@ API_CASES = {
     "prototypes cfg": (lambda m: m.build_prototypes(["cat"], cfg=float("nan")), "cfg"),
     "prototypes resolution": (lambda m: m.build_prototypes(["cat"], resolution=100000), "resolution"),
     "prototypes cache file": (lambda m: m.build_prototypes(["cat"], cache_dir=__file__), "is a file"),
+    "empty image batch": (lambda m: m.mask(torch.zeros(0, 40, 48, 3), "a"), "batch is empty"),
+    "segments of an empty batch": (lambda m: m.segments(torch.zeros(0, 40, 48, 3)), "batch is empty"),
+    "refer on an empty batch": (lambda m: m.refer(torch.zeros(0, 40, 48, 3), "the circle"), "batch is empty"),
+    "trace of an empty batch": (lambda m: m.trace(torch.zeros(0, 40, 48, 3)), "batch is empty"),
+    "complex tensor image": (lambda m: m.mask(torch.zeros(40, 48, 3, dtype=torch.complex64), "a"), "data type"),
+    "PIL mode without RGB": (lambda m: m.mask(Image.new("La", (48, 40)), "a"), "cannot read this PIL image"),
+    "timestep of 400 digits": (lambda m: m.mask(IMAGE, "a", timestep=10**400), "sensible size"),
+    "prompt not text": (lambda m: m.mask(IMAGE, "a", prompt=5), "prompt must be text"),
+    "refine steps beyond reason": (lambda m: m.mask(IMAGE, "a", refine_steps=10**9), "refine_steps"),
+    "latents of another model": (lambda m: m.mask(IMAGE, "a", latents=torch.zeros(1, 16, 10, 12)), "latent space"),
+    "latents as an array": (lambda m: m.mask(IMAGE, "a", latents=np.zeros((1, 4, 10, 12))), "latents must be a tensor"),
+    "latents beyond the size limit": (lambda m: m.mask(IMAGE, "a", latents=torch.zeros(1, 4, 600, 600)), "over 2048"),
+    "ld-znet template with two fields": (lambda m: m.mask(IMAGE, "a", method="ld-znet", template="{} and {}",
+                                                          ldznet=MODEL_DIR / "ldznet.safetensors"), "exactly one"),
+    "named segments of None": (lambda m: m.named_segments(IMAGE, None), "list of words"),
+    "prototypes of a string": (lambda m: m.build_prototypes("cat"), "list of words"),
+    "prototypes overrides not a dict": (lambda m: m.build_prototypes(["cat"], overrides="yes"), "overrides"),
+    "ovdiff without prototypes": (lambda m: m.ovdiff(IMAGE, None), "prototypes must be"),
+    "one-box face, refer with a bad threshold": (lambda m: __import__("textmask.faces").faces.mask_any(
+        m, IMAGE, "the circle", method="refer", threshold="abc"), "threshold"),
 }
 
 
@@ -398,6 +418,8 @@ def test_api_accepts_what_it_can_use(masker):
     a = masker.mask(IMAGE, "red circle", seed=2**70, refine=False)
     b = masker.mask(IMAGE, "red circle", seed=2**70 % 2**63, refine=False)
     assert torch.equal(a.heatmaps, b.heatmaps)
+    huge = masker.mask(IMAGE, "red circle", seed=10**400, refine=False)  # taken modulo 2⁶³ exactly, not as a float
+    assert torch.equal(huge.heatmaps, masker.mask(IMAGE, "red circle", seed=10**400 % 2**63, refine=False).heatmaps)
     int16 = (IMAGE * 32767).astype(np.int16)
     uint16 = (IMAGE * 65535).astype(np.uint16)
     for array in (int16, uint16, (IMAGE * 255).astype(np.uint8), torch.from_numpy((IMAGE * 255).astype(np.uint8))):

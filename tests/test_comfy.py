@@ -62,6 +62,23 @@ def test_registration(pack):
     assert all("tooltip" in opts for _, opts in spec["required"].values())
 
 
+def test_gray_and_alpha_images_get_a_preview_and_an_empty_batch_one_line(pack, sd15):
+    """Every channel count the core reads (gray, gray + alpha, RGB, RGBA) also gives an RGB preview; an IMAGE batch
+    of none is one line, in every node that takes an IMAGE."""
+    for channels in (1, 2, 3, 4):
+        mask, preview = run_node(pack, sd15, torch.rand(2, 40, 48, channels))
+        assert mask.shape == (2, 40, 48) and preview.shape == (2, 40, 48, 3)
+    empty = torch.rand(0, 40, 48, 3)
+    with torch.inference_mode():
+        for call in (lambda: run_node(pack, sd15, empty),
+                     lambda: pack.NODE_CLASS_MAPPINGS["ReferringMask"]().run(*sd15, empty, "the car", 1.1, 100, 0),
+                     lambda: pack.NODE_CLASS_MAPPINGS["SegmentEverything"]().run(*sd15, empty, tau=1.1, timestep=300,
+                                                                                  seed=0, kmeans=False)):
+            with pytest.raises(pack.textmask.errors.TextMaskError) as e:
+                call()
+            assert "batch is empty" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("size", [(37, 53), (64, 64)])
 def test_mask_matches_image_size_for_batches(pack, sd15, size):
     image = torch.rand(3, *size, 3)

@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from contextlib import redirect_stdout
 from pathlib import Path
 

@@ -24,6 +24,9 @@ from textmask.relations import Relation, choose, instances, parse
     ("the red car", None),
     ("a man holding a cup", None),
     ("the sixth car from the left", Relation(("left",), rank=5)),
+    ("the 12th car from the left", Relation(("left",), rank=11)),
+    ("the twentieth car from the right", Relation(("right",), rank=19)),
+    ("the 0th car from the left", Relation(("left",))),
     ("the man on the far right", Relation(("right",))),
     ("the dog on the left of the picture", Relation(("left",))),
     # words of another phrase state no relation of the subject's

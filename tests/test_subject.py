@@ -50,7 +50,8 @@ def test_word_boundaries_and_case():
     assert subject("man next to the woman") == "man"
 
 
-@pytest.mark.parametrize("expression", ["left", "bottom left", "", "  ", "2nd from left", "on the right", "the top left"])
+@pytest.mark.parametrize("expression", ["left", "bottom left", "", "  ", "2nd from left", "on the right", "the top left",
+                                        "AND NOT", "the 12th from the left"])
 def test_no_noun(expression):
     with pytest.raises(TextMaskError, match="no noun"):
         subject(expression)
@@ -62,6 +63,7 @@ def test_no_noun(expression):
     ("the larger of the two sheep", "sheep"), ("the top left star", "star"), ("wooden table", "wooden table"),
     ("tennis player in white", "tennis player"), ("every red car", "red car"), ("the  Red   car", "red car"),
     ("red, car", "car"), ("skier's legs", "skier's legs"), ("far left person", "person"),
+    ("the 12th red car from the left", "red car"), ("the twentieth car", "car"), ("3d printer", "3d printer"),
 ])
 def test_subject_phrase(expression, expected):
     # the head noun and the words before it that say how it looks, as written: the refer path masks this phrase

@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from . import mask_prompt as mp
 from . import options
 from . import postprocess as pp
@@ -48,6 +46,7 @@ def mask_any(masker, image, prompt: str, *, method: str = "attention", negative:
     """
     if not prompt or not str(prompt).strip():
         raise TextMaskError("type what to mask")
+    pp.parse_threshold(threshold)  # checked for every method, though only the attention methods read it
     if method in METHODS:
         kwargs: dict[str, Any] = {"ldznet": ldznet} if method == "ld-znet" else {}
         return masker.mask(image, prompt, method=method, negative=negative, refine=refine, threshold=threshold,

@@ -78,7 +78,10 @@ def _pil_to_array(img) -> np.ndarray:
         top = float(finite.max()) if finite.size else 1.0
         a = a / top if top > 1.0 else a
         return np.repeat(a[..., None], 3, axis=-1)
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    try:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except ValueError as e:  # a closed image, or a mode PIL cannot convert ("La")
+        raise ImageError(f"cannot read this PIL image (mode {img.mode}): {str(e).splitlines()[0]}") from None
 
 
 def unreadable(path: str | Path, error: Exception) -> ImageError:
@@ -161,9 +164,11 @@ def _as_hwc(x) -> np.ndarray | torch.Tensor:
         a = _scaled(x)
         return a[..., None] if a.ndim == 2 else a
     if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ImageError(f"unsupported image data type {x.dtype}; pass integers or floats")
         if x.dtype == torch.bool:
             x = x.float()
-        elif not (x.is_floating_point() or x.is_complex()):  # integers: scaled by their type's range, like arrays
+        elif not x.is_floating_point():  # integers: scaled by their type's range, like arrays
             x = x.float().clamp_min(0) / float(torch.iinfo(x.dtype).max)
         return x[..., None] if x.dim() == 2 else x
     raise ImageError(f"unsupported image type {type(x).__name__}; pass a PIL image, an array, a tensor or a path")
@@ -192,6 +197,8 @@ def to_batch(images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
     if len(sizes) > 1:
         raise ImageError(f"images in one batch must share a size, got {sorted(sizes)}; mask them one call each")
     batch = torch.cat(parts).permute(0, 3, 1, 2).contiguous()
+    if batch.shape[0] == 0:
+        raise ImageError("the image batch is empty; give at least one image")
     h, w = batch.shape[-2:]
     if h < MIN_SIDE or w < MIN_SIDE:
         raise ImageError(f"image of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")

@@ -91,6 +91,7 @@ class TextMasker:
         threshold = pp.parse_threshold(threshold)
         timestep = options.timestep(chosen.timestep if timestep is None else timestep)
         seed, batch_size = options.seed(seed), options.batch_size(batch_size)
+        prompt = options.text("prompt", prompt)
         expr = mp.with_negative(mp.parse(mask_prompt), negative)
         phrases = mp.phrases(expr)
         if latents is not None and chosen.needs_images:
@@ -102,8 +103,7 @@ class TextMasker:
         temporal = options.temporal(temporal)
         region = (0, 0, *images.size)
         if latents is not None:
-            if latents.dim() != 4 or latents.shape[0] not in (1, len(images)):
-                raise TextMaskError(f"latents of shape {tuple(latents.shape)} do not match {len(images)} image(s)")
+            options.latents(latents, len(images), self.host.geometry)
             latents = latents.expand(len(images), -1, -1, -1)
             region = self.host.latent_region(images.size, tuple(latents.shape[-2:]))
         parts = []

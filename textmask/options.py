@@ -28,7 +28,10 @@ def _number(name: str, value: Any) -> float:
             value = float(str(value).strip())
         except ValueError:
             raise TextMaskError(f"{name} must be a number, got {value!r}") from None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond a float's range
+        raise TextMaskError(f"{name} must be a number of sensible size, got one of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise TextMaskError(f"{name} must be a finite number, got {value}")
     return value
@@ -85,6 +88,8 @@ def timestep(value: Any) -> int:
 
 def seed(value: Any) -> int:
     """A seed: any whole number, taken modulo 2⁶³ (so 2**70 and -1 are usable, and the same every time)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value % SEED_MODULUS  # exact at any size, where a float would round or overflow
     return _integer("seed", value) % SEED_MODULUS
 
 
@@ -122,6 +127,47 @@ def cfg(value: Any) -> float:
 def alpha(value: Any) -> float:
     """Ref-Diff's weight of the generative score against CLIP's, in [0, 1]."""
     return in_range("alpha", value, 0, 1)
+
+
+def names(value: Any, what: str = "names", one: str = "name") -> list[str]:
+    """A list of words (named segments' names, OVDiff's classes), stripped: at least one, none empty, no two the
+    same but for case; ``what`` and ``one`` name them in the errors."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise TextMaskError(f"{what} must be a list of words, e.g. ['sky', 'person'], not {type(value).__name__} "
+                            f"{str(value)[:40]!r}")
+    words = [n.strip() for n in value]
+    if not words or any(not n for n in words):
+        raise TextMaskError(f"give at least one {one}, and no empty {what}")
+    lower = [n.lower() for n in words]
+    dupes = sorted({n for n in words if lower.count(n.lower()) > 1})
+    if dupes:
+        raise TextMaskError(f"duplicate {what}: {', '.join(dupes)}")
+    return words
+
+
+def text(name: str, value: Any) -> str | None:
+    """An optional text option (a caption, a negative prompt): a string or None."""
+    if value is not None and not isinstance(value, str):
+        raise TextMaskError(f"{name} must be text or None, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def latents(value: Any, images: int, geometry) -> Any:
+    """Latents given in place of encoding ``images`` images: a tensor [1 or images, C, h, w] with the model's latent
+    channels (``geometry``: the host's ``Geometry``), at most ``MAX_RESOLUTION`` pixels a side."""
+    import torch
+
+    channels = 4 if geometry.in_channels == 9 else geometry.in_channels  # an inpainting UNet's latents are SD's 4
+    if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[0] not in (1, images) \
+            or value.shape[1] != channels:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TextMaskError(f"latents must be a tensor [{images} or 1, {channels}, h, w] of this model's latent space "
+                            f"for {images} image(s), got {shape}")
+    side = max(value.shape[-2:]) * geometry.latent_factor
+    if side > MAX_RESOLUTION:
+        raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover {side} pixels a side, over "
+                            f"{MAX_RESOLUTION}; mask the image at a resolution up to {MAX_RESOLUTION} instead")
+    return value
 
 
 def count(name: str, value: Any, hi: int) -> int:

@@ -24,9 +24,10 @@ ORDER_WORDS = {
     **dict.fromkeys("large larger largest big bigger biggest huge".split(), "larger"),
     **dict.fromkeys("small smaller smallest little tiny".split(), "smaller"),
 }
-ORDINALS = {w: i for i, ws in enumerate(["first 1st", "second 2nd", "third 3rd", "fourth 4th", "fifth 5th",
-                                         "sixth 6th", "seventh 7th", "eighth 8th", "ninth 9th", "tenth 10th"])
-            for w in ws.split()}
+ORDINALS = {w: i for i, w in enumerate("first second third fourth fifth sixth seventh eighth ninth tenth eleventh "
+                                        "twelfth thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth "
+                                        "nineteenth twentieth".split())}
+NUMERAL = re.compile(r"(\d+)(?:st|nd|rd|th)")  # "12th": rank 11
 EVERY = set("every all each both".split())
 # "on the left", "from the right", "in the middle", "at the top": a position attached to the noun phrase.
 POSITION_PREPOSITIONS = set("on at in from to towards toward".split())
@@ -84,7 +85,8 @@ def parse(expression: str) -> Relation | None:
     order = tuple(dict.fromkeys(order))
     if not order:
         return None
-    rank = next((ORDINALS[w] for w in phrase if w in ORDINALS), 0)
+    rank = next((ORDINALS[w] if w in ORDINALS else max(0, int(NUMERAL.fullmatch(w)[1]) - 1)
+                 for w in phrase if w in ORDINALS or NUMERAL.fullmatch(w)), 0)
     if "last" in phrase:  # "the last car on the right" is the rightmost: last from the other side, first from this
         rank = 0
     return Relation(order=order, rank=rank)

@@ -22,9 +22,17 @@ def colourize(heatmap: torch.Tensor) -> torch.Tensor:
     return c[lo] * (1 - frac) + c[lo + 1] * frac
 
 
+def rgb(image: torch.Tensor) -> torch.Tensor:
+    """[..., H, W, C] with 1-4 channels (gray, gray + alpha, RGB, RGBA) -> [..., H, W, 3], read as
+    ``images.to_batch`` reads them: alpha dropped, gray repeated."""
+    c = image.shape[-1]
+    return image[..., :3] if c >= 3 else image[..., :1].expand(*image.shape[:-1], 3)
+
+
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
-    """Blend a colourised heatmap over an RGB image; both [..., H, W(, 3)] in [0, 1] -> [..., H, W, 3]."""
-    return (image.float() * (1 - alpha) + colourize(heatmap) * alpha).clamp(0, 1)
+    """Blend a colourised heatmap over an image [..., H, W, C] (1-4 channels, ``rgb``) and a heatmap [..., H, W],
+    both in [0, 1] -> [..., H, W, 3]."""
+    return (rgb(image.float()) * (1 - alpha) + colourize(heatmap) * alpha).clamp(0, 1)
 
 
 def save_mask(mask: torch.Tensor, path: str | Path) -> None:

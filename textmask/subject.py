@@ -13,8 +13,10 @@ import re
 from .errors import TextMaskError
 
 DETERMINERS = set("a an the this that these those its his her their our my your some any each every all no".split())
-NUMBERS = set("one two three four five six seven eight nine ten first second third fourth fifth sixth last "
-              "1st 2nd 3rd 4th 5th 2 3 4 5 both".split()) - {"one"}
+NUMBERS = set("one two three four five six seven eight nine ten first second third fourth fifth sixth seventh eighth "
+              "ninth tenth eleventh twelfth thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth "
+              "nineteenth twentieth last both".split()) - {"one"}
+NUMERAL = re.compile(r"\d+(?:st|nd|rd|th)?")  # "2", "12th": numbers and ordinals written in digits
 COLOURS = set("red green blue yellow black white gray grey brown orange pink purple beige tan gold golden silver "
               "dark light bright pale navy maroon teal cyan violet blond blonde".split())
 MODIFIERS = set(
@@ -30,7 +32,7 @@ LOOKS = set("wooden metal plastic striped plaid spotted checkered blurry blurred
 BOUNDARIES = set(
     "on in at with near next by behind beside besides between under underneath over above below to from for "
     "without against across along around inside outside into onto toward towards of off who that which whose "
-    "where while and or but than like holding wearing".split()
+    "where while and or nor not but than like holding wearing".split()
 )
 VERBS = set("is are was were be being has have had rides holds sits stands looks wears eats plays walks runs "
             "jumps lies lays faces carries".split())
@@ -60,7 +62,7 @@ def _first_noun_phrase(expression: str) -> tuple[list[re.Match], int]:
         ends_phrase = w in BOUNDARIES or w in VERBS or (w.endswith("ing") and len(w) > 4 and head is not None)
         if ends_phrase and head is not None:
             break
-        if ends_phrase or w in DETERMINERS or w in NUMBERS or w in COLOURS or w in MODIFIERS:
+        if ends_phrase or w in DETERMINERS or w in NUMBERS or NUMERAL.fullmatch(w) or w in COLOURS or w in MODIFIERS:
             continue
         if w.endswith("ed") and head is not None and len(w) > 4:  # "car parked ..."
             break
@@ -88,7 +90,8 @@ def subject_phrase(expression: str) -> str:
     first = head
     while first > 0 and not text[words[first - 1].end() : words[first].start()].strip():  # only spaces between
         w = words[first - 1].group().removesuffix("'s")
-        if w in DETERMINERS or w in NUMBERS or w in BOUNDARIES or w in VERBS or (w in MODIFIERS and w not in LOOKS):
+        if w in DETERMINERS or w in NUMBERS or NUMERAL.fullmatch(w) or w in BOUNDARIES or w in VERBS \
+                or (w in MODIFIERS and w not in LOOKS):
             break
         first -= 1
     return " ".join(w.group() for w in words[first : head + 1])

@@ -130,8 +130,10 @@ class LDZNetMethod:
         if ldznet is None:
             raise TextMaskError("method 'ld-znet' needs LD-ZNet weights (ldznet=..., --ldznet PATH)")
         template = template or DEFAULT_TEMPLATE
-        if "{}" not in template:
-            raise TextMaskError(f"the prompt template needs a '{{}}' for the phrase, got {template!r}")
+        if not isinstance(template, str) or template.count("{}") != 1 or template.replace("{}", "").count("{") \
+                or template.replace("{}", "").count("}"):
+            raise TextMaskError(f"the prompt template needs exactly one '{{}}' for the phrase and no other braces, "
+                                f"got {template!r}")
         model = load_on_host(ldznet, host) if isinstance(ldznet, (str, Path)) else ldznet
         conds = [forward.encode_prompts(host, [template.format(p)]) for p in phrases]
         check_compatible(model, host, conds[0].context.shape[-1])

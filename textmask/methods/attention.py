@@ -175,6 +175,7 @@ def upsampled_keys(probs: torch.Tensor, size: tuple[int, int], target: tuple[int
 
 RefineMode = Literal["transpose", "aggsd", "forward", "iseg"]
 REFINE_MODES = ("transpose", "aggsd", "forward", "iseg")
+MAX_REFINE_STEPS = 100  # iSeg iterates 10; far more only spreads every map over the image
 # iSeg's entropy-reduction weight (its VOC setting; 0.1 for COCO).
 ISEG_ENTROPY = 0.015
 
@@ -232,8 +233,8 @@ def refine_options(mode: str, steps) -> tuple[RefineMode, int]:
     """The refinement's mode and step count, checked: one line naming the choices otherwise."""
     if mode not in REFINE_MODES:
         raise TextMaskError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {mode!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise TextMaskError(f"refine_steps must be a whole number of at least 1, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_REFINE_STEPS:
+        raise TextMaskError(f"refine_steps must be a whole number from 1 to {MAX_REFINE_STEPS}, got {steps!r}")
     return mode, steps
 
 

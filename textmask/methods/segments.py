@@ -162,14 +162,7 @@ def named_segments(
 ) -> LabelsResult:
     """Label segments with names (``segment_names``), from one forward under the names' prompt."""
     segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size)
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise TextMaskError("names must be a list of words, e.g. ['sky', 'person']")
-    names = [n.strip() for n in names]
-    if not names or any(not n for n in names):
-        raise TextMaskError("give at least one name, and no empty names")
-    dupes = sorted({n for n in names if [m.lower() for m in names].count(n.lower()) > 1})
-    if dupes:
-        raise TextMaskError(f"duplicate names: {', '.join(dupes)}")
+    names = options.names(names)
     images = forward.prepare_images(host, images, resolution)
     prompt = attention_prompt(names)
     token_map = forward.encode_prompts(host, [prompt]).token_maps[0]

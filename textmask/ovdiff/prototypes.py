@@ -268,7 +268,7 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
                      cache_dir: str | Path | None = None, use_cache: bool = True,
                      resolution: int | None = None) -> Prototypes:
     """Prototypes for each class, reusing cached ones; adding a class never recomputes the others."""
-    specs = [parse_class(c) for c in classes]
+    specs = [parse_class(c) for c in options.names(classes, "class names", "class name")]
     names = [n for n, _ in specs]
     if not names or any(not n for n in names):
         raise TextMaskError("give at least one class name, and no empty names")
@@ -280,6 +280,9 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
     if host.geometry.in_channels not in (4, 16):  # SD's 4 or SD3's and Flux's 16 latent channels, nothing more
         raise TextMaskError("OVDiff samples its support images, which needs a non-inpainting model; "
                             "build the prototypes with the base model of this inpainting checkpoint")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TextMaskError(f"overrides must be a dict of class name to is-stuff, e.g. {{'sky': True}}, got "
+                            f"{type(overrides).__name__}")
     overrides = {k.lower(): v for k, v in (overrides or {}).items()}
     multiple = host.geometry.size_multiple
     if resolution is not None and (resolution <= 0 or resolution % multiple):

@@ -77,12 +77,15 @@ def label(prototypes: Prototypes, images, *, host: Host | None = None, classes: 
     """Label every pixel with the nearest class prototype (or background), per image; ``batch_size`` windows
     share a UNet forward (fewer if the GPU runs out of memory). ``clip``: a local CLIP folder (run on the host's
     device) or a scorer with ``image_text_probs``, for the reference's class pre-filter."""
+    if not isinstance(prototypes, Prototypes):
+        raise TextMaskError(f"prototypes must be what build_prototypes returns, got {type(prototypes).__name__}")
     host = host or prototypes.host
     if host is None:
         raise TextMaskError("these prototypes carry no model; pass the host that built them")
     seed, batch_size = options.seed(seed), options.batch_size(batch_size)
     protos = prototypes.classes
     if classes is not None:
+        classes = options.names(classes, "classes", "class")
         index = {c.name.lower(): c for c in protos}
         missing = [c for c in classes if c.lower() not in index]
         if missing:
