@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,7 +153,10 @@ def make_clip(kind: str = "sd15", seed: int = 0):
                 self.dtypes = {dtype}  # newer ComfyUI reads this
 
         target = types.SimpleNamespace(clip=TinySDXLClip, tokenizer=comfy.sdxl_clip.SDXLTokenizer, params={})
-    clip = comfy.sd.CLIP(target)
+    try:
+        clip = comfy.sd.CLIP(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the configs are read while the model is built
     init_weights(clip.cond_stage_model, seed)
     return clip
 

@@ -33,7 +33,7 @@ def test_outputs_without_browser(shapes_masker, tmp_path):
 
     img = scene_png(tmp_path / "scene.png")
     masks, overlays, cutouts = make_outputs(shapes_masker, [str(img), str(img)], "circle | square", "noise-diff",
-                                            True, "auto", False, False)
+                                            True, "auto", False, False, root=tmp_path)
     assert len(masks) == len(overlays) == len(cutouts) == 2
     m, o, c = Image.open(masks[0]), Image.open(overlays[0]), Image.open(cutouts[0])
     assert m.size == o.size == c.size == Image.open(img).size
@@ -50,7 +50,7 @@ def test_refer_and_named_segments_in_the_app(shapes_masker, tmp_path, method, pr
     from textmask.images import load_image
 
     img = scene_png(tmp_path / "scene.png")
-    masks, _, _ = make_outputs(shapes_masker, [str(img)], prompt, method, True, "auto", False, False)
+    masks, _, _ = make_outputs(shapes_masker, [str(img)], prompt, method, True, "auto", False, False, root=tmp_path)
     expected = mask_any(shapes_masker, load_image(img), prompt, method=method).masks[0].numpy()
     assert np.array_equal(np.asarray(Image.open(masks[0])), (expected * 255 + 0.5).astype(np.uint8))
     app = build_app(shapes_masker)
