@@ -66,7 +66,7 @@ NOT_NUMBERS = ["nan", "inf", "-inf", "abc", ""]
 NUMERIC = [
     (MASK, "--blur", [*NOT_NUMBERS, "-1", "1e9"]),
     (MASK, "--grow", [*NOT_NUMBERS, "1e6", "-1e6"]),
-    (MASK, "--timestep", [*NOT_NUMBERS, "-1", "1000", "5000", "2.5"]),
+    (MASK, "--timestep", [*NOT_NUMBERS, "-1", "1000", "5000", "2.5", "9" * 400]),
     (MASK, "--seed", [*NOT_NUMBERS, "1.5"]),
     (MASK, "--resolution", [*NOT_NUMBERS, "-64", "0.5", "8", "100000"]),
     (MASK, "--threshold", ["nan", "2", "-0.1", "abc"]),
@@ -74,7 +74,7 @@ NUMERIC = [
     (SEGMENTS, "--cut", [*NOT_NUMBERS, "0", "-1", "2.5"]),
     (SEGMENTS, "--timestep", ["5000", "-1", "nan"]),
     (SEGMENTS, "--resolution", ["100000", "0.5"]),
-    (REFER, "--timestep", ["5000", "-3", "inf"]),
+    (REFER, "--timestep", ["5000", "-3", "inf", "9" * 400]),
     (REFER, "--alpha", ["nan", "2", "-1"]),
     (REFER, "--tau", ["nan", "0"]),
     (OVDIFF, "--cfg", ["nan", "inf", "-1", "1e9"]),
@@ -91,7 +91,8 @@ def with_option(cmd: list[str], flag: str, value: str) -> list[str]:
 
 
 @pytest.mark.parametrize("cmd, flag, value", NUMERIC_CASES,
-                         ids=[f"{c[0]}{f}={v or 'empty'}" for c, f, v in NUMERIC_CASES])
+                         ids=[f"{c[0]}{f}={v if len(v) < 20 else f'{len(v)}-digits'}" if v else f"{c[0]}{f}=empty"
+                              for c, f, v in NUMERIC_CASES])
 def test_numbers_out_of_bounds_are_one_line_before_any_work(place, capsys, cmd, flag, value):
     before = files(place)
     code, err = run(place, capsys, with_option(cmd, flag, value))
@@ -108,8 +109,8 @@ OUTPUT_CASES = {
     "out is the input": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/photo.png", *MODEL], "is an input"),
     "out equals heatmap": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/m.png", "--heatmap", "{t}/m.png",
                             *MODEL], "give each output its own path"),
-    "heatmap is a folder": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/m.png", "--heatmap", "{t}/folder",
-                             *MODEL], "is a folder"),
+    "heatmap is a folder": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/m.png", "--heatmap",
+                             "{t}/folder.png", *MODEL], "is a folder"),
     "out under a file": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/file.txt/m.png", *MODEL],
                          "is a file, not a folder"),
     "out in /proc": (["mask", "{t}/photo.png", "red circle", "--out", "/proc/textmask-test.png", *MODEL],
@@ -126,7 +127,7 @@ OUTPUT_CASES = {
     "refer out is the input": (["refer", "{t}/photo.png", "the circle", "--out", "{t}/photo.png", *MODEL],
                                "is an input"),
     "refer heatmap is a folder": (["refer", "{t}/photo.png", "the circle", "--out", "{t}/r.png", "--heatmap",
-                                   "{t}/folder", *MODEL], "is a folder"),
+                                   "{t}/folder.png", *MODEL], "is a folder"),
     "refer heatmap equals out": (["refer", "{t}/photo.png", "the circle", "--out", "{t}/r.png", "--heatmap",
                                   "{t}/r.png", *MODEL], "own path"),
     "ovdiff into a file": ([*OVDIFF[:4], "--out", "{t}/file.txt", *OVDIFF[6:]], "is a file"),
@@ -167,6 +168,40 @@ OUTPUT_CASES = {
     "app port out of range": (["app", "--checkpoint", "shapes", "--port", "70000"], "port"),
     "app host unresolvable": (["app", "--checkpoint", "shapes", "--host", "no-such-host.invalid"], "does not resolve"),
     "demo with no scenes": (["demo", "--out", "{t}/d", "--scenes", "0"], "scenes"),
+    # No output over an input (the files' bytes are checked in test_no_output_is_ever_an_input)
+    "folder run into its own folder": (["mask", "{t}/frames", "red circle", "--out", "{t}/frames", *MODEL],
+                                       "--out {t}/frames holds the inputs"),
+    "heatmap into the inputs' folder": (["mask", "{t}/frames", "red circle", "--out", "{t}/m", "--heatmap",
+                                         "{t}/frames", *MODEL], "--heatmap {t}/frames holds the inputs"),
+    "segments into the inputs' folder": (["segments", "{t}/frames", "--out", "{t}/frames", *MODEL],
+                                         "holds the inputs"),
+    "ovdiff into the image's folder": ([*OVDIFF[:4], "--out", "{t}", *OVDIFF[6:]], "holds the inputs"),
+    # An empty path is the current folder to the OS: refused, never written into
+    "folder run out empty": (["mask", "{t}/frames", "red circle", "--out", "", *MODEL], "--out is an empty path"),
+    "folder run heatmap empty": (["mask", "{t}/frames", "red circle", "--out", "{t}/m", "--heatmap", "", *MODEL],
+                                 "--heatmap is an empty path"),
+    "single heatmap empty": ([*MASK, "--heatmap", ""], "--heatmap must be a .png"),
+    "prototypes cache empty": ([*PROTOS, "--cache", ""], "cache path is empty"),
+    "ovdiff cache empty": ([*OVDIFF, "--cache", ""], "cache path is empty"),
+    "prototypes list cache is a file": (["prototypes", "list", "--cache", "{t}/file.txt"], "is a file"),
+    "prototypes list cache empty": (["prototypes", "list", "--cache", ""], "cache path is empty"),
+    # Names a file system cannot hold, found before the model loads
+    "ovdiff class name too long": ([*OVDIFF[:2], "--classes", "x" * 300, *OVDIFF[4:]], "too long"),
+    "out name too long": (["mask", "{t}/photo.png", "red circle", "--out", "{t}/" + "y" * 300 + "/m.png", *MODEL],
+                          "over 255 bytes"),
+    # --heatmap follows --out's rules
+    "heatmap jpg": ([*MASK, "--heatmap", "{t}/h.jpg"], "--heatmap must be a .png file"),
+    "heatmap webp": ([*MASK, "--heatmap", "{t}/h.webp"], "--heatmap must be a .png file"),
+    "heatmap without a suffix": ([*MASK, "--heatmap", "{t}/heat"], "--heatmap must be a .png file"),
+    "folder run heatmap png": (["mask", "{t}/frames", "red circle", "--out", "{t}/m", "--heatmap", "{t}/h.png",
+                                *MODEL], "--heatmap must be a folder"),
+    "refer heatmap jpg": ([*REFER, "--heatmap", "{t}/h.jpg"], "--heatmap must be a .png file"),
+    # --clip is checked before the model loads, on every path
+    "refer relation with missing clip": ([*REFER, "--clip", "{t}/nonexistent"], "--clip"),
+    "refer clip is a file": ([*REFER[:2], "the circle", *REFER[3:], "--clip", "{t}/file.txt"], "not a folder"),
+    "refer clip without config": ([*REFER, "--clip", "{t}/folder"], "config.json"),
+    "ovdiff clip missing": ([*OVDIFF, "--clip", "{t}/nonexistent"], "--clip"),
+    "meta device": ([*MASK, "--device", "meta"], "cannot compute on it"),
 }
 
 
@@ -183,8 +218,67 @@ def test_bad_paths_and_inputs_are_one_line_and_write_nothing(place, capsys, case
     assert code == 2, err
     assert err.startswith("textmask: error: ") and "\n" not in err and "Traceback" not in err, err
     if phrase is not None:
-        assert phrase in err, err
+        assert phrase.replace("{t}", str(place)) in err, err
     assert files(place) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["mask", ".", "red circle", "--out", "."],
+    ["mask", ".", "red circle", "--out", ""],
+    ["mask", "{t}/frames", "red circle", "--out", "{t}/frames"],
+    ["mask", "{t}/frames", "red circle", "--out", "{t}/m", "--heatmap", "."],
+    ["segments", ".", "--out", "."],
+    ["mask", "{t}/frames/a.png", "red circle", "--out", "{t}/frames/link.png"],  # a hard link of the input
+    ["segments", "{t}/a", "--out", "{t}"],  # a/a.png's segments' labels.png would be the input a/labels.png
+], ids=["dot into dot", "dot into empty", "into its folder", "heatmap into its folder", "segments into dot",
+        "hard link", "segments over an input"])
+def test_no_output_is_ever_an_input(place, capsys, monkeypatch, argv):
+    """Whatever names the inputs' folder or an input (., "", a hard link, a group's file), the run is refused in one
+    line before the model loads, and every input keeps its bytes."""
+    os.link(place / "frames" / "a.png", place / "frames" / "link.png")
+    write_image(place / "a" / "a.png", seed=4)
+    write_image(place / "a" / "labels.png", seed=5)
+    monkeypatch.chdir(place / "frames")
+    before = {p: p.read_bytes() for p in place.rglob("*") if p.is_file() and "clip-bpe" not in p.parts}
+    code, err = run(place, capsys, [*argv, *MODEL])
+    assert code == 2, err
+    assert err.startswith("textmask: error: ") and "\n" not in err, err
+    assert "holds the inputs" in err or "is an input" in err or "empty path" in err, err
+    assert {p: p.read_bytes() for p in place.rglob("*") if p.is_file() and "clip-bpe" not in p.parts} == before
+
+
+def test_a_failure_after_the_model_loaded_leaves_no_folder(place, capsys, monkeypatch):
+    """Folders made for outputs go again when nothing was committed into them, whatever failed."""
+    import textmask.render
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(textmask.render, "save_overlay", fail)
+    before = files(place)
+    code, err = run(place, capsys, ["mask", "{t}/photo.png", "red circle", "--out", "{t}/new/deeper/m.png",
+                                    "--heatmap", "{t}/new/h.png", *MODEL])
+    assert code == 1 and "No space left on device" in err and "\n" not in err, err
+    assert files(place) == before
+
+
+def test_a_hostile_checkpoint_is_one_line_without_unsafe_advice(place):
+    """torch's warnings stay quiet, and its advice to rerun with weights_only=False (which runs the file's code) is
+    not passed on."""
+    import pickle
+
+    (place / "hostile.ckpt").write_bytes(pickle.dumps(print))
+    (place / "noise.ckpt").write_bytes(np.random.default_rng(0).bytes(1000))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    for name in ("hostile.ckpt", "noise.ckpt"):
+        done = subprocess.run([sys.executable, "-m", "textmask", "mask", "photo.png", "red circle", "--out", "m.png",
+                               "--checkpoint", name], cwd=place, env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"textmask: error: {name} holds more than tensors"), lines
+        assert "weights_only=False" not in lines[0] and "`weights_only`" not in lines[0]
+    assert not (place / "m.png").exists()
 
 
 def test_a_port_in_use_is_one_line(place, capsys):
@@ -381,6 +475,9 @@ API_CASES = {
     "prototypes cfg": (lambda m: m.build_prototypes(["cat"], cfg=float("nan")), "cfg"),
     "prototypes resolution": (lambda m: m.build_prototypes(["cat"], resolution=100000), "resolution"),
     "prototypes cache file": (lambda m: m.build_prototypes(["cat"], cache_dir=__file__), "is a file"),
+    "prototypes cache empty": (lambda m: m.build_prototypes(["cat"], cache_dir=""), "cache path is empty"),
+    "list cache empty": (lambda m: __import__("textmask.ovdiff").ovdiff.list_cache(""), "cache path is empty"),
+    "list cache file": (lambda m: __import__("textmask.ovdiff").ovdiff.list_cache(__file__), "is a file"),
     "empty image batch": (lambda m: m.mask(torch.zeros(0, 40, 48, 3), "a"), "batch is empty"),
     "segments of an empty batch": (lambda m: m.segments(torch.zeros(0, 40, 48, 3)), "batch is empty"),
     "refer on an empty batch": (lambda m: m.refer(torch.zeros(0, 40, 48, 3), "the circle"), "batch is empty"),
@@ -469,6 +566,27 @@ def test_a_failed_move_puts_everything_back(tmp_path, monkeypatch):
         monkeypatch.setattr(out_module.os, "replace", real)
     assert (tmp_path / "a.png").read_bytes() == b"old a" and not (tmp_path / "b.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_commit_refuses_an_input_and_unused_folders_go(tmp_path):
+    """The last guard: a destination that is an input (by any name) is refused before anything moves; folders made
+    for outputs that never came are removed on exit."""
+    from textmask.outputs import OutputError, Outputs
+
+    (tmp_path / "in.png").write_bytes(b"input")
+    os.link(tmp_path / "in.png", tmp_path / "same.png")
+    with Outputs(inputs=[tmp_path / "in.png"]) as outputs:
+        outputs.stage(tmp_path / "new" / "x.png").write_bytes(b"x")
+        outputs.stage(tmp_path / "same.png").write_bytes(b"over")
+        with pytest.raises(OutputError, match="same.png is an input; nothing was written over it"):
+            outputs.commit()
+    assert (tmp_path / "in.png").read_bytes() == b"input"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "same.png"]
+    with Outputs() as outputs:  # a name near the limit is staged, and moved into place, whole
+        long = outputs.file(tmp_path / ("n" * 251 + ".png"))
+        outputs.stage(long).write_bytes(b"long")
+        outputs.commit()
+    assert long.read_bytes() == b"long"
 
 
 @pytest.mark.parametrize("where", ["conditioning", "latents", "forward"])

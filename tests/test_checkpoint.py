@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -219,7 +220,6 @@ def test_single_file_fp16(tiny_checkpoint, tmp_path):
     assert out.masks.shape == (1, 30, 45) and torch.isfinite(out.heatmaps).all()
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about the hostile pickle below
 def test_read_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         read_state_dict(tmp_path / "missing.safetensors")
@@ -235,8 +235,20 @@ def test_read_errors(tmp_path):
         read_state_dict(truncated)
     hostile = tmp_path / "hostile.ckpt"
     hostile.write_bytes(pickle.dumps(print))  # a pickle that would call a function
-    with pytest.raises(CheckpointError, match="weights-only"):
-        read_state_dict(hostile)
+    old_protocol = tmp_path / "old.ckpt"
+    old_protocol.write_bytes(pickle.dumps(print, protocol=2))  # torch names the function it would call
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(256)) * 4)
+    for path, detail in [(hostile, "or is not a checkpoint"), (old_protocol, "it would load print"),
+                         (noise, "or is not a checkpoint")]:
+        with warnings.catch_warnings(record=True) as shown:  # torch's pickle-protocol notes stay quiet
+            warnings.simplefilter("always")
+            with pytest.raises(CheckpointError, match="holds more than tensors") as e:
+                read_state_dict(path)
+        assert not shown, [str(w.message) for w in shown]
+        message = str(e.value)
+        assert "\n" not in message and detail in message and "reads only tensors" in message, message
+        assert "weights_only" not in message  # torch's advice to turn it off would run the file's code
     nested = tmp_path / "nested.ckpt"
     torch.save({"state_dict": {"x": torch.ones(2)}, "global_step": 5}, nested)
     assert set(read_state_dict(nested)) == {"x"}

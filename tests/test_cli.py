@@ -170,6 +170,18 @@ def test_bad_option_values(tmp_path, model_args, capsys):
     assert not (tmp_path / "m.png").exists()
 
 
+def test_a_number_too_large_for_a_float_is_an_option_error():
+    """A check that overflows on a whole number of hundreds of digits is argparse's one line naming the option, not
+    an OverflowError (exit 1)."""
+    import argparse
+
+    from textmask.cli import checked, whole
+
+    parse = checked(lambda v: v * 1.0, whole)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"number too large: 9{20}\.\.\. \(400 characters\)"):
+        parse("9" * 400)
+
+
 def test_entry_point_subprocess(tmp_path, model_args):
     img = write_image(tmp_path / "photo.png")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
@@ -38,16 +40,20 @@ class Architecture:
 
 def read_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a pickled checkpoint (a bare one, or Lightning's ``state_dict`` entry), unpickled with
-    ``weights_only=True`` only: a pickle that holds anything but tensors and plain containers is refused."""
+    ``weights_only=True`` only: a pickle that holds anything but tensors and plain containers is refused in
+    textmask's own line (torch's advises weights_only=False, which would run the file's code)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol are two lines before ours
+            warnings.simplefilter("ignore")
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path.name} holds more than tensors and is refused by the weights-only reader "
-                              f"(weights_only=True): {first}") from None
+        needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" (it would load {needs.group(1)})" if needs else ", or is not a checkpoint"
+        raise CheckpointError(f"{path.name} holds more than tensors{what}; textmask reads only tensors from a pickle "
+                              "and never runs its code: use the model's .safetensors file") from None
     except Exception as e:  # pickle raises many types for a corrupt file
         raise CheckpointError(f"cannot read {path.name} as a weights-only checkpoint ({type(e).__name__})") from None
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):

@@ -35,9 +35,13 @@ def checked(check: Callable, text_to=float) -> Callable[[str], object]:
     def parse(text: str):
         try:
             return check(text_to(text))
-        except (TextMaskError, ValueError) as e:
-            raise argparse.ArgumentTypeError(str(e) if isinstance(e, TextMaskError) else f"not a number: {text!r}") \
-                from None
+        except TextMaskError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        except OverflowError:  # a whole number too large for a float, e.g. 400 digits
+            shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+            raise argparse.ArgumentTypeError(f"number too large: {shown}") from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
     parse.__name__ = check.__name__  # argparse names the type in its messages
     return parse
@@ -275,6 +279,9 @@ def load_masker(args: argparse.Namespace, shard: Shard | None = None):
         dev = torch.device(device)
     except RuntimeError:
         raise CliError(f"unknown device '{device}'") from None
+    if dev.type == "meta":
+        raise CliError(f"device '{device}' holds shapes, not values: textmask cannot compute on it; use cpu, cuda or "
+                       "mps")
     available = {"cpu": True, "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
                  "mps": torch.backends.mps.is_available()}
     if not available.get(dev.type, True):
@@ -322,6 +329,29 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     return names
 
 
+def check_output_name(flag: str, value: str | None, folder: bool) -> None:
+    """``--out`` and ``--heatmap`` alike name a .png file for a single image and a folder for a folder input; one line
+    otherwise (an empty path, which would be the current folder, is refused when the path is planned)."""
+    if value is None:
+        return
+    png = Path(value).suffix.lower() == ".png"
+    if folder and png:
+        raise CliError(f"{flag} must be a folder for a folder input, got {value}")
+    if not folder and not png:
+        raise CliError(f"{flag} must be a .png file for a single image, got {value or repr(value)}")
+
+
+def check_clip(path: str | None) -> None:
+    """``--clip`` names a local transformers CLIP folder (its config.json there): one line before any model loads
+    otherwise, whether or not this input's path reads it."""
+    if path is None:
+        return
+    if not path.strip() or not Path(path).is_dir():
+        raise CliError(f"--clip '{path}' is not a folder; name a local transformers CLIP folder")
+    if not (Path(path) / "config.json").is_file():
+        raise CliError(f"--clip {path} has no config.json; name a local transformers CLIP folder")
+
+
 def checked_images(files: list[Path], args: argparse.Namespace) -> list[tuple[int, int]]:
     """Every input's (H, W), read from its header, and the options bounded by an image's size checked against it:
     all before any model loads."""
@@ -358,10 +388,8 @@ def run_mask(args: argparse.Namespace) -> None:
     src = Path(args.input)
     files = input_files(src)
     folder = src.is_dir()
-    if not folder and Path(args.out).suffix.lower() != ".png":
-        raise CliError(f"--out must be a .png file for a single image, got {args.out}")
-    if folder and Path(args.out).suffix.lower() == ".png":
-        raise CliError(f"--out must be a folder for a folder input, got {args.out}")
+    check_output_name("--out", args.out, folder)
+    check_output_name("--heatmap", args.heatmap, folder)
     with_negative(parse(args.mask_prompt), args.negative)  # fail on syntax before loading a model
     checked_images(files, args)  # unreadable or too large images fail before any work; pixels decode one at a time
     if (args.method == "ld-znet") != (args.ldznet is not None):
@@ -371,9 +399,12 @@ def run_mask(args: argparse.Namespace) -> None:
     with Outputs(inputs=files) as outputs:
         out = outputs.folder(args.out, "--out") if folder else outputs.file(args.out, "--out")
         heat = None
-        if args.heatmap:
+        if args.heatmap is not None:
             heat = outputs.folder(args.heatmap, "--heatmap") if folder else outputs.file(args.heatmap, "--heatmap")
         names = output_names(files) if folder else {files[0]: None}
+        for flag, where in (("--out", out), ("--heatmap", heat)):
+            if folder and where is not None:
+                outputs.targets([where / f"{names[f]}.png" for f in files], flag)
         shard = Shard() if folder else Shard(1, 0)
         runs = [FolderRun(d, settings_fingerprint(args), shard.part) for d in (out, heat) if folder and d is not None]
         mine = files[shard.rank::shard.count]  # this process's share of a sharded run (all of it otherwise)
@@ -421,6 +452,7 @@ def run_segments(args: argparse.Namespace) -> None:
     with Outputs(inputs=files) as outputs:
         out = outputs.folder(args.out, "--out")
         names = output_names(files) if src.is_dir() else {files[0]: ""}
+        outputs.targets([out / names[f] / "labels.png" for f in files], "--out")
         run = FolderRun(out, settings_fingerprint(args))
         masker = load_masker(args)
         for f in files:
@@ -449,15 +481,16 @@ def run_refer(args: argparse.Namespace) -> None:
     src = Path(args.input)
     if not src.is_file():
         raise CliError(f"input not found: {src}")
-    if Path(args.out).suffix.lower() != ".png":
-        raise CliError(f"--out must be a .png file, got {args.out}")
+    check_output_name("--out", args.out, folder=False)
+    check_output_name("--heatmap", args.heatmap, folder=False)
+    check_clip(args.clip)
     if args.expression is None or not args.expression.strip():
         raise CliError("the referring expression is empty")
     subject(args.expression)  # fail on an expression without a noun before loading a model
     checked_images([src], args)
     with Outputs(inputs=[src]) as outputs:
         out = outputs.file(args.out, "--out")
-        heat = outputs.file(args.heatmap, "--heatmap") if args.heatmap else None
+        heat = outputs.file(args.heatmap, "--heatmap") if args.heatmap is not None else None
         image = load_image(src)
         masker = load_masker(args)
         res = masker.refer(image, args.expression, clip=args.clip, alpha=args.alpha, tau=args.tau,
@@ -500,7 +533,7 @@ def _build_prototypes(masker, classes: list[str], args: argparse.Namespace):
 
 def run_prototypes(args: argparse.Namespace) -> None:
     from .ovdiff import list_cache
-    from .ovdiff.prototypes import default_cache_dir, writable_folder
+    from .ovdiff.prototypes import writable_folder
 
     if args.action == "list":
         rows = list_cache(args.cache)
@@ -513,7 +546,7 @@ def run_prototypes(args: argparse.Namespace) -> None:
             print(f"{r['class']:<24} {'stuff' if r['stuff'] == 'True' else 'thing':<6} model {r['model'][:12]} "
                   f"{int(r['bytes']) / 1e6:.2f} MB  {r['settings']}")
         return
-    writable_folder(Path(args.cache) if args.cache else default_cache_dir())  # before the model loads
+    writable_folder(args.cache)  # before the model loads
     masker = load_masker(args)
     protos = _build_prototypes(masker, list(args.classes), args)
     for c in protos.classes:
@@ -521,8 +554,14 @@ def run_prototypes(args: argparse.Namespace) -> None:
 
 
 def class_files(classes: list[str]) -> list[str]:
-    """Each class's mask file name beside labels.png; one line where two would share a file."""
+    """Each class's mask file name beside labels.png; one line where two would share a file or one is too long."""
+    from .outputs import NAME_MAX
+
     files = [c.replace("/", "_").replace("\\", "_") + ".png" for c in classes]
+    for c, f in zip(classes, files):
+        if len(os.fsencode(f)) > NAME_MAX:
+            raise CliError(f"class '{c[:40]}...' is too long for its mask's file name ({len(os.fsencode(f))} bytes, "
+                           f"at most {NAME_MAX} with '.png'); shorten it")
     taken = Counter(f.lower() for f in files + ["labels.png"])
     clash = [c for c, f in zip(classes, files) if taken[f.lower()] > 1]
     if clash:
@@ -535,7 +574,7 @@ def run_ovdiff(args: argparse.Namespace) -> None:
     from .images import load_image
     from .outputs import FolderRun, Outputs
     from .ovdiff import label
-    from .ovdiff.prototypes import default_cache_dir, writable_folder
+    from .ovdiff.prototypes import writable_folder
     from .render import colour_labels, save_mask, save_rgb
 
     src = Path(args.input)
@@ -545,12 +584,14 @@ def run_ovdiff(args: argparse.Namespace) -> None:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise CliError("--classes needs at least one name")
+    mask_files = class_files([c.rpartition(":")[0] if c.endswith((":stuff", ":thing")) else c for c in classes])
+    check_clip(args.clip)
     checked_images(files, args)
-    writable_folder(Path(args.cache) if args.cache else default_cache_dir())
+    writable_folder(args.cache)
     with Outputs(inputs=files) as outputs:
         out = outputs.folder(args.out, "--out")
         names = output_names(files) if src.is_dir() else {files[0]: ""}
-        mask_files = class_files([c.rpartition(":")[0] if c.endswith((":stuff", ":thing")) else c for c in classes])
+        outputs.targets([out / names[f] / m for f in files for m in ["labels.png", *mask_files]], "--out")
         run = FolderRun(out, settings_fingerprint(args))
         masker = load_masker(args)
         protos = _build_prototypes(masker, classes, args)

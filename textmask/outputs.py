@@ -1,11 +1,13 @@
 """Output transactions: every command writes whole outputs or none.
 
-A command plans each output path before any model loads (``Outputs.file`` / ``Outputs.folder``), which checks it:
-its parent can be made and written, a file is not a folder and a folder not a file, it is not an input, and no two
-outputs share a path. Work is then written into staging folders beside the destinations; ``commit`` moves a set of
-files into place only once all of them exist, and moves back what it had moved if one move fails. A folder output
-keeps a small manifest of the files textmask wrote there, so a run replaces its earlier files as a set and never
-leaves a stale one beside the new (the user's own files are never touched).
+A command plans each output path before any model loads (``Outputs.file`` / ``Outputs.folder`` /
+``Outputs.targets``), which checks it: it is not empty and no name in it is over 255 bytes, its parent can be made and
+written, a file is not a folder and a folder not a file, it is not an input (under any name), an output folder holds
+no input, and no two outputs share a path. Work is then written into staging folders beside the
+destinations; ``commit`` moves a set of files into place only once all of them exist (and none is an input), and
+moves back what it had moved if one move fails; folders made for outputs that never came are removed on exit. A
+folder output keeps a small manifest of the files textmask wrote there, so a run replaces its earlier files as a set
+and never leaves a stale one beside the new (the user's own files are never touched).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import TextMaskError
 
 MANIFEST = ".textmask.json"  # not STAGING_PREFIX: a finished folder holds no staging
 STAGING_PREFIX = ".textmask-"
+NAME_MAX = 255  # bytes in one file or folder name, on every common file system
 
 
 class OutputError(TextMaskError):
@@ -43,9 +46,30 @@ def _writable_parent(path: Path, what: str) -> None:
             from None
 
 
+def _check_path(path: str | Path, what: str, name: str) -> Path:
+    """``path`` as a Path, refused when empty (Path("") would be the current folder) or when a name in it is over
+    NAME_MAX bytes."""
+    if not str(path).strip():
+        raise OutputError(f"{what} is an empty path; name a {name}")
+    path = Path(path)
+    long = [part for part in path.parts if len(os.fsencode(part)) > NAME_MAX]
+    if long:
+        raise OutputError(f"{what} has a name over {NAME_MAX} bytes ('{long[0][:40]}...'); shorten it")
+    return path
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The (device, inode) of an existing file or folder, the same under every name (a link, another spelling)."""
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
 def check_folder(path: str | Path, what: str) -> Path:
     """``path`` is a folder, or can be made as one, that takes new files; raises OutputError now otherwise."""
-    path = Path(path)
+    path = _check_path(path, what, "folder")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; name a folder")
     _writable_parent(path / "x", what)
@@ -71,12 +95,17 @@ class Outputs:
     """One command's outputs. Use as a context manager: staging is removed on exit, whatever happened."""
 
     def __init__(self, inputs: list[Path] = ()):
-        self._inputs = {Path(p).resolve() for p in inputs}
+        inputs = [Path(p) for p in inputs]
+        self._inputs = {p.resolve() for p in inputs}
+        self._input_ids = {_identity(p) for p in inputs} - {None}
+        self._input_folders = {p.parent for p in self._inputs}
+        self._input_folder_ids = {_identity(p) for p in self._input_folders} - {None}
         self._planned: dict[Path, str] = {}  # resolved path -> what it is
         self._folders: set[Path] = set()
         self._staging: dict[Path, Path] = {}  # destination folder -> its staging folder
         self._pending: list[tuple[Path, Path]] = []  # (staged file, destination) written but not yet moved
         self._trees: list[tuple[Path, Path]] = []  # (staging folder, destination folder)
+        self._made: list[Path] = []  # folders this run made, removed on exit if nothing was committed into them
 
     def __enter__(self) -> "Outputs":
         return self
@@ -85,14 +114,22 @@ class Outputs:
         with signals_deferred():
             for stage in self._staging.values():
                 shutil.rmtree(stage, ignore_errors=True)
+            for folder in sorted(self._made, key=lambda f: len(f.absolute().parts), reverse=True):
+                with contextlib.suppress(OSError):  # not empty: something was committed there
+                    folder.rmdir()
         self._staging.clear()
         self._pending.clear()
         self._trees.clear()
+        self._made.clear()
 
     # ---- planning: before any work -------------------------------------------------------------
+    def _is_input(self, path: Path) -> bool:
+        identity = _identity(path)
+        return path.resolve() in self._inputs or (identity is not None and identity in self._input_ids)
+
     def _claim(self, path: Path, what: str) -> Path:
         resolved = path.resolve()
-        if resolved in self._inputs:
+        if self._is_input(path):
             raise OutputError(f"{what} {path} is an input; choose another path")
         if resolved in self._planned:
             raise OutputError(f"{what} {path} is also the {self._planned[resolved]}; give each output its own path")
@@ -101,7 +138,7 @@ class Outputs:
 
     def file(self, path: str | Path, what: str = "output") -> Path:
         """Plan one output file; raises OutputError now if it cannot be written."""
-        path = Path(path)
+        path = _check_path(path, what, "file")
         if path.is_dir():
             raise OutputError(f"{what} {path} is a folder; name a file")
         _writable_parent(path, what)
@@ -109,10 +146,23 @@ class Outputs:
         return path
 
     def folder(self, path: str | Path, what: str = "output folder") -> Path:
-        """Plan one output folder; raises OutputError now if it cannot be written."""
+        """Plan one output folder; raises OutputError now if it cannot be written or holds an input, whose file names
+        its outputs would share."""
         path = check_folder(path, what)
+        identity = _identity(path)
+        if path.resolve() in self._input_folders or (identity is not None and identity in self._input_folder_ids):
+            raise OutputError(f"{what} {path} holds the inputs; choose another folder, so no input is written over")
         self._folders.add(self._claim(path, what))
         return path
+
+    def targets(self, paths: list[Path], what: str = "output") -> None:
+        """Plan the files a planned output folder will hold; raises OutputError now if one is an input, a folder, or
+        another output's path (their folder was found writable already)."""
+        for path in paths:
+            path = _check_path(path, what, "file")
+            if path.is_dir():
+                raise OutputError(f"{what} {path} is a folder; move it away or choose another output folder")
+            self._claim(path, what)
 
     # ---- writing: into staging ------------------------------------------------------------------
     def stage(self, destination: str | Path) -> Path:
@@ -121,10 +171,11 @@ class Outputs:
         folder = destination.parent
         stage = self._staging.get(folder.resolve())
         if stage is None:
-            folder.mkdir(parents=True, exist_ok=True)
+            self._mkdir(folder)
             stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
             self._staging[folder.resolve()] = stage
-        staged = stage / f"{len(self._pending)}-{destination.name}"
+        # The suffix alone (writers choose the format by it): a whole name near the limit plus a prefix is over it.
+        staged = stage / f"{len(self._pending)}{destination.suffix}"
         self._pending.append((staged, destination))
         return staged
 
@@ -132,19 +183,30 @@ class Outputs:
         """A staging folder for a writer that fills a folder itself: ``commit`` moves its whole tree into
         ``destination``."""
         destination = Path(destination)
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(destination.parent)
         stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=destination.parent))
         self._staging[stage.resolve()] = stage
         self._trees.append((stage, destination))
         return stage
 
+    def _mkdir(self, folder: Path) -> None:
+        """Make ``folder`` and its missing parents, remembered so that exit removes those left empty."""
+        for missing in (folder, *folder.parents):
+            if missing.exists():
+                break
+            self._made.append(missing)
+        folder.mkdir(parents=True, exist_ok=True)
+
     def commit(self) -> list[Path]:
         """Move every staged file into place and return the destinations; if a move fails, move back what was moved
-        and raise OutputError."""
+        and raise OutputError. A destination that is an input is refused before anything moves."""
         for stage, destination in self._trees:
             self._pending += [(f, destination / f.relative_to(stage)) for f in sorted(stage.rglob("*")) if f.is_file()]
         self._trees.clear()
         pending, self._pending = self._pending, []
+        inputs = [destination for _, destination in pending if self._is_input(destination)]
+        if inputs:  # the last guard: planning refuses these before any work
+            raise OutputError(f"{inputs[0]} is an input; nothing was written over it")
         with signals_deferred():
             return self._move(pending)
 
@@ -155,7 +217,7 @@ class Outputs:
                 if not staged.is_file():
                     raise OutputError(f"{destination} was not written")
                 backup = None
-                destination.parent.mkdir(parents=True, exist_ok=True)
+                self._mkdir(destination.parent)
                 if destination.exists():
                     backup = staged.with_name(staged.name + ".old")
                     os.replace(destination, backup)

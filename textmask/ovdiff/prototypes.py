@@ -214,11 +214,25 @@ def default_cache_dir() -> Path:
     return defaults.cache_dir() / "ovdiff"
 
 
-def writable_folder(path: Path) -> Path:
-    """``path`` as a folder prototypes can be written to, checked before any is built (and made only when one is)."""
+def cache_folder(path: str | Path | None) -> Path:
+    """The cache folder ``path`` names, the default where it is None; one line where it is empty (Path("") would be
+    the current folder) or a file."""
+    if path is None:
+        return default_cache_dir()
+    if not str(path).strip():
+        raise TextMaskError(f"the prototype cache path is empty; name a folder, or leave it out for the default "
+                            f"{default_cache_dir()}")
+    if Path(path).exists() and not Path(path).is_dir():
+        raise TextMaskError(f"prototype cache {path} is a file; name a folder")
+    return Path(path)
+
+
+def writable_folder(path: str | Path | None) -> Path:
+    """The cache folder ``path`` names (``cache_folder``), checked as one prototypes can be written to before any is
+    built (and made only when one is)."""
     from ..outputs import check_folder
 
-    return check_folder(path, "prototype cache")
+    return check_folder(cache_folder(path), "prototype cache")
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -288,7 +302,7 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
     if resolution is not None and (resolution <= 0 or resolution % multiple):
         raise TextMaskError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
     settings = Settings(images=images, steps=steps, cfg=cfg, seed=seed, kmeans=kmeans_parts, resolution=resolution)
-    cache = writable_folder(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    cache = writable_folder(cache_dir)
     model_fp = fingerprint(host)
     out = []
     with host.progress(len(names), "ovdiff classes") as classes_bar:
@@ -311,7 +325,7 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, st
 
 def list_cache(cache_dir: str | Path | None = None) -> list[dict[str, str]]:
     """Every readable cached class: its name, stuff flag, model fingerprint, settings, size and path."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_folder(cache_dir)
     rows = []
     for path in sorted(cache.glob("*.safetensors")):
         loaded = load_class(path)
