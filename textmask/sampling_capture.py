@@ -190,7 +190,7 @@ class SamplingCapture:
             if missing:
                 if not run.queries:
                     raise TextMaskError(
-                        f"'{missing[0]}' is not in the prompt '{token_map.tokens.text}', and the run never reached "
+                        f"'{missing[0]}' is not in the prompt '{token_map.prompt}', and the run never reached "
                         f"t = {defaults.TIMESTEP}, where the queries that other words are asked of are kept")
                 from .trace import Trace
 
@@ -198,7 +198,7 @@ class SamplingCapture:
                 try:
                     maps = trace.maps(missing, attention_prompt(missing), refine_mode, refine_steps)
                 except CaptureError as e:
-                    raise TextMaskError(f"'{missing[0]}' is not in the prompt '{token_map.tokens.text}', and other "
+                    raise TextMaskError(f"'{missing[0]}' is not in the prompt '{token_map.prompt}', and other "
                                         f"words cannot be re-queried here: {e}") from None
                 parts.update({p: maps[:, i : i + 1].to(device) for i, p in enumerate(missing)})
             maps = torch.cat([parts[p] for p in phrases], dim=1)
