@@ -146,7 +146,7 @@ def names(value: Any, what: str = "names", one: str = "name") -> list[str]:
 
 
 def text(name: str, value: Any) -> str | None:
-    """An optional text option (a caption, a negative prompt): a string or None."""
+    """An optional text option (the caption to condition on): a string or None."""
     if value is not None and not isinstance(value, str):
         raise TextMaskError(f"{name} must be text or None, got {type(value).__name__} {str(value)[:40]!r}")
     return value
