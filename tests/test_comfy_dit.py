@@ -383,7 +383,8 @@ def test_segments_and_referring_nodes(pack, mcv):
                                                                                     0, resolution=64)
         assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3) and instances.shape[1:] == (37, 53)
     with torch.inference_mode():
-        ref = pack.textmask.methods.refdiff.refer(pack.textmask.hosts.comfy.ComfyHost(*models), image, "the red car")
+        ref = pack.textmask.methods.refdiff.refer(pack.textmask.hosts.comfy.ComfyHost(*models), image, "the red car",
+                                                  resolution=64)
     assert ref.masks.shape == (2, 37, 53) and torch.isfinite(ref.heatmaps).all()
 
 
