@@ -174,10 +174,17 @@ def _as_hwc(x) -> np.ndarray | torch.Tensor:
     raise ImageError(f"unsupported image type {type(x).__name__}; pass a PIL image, an array, a tensor or a path")
 
 
+def rgb(image: torch.Tensor) -> torch.Tensor:
+    """[..., H, W, C] with 1-4 channels (gray, gray + alpha, RGB, RGBA) -> [..., H, W, 3]: alpha dropped (the mask is
+    about the pixels), gray repeated."""
+    c = image.shape[-1]
+    return image[..., :3] if c >= 3 else image[..., :1].expand(*image.shape[:-1], 3)
+
+
 def to_batch(images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
     """Normalise images to float [B, 3, H, W] in [0, 1].
 
-    Tensors and arrays follow ComfyUI's IMAGE layout: [B, H, W, C] or [H, W, C], channels 1, 3 or 4.
+    Tensors and arrays follow ComfyUI's IMAGE layout: [B, H, W, C] or [H, W, C], channels 1 to 4 (``rgb``).
     """
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
@@ -190,9 +197,7 @@ def to_batch(images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
             t = t[None]
         if t.dim() != 4 or t.shape[-1] not in (1, 2, 3, 4):
             raise ImageError(f"expected images shaped [B, H, W, C] with 1-4 channels, got {tuple(t.shape)}")
-        c = t.shape[-1]
-        t = t[..., :3] if c >= 3 else t[..., :1].expand(*t.shape[:-1], 3)  # drop alpha; gray -> RGB
-        parts.append(t)
+        parts.append(rgb(t))
     sizes = {tuple(p.shape[1:3]) for p in parts}
     if len(sizes) > 1:
         raise ImageError(f"images in one batch must share a size, got {sorted(sizes)}; mask them one call each")

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .images import rgb
+
 # Anchor colours of a perceptually ordered dark-to-bright map (black, purple, red, orange, pale yellow).
 _COLOURS = torch.tensor(
     [[0.0, 0.0, 0.02], [0.34, 0.06, 0.43], [0.74, 0.22, 0.33], [0.98, 0.55, 0.04], [0.99, 1.0, 0.64]]
@@ -22,16 +24,9 @@ def colourize(heatmap: torch.Tensor) -> torch.Tensor:
     return c[lo] * (1 - frac) + c[lo + 1] * frac
 
 
-def rgb(image: torch.Tensor) -> torch.Tensor:
-    """[..., H, W, C] with 1-4 channels (gray, gray + alpha, RGB, RGBA) -> [..., H, W, 3], read as
-    ``images.to_batch`` reads them: alpha dropped, gray repeated."""
-    c = image.shape[-1]
-    return image[..., :3] if c >= 3 else image[..., :1].expand(*image.shape[:-1], 3)
-
-
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
-    """Blend a colourised heatmap over an image [..., H, W, C] (1-4 channels, ``rgb``) and a heatmap [..., H, W],
-    both in [0, 1] -> [..., H, W, 3]."""
+    """Blend a colourised heatmap over an image [..., H, W, C] (1-4 channels, read as ``images.rgb`` reads them) and
+    a heatmap [..., H, W], both in [0, 1] -> [..., H, W, 3]."""
     return (rgb(image.float()) * (1 - alpha) + colourize(heatmap) * alpha).clamp(0, 1)
 
 
