@@ -39,10 +39,10 @@ class ReferringMask:
                                                              "use Text Mask's (300)."}),
                              "seed": COMMON["seed"]},
                 "optional": {**OPTIONAL,
-                             "clip_vision": ("CLIP_VISION", {"tooltip": "Sends an expression without a relation to Ref-Diff, "
-                                                                        "which adds CLIP's score of each masked "
-                                                                        "proposal against it (clip_vision_g with "
-                                                                        "SDXL)."}),
+                             "clip_vision": ("CLIP_VISION", {"tooltip": "Sends an expression without a relation to "
+                                                                        "Ref-Diff, which adds CLIP's score of each "
+                                                                        "masked proposal against it (clip_vision_g "
+                                                                        "with SDXL)."}),
                              "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                                  "tooltip": "Weight of the attention score against CLIP's (with clip_vision)."})}}
 

@@ -53,7 +53,8 @@ def read_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         what = f" (it would load {needs.group(1)})" if needs else ", or is not a checkpoint"
         raise CheckpointError(f"{path.name} holds more than tensors{what}; textmask reads only tensors from a pickle "
-                              "and never runs its code: use a .safetensors file, or re-save the weights alone as a state dict") from None
+                              "and never runs its code: use a .safetensors file, or re-save the weights alone as a "
+                              "state dict") from None
     except Exception as e:  # pickle raises many types for a corrupt file
         raise CheckpointError(f"cannot read {path.name} as a weights-only checkpoint ({type(e).__name__})") from None
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
