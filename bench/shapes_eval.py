@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from textmask import TextMasker  # noqa: E402
 from textmask.demo.evaluate import (  # noqa: E402
-    Scores, absent_phrases, ceiling_heatmap, centre_prior, every_phrases, hungarian_miou, instance_matches, margin_heatmap, object_phrases, otsu_mask, phrase_groups, wrong_phrase)
+    Scores, absent_phrases, auto_mask, ceiling_heatmap, centre_prior, every_phrases, hungarian_miou, instance_matches, margin_heatmap, object_phrases, phrase_groups, wrong_phrase)
 from textmask.demo.model import MODEL_DIR, load_demo_masker  # noqa: E402
 from textmask.demo.scenes import caption as caption_of  # noqa: E402
 from textmask.demo.scenes import make_scene, split_seeds  # noqa: E402
@@ -60,15 +60,13 @@ def score_method(masker, scenes, kwargs, scores: Scores, wrong: Scores | None = 
         out = masker.mask(scene.image, " | ".join(phrases), prompt=scene.caption if caption else None, **kwargs)
         for p in phrases:
             heat = out.terms[p][0]
-            # LD-ZNet's map is a probability (its own threshold is 0.5); the zero-shot maps use Otsu
-            own = heat > 0.5 if kwargs.get("method") == "ld-znet" else otsu_mask(heat)
-            scores.add(heat.numpy(), own.numpy(), scene.phrase_mask(p))
+            scores.add(heat.numpy(), auto_mask(heat, p, kwargs["method"]).numpy(), scene.phrase_mask(p))
         if wrong is not None:
             for p in phrases:
                 w = wrong_phrase(scene, p)
                 # Under the caption prompt the wrong phrase is written as the captions write it: "a green star".
                 heat = masker.mask(scene.image, w, prompt=caption_of([w]) if caption else None, **kwargs).terms[w][0]
-                wrong.add(heat.numpy(), otsu_mask(heat).numpy(), scene.phrase_mask(p))
+                wrong.add(heat.numpy(), auto_mask(heat, w, kwargs["method"]).numpy(), scene.phrase_mask(p))
 
 
 def per_layer_auc(masker, scenes) -> dict[str, float]:
@@ -121,6 +119,8 @@ def main() -> None:
     ap.add_argument("--only-ldznet", action="store_true", help="score only the ld-znet row")
     ap.add_argument("--only-segments", action="store_true", help="score only the segments and named-segments rows")
     ap.add_argument("--only-refer", action="store_true", help="score only the refer rows")
+    ap.add_argument("--only-masks", action="store_true",
+                    help="score only the mask methods' rows (with their breakdown and wrong phrase) and absent phrases")
     args = ap.parse_args()
     torch.set_num_threads(2)
     masker = load_demo_masker(args.model)
@@ -151,6 +151,9 @@ def main() -> None:
     if args.only_segments or args.only_refer:
         with torch.inference_mode():
             rows.update(all_segment_rows(masker, scenes) if args.only_segments else refer_rows(masker, scenes))
+    elif args.only_masks:
+        with torch.inference_mode():
+            rows.update(absent_rows(masker, scenes))
     elif not args.only_ldznet:
         other_rows(masker, scenes, grid, rows, args)
     report(masker, rows, scenes, args, time.time() - t0)
@@ -171,7 +174,7 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
     for scene in scenes:
         for p in object_phrases(scene):
             gt = scene.phrase_mask(p)
-            centre.add(prior, otsu_mask(torch.from_numpy(prior)).numpy(), gt)
+            centre.add(prior, auto_mask(torch.from_numpy(prior)).numpy(), gt)
             ceil = ceiling_heatmap(gt, grid)
             ceiling.add(ceil, ceil > 0.5, gt)
     rows["baseline-centre"] = centre.summary()

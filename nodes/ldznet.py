@@ -75,7 +75,7 @@ class TextMaskLDZNet:
                 "image": ("IMAGE", {"tooltip": "Images to mask; every item of the batch is processed."}),
                 "mask_prompt": ("STRING", {"multiline": True, "default": "person",
                                            "tooltip": "What to mask, e.g. 'red car | truck AND NOT wheels'."}),
-                "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (0.5 on the probability) or 0..1."}),
+                "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (0.5 on the probability), 'otsu' or 0..1."}),
                 "blur": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip": "Feather in pixels."}),
                 "grow": ("INT", {"default": 0, "min": -512, "max": 512, "tooltip": "Grow the mask by pixels; negative shrinks."}),
                 "invert": ("BOOLEAN", {"default": False, "tooltip": "Select everything else."}),

@@ -40,7 +40,8 @@ class TextMask:
                 "method": (list(ZERO_SHOT_METHODS), {"default": "attention",
                                            "tooltip": "attention: cross-attention maps (DAAM); noise-diff: where the words change the predicted noise."}),
                 "refine": ("BOOLEAN", {"default": defaults.REFINE, "tooltip": "Refine attention maps along self-attention (slower, cleaner)."}),
-                "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (Otsu) or a value in 0..1."}),
+                "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (Otsu; a phrase naming one thing keeps its strongest regions), "
+                                                                 "'otsu' (every region above Otsu's) or a value in 0..1."}),
                 "blur": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip": "Feather in pixels (Gaussian sigma)."}),
                 "grow": ("INT", {"default": 0, "min": -512, "max": 512, "tooltip": "Grow the mask by pixels; negative shrinks."}),
                 "invert": ("BOOLEAN", {"default": False, "tooltip": "Select everything else."}),

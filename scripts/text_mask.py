@@ -41,7 +41,7 @@ def mask_controls(script: scripts.Script):
         ldznet = gr.Textbox(label="LD-ZNet weights (.safetensors, for ld-znet)", elem_id=script.elem_id("ldznet"))
         refine = gr.Checkbox(label="Refine", value=defaults.REFINE, elem_id=script.elem_id("refine"))
     with gr.Row():
-        threshold = gr.Textbox(label="Threshold ('auto' or 0-1)", value="auto", elem_id=script.elem_id("threshold"))
+        threshold = gr.Textbox(label="Threshold ('auto', 'otsu' or 0-1)", value="auto", elem_id=script.elem_id("threshold"))
         blur = gr.Slider(label="Blur (px)", minimum=0, maximum=64, step=0.5, value=0, elem_id=script.elem_id("blur"))
         grow = gr.Slider(label="Grow (px)", minimum=-64, maximum=64, step=1, value=0, elem_id=script.elem_id("grow"))
     with gr.Row():

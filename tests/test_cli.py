@@ -166,7 +166,7 @@ def test_bad_option_values(tmp_path, model_args, capsys):
     img = write_image(tmp_path / "photo.png")
     assert main(["mask", str(img), "cat", "--out", str(tmp_path / "m.png"), "--threshold", "2", *model_args]) == 2
     err = capsys.readouterr().err
-    assert "expected 'auto' or a number" in err and err.count("\n") == 1 and err.startswith("textmask: error: ")
+    assert "expected 'auto', 'otsu' or a number" in err and err.count("\n") == 1 and err.startswith("textmask: error: ")
     assert not (tmp_path / "m.png").exists()
 
 

@@ -32,6 +32,57 @@ def test_otsu_bimodal_and_constant():
     assert pp.thresholds(torch.zeros(2, 3, 4, 4), 0.4).shape == (2, 3, 1, 1)
 
 
+def _blobs(weak: float = 0.5) -> torch.Tensor:
+    """A map [32, 32] with a strong blob (peak 1) at the left and a weaker one (peak ``weak``) at the right."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = lambda cx, peak: peak * torch.exp(-((xx - cx) ** 2 + (yy - 16) ** 2) / 18)  # noqa: E731
+    return torch.maximum(blob(8, 1.0), blob(24, weak))
+
+
+def test_strongest_regions_keep_the_regions_near_the_best_peak():
+    heat = _blobs(0.5)
+    above = heat > 0.3
+    kept = pp.strongest_regions(above, heat)
+    assert kept[16, 8] and not kept[16, 24] and kept.sum() < above.sum()
+    assert torch.equal(pp.strongest_regions(above, _blobs(0.9)), above)  # 0.9 of the best is as strong
+    assert torch.equal(pp.strongest_regions(heat > 0.95, heat), heat > 0.95)  # one region stays as it is
+    assert not pp.strongest_regions(torch.zeros(8, 8, dtype=torch.bool), torch.zeros(8, 8)).any()
+
+
+@pytest.mark.parametrize("threshold, phrase, weak_kept", [
+    ("auto", "red car", False), ("auto", "sky", False),
+    ("auto", "cars", True), ("auto", "all cars", True), ("auto", "two cars", True),
+    ("otsu", "red car", True), (0.3, "red car", True),
+])
+def test_auto_threshold_keeps_one_things_strongest_regions(threshold, phrase, weak_kept):
+    maps = _blobs(0.5)[None, None]
+    for soft in (False, True):
+        res = pp.masks_from_maps(mp.parse(phrase), [phrase], maps, (64, 64), (0, 0, 64, 64), threshold, soft=soft)
+        mask = res.masks[0]
+        assert mask[32, 16] > 0.5 and bool(mask[32, 48] > 0) == weak_kept, (threshold, phrase, soft)
+    # NOT of a one-thing phrase is the complement of its kept regions, as the Boolean formula says
+    res = pp.masks_from_maps(mp.parse(f"NOT {phrase}"), [phrase], maps, (64, 64), (0, 0, 64, 64), threshold)
+    assert res.masks[0, 32, 16] == 0 and res.masks[0, 32, 48] == (0 if weak_kept else 1)
+
+
+def test_auto_mask_of_the_benchmark_is_the_maskers():
+    from textmask.demo.evaluate import auto_mask
+
+    heat = pp.resize(_blobs(0.5)[None], (64, 64))[0]
+    res = pp.masks_from_maps(mp.parse("red car"), ["red car"], heat[None, None], (64, 64), (0, 0, 64, 64), "auto")
+    assert torch.equal(auto_mask(heat, "red car"), res.masks[0])
+
+
+def test_parse_threshold():
+    assert pp.parse_threshold(" OTSU ") == "otsu" and pp.parse_threshold("") == "auto"
+    assert pp.parse_threshold("0.25") == 0.25
+    from textmask.errors import TextMaskError
+
+    for bad in ("otsu2", 1.5, "nan"):
+        with pytest.raises(TextMaskError, match="'auto', 'otsu' or a number"):
+            pp.parse_threshold(bad)
+
+
 def test_soft_ramps_keep_boolean_logic():
     torch.manual_seed(0)
     a, b = torch.rand(64, 64), torch.rand(64, 64)

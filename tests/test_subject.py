@@ -3,7 +3,7 @@
 import pytest
 
 from textmask.errors import TextMaskError
-from textmask.subject import subject, subject_phrase
+from textmask.subject import names_several, subject, subject_phrase
 
 TABLE = [
     # RefCOCO: short, positional
@@ -74,3 +74,13 @@ def test_subject_phrase(expression, expected):
 def test_subject_phrase_without_a_noun():
     with pytest.raises(TextMaskError, match="no noun"):
         subject_phrase("the top left")
+
+
+@pytest.mark.parametrize("phrase, several", [
+    ("cars", True), ("all cars", True), ("two dogs", True), ("3 cats", True), ("people", True),
+    ("every star", True), ("dogs on the left", True), ("the cars' wheels", True),
+    ("car", False), ("red circle", False), ("sky", False), ("glass", False), ("bus", False), ("grass", False),
+    ("the man on the left", False), ("the", False), ("1 car", False), ("", False),
+])
+def test_names_several(phrase, several):
+    assert names_several(phrase) == several

@@ -101,7 +101,7 @@ def build_app(masker, ldznet=None):
                     refine = gr.Checkbox(label="Refine", value=defaults.REFINE)
                     soft = gr.Checkbox(label="Soft mask", value=False)
                     invert = gr.Checkbox(label="Invert", value=False)
-                threshold = gr.Textbox(label="Threshold ('auto' or 0-1)", value="auto")
+                threshold = gr.Textbox(label="Threshold ('auto', 'otsu' or 0-1)", value="auto")
                 button = gr.Button("Make masks", variant="primary", elem_id="run")
         with gr.Row():
             masks = gr.Gallery(label="Masks", elem_id="masks", columns=4)

@@ -69,7 +69,7 @@ def _threshold(text: str):
     try:
         return parse_threshold(text)
     except TextMaskError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'otsu' or a number in [0, 1], got {text!r}") from None
 
 
 def add_mask_options(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,9 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=defaults.PAMR,
                    help="refine the maps along the image's own edges (PAMR) before thresholding "
                         f"(default: {'on' if defaults.PAMR else 'off'})")
-    p.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (Otsu) or a value in [0, 1]")
+    p.add_argument("--threshold", type=_threshold, default="auto",
+                   help="'auto' (Otsu's; a phrase naming one thing keeps only its strongest regions), 'otsu' (every "
+                        "region above Otsu's) or a value in [0, 1]")
     p.add_argument("--soft", action="store_true", help="soft masks instead of binary")
     p.add_argument("--blur", type=finite("blur"), default=0.0, metavar="PX",
                    help="Gaussian feather, sigma in pixels (0 to the image's diagonal)")

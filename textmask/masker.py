@@ -186,7 +186,9 @@ class TextMasker:
             res.instances = [relations.instances(m) for m in res.masks]
             return res
         phrase = subject_phrase(expression)
-        out = self.mask(images, phrase, prompt=expression, seed=seed, resolution=resolution, batch_size=batch_size)
+        # every region above Otsu's: the relation, or the generative score, chooses among them
+        out = self.mask(images, phrase, prompt=expression, threshold="otsu", seed=seed, resolution=resolution,
+                        batch_size=batch_size)
         heat = out.terms[phrase].clamp(0, 1)
         # "every" keeps every part; one of several keeps parts of a tenth of the largest or more (no fragments)
         share = 0.0 if relation is not None and relation.every else relations.MIN_SHARE

@@ -37,6 +37,9 @@ BOUNDARIES = set(
 VERBS = set("is are was were be being has have had rides holds sits stands looks wears eats plays walks runs "
             "jumps lies lays faces carries".split())
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+# Words that make a noun phrase name several things ("all cars", "two dogs", "these"), and plurals without an -s.
+SEVERAL = set("all every each both these those many several few two three four five six seven eight nine ten".split())
+IRREGULAR_PLURALS = set("people men women children mice feet teeth geese oxen sheep fish deer police".split())
 
 
 def _spacy_subject(expression: str) -> str | None:
@@ -95,3 +98,18 @@ def subject_phrase(expression: str) -> str:
             break
         first -= 1
     return " ".join(w.group() for w in words[first : head + 1])
+
+
+def names_several(phrase: str) -> bool:
+    """Whether a phrase names several things: "cars", "all cars", "two dogs", "people" do; "car", "sky", "glass",
+    "bus" do not. A plural head noun ends in -s but not in -ss, -us or -is; a phrase without a noun names one."""
+    words = [w.removesuffix("'s") for w in WORD.findall(phrase.lower())]
+    if any(w in SEVERAL or w.isdigit() and w not in ("0", "1") for w in words):
+        return True
+    try:
+        head = subject(phrase)
+    except TextMaskError:
+        return False
+    if head in IRREGULAR_PLURALS:
+        return True
+    return len(head) > 3 and head.endswith("s") and not head.endswith(("ss", "us", "is"))

@@ -10,7 +10,7 @@ import torch
 
 from ..render import overlay, save_mask, save_rgb
 from ..ovdiff.prototypes import default_cache_dir
-from .evaluate import Scores, margin_heatmap, object_phrases, otsu_mask
+from .evaluate import Scores, auto_mask, margin_heatmap, object_phrases
 from .model import MODEL_DIR, load_demo_masker
 from .scenes import Scene, make_scene, split_seeds
 
@@ -91,9 +91,7 @@ def _scene_maps(masker, scene: Scene, methods: dict, prototypes) -> dict[str, di
     maps = {}
     for m, kw in methods.items():
         res = masker.mask(scene.image, " | ".join(phrases), **kw)
-        # the phrase's own mask as mask() thresholds it: Otsu, or 0.5 on LD-ZNet's probability
-        own = (lambda h: (h > 0.5).float()) if m == "ld-znet" else otsu_mask
-        maps[m] = {p: (res.terms[p][0], own(res.terms[p][0])) for p in phrases}
+        maps[m] = {p: (res.terms[p][0], auto_mask(res.terms[p][0], p, kw["method"])) for p in phrases}
     named = masker.named_segments(scene.image, phrases)
     maps[NAMED_SEGMENTS] = {p: (named.masks[0, i], named.masks[0, i]) for i, p in enumerate(phrases)}
     ov = masker.ovdiff(scene.image, prototypes, classes=phrases)

@@ -121,9 +121,14 @@ class Scores:
         }
 
 
-def otsu_mask(heatmap: torch.Tensor) -> torch.Tensor:
-    """The binary mask TextMasker makes from one normalised heatmap at threshold="auto"."""
-    return (heatmap > pp.thresholds(heatmap, "auto")).float()
+def auto_mask(heatmap: torch.Tensor, phrase: str = "", method: str = "attention") -> torch.Tensor:
+    """The binary mask ``method`` makes from one normalised heatmap [H, W] of ``phrase`` at threshold="auto"."""
+    from ..methods import get_method
+
+    auto = get_method(method).auto_threshold
+    if auto is None:
+        return pp.auto_regions(heatmap > pp.thresholds(heatmap, "auto"), heatmap, phrase).float()
+    return (heatmap > pp.thresholds(heatmap, auto)).float()
 
 
 def margin_heatmap(scores: torch.Tensor, label: int) -> torch.Tensor:

@@ -31,7 +31,9 @@ class Decoder(Protocol):
 class MaskMethod(Protocol):
     name: str
     timestep: int  # the default noise level
-    auto_threshold: float | None  # what threshold="auto" means: Otsu per map (None) or this fixed value
+    # what threshold="auto" means: Otsu per map keeping a one-thing phrase's strongest regions (None), Otsu per map
+    # ("otsu"), or this fixed value
+    auto_threshold: float | str | None
     needs_images: bool  # whether it encodes the images itself (refuses given latents)
     needs_weights: bool  # whether it needs trained weights besides the host model
 

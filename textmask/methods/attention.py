@@ -331,7 +331,7 @@ class AttentionMethod:
 
     name = "attention"
     timestep = defaults.TIMESTEP
-    auto_threshold = None  # Otsu per map
+    auto_threshold = None  # Otsu per map, a one-thing phrase's strongest regions
     needs_images = False
     needs_weights = False
     options = ("refine", "refine_mode", "refine_steps", "aggregation")

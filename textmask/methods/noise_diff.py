@@ -48,7 +48,8 @@ class NoiseDiffMethod:
 
     name = "noise-diff"
     timestep = defaults.TIMESTEP
-    auto_threshold = None  # Otsu per map
+    # Otsu per map, every region: keeping the strongest only was no better on Shapes val (0.378 -> 0.374)
+    auto_threshold = "otsu"
     needs_images = False
     needs_weights = False
     options = ()
