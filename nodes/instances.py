@@ -12,6 +12,7 @@ from collections import namedtuple
 import torch
 
 from ..textmask.errors import ImageError
+from ..textmask.images import rgb
 from ..textmask.relations import instances
 from .text_mask import CATEGORY
 
@@ -113,7 +114,7 @@ class TextMaskToSEGS:
         # Mean mask value over the instance: 1.0 for a binary mask, the map's strength for a soft one.
         scores = [[float(m[inst].mean()) for inst in insts] for m, (insts, _) in zip(masks, found)]
 
-        first = image[:1, ..., :3].float().cpu()
+        first = rgb(image[:1].float().cpu())  # the detailers expect RGB crops, whatever the IMAGE's channels
         segs = []
         (first_instances, first_boxes), first_scores = found[0], scores[0]
         for inst, box, score in zip(first_instances, first_boxes, first_scores):

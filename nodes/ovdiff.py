@@ -7,6 +7,7 @@ import os
 import folder_paths
 import torch
 
+from ..textmask.errors import TextMaskError
 from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.render import colour_labels
 from ..textmask.ovdiff import build_prototypes, label
@@ -86,10 +87,10 @@ class OVDiffSegment:
         }
 
     def run(self, prototypes, image, class_name, seed):
-        names = [n.lower() for n in prototypes.names]
-        wanted = class_name.strip().lower() or names[0]
-        if wanted not in names:
-            raise ValueError(f"'{class_name}' is not among the prototypes' classes: {', '.join(prototypes.names)}")
+        names = [str(n).lower() for n in getattr(prototypes, "names", None) or []]  # label() refuses non-prototypes
+        wanted = class_name.strip().lower() or (names[0] if names else "")
+        if names and wanted not in names:
+            raise TextMaskError(f"'{class_name}' is not among the prototypes' classes: {', '.join(prototypes.names)}")
         with torch.inference_mode():
             res = label(prototypes, image, seed=seed)
         b, c, h, w = res.masks.shape

@@ -307,6 +307,20 @@ def test_gif_is_an_image_in_a_folder_too(place, capsys):
     assert (place / "masks" / "c.png").is_file()
 
 
+@pytest.mark.parametrize("suffix", ["gif", "png", "tiff", "webp"])
+def test_an_animation_is_one_line_not_its_first_frame(place, capsys, suffix):
+    """An animated GIF/PNG/WebP or a multi-page TIFF is refused before the model loads, alone or in a folder: a mask
+    of its first frame alone would lose the rest without a word."""
+    frames = [Image.open(place / "photo.png").convert("RGB"), Image.open(place / "frames" / "a.png").convert("RGB")]
+    frames[1] = frames[1].resize(frames[0].size)
+    frames[0].save(place / f"anim.{suffix}", save_all=True, append_images=frames[1:])
+    before = files(place)
+    for target, out in ((f"{{t}}/anim.{suffix}", "{t}/out.png"), ("{t}", "{t}/out")):
+        code, err = run(place, capsys, ["mask", target, "red circle", "--out", out, *MODEL])
+        assert code == 2 and "holds 2 frames" in err and "\n" not in err, err
+        assert files(place) == before
+
+
 def test_a_folder_run_resumes_and_replaces_its_earlier_files_as_a_set(place, capsys):
     out = place / "masks"
     assert run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])[0] == 0
@@ -488,7 +502,15 @@ API_CASES = {
     "prompt not text": (lambda m: m.mask(IMAGE, "a", prompt=5), "prompt must be text"),
     "refine steps beyond reason": (lambda m: m.mask(IMAGE, "a", refine_steps=10**9), "refine_steps"),
     "latents of another model": (lambda m: m.mask(IMAGE, "a", latents=torch.zeros(1, 16, 10, 12)), "latent space"),
-    "latents as an array": (lambda m: m.mask(IMAGE, "a", latents=np.zeros((1, 4, 10, 12))), "latents must be a tensor"),
+    "latents as an array": (lambda m: m.mask(IMAGE, "a", latents=np.zeros((1, 4, 10, 12))), "must be a float tensor"),
+    "complex latents": (lambda m: m.mask(IMAGE, "a", latents=torch.ones(1, 4, 10, 12, dtype=torch.complex64)),
+                        "must be a float tensor"),
+    "integer latents": (lambda m: m.mask(IMAGE, "a", latents=torch.ones(1, 4, 10, 12, dtype=torch.int64)),
+                        "must be a float tensor"),
+    "meta tensor image": (lambda m: m.mask(torch.zeros(40, 48, 3, device="meta"), "a"), "meta tensor holds no pixels"),
+    "sparse tensor image": (lambda m: m.mask(torch.ones(40, 48, 3).to_sparse(), "a"), "sparse_coo tensor"),
+    "nested tensor image": (lambda m: m.mask(torch.nested.nested_tensor([torch.ones(40, 48, 3)]), "a"),
+                            "nested tensor"),
     "latents beyond the size limit": (lambda m: m.mask(IMAGE, "a", latents=torch.zeros(1, 4, 600, 600)), "over 2048"),
     "ld-znet template with two fields": (lambda m: m.mask(IMAGE, "a", method="ld-znet", template="{} and {}",
                                                           ldznet=MODEL_DIR / "ldznet.safetensors"), "exactly one"),
@@ -613,3 +635,21 @@ def test_non_finite_values_stop_the_mask_with_their_cause(masker, monkeypatch, w
         with pytest.raises(TextMaskError, match="NaN or infinite.*emphasis") as e:
             masker.mask(IMAGE, "red circle", method=method)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("call", ["refine", "segments", "refer"])
+def test_self_attention_too_large_to_read_is_one_line(sd1_pipe, monkeypatch, call):
+    """A working size whose self-attention map would not fit is refused at its first layer, before any allocation,
+    and the model's forward is unchanged; cross-attention alone (refine off) still masks."""
+    from conftest import unet_untouched
+    from textmask import TextMasker, capture
+
+    masker = TextMasker.from_pipe(sd1_pipe, resolution=64)
+    monkeypatch.setattr(capture, "MAX_SELF_TOKENS", 15)  # the tiny model's 8x8 latent has 64 cells
+    run = {"refine": lambda: masker.mask(IMAGE, "a", refine=True), "segments": lambda: masker.segments(IMAGE, segmenter="diffseg"),
+           "refer": lambda: masker.refer(IMAGE, "the circle on the left")}[call]
+    with unet_untouched(sd1_pipe.unet):
+        with pytest.raises(TextMaskError) as e:
+            run()
+    assert "\n" not in str(e.value) and "too large to read" in str(e.value)
+    assert masker.mask(IMAGE, "a", refine=False).masks.shape == (1, 40, 48)

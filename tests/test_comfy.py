@@ -457,8 +457,11 @@ def test_ovdiff_nodes_sample_through_comfyui(pack, sd15, tmp_path, monkeypatch):
     assert masks.shape == (4, 37, 53) and one.shape == (2, 37, 53) and labels.shape == (2, 37, 53, 3)
     assert torch.equal(one, masks.reshape(2, 2, 37, 53)[:, 1])
     assert hook_counts(model) == counts and torch.equal(before, model_output(model))
-    with pytest.raises(ValueError, match="not among"):
+    with pytest.raises(pack.textmask.errors.TextMaskError, match="not among") as e:
         node.run(protos, image, "tree", 0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(pack.textmask.errors.TextMaskError, match="prototypes must be"):
+        node.run("not prototypes", image, "", 0)
 
 
 def test_noise_diff_loads_the_patched_model(pack, sd15):

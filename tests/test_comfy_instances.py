@@ -272,3 +272,14 @@ def test_detailer_example_matches_impacts_inputs():
         if name == "seed":
             assert values.pop(0) in ("fixed", "randomize", "increment", "decrement")  # control_after_generate
     assert not values, values
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_segs_crops_are_rgb_whatever_the_images_channels(node, channels):
+    """Impact Pack's detailers read the SEG's cropped image as RGB: gray, gray + alpha and RGBA images give RGB."""
+    image = torch.rand(1, H, W, channels, generator=torch.Generator().manual_seed(1))
+    segs, _, _ = run(node, planted(SMALL), image=image)
+    crop = segs[1][0].cropped_image
+    assert crop.shape[-1] == 3 and crop.shape[0] == 1
+    if channels < 3:  # gray repeated into each channel
+        assert torch.equal(crop[..., 0], crop[..., 1]) and torch.equal(crop[..., 1], crop[..., 2])

@@ -84,3 +84,16 @@ def test_subject_phrase_without_a_noun():
 ])
 def test_names_several(phrase, several):
     assert names_several(phrase) == several
+
+
+@pytest.mark.parametrize("expression, phrase", [
+    ("the café on the left", "café"), ("the naïve circle", "naïve circle"), ("İstanbul", "İstanbul"),
+    ("the 猫 on the left", "猫"), ("the cafe\u0301 on the right", "cafe\u0301"), ("The RED circle", "red circle"),
+])
+def test_subject_phrase_of_any_script_is_found_in_the_prompt(expression, phrase):
+    """Words of any script, accents written either way and letters whose lower case is longer ("İ") stay whole,
+    and the phrase is one the prompt's token lookup finds."""
+    from textmask.tokens import phrase_pattern
+
+    assert subject_phrase(expression) == phrase
+    assert phrase_pattern(phrase).search(expression)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Literal, Protocol, Sequence
 import torch
 from torch import nn
 
-from .errors import CaptureError
+from .errors import CaptureError, TextMaskError
 
 Kind = Literal["self", "cross"]
 
@@ -168,6 +168,9 @@ class Collector(Protocol):
 
 # Each attention module's (kind, ordinal, kind ordinal), learned from the first forward that hooked all of a model's
 # modules, so later captures hook only the kinds their collectors read. Weak keys: a model that goes, goes.
+# The most query tokens a self-attention layer may have for textmask to read it: 128×128 cells (SD at 1024 px, SDXL
+# at 2048 px), where a [tokens, tokens] map takes 1 GiB in fp32; twice the side takes 16 times the memory and time.
+MAX_SELF_TOKENS = 128 * 128
 _INVENTORY: "weakref.WeakKeyDictionary[nn.Module, tuple[Kind, int, int]]" = weakref.WeakKeyDictionary()
 
 
@@ -301,6 +304,11 @@ class AttentionCapture(Hooks):
         plan = self._plan(layer.kind)
         if not plan:
             return
+        if layer.kind == "self" and layer.tokens > MAX_SELF_TOKENS:
+            h, w = layer.size
+            raise TextMaskError(f"self-attention over {w}x{h} cells is too large to read (at most "
+                                f"{MAX_SELF_TOKENS} cells, a 1 GiB map per image); lower the resolution, or mask "
+                                "with method attention and refine off, which reads no self-attention")
         q, k = q.detach(), k.detach()
         picked_for: dict[int, torch.Tensor | None] = {}  # context_rows function -> its rows for this call
         for values, rows, pick, members in plan:

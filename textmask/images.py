@@ -109,6 +109,11 @@ def _open(path: str | Path):
         img.close()
         raise ImageError(f"image {path} has {w}x{h} pixels, over the limit of {limit:,}; resize it, or raise the limit "
                          "with --max-pixels (or $TEXTMASK_MAX_PIXELS)")
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format != "MPO":  # a phone's MPO JPEG is one photo plus previews; others are frames
+        img.close()
+        raise ImageError(f"{path} holds {frames} frames (an animation or pages); textmask masks one picture a file: "
+                         "save the frames as images (e.g. ffmpeg -i in.gif frames/%04d.png) and pass their folder")
     return img
 
 
@@ -164,6 +169,9 @@ def _as_hwc(x) -> np.ndarray | torch.Tensor:
         a = _scaled(x)
         return a[..., None] if a.ndim == 2 else a
     if isinstance(x, torch.Tensor):
+        if x.is_nested or x.layout != torch.strided or x.is_meta:  # no pixels to read as an array
+            kind = "nested" if x.is_nested else "meta" if x.is_meta else str(x.layout).removeprefix("torch.")
+            raise ImageError(f"a {kind} tensor holds no pixels to read; pass a dense tensor of the image")
         if x.is_complex():
             raise ImageError(f"unsupported image data type {x.dtype}; pass integers or floats")
         if x.dtype == torch.bool:

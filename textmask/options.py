@@ -158,11 +158,13 @@ def latents(value: Any, images: int, geometry) -> Any:
     import torch
 
     channels = 4 if geometry.in_channels == 9 else geometry.in_channels  # an inpainting UNet's latents are SD's 4
-    if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[0] not in (1, images) \
+    if not isinstance(value, torch.Tensor) or value.is_nested or value.layout != torch.strided or value.is_meta \
+            or not value.is_floating_point() or value.dim() != 4 or value.shape[0] not in (1, images) \
             or value.shape[1] != channels:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise TextMaskError(f"latents must be a tensor [{images} or 1, {channels}, h, w] of this model's latent space "
-                            f"for {images} image(s), got {shape}")
+        got = f"{shape} {value.dtype}" if isinstance(value, torch.Tensor) else shape
+        raise TextMaskError(f"latents must be a float tensor [{images} or 1, {channels}, h, w] of this model's latent "
+                            f"space for {images} image(s), got {got}")
     side = max(value.shape[-2:]) * geometry.latent_factor
     if side > MAX_RESOLUTION:
         raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover {side} pixels a side, over "

@@ -36,7 +36,15 @@ BOUNDARIES = set(
 )
 VERBS = set("is are was were be being has have had rides holds sits stands looks wears eats plays walks runs "
             "jumps lies lays faces carries".split())
-WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+# A word: letters and digits of any script, with combining accents (decomposed text writes "é" as e + U+0301).
+_LETTERS = r"(?:[^\W_]|[\u0300-\u036f])+"
+WORD = re.compile(rf"{_LETTERS}(?:[-']{_LETTERS})*")
+
+
+def _lower(text: str) -> str:
+    """``text`` lower-cased letter by letter, keeping the letters whose lower case is longer ("İ"), so that positions
+    in it are positions in ``text`` and a phrase cut from it is found in the prompt as typed."""
+    return "".join(c if len(low := c.lower()) != 1 else low for c in text)
 # Words that make a noun phrase name several things ("all cars", "two dogs", "these"), and plurals without an -s.
 SEVERAL = set("all every each both these those many several few two three four five six seven eight nine ten".split())
 IRREGULAR_PLURALS = set("people men women children mice feet teeth geese oxen sheep fish deer police".split())
@@ -58,7 +66,7 @@ def _spacy_subject(expression: str) -> str | None:
 def _first_noun_phrase(expression: str) -> tuple[list[re.Match], int]:
     """The words of ``expression`` (matches on its lower-cased text) and the index of the first noun phrase's head
     among them; raises TextMaskError when there is none."""
-    words = list(WORD.finditer(expression.lower()))
+    words = list(WORD.finditer(_lower(expression)))
     head = None
     for i, match in enumerate(words):
         w = match.group().removesuffix("'s")
@@ -89,7 +97,7 @@ def subject_phrase(expression: str) -> str:
     "square", "white and black dog" -> "black dog". Position, size and order words stay out: they pick among
     instances (``textmask.relations``), where a map cannot see them. Raises TextMaskError without a noun."""
     words, head = _first_noun_phrase(expression)
-    text = expression.lower()
+    text = _lower(expression)
     first = head
     while first > 0 and not text[words[first - 1].end() : words[first].start()].strip():  # only spaces between
         w = words[first - 1].group().removesuffix("'s")
@@ -103,7 +111,7 @@ def subject_phrase(expression: str) -> str:
 def names_several(phrase: str) -> bool:
     """Whether a phrase names several things: "cars", "all cars", "two dogs", "people" do; "car", "sky", "glass",
     "bus" do not. A plural head noun ends in -s but not in -ss, -us or -is; a phrase without a noun names one."""
-    words = [w.removesuffix("'s") for w in WORD.findall(phrase.lower())]
+    words = [w.removesuffix("'s") for w in WORD.findall(_lower(phrase))]
     if any(w in SEVERAL or w.isdigit() and w not in ("0", "1") for w in words):
         return True
     try:
