@@ -3,7 +3,7 @@ the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a n
 go through DiffSeg (segments, named segments, Ref-Diff's proposals, OVDiff's foreground split) were pinned again
 when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG), named segments
 again when they took the name of highest contrast (issue #33), and DiffCut's segments, the default since, were
-pinned then too."""
+pinned then too. The attention masks were pinned when threshold "auto" meant what "otsu" means now."""
 
 import numpy as np
 import pytest
@@ -69,6 +69,8 @@ def test_mask_methods_are_unchanged(masker, ldznet, j, case):
         prompt, kwargs["negative"] = phrases(j)[0], str(FIXTURE[f"s{j}_negative"])
     if case == "caption":
         kwargs["prompt"] = make_scene(int(FIXTURE[f"s{j}_seed"])).caption
+    if kwargs["method"] == "attention":  # pinned when "auto" kept every region above Otsu's, which "otsu" now does
+        kwargs.setdefault("threshold", "otsu")
     res = masker.mask(scene(j), prompt, pamr=False, **kwargs)  # pinned before edge refinement became the default
     same_masks(f"s{j}_{case}_masks", res.masks) if case != "post" else same_maps(f"s{j}_{case}_masks", res.masks)
     same_maps(f"s{j}_{case}_heat", res.heatmaps)
