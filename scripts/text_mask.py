@@ -21,6 +21,8 @@ if str(EXTENSION_ROOT) not in sys.path:
 
 from textmask import defaults  # noqa: E402
 from textmask import postprocess as pp  # noqa: E402
+from textmask.errors import TextMaskError  # noqa: E402
+from textmask.images import to_batch  # noqa: E402
 from textmask.faces import FACE_METHODS, OVDIFF_IMAGES, mask_any  # noqa: E402
 from textmask.hosts.select import webui_host  # noqa: E402
 from textmask.masker import TextMasker  # noqa: E402
@@ -62,7 +64,7 @@ def webui_model():
     reload = getattr(sd_models, "forge_model_reload", None)
     model = reload()[0] if reload is not None else shared.sd_model
     if model is None:
-        raise ValueError("Text Mask: no model is loaded; pick a checkpoint first")
+        raise TextMaskError("Text Mask: no model is loaded; pick a checkpoint first")
     return model
 
 
@@ -79,7 +81,11 @@ def ovdiff_cache() -> str | None:
 def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, names="",
                   support=OVDIFF_IMAGES):
     """Masks [N, H, W] and heatmaps for p.init_images at their own size, from the webui's model."""
-    images = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in p.init_images]
+    if len(p.init_images) > 1:  # the webui inpaints every init image with its one image_mask
+        raise TextMaskError(f"Text Mask makes one mask, and the webui would inpaint all {len(p.init_images)} init "
+                            "images with it; send one init image per request (or use img2img's Batch tab)")
+    # read as textmask reads any image: 16-bit, palette and gray images scaled, not clipped by convert("RGB")
+    images = [to_batch(im)[0].permute(1, 2, 0).numpy() for im in p.init_images]
     masker = TextMasker(webui_host(webui_model()))
     kwargs = dict(method=method, negative=negative or None, names=names, ldznet=ldznet, refine=bool(refine),
                   threshold=threshold, soft=soft, blur=blur, grow=grow, invert=invert,

@@ -27,7 +27,7 @@ import webui_model  # noqa: E402
 
 from textmask import TextMasker  # noqa: E402
 from textmask import postprocess as pp  # noqa: E402
-from textmask.errors import CaptureError  # noqa: E402
+from textmask.errors import CaptureError, TextMaskError  # noqa: E402
 from textmask.hosts.a1111 import A1111Host
 from textmask.hosts.select import webui_host as make_host  # noqa: E402
 
@@ -276,7 +276,7 @@ def test_scripts_mask_with_the_model_processing_will_load(webui, monkeypatch):
     monkeypatch.setattr(script_mod, "webui_host", small_host)
     monkeypatch.setattr(shared, "sd_model", None)  # A1111 with no checkpoint: a one-line error, nothing else
     p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
-    with pytest.raises(ValueError, match="no model is loaded"):
+    with pytest.raises(TextMaskError, match="no model is loaded"):
         script_mod.TextMaskScript().run(p, *ARGS.values())
     reloads = []
     monkeypatch.setattr(modules.sd_models, "forge_model_reload", lambda: reloads.append(1) or (model, True), raising=False)
@@ -444,3 +444,23 @@ def test_a_failing_accordion_stops_the_generation_with_its_message(webui, monkey
     with pytest.raises(type(caught), match=phrase.replace("(", r"\(")):
         p.sample(conditioning=None, unconditional_conditioning=None, seeds=[0], subseeds=[0], subseed_strength=0,
                  prompts=[""])
+
+
+def test_init_images_are_read_as_textmask_reads_images_and_one_at_a_time(webui, monkeypatch):
+    """A 16-bit init image is scaled, not clipped to white by convert("RGB"); several init images, which the webui
+    would all inpaint with one image_mask, are one line before any work."""
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    eight = np.asarray(init_image().convert("L"), dtype=np.uint16)
+    sixteen = Image.fromarray(eight * 257)  # the same picture at 16 bits (mode I;16)
+    p8 = processing.StableDiffusionProcessingImg2Img(init_images=[Image.fromarray(eight.astype(np.uint8))])
+    p16 = processing.StableDiffusionProcessingImg2Img(init_images=[sixteen])
+    args = {k: v for k, v in ARGS.items() if k != "show"}
+    m8, _ = script_mod.compute_masks(p8, **args)
+    m16, _ = script_mod.compute_masks(p16, **args)
+    assert torch.equal(m8[0], m16[0])
+    two = processing.StableDiffusionProcessingImg2Img(init_images=[init_image(), init_image()])
+    with pytest.raises(TextMaskError, match="send one init image per request") as e:
+        script_mod.TextMaskScript().run(two, *ARGS.values())
+    assert "\n" not in str(e.value)
