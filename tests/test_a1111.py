@@ -35,8 +35,12 @@ from textmask.hosts.select import webui_host as make_host  # noqa: E402
 @pytest.fixture(scope="module")
 def webui():
     """Import scripts/text_mask.py the way the webui does: by path, with ``modules`` importable."""
-    # Forge's tests (with $FORGE_ROOT) import Forge's own ``modules``: set them aside while the stand-in is in use
-    others = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "modules" or k.startswith("modules.")}
+    # Forge's tests (with $FORGE_ROOT) import Forge's own ``modules`` and ``launch``: set them aside while the
+    # stand-in is in use
+    def webui_module(k: str) -> bool:
+        return k in ("modules", "launch") or k.startswith("modules.")
+
+    others = {k: sys.modules.pop(k) for k in list(sys.modules) if webui_module(k)}
     sys.path.insert(0, str(STANDIN))
     try:
         spec = importlib.util.spec_from_file_location("text_mask_script", ROOT / "scripts" / "text_mask.py")
@@ -49,7 +53,7 @@ def webui():
     finally:
         sys.path.remove(str(STANDIN))
         if others:
-            for k in [k for k in sys.modules if k == "modules" or k.startswith("modules.")]:
+            for k in [k for k in sys.modules if webui_module(k)]:
                 del sys.modules[k]
             sys.modules.update(others)
 
