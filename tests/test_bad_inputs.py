@@ -507,6 +507,8 @@ API_CASES = {
                         "must be a float tensor"),
     "integer latents": (lambda m: m.mask(IMAGE, "a", latents=torch.ones(1, 4, 10, 12, dtype=torch.int64)),
                         "must be a float tensor"),
+    "nested latents": (lambda m: m.mask(IMAGE, "a", latents=torch.nested.nested_tensor([torch.ones(4, 10, 12)])),
+                       "must be a float tensor"),
     "meta tensor image": (lambda m: m.mask(torch.zeros(40, 48, 3, device="meta"), "a"), "meta tensor holds no pixels"),
     "sparse tensor image": (lambda m: m.mask(torch.ones(40, 48, 3).to_sparse(), "a"), "sparse_coo tensor"),
     "nested tensor image": (lambda m: m.mask(torch.nested.nested_tensor([torch.ones(40, 48, 3)]), "a"),

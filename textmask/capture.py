@@ -166,11 +166,11 @@ class Collector(Protocol):
     def __call__(self, layer: AttentionLayer, start: int, values: torch.Tensor) -> None: ...
 
 
-# Each attention module's (kind, ordinal, kind ordinal), learned from the first forward that hooked all of a model's
-# modules, so later captures hook only the kinds their collectors read. Weak keys: a model that goes, goes.
 # The most query tokens a self-attention layer may have for textmask to read it: 128×128 cells (SD at 1024 px, SDXL
 # at 2048 px), where a [tokens, tokens] map takes 1 GiB in fp32; twice the side takes 16 times the memory and time.
 MAX_SELF_TOKENS = 128 * 128
+# Each attention module's (kind, ordinal, kind ordinal), learned from the first forward that hooked all of a model's
+# modules, so later captures hook only the kinds their collectors read. Weak keys: a model that goes, goes.
 _INVENTORY: "weakref.WeakKeyDictionary[nn.Module, tuple[Kind, int, int]]" = weakref.WeakKeyDictionary()
 
 

@@ -161,8 +161,8 @@ def latents(value: Any, images: int, geometry) -> Any:
     if not isinstance(value, torch.Tensor) or value.is_nested or value.layout != torch.strided or value.is_meta \
             or not value.is_floating_point() or value.dim() != 4 or value.shape[0] not in (1, images) \
             or value.shape[1] != channels:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        got = f"{shape} {value.dtype}" if isinstance(value, torch.Tensor) else shape
+        dense = isinstance(value, torch.Tensor) and not value.is_nested
+        got = f"{tuple(value.shape)} {value.dtype}" if dense else type(value).__name__
         raise TextMaskError(f"latents must be a float tensor [{images} or 1, {channels}, h, w] of this model's latent "
                             f"space for {images} image(s), got {got}")
     side = max(value.shape[-2:]) * geometry.latent_factor
