@@ -13,7 +13,7 @@ from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.render import overlay
 from ..textmask.ldznet import load_ldznet
 from ..textmask.ldznet.inference import DEFAULT_TEMPLATE, DEFAULT_TIMESTEP
-from ..textmask import defaults
+from ..textmask import defaults, options
 from ..textmask.masker import TextMasker
 from .text_mask import EDGES
 
@@ -87,7 +87,7 @@ class TextMaskLDZNet:
             "optional": {
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "What to subtract from the mask."}),
                 "template": ("STRING", {"default": DEFAULT_TEMPLATE, "tooltip": "Prompt template; {} is the phrase."}),
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+                "resolution": ("INT", {"default": 0, "min": 0, "max": options.MAX_RESOLUTION, "step": 64,
                                        "tooltip": "Working resolution; 0 = LD-ZNet's training resolution (384)."}),
                 "edges": EDGES,
             },

@@ -7,6 +7,7 @@ import os
 import folder_paths
 import torch
 
+from ..textmask import options
 from ..textmask.errors import TextMaskError
 from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.render import colour_labels
@@ -53,7 +54,7 @@ class OVDiffPrototypes:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the support set."}),
             },
             "optional": {
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+                "resolution": ("INT", {"default": 0, "min": 0, "max": options.MAX_RESOLUTION, "step": 64,
                                        "tooltip": "Support image size in pixels; 0 = the model's native (512 SD1, 768 SD2-v, 1024 SDXL)."}),
             },
         }

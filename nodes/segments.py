@@ -25,7 +25,7 @@ COMMON = {
                                     f"({defaults.DIFFCUT_TIMESTEP} for DiffCut, {defaults.TIMESTEP} for DiffSeg)."}),
     "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Noise seed; image i uses seed + i."}),
 }
-OPTIONAL = {"resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+OPTIONAL = {"resolution": ("INT", {"default": 0, "min": 0, "max": options.MAX_RESOLUTION, "step": 64,
                                    "tooltip": "Working resolution in pixels; 0 = the model's native."})}
 # After the older widgets, so workflows saved before them keep their values and take these defaults.
 SEGMENTER = {

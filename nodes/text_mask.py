@@ -54,7 +54,7 @@ class TextMask:
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "What to subtract from the mask."}),
                 "latent": ("LATENT", {"tooltip": "The IMAGE's latent (from VAE Encode), used instead of encoding again."}),
                 "fill_holes": ("BOOLEAN", {"default": False, "tooltip": "Fill holes inside masked regions."}),
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+                "resolution": ("INT", {"default": 0, "min": 0, "max": options.MAX_RESOLUTION, "step": 64,
                                        "tooltip": "Working resolution in pixels; 0 = the model's native (512 SD1, 768 SD2-v, 1024 SDXL)."}),
                 "edges": EDGES,
                 "temporal": ("FLOAT", {"default": defaults.TEMPORAL, "min": 0.0, "max": options.MAX_TEMPORAL, "step": 0.5,

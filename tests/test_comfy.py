@@ -62,6 +62,21 @@ def test_registration(pack):
     assert all("tooltip" in opts for _, opts in spec["required"].values())
 
 
+def test_every_numeric_input_is_within_what_the_core_accepts(pack):
+    """A node's widget never offers a value the core refuses: every resolution ends at the core's limit."""
+    from textmask import options
+
+    found = 0
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        for inputs in (spec.get("required", {}), spec.get("optional", {})):
+            kind, opts = inputs.get("resolution", (None, {}))
+            if kind == "INT":
+                found += 1
+                assert opts["max"] == options.MAX_RESOLUTION and options.resolution(opts["max"]), name
+    assert found >= 4
+
+
 def test_gray_and_alpha_images_get_a_preview_and_an_empty_batch_one_line(pack, sd15):
     """Every channel count the core reads (gray, gray + alpha, RGB, RGBA) also gives an RGB preview; an IMAGE batch
     of none is one line, in every node that takes an IMAGE."""

@@ -78,7 +78,7 @@ def test_parse_threshold():
     assert pp.parse_threshold("0.25") == 0.25
     from textmask.errors import TextMaskError
 
-    for bad in ("otsu2", 1.5, "nan"):
+    for bad in ("otsu2", 1.5, "nan", True):
         with pytest.raises(TextMaskError, match="'auto', 'otsu' or a number"):
             pp.parse_threshold(bad)
 

@@ -49,6 +49,8 @@ def parse_threshold(value) -> float | str:
 
     if isinstance(value, str) and value.strip().lower() in ("", "auto", "otsu"):
         return value.strip().lower() or "auto"
+    if isinstance(value, bool):  # True is not a threshold, though float(True) is 1.0
+        raise TextMaskError(f"threshold must be 'auto', 'otsu' or a number in [0, 1], got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
