@@ -39,15 +39,15 @@ VERBS = set("is are was were be being has have had rides holds sits stands looks
 # A word: letters and digits of any script, with combining accents (decomposed text writes "é" as e + U+0301).
 _LETTERS = r"(?:[^\W_]|[\u0300-\u036f])+"
 WORD = re.compile(rf"{_LETTERS}(?:[-']{_LETTERS})*")
+# Words that make a noun phrase name several things ("all cars", "two dogs", "these"), and plurals without an -s.
+SEVERAL = set("all every each both these those many several few two three four five six seven eight nine ten".split())
+IRREGULAR_PLURALS = set("people men women children mice feet teeth geese oxen sheep fish deer police".split())
 
 
 def _lower(text: str) -> str:
     """``text`` lower-cased letter by letter, keeping the letters whose lower case is longer ("İ"), so that positions
     in it are positions in ``text`` and a phrase cut from it is found in the prompt as typed."""
     return "".join(c if len(low := c.lower()) != 1 else low for c in text)
-# Words that make a noun phrase name several things ("all cars", "two dogs", "these"), and plurals without an -s.
-SEVERAL = set("all every each both these those many several few two three four five six seven eight nine ten".split())
-IRREGULAR_PLURALS = set("people men women children mice feet teeth geese oxen sheep fish deer police".split())
 
 
 def _spacy_subject(expression: str) -> str | None:
