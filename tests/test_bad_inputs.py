@@ -507,6 +507,11 @@ API_CASES = {
                         "must be a float tensor"),
     "integer latents": (lambda m: m.mask(IMAGE, "a", latents=torch.ones(1, 4, 10, 12, dtype=torch.int64)),
                         "must be a float tensor"),
+    "refine as text": (lambda m: m.mask(IMAGE, "a", refine="no"), "refine must be True or False"),
+    "soft as text": (lambda m: m.mask(IMAGE, "a", soft="false"), "soft must be True or False"),
+    "pamr of two": (lambda m: m.segments(IMAGE, pamr=2), "pamr must be True or False"),
+    "named segments pamr as None": (lambda m: m.named_segments(IMAGE, ["a"], pamr=None), "pamr must be"),
+    "trace mask invert as text": (lambda m: m.trace(IMAGE).mask("a", invert="yes"), "invert must be"),
     "nested latents": (lambda m: m.mask(IMAGE, "a", latents=torch.nested.nested_tensor([torch.ones(4, 10, 12)])),
                        "must be a float tensor"),
     "meta tensor image": (lambda m: m.mask(torch.zeros(40, 48, 3, device="meta"), "a"), "meta tensor holds no pixels"),
@@ -535,7 +540,10 @@ def test_api_bad_input_is_one_line(masker, case):
 
 
 def test_api_accepts_what_it_can_use(masker):
-    """Seeds beyond the generator's range, integer and float arrays of every range are used, not refused."""
+    """Seeds beyond the generator's range, integer and float arrays of every range, and switches given as numpy
+    booleans or 0/1 are used, not refused."""
+    assert torch.equal(masker.mask(IMAGE, "red circle", refine=np.bool_(False), soft=1).masks,
+                       masker.mask(IMAGE, "red circle", refine=False, soft=True).masks)
     a = masker.mask(IMAGE, "red circle", seed=2**70, refine=False)
     b = masker.mask(IMAGE, "red circle", seed=2**70 % 2**63, refine=False)
     assert torch.equal(a.heatmaps, b.heatmaps)

@@ -82,6 +82,8 @@ class TextMasker:
         off) smooths the maps over neighbouring images of the batch, for the frames of a video.
         """
         chosen = get_method(method)
+        soft, fill_holes, invert, pamr = options.flags(soft=soft, fill_holes=fill_holes, invert=invert, pamr=pamr)
+        refine = None if refine is None else options.flag("refine", refine)
         if refine is not None and "refine" in chosen.options:
             method_options["refine"] = refine
         unknown = sorted(set(method_options) - set(chosen.options))

@@ -81,6 +81,19 @@ def resolution(value: Any) -> int | None:
     return in_range("resolution", value, MIN_RESOLUTION, MAX_RESOLUTION, integer=True, unit=" pixels")
 
 
+def flag(name: str, value: Any) -> bool:
+    """A switch: True or False (numpy's booleans and the integers 0 and 1 too); "no" or "false" is refused rather than
+    read as true."""
+    if isinstance(value, int) and value in (0, 1) or type(value).__name__ in ("bool", "bool_"):  # numpy's too
+        return bool(value)
+    raise TextMaskError(f"{name} must be True or False, got {value!r}")
+
+
+def flags(**values: Any) -> tuple[bool, ...]:
+    """``flag`` of each named value, in order."""
+    return tuple(flag(name, value) for name, value in values.items())
+
+
 def timestep(value: Any) -> int:
     """A noise level: a whole timestep in [0, 999]."""
     return in_range("timestep", value, 0, 999, integer=True)

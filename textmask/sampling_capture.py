@@ -214,6 +214,8 @@ class SamplingCapture:
         its image), with ``TextMasker.mask``'s prompt language, options and defaults."""
         run = self._finished_run()
         threshold = pp.parse_threshold(threshold)
+        refine, soft, fill_holes, invert, pamr = options.flags(refine=refine, soft=soft, fill_holes=fill_holes,
+                                                               invert=invert, pamr=pamr)
         expr = mp.with_negative(mp.parse(mask_prompt), negative)
         phrases = mp.phrases(expr)
         pixels = to_batch(images)
@@ -224,7 +226,7 @@ class SamplingCapture:
         prepared = forward.Images(pixels, (run.latent_size[0] * f, run.latent_size[1] * f))
         blur, grow = options.blur(blur, prepared.size), options.grow(grow, prepared.size)
         temporal = options.temporal(temporal)
-        maps = self.maps(phrases, prepared, bool(refine))
+        maps = self.maps(phrases, prepared, refine)
         region = (0, 0, *prepared.size)  # the images are the latents decoded: each covers its whole image
         if pamr:
             maps = pp.edge_refined(maps, prepared.pixels, prepared.working, prepared.size, region, f)

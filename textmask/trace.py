@@ -83,6 +83,7 @@ class Trace:
         from . import options
 
         threshold = pp.parse_threshold(threshold)
+        soft, fill_holes, invert, pamr = options.flags(soft=soft, fill_holes=fill_holes, invert=invert, pamr=pamr)
         expr = mp.parse(mask_prompt)
         phrases = mp.phrases(expr)
         blur, grow = options.blur(blur, self.images.size), options.grow(grow, self.images.size)

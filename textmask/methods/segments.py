@@ -123,6 +123,7 @@ def segment_everything(
     ``cut``: DiffCut's threshold; ``tau`` and ``kmeans``: DiffSeg's; ``timestep`` None: the segmenter's reference
     (50 for DiffCut, 300 for DiffSeg); ``pamr``: refine the segments along the image's edges."""
     segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size, kmeans)
+    pamr = options.flag("pamr", pamr)
     images = forward.prepare_images(host, images, resolution)
     labels, masks = [], []
     with torch.inference_mode():
@@ -162,7 +163,7 @@ def named_segments(
 ) -> LabelsResult:
     """Label segments with names (``segment_names``), from one forward under the names' prompt."""
     segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size)
-    names = options.names(names)
+    names, pamr = options.names(names), options.flag("pamr", pamr)
     images = forward.prepare_images(host, images, resolution)
     prompt = attention_prompt(names)
     token_map = forward.encode_prompts(host, [prompt]).token_maps[0]
