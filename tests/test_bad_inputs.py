@@ -656,7 +656,8 @@ def test_self_attention_too_large_to_read_is_one_line(sd1_pipe, monkeypatch, cal
 
     masker = TextMasker.from_pipe(sd1_pipe, resolution=64)
     monkeypatch.setattr(capture, "MAX_SELF_TOKENS", 15)  # the tiny model's 8x8 latent has 64 cells
-    run = {"refine": lambda: masker.mask(IMAGE, "a", refine=True), "segments": lambda: masker.segments(IMAGE, segmenter="diffseg"),
+    run = {"refine": lambda: masker.mask(IMAGE, "a", refine=True),
+           "segments": lambda: masker.segments(IMAGE, segmenter="diffseg"),
            "refer": lambda: masker.refer(IMAGE, "the circle on the left")}[call]
     with unet_untouched(sd1_pipe.unet):
         with pytest.raises(TextMaskError) as e:
