@@ -109,12 +109,15 @@ def test_refinement_is_aggsd_eq2(mode, expected):
     assert torch.allclose(out.reshape(-1), torch.tensor(expected), atol=1e-6)
 
 
+# ---- iSeg (linsun449/iseg.code@2e8fb32): the entropy-reduced self-attention walk ------------------------------
 def test_iseg_refinement_is_the_references_entropy_reduced_walk():
-    # linsun449/iseg.code (wsss/iSeg.py, get_att_map), written out entry by entry for one and two steps.
+    # linsun449/iseg.code (wsss/iSeg.py, get_att_map), written out entry by entry for one and two steps. Its
+    # trans_mat is SA with a query per row: base/stable_difusion.py stores self-attention keys first, and
+    # get_att_map's permute puts the queries back in the rows.
     from textmask.methods.attention import ISEG_ENTROPY, refine_with_self_attention
 
     sa = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
-    t = np.array([[sa[j, i] / sa[j].max() for j in range(3)] for i in range(3)])  # SAᵀ, columns to a max of 1
+    t = np.array([[sa[i, j] / sa[:, j].max() for j in range(3)] for i in range(3)])  # SA, columns to a max of 1
     t = np.array([[max(0.0, x + ISEG_ENTROPY * np.log10(np.e * x)) if x > 0 else 0.0 for x in row] for row in t])
     t = t / t.sum(1, keepdims=True)
     ca = np.array([1.0, 0.5, 0.0])
@@ -127,7 +130,27 @@ def test_iseg_refinement_is_the_references_entropy_reduced_walk():
         got = refine_with_self_attention(torch.tensor(ca, dtype=torch.float32).reshape(1, 1, 1, 3),
                                          torch.tensor(sa, dtype=torch.float32)[None], (1, 3), mode="iseg", steps=steps)
         assert np.allclose(got.reshape(-1).numpy(), want, atol=1e-6)
-    assert not np.allclose(t, sa.T / sa.T.sum(1, keepdims=True))  # the entropy term changes the walk
+    assert not np.allclose(t, sa)  # the entropy term changes the walk (SA's rows already sum to 1)
+
+
+def test_iseg_refinement_matches_the_reference(monkeypatch):
+    """iSeg's own ``get_attention_map`` and ``get_att_map`` (bench/parity/parity_iseg.py) on the self-attention of
+    tests/parity_iseg.py (a 64×64 grid, as the reference hard-codes) and the Shapes model's cross maps of its scene,
+    at 1 and 10 steps and at both of its entropy weights: 0.015 (VOC, textmask's) and 0.1 (COCO)."""
+    import parity_iseg as recipe
+
+    from textmask.methods import attention
+
+    stored = np.load(FIXTURES / "iseg.npz")
+    logits, cross = recipe.self_attention_logits(), torch.from_numpy(stored["cross"])
+    assert attention.ISEG_ENTROPY == 0.015
+    for dataset, entropy in [("VOC", 0.015), ("COCO", 0.1)]:
+        monkeypatch.setattr(attention, "ISEG_ENTROPY", entropy)
+        for steps in (1, 10):
+            ours = recipe.textmask_refined(logits, cross, steps)
+            reference = torch.from_numpy(stored[f"{dataset}_{steps}"])
+            assert ours.shape == reference.shape == (len(cross), recipe.SIDE, recipe.SIDE)
+            assert (ours - reference).abs().max() <= 1e-5, (dataset, steps)
 
 
 # ---- LD-ZNet (koutilya-pnvr/LD-ZNet@3d28f76): converter and forward -------------------------------------------
@@ -228,3 +251,20 @@ def test_refdiff_proposal_score_and_positional_ramp_are_the_references():
     left = positional_weight("the dog on the left", 2, 9)[0]
     assert torch.allclose(left, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0, 0.0, 0.0]), atol=1e-6)
     assert torch.equal(positional_weight("the right one", 2, 9)[0], left.flip(0))
+
+
+# ---- PAMR (PaulCouairon/DiffCut@aa16df4's tools/pamr.py, from visinf/1-stage-wseg): edge refinement --------------
+def test_pamr_matches_the_reference():
+    """The reference's PAMR at textmask's dilations and iterations (bench/parity/parity_pamr.py) on what
+    ``edge_refined`` hands ``pamr`` for Shapes test scenes: three scenes, the first again with a block of one colour
+    (zero local deviation), a non-square crop and a strip narrower than the largest dilation."""
+    from textmask.postprocess import pamr
+
+    stored = np.load(FIXTURES / "pamr.npz")
+    assert {"flat", "crop_128x80", "strip_12x128"} <= set(stored["cases"].tolist())
+    for name in stored["cases"]:
+        maps, image = torch.from_numpy(stored[f"maps_{name}"]), torch.from_numpy(stored[f"image_{name}"])
+        reference = torch.from_numpy(stored[f"reference_{name}"])
+        ours = pamr(maps[None], image[None])[0]
+        assert ours.shape == reference.shape == maps.shape, name
+        assert (ours - reference).abs().max() <= 1e-5, name

@@ -188,8 +188,9 @@ def refine_with_self_attention(
     ``transpose``: AGG = rownorm(SAᵀ)·CA, the mean CA of the pixels attending to each pixel (AggSD's eq. 2,
     with each pixel's weights normalised to sum 1). ``aggsd``: AGG = SAᵀ·CA, eq. 2 as the report writes it.
     ``forward``: AGG = SA·CA, the mean CA of the pixels each pixel attends to (a random-walk step).
-    ``iseg``: iSeg's entropy-reduced self-attention (linsun449/iseg.code): SAᵀ scaled to a column maximum of 1,
-    plus ``ISEG_ENTROPY``·log10(e·SAᵀ) and clamped at 0 (weak links drop out), row-normalised; each step
+    ``iseg``: iSeg's entropy-reduced self-attention (linsun449/iseg.code): SA (a query per row) with each key's
+    column scaled to a maximum of 1, plus ``ISEG_ENTROPY``·log10(e·SA) and clamped at 0 (weak links drop out),
+    row-normalised, so that each pixel takes the maps of the pixels it attends to, as ``forward`` does; each step
     multiplies, then shifts each map to a minimum of 0 and a sum of 1 (iSeg iterates 10 steps).
     """
     b, p = cross.shape[:2]
@@ -209,7 +210,7 @@ def refine_with_self_attention(
         def walk(x: torch.Tensor) -> torch.Tensor:
             return sa @ x
     elif mode == "iseg":
-        t = sa.transpose(1, 2) / sa.amax(2).clamp_min(1e-12)[:, None, :]  # column j of SAᵀ is row j of SA
+        t = sa / sa.amax(1, keepdim=True).clamp_min(1e-12)  # iSeg's trans_mat: SA itself, not SAᵀ
         t = (t + torch.where(t > 0, ISEG_ENTROPY * torch.log10(math.e * t.clamp_min(1e-30)), 0.0)).clamp_min(0)
         t = t / t.sum(2, keepdim=True).clamp_min(1e-12)
 
