@@ -2,12 +2,14 @@
 the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a non-square size). The outputs that
 go through DiffSeg (segments, named segments, Ref-Diff's proposals, OVDiff's foreground split) were pinned again
 when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG), named segments
-again when they took the name of highest contrast (issue #33), and DiffCut's segments, the default since, were
-pinned then too. The attention masks were pinned when threshold "auto" meant what "otsu" means now."""
+again when they took the name of highest contrast (issue #33) and when the default prompt became "the A, the B, and
+the C", and DiffCut's segments, the default since, were pinned then too. The attention masks were pinned when
+threshold "auto" meant what "otsu" means now, under AggSD's "a photo of A, B, and C"."""
 
 import numpy as np
 import pytest
 
+from textmask import mask_prompt as mp
 from textmask.demo.model import MODEL_DIR, load_demo_masker
 from textmask.demo.scenes import make_scene
 from textmask.methods.refdiff import refer
@@ -33,6 +35,11 @@ def scene(j):
 
 def phrases(j):
     return [str(p) for p in FIXTURE[f"s{j}_phrases"]]
+
+
+def aggsd_template(terms):
+    """AggSD's "a photo of A, B, and C", the default prompt of ``attention`` when these were pinned."""
+    return "a photo of " + (terms[0] if len(terms) == 1 else ", ".join(terms[:-1]) + f", and {terms[-1]}")
 
 
 def same_maps(key, got, masks=None):
@@ -71,6 +78,8 @@ def test_mask_methods_are_unchanged(masker, ldznet, j, case):
         kwargs["prompt"] = make_scene(int(FIXTURE[f"s{j}_seed"])).caption
     if kwargs["method"] == "attention":  # pinned when "auto" kept every region above Otsu's, which "otsu" now does
         kwargs.setdefault("threshold", "otsu")
+        if "prompt" not in kwargs:  # and under AggSD's template, the default prompt then
+            kwargs["prompt"] = aggsd_template(mp.phrases(mp.with_negative(mp.parse(prompt), kwargs.get("negative"))))
     res = masker.mask(scene(j), prompt, pamr=False, **kwargs)  # pinned before edge refinement became the default
     same_masks(f"s{j}_{case}_masks", res.masks) if case != "post" else same_maps(f"s{j}_{case}_masks", res.masks)
     same_maps(f"s{j}_{case}_heat", res.heatmaps)

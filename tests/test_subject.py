@@ -3,7 +3,7 @@
 import pytest
 
 from textmask.errors import TextMaskError
-from textmask.subject import names_several, subject, subject_phrase
+from textmask.subject import names_several, subject, subject_phrase, with_article
 
 TABLE = [
     # RefCOCO: short, positional
@@ -97,3 +97,30 @@ def test_subject_phrase_of_any_script_is_found_in_the_prompt(expression, phrase)
 
     assert subject_phrase(expression) == phrase
     assert phrase_pattern(phrase).search(expression)
+
+
+@pytest.mark.parametrize("phrase, written", [
+    ("red car", "the red car"), ("sky", "the sky"), ("猫", "the 猫"), ("man on the left", "the man on the left"),
+    ("the man on the left", "the man on the left"), ("A dog", "A dog"), ("an apple", "an apple"),
+    ("two dogs", "two dogs"), ("3 cats", "3 cats"), ("one cat", "one cat"), ("every chair", "every chair"),
+    ("my cat", "my cat"), ("John's hat", "John's hat"), ("another car", "another car"), ("theater", "the theater"),
+])
+def test_with_article(phrase, written):
+    assert with_article(phrase) == written
+
+
+def test_default_prompt_names_each_phrase_with_its_article():
+    """``attention``'s prompt when none is given: each phrase as a noun phrase, listed, and every phrase found in it
+    by the token lookup at its own place."""
+    from textmask.methods.attention import attention_prompt
+    from textmask.tokenizer import clip_tokenizer, tokenize
+    from textmask.tokens import TokenMap
+
+    assert attention_prompt(["red car"]) == "the red car"
+    phrases = ["red circle", "two dogs", "the man on the left", "sky"]
+    prompt = attention_prompt(phrases)
+    assert prompt == "the red circle, two dogs, the man on the left, and the sky"
+    tm = TokenMap(tokenize(clip_tokenizer(), prompt))
+    found = [tm.find(p) for p in phrases]
+    assert all(found) and len({i for f in found for i in f}) == sum(len(f) for f in found)
+    assert found == sorted(found)  # in the order they are listed

@@ -42,6 +42,8 @@ WORD = re.compile(rf"{_LETTERS}(?:[-']{_LETTERS})*")
 # Words that make a noun phrase name several things ("all cars", "two dogs", "these"), and plurals without an -s.
 SEVERAL = set("all every each both these those many several few two three four five six seven eight nine ten".split())
 IRREGULAR_PLURALS = set("people men women children mice feet teeth geese oxen sheep fish deer police".split())
+# Words that already open a noun phrase, so it takes no article of its own ("two dogs", "another car").
+OPENERS = DETERMINERS | NUMBERS | SEVERAL | set("one another either neither such much half".split())
 
 
 def _lower(text: str) -> str:
@@ -121,3 +123,15 @@ def names_several(phrase: str) -> bool:
     if head in IRREGULAR_PLURALS:
         return True
     return len(head) > 3 and head.endswith("s") and not head.endswith(("ss", "us", "is"))
+
+
+def with_article(phrase: str) -> str:
+    """``phrase`` as a noun phrase of its own: "the " before it unless its first word already opens one (an article,
+    a determiner, a number or a possessive): "red car" -> "the red car"; "the man on the left", "two dogs", "my
+    cat" and "John's hat" stay as they are."""
+    first = WORD.match(_lower(phrase.strip()))
+    if first is not None and (first.group() in OPENERS or NUMERAL.fullmatch(first.group())
+                              or first.group().endswith("'s")):
+        return phrase
+    return f"the {phrase}"
+

@@ -17,6 +17,7 @@ from ..capture import AttentionLayer, Need
 from ..errors import TextMaskError
 from ..hosts.contract import Conditioning, Host
 from ..postprocess import normalize
+from ..subject import with_article
 
 
 def side_weight(layer: AttentionLayer) -> float:
@@ -240,10 +241,14 @@ def refine_options(mode: str, steps) -> tuple[RefineMode, int]:
 
 
 def attention_prompt(terms: Sequence[str]) -> str:
-    """The AggSD prompt template: "a photo of A, B, and C" (commas separate the words' maps)."""
-    if len(terms) == 1:
-        return f"a photo of {terms[0]}"
-    return "a photo of " + ", ".join(terms[:-1]) + f", and {terms[-1]}"
+    """The prompt the phrases' maps are read from when none is given: each phrase as a noun phrase of its own
+    (``subject.with_article``), listed: "the A, the B, and the C" (commas separate the words' maps). AggSD's "a
+    photo of A, B, and C" names a medium the image may not have (a painting, a render); docs/quality.md measures
+    both."""
+    phrases = [with_article(t) for t in terms]
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + f", and {phrases[-1]}"
 
 
 class DAAMHeatMaps:
