@@ -42,7 +42,7 @@ class Trace:
 
     def maps(self, phrases: list[str], prompt: str | None = None, refine_mode: str = defaults.REFINE_MODE,
              refine_steps: int = defaults.REFINE_STEPS) -> torch.Tensor:
-        """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default AggSD's template of the
+        """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default ``attention_prompt`` of the
         phrases), refined along the traced self-attention if the trace kept it."""
         refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
         if prompt is not None and not isinstance(prompt, str):
@@ -79,7 +79,8 @@ class Trace:
              pamr: bool = defaults.PAMR, refine_mode: str = defaults.REFINE_MODE,
              refine_steps: int = defaults.REFINE_STEPS) -> MaskResult:
         """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
-        and defaults; ``prompt`` is the text whose keys the queries meet (default AggSD's template)."""
+        and defaults; ``prompt`` is the text whose keys the queries meet (default: ``attention_prompt`` of its
+        phrases, as ``mask``)."""
         from . import options
 
         threshold = pp.parse_threshold(threshold)
