@@ -89,6 +89,12 @@ def text_encoder():
         vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407), add_text_projection=True).eval()
     if not hasattr(text.transformer, "text_model"):  # transformers 5 flattened CLIPTextModel; Forge pins 4.x
         object.__setattr__(text.transformer, "text_model", text.transformer)  # an alias, not a submodule
+    # Layer norms as a trained CLIP has them: at their initial bias of 0 every token's output has mean 0, and Forge's
+    # emphasis normalisation, which divides by the conditioning's mean, turns some prompts to NaN.
+    for module in text.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.weight, 1.0, 0.1)
+            torch.nn.init.normal_(module.bias, 0.0, 0.1)
     return text
 
 
