@@ -60,7 +60,7 @@ def requery(trace, prompt: str = PROMPT) -> tuple[dict[str, torch.Tensor], torch
             super().__call__(layer, start, probs)
 
     with mock.patch("textmask.trace.CrossAttentionMaps", Recorder):
-        maps = trace.maps(WORDS, prompt=prompt)
+        maps = trace.maps(WORDS, prompt=prompt, heads="mean")  # OVAM sums the heads
     return {name: torch.cat(c, dim=1) for name, c in chunks.items()}, maps
 
 
@@ -72,7 +72,7 @@ def ovam_weight(layer: AttentionLayer) -> float:
 
 def ovam_aggregate(trace, layers: dict[str, torch.Tensor], tokens: list[int]) -> torch.Tensor:
     """textmask's collector with OVAM's weights and bilinear resizing: one map per token, [B, len(tokens), 16, 16]."""
-    cross = CrossAttentionMaps([[t] for t in tokens], ovam_weight)
+    cross = CrossAttentionMaps([[t] for t in tokens], ovam_weight, heads="mean")
     for name, probs in layers.items():
         cross(trace.layers[name], 0, probs)
     return cross.total(max(cross.sums), mode="bilinear")

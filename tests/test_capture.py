@@ -354,7 +354,7 @@ def test_cross_attention_maps_match_their_definition():
 
     g = torch.Generator().manual_seed(0)
     groups = [[1, 2], [5]]
-    maps = CrossAttentionMaps(groups)
+    maps = CrossAttentionMaps(groups, heads="mean")
     expected = torch.zeros(2, 2, 8, 8)
     sizes = [(8, 8), (4, 4), (8, 8), (2, 2)]
     for i, size in enumerate(sizes):
@@ -369,6 +369,44 @@ def test_cross_attention_maps_match_their_definition():
         expected += m / size[0]
     expected /= sum(1 / size[0] for size in sizes)
     torch.testing.assert_close(maps.aggregate(), normalize(expected.clamp_min(0)), atol=1e-5, rtol=0)
+
+
+def test_heads_weighed_by_their_information():
+    """heads="information": within each layer, each head's phrase map weighted by log N − its entropy over the N
+    pixels (a sharp head counts, a uniform one not at all), over chunks of rows; then as the head mean is."""
+    import math
+
+    import torch.nn.functional as F
+
+    from textmask.capture import AttentionLayer
+    from textmask.methods import CrossAttentionMaps
+    from textmask.postprocess import normalize
+
+    g = torch.Generator().manual_seed(1)
+    groups = [[1, 2], [5]]
+    maps, mean = CrossAttentionMaps(groups), CrossAttentionMaps(groups, heads="mean")
+    assert maps.heads == "information" and maps.need.values == "head_probs"  # the default
+    expected = torch.zeros(2, 2, 8, 8)
+    sizes = [(8, 8), (4, 4)]
+    for i, size in enumerate(sizes):
+        t = size[0] * size[1]
+        p = (torch.rand(2, 3, t, 10, generator=g) * 6).softmax(-1)  # [B, heads, N, keys]
+        p[:, 2] = 0.1  # a head that attends everywhere alike carries no information
+        layer = AttentionLayer(f"layer{i}", "cross", i + 1, i + 1, size, 3)
+        for start in range(0, t, 5):
+            maps(layer, start, p[:, :, start : start + 5])
+        mean(layer, 0, p.mean(1))
+        per_head = torch.stack([p[..., group].mean(-1) for group in groups], -1)  # [B, H, N, P]
+        dist = per_head / per_head.sum(2, keepdim=True)
+        info = math.log(t) + (dist * dist.log()).sum(2, keepdim=True)
+        assert torch.allclose(info[:, 2], torch.zeros(2, 1, 2), atol=1e-5)
+        m = ((info * per_head).sum(1) / info.sum(1)).transpose(1, 2).reshape(2, 2, *size)
+        if size != (8, 8):
+            m = F.interpolate(m, size=(8, 8), mode="bicubic", align_corners=False)
+        expected += m / size[0]
+    expected /= sum(1 / size[0] for size in sizes)
+    torch.testing.assert_close(maps.aggregate(), normalize(expected.clamp_min(0)), atol=1e-5, rtol=0)
+    assert not torch.allclose(mean.aggregate(), maps.aggregate(), atol=1e-3)  # the weighing changes the maps
 
 
 def test_after_one_full_forward_only_the_kinds_read_are_hooked():

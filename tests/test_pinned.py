@@ -2,9 +2,10 @@
 the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a non-square size). The outputs that
 go through DiffSeg (segments, named segments, Ref-Diff's proposals, OVDiff's foreground split) were pinned again
 when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG), named segments
-again when they took the name of highest contrast (issue #33) and when the default prompt became "the A, the B, and
-the C", and DiffCut's segments, the default since, were pinned then too. The attention masks were pinned when
-threshold "auto" meant what "otsu" means now, under AggSD's "a photo of A, B, and C"."""
+again when they took the name of highest contrast (issue #33), when the default prompt became "the A, the B, and
+the C" and when the heads came to be weighed by their information, and DiffCut's segments, the default since, were
+pinned then too. The attention masks were pinned when threshold "auto" meant what "otsu" means now, under AggSD's
+"a photo of A, B, and C", with the heads averaged."""
 
 import numpy as np
 import pytest
@@ -80,6 +81,7 @@ def test_mask_methods_are_unchanged(masker, ldznet, j, case):
         kwargs.setdefault("threshold", "otsu")
         if "prompt" not in kwargs:  # and under AggSD's template, the default prompt then
             kwargs["prompt"] = aggsd_template(mp.phrases(mp.with_negative(mp.parse(prompt), kwargs.get("negative"))))
+        kwargs["heads"] = "mean"  # and with the heads averaged
     res = masker.mask(scene(j), prompt, pamr=False, **kwargs)  # pinned before edge refinement became the default
     same_masks(f"s{j}_{case}_masks", res.masks) if case != "post" else same_maps(f"s{j}_{case}_masks", res.masks)
     same_maps(f"s{j}_{case}_heat", res.heatmaps)

@@ -5,7 +5,9 @@ A host wraps each denoiser call of a sampling run in ``SamplingCapture.forward``
 capturing_model``). Of each call only the rows whose text context is the captured prompt's are read:
 
 - every prompt token's cross-attention, summed over layers with AggSD's 1/side weights and over the run's steps
-  (DAAM sums over the whole generation), so any word of the prompt has its map afterwards;
+  (DAAM sums over the whole generation), so any word of the prompt has its map afterwards; its heads are averaged,
+  as DAAM's are (weighing them as ``attention`` does, per layer, would keep every head's sums: heads times the
+  memory);
 - at one step, the first at or below the σ of t = 300 (the timestep the ``attention`` method reads), the
   self-attention aggregate that refines the maps and the cross-attention layers' queries, which OVAM re-queries
   for words that are not in the prompt (``trace.Trace``).
@@ -59,7 +61,7 @@ class TokenAttention:
 
     def maps(self, groups: Sequence[Sequence[int]]) -> torch.Tensor:
         """Each group's mean token map [B, P, H, W] at the largest grid, normalised (``CrossAttentionMaps``)."""
-        cross = CrossAttentionMaps(groups)
+        cross = CrossAttentionMaps(groups, heads="mean")  # its sums hold the heads' mean
         for grid, flat in self.sums.items():
             cross.sums[grid] = flat @ cross._select(self.length, flat.device)
         cross.weight_total = sum(self.weights.values())

@@ -41,16 +41,17 @@ class Trace:
     self_size: tuple[int, int] | None = None
 
     def maps(self, phrases: list[str], prompt: str | None = None, refine_mode: str = defaults.REFINE_MODE,
-             refine_steps: int = defaults.REFINE_STEPS) -> torch.Tensor:
+             refine_steps: int = defaults.REFINE_STEPS, heads: str = defaults.HEADS) -> torch.Tensor:
         """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default ``attention_prompt`` of the
-        phrases), refined along the traced self-attention if the trace kept it."""
+        phrases), its heads weighed as ``heads`` says (``CrossAttentionMaps``), refined along the traced
+        self-attention if the trace kept it."""
         refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
         if prompt is not None and not isinstance(prompt, str):
             raise TextMaskError(f"prompt must be text, got {type(prompt).__name__}")
         text = prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)
         cond = forward.encode_prompts(self.host, [text])
         groups = [cond.token_maps[0].find(p) for p in phrases]
-        cross = CrossAttentionMaps(groups)
+        cross = CrossAttentionMaps(groups, heads=heads)
         first = next(iter(self.queries.values()))
         g = self.host.geometry  # the model loaded, as before a forward
         self.host.prepare((first.shape[0], g.in_channels, *(s // g.latent_factor for s in self.images.working)))
@@ -66,7 +67,8 @@ class Trace:
                         "this host keeps the UNet's layers off the device between forwards (low-VRAM or CPU "
                         f"offload), so a trace cannot re-query them; use mask() instead ({str(e).splitlines()[0]})"
                     ) from None
-                for start, chunk in attention_probs(q, k, layer.heads, attention_scale(module, layer, q)):
+                for start, chunk in attention_probs(q, k, layer.heads, attention_scale(module, layer, q),
+                                                    per_head=cross.need.values == "head_probs"):
                     cross(layer, start, chunk)
             maps = cross.aggregate()
             if self.self_attention is not None:
@@ -77,7 +79,7 @@ class Trace:
     def mask(self, mask_prompt: str, *, prompt: str | None = None, threshold: float | str = "auto",
              soft: bool = False, blur: float = 0.0, grow: float = 0.0, fill_holes: bool = False, invert: bool = False,
              pamr: bool = defaults.PAMR, refine_mode: str = defaults.REFINE_MODE,
-             refine_steps: int = defaults.REFINE_STEPS) -> MaskResult:
+             refine_steps: int = defaults.REFINE_STEPS, heads: str = defaults.HEADS) -> MaskResult:
         """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
         and defaults; ``prompt`` is the text whose keys the queries meet (default: ``attention_prompt`` of its
         phrases, as ``mask``)."""
@@ -88,7 +90,7 @@ class Trace:
         expr = mp.parse(mask_prompt)
         phrases = mp.phrases(expr)
         blur, grow = options.blur(blur, self.images.size), options.grow(grow, self.images.size)
-        maps = self.maps(phrases, prompt, refine_mode, refine_steps)
+        maps = self.maps(phrases, prompt, refine_mode, refine_steps, heads)
         region = (0, 0, *self.images.size)
         if pamr:
             maps = pp.edge_refined(maps, self.images.pixels, self.images.working, self.images.size, region,

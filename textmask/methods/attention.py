@@ -6,6 +6,7 @@ Both collectors are capture sinks: they reduce probability chunks as they arrive
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Literal, Sequence
 
@@ -25,22 +26,39 @@ def side_weight(layer: AttentionLayer) -> float:
     return 1.0 / math.sqrt(layer.tokens)
 
 
+HEAD_WEIGHTINGS = ("information", "mean")
+
+
+def head_information(maps: torch.Tensor) -> torch.Tensor:
+    """Each head's information about where a phrase is: log N − the entropy of its map [B, H, N, P] read as a
+    distribution over the N pixels, in nats, [B, H, 1, P]; 0 for a uniform map, log N for one pixel."""
+    dist = maps.clamp_min(0) / maps.clamp_min(0).sum(2, keepdim=True).clamp_min(1e-30)
+    entropy = -(dist * dist.clamp_min(1e-30).log()).sum(2, keepdim=True)
+    return (math.log(maps.shape[2]) - entropy).clamp_min(0)
+
+
 class CrossAttentionMaps:
     """Sums each phrase's mean token attention over cross-attention layers, weighted per layer, one sum per grid.
 
-    Each chunk is added into its grid's sum with one batched product, and only the sums are resized at the end:
-    resizing is linear, so this equals resizing every layer's map, with a few kernels in place of a few per layer.
+    ``heads``: "information" weighs each head's map of a phrase by ``head_information`` within its layer (a layer's
+    rows are kept per head until the layer is complete); "mean" averages the heads (DAAM, AggSD). Each chunk is
+    added into its grid's sum with one batched product, and only the sums are resized at the end: resizing is
+    linear, so this equals resizing every layer's map, with a few kernels in place of a few per layer.
     """
 
     def __init__(self, token_groups: Sequence[Sequence[int]], layer_weight: Callable[[AttentionLayer], float] = side_weight,
-                 need: Need = Need(kinds=("cross",))):
-        self.need = need
+                 heads: str = defaults.HEADS, need: Need = Need(kinds=("cross",))):
+        if heads not in HEAD_WEIGHTINGS:
+            raise TextMaskError(f"heads must be one of {', '.join(HEAD_WEIGHTINGS)}, got {heads!r}")
+        self.heads = heads
+        self.need = dataclasses.replace(need, values="head_probs" if heads == "information" else "probs")
         self.groups = [list(g) for g in token_groups]
         self.layer_weight = layer_weight
         self.sums: dict[tuple[int, int], torch.Tensor] = {}  # grid (h, w) -> [B, h*w, P]
         self.weight_total = 0.0  # each layer's weight, counted once
         self._seen: set[str] = set()
         self._selector: torch.Tensor | None = None
+        self._open: dict[str, list] = {}  # layer name -> [per-head maps [B, H, N, P], rows filled]
 
     def _select(self, keys: int, device: torch.device) -> torch.Tensor:
         # [keys, P] averaging matrix, so a chunk reduces with one matmul.
@@ -52,16 +70,35 @@ class CrossAttentionMaps:
         return self._selector
 
     def __call__(self, layer: AttentionLayer, start: int, probs: torch.Tensor) -> None:
-        b, rows, keys = probs.shape
-        acc = self.sums.get(layer.size)
-        if acc is None:
-            acc = self.sums[layer.size] = torch.zeros(b, layer.tokens, len(self.groups), device=probs.device)
+        """Add a chunk of a layer's rows: probs [B, rows, keys] (``heads="mean"``) or [B, H, rows, keys]."""
         weight = self.layer_weight(layer)
         if layer.name not in self._seen:
             self._seen.add(layer.name)
             self.weight_total += weight
-        sel = self._select(keys, probs.device)
-        acc[:, start : start + rows].baddbmm_(probs, sel.expand(b, *sel.shape), alpha=weight)
+        sel = self._select(probs.shape[-1], probs.device)
+        if self.heads == "mean":
+            acc = self._sum(layer, probs)
+            acc[:, start : start + probs.shape[1]].baddbmm_(probs, sel.expand(probs.shape[0], *sel.shape), alpha=weight)
+            return
+        b, h, rows, _ = probs.shape
+        held = self._open.get(layer.name)
+        if held is None:
+            held = self._open[layer.name] = [probs.new_zeros(b, h, layer.tokens, len(self.groups)), 0]
+        held[0][:, :, start : start + rows] = probs @ sel
+        held[1] += rows
+        if held[1] == layer.tokens:  # the layer is complete: weigh its heads
+            del self._open[layer.name]
+            maps = held[0]
+            info = head_information(maps)
+            info = info + (info.sum(1, keepdim=True) == 0)  # no head localises the phrase: their mean
+            self._sum(layer, maps).add_((info * maps).sum(1) / info.sum(1), alpha=weight)
+
+    def _sum(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor:
+        """The running sum [B, N, P] of the layer's grid, created at the first layer of that size."""
+        acc = self.sums.get(layer.size)
+        if acc is None:
+            acc = self.sums[layer.size] = torch.zeros(probs.shape[0], layer.tokens, len(self.groups), device=probs.device)
+        return acc
 
     def total(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
         """The weighted sum over layers, [B, P, *size]: each grid's sum resized to ``size``."""
@@ -312,15 +349,15 @@ class AttentionDecoder:
     size_multiple = None
 
     def __init__(self, cond: Conditioning, groups: list[list[int]], refine: bool, mode: RefineMode, steps: int,
-                 aggregation: str = "aggsd"):
+                 aggregation: str = "aggsd", heads: str = defaults.HEADS):
         self.cond, self.groups, self.refine, self.mode, self.steps = cond, groups, refine, mode, steps
-        self.aggregation = aggregation
+        self.aggregation, self.heads = aggregation, heads
 
     def __call__(self, host: Host, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.aggregation == "daam":
             cross = DAAMHeatMaps(self.groups, tuple(x.shape[-2:]))
         else:
-            cross = CrossAttentionMaps(self.groups)
+            cross = CrossAttentionMaps(self.groups, heads=self.heads)
         collectors = [cross]
         if self.refine:
             selfagg = SelfAttentionAggregate(weighting="layer")  # AggSD's, which these masks were tuned with
@@ -340,14 +377,16 @@ class AttentionMethod:
     auto_threshold = None  # Otsu per map, a one-thing phrase's strongest regions
     needs_images = False
     needs_weights = False
-    options = ("refine", "refine_mode", "refine_steps", "aggregation")
+    options = ("refine", "refine_mode", "refine_steps", "aggregation", "heads")
 
     def setup(self, host: Host, phrases: Sequence[str], prompt: str | None, *, refine: bool = defaults.REFINE,
               refine_mode: RefineMode = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS,
-              aggregation: str = "aggsd") -> AttentionDecoder:
+              aggregation: str = "aggsd", heads: str = defaults.HEADS) -> AttentionDecoder:
         if aggregation not in AGGREGATIONS:
             raise TextMaskError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        if heads not in HEAD_WEIGHTINGS:
+            raise TextMaskError(f"heads must be one of {', '.join(HEAD_WEIGHTINGS)}, got {heads!r}")
         refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
         cond = forward.encode_prompts(host, [prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
         groups = [cond.token_maps[0].find(p) for p in phrases]
-        return AttentionDecoder(cond, groups, bool(refine), refine_mode, refine_steps, aggregation)
+        return AttentionDecoder(cond, groups, bool(refine), refine_mode, refine_steps, aggregation, heads)

@@ -29,7 +29,7 @@ class AttributionSum(CrossAttentionMaps):
     def __init__(self, positions: list[int], count: int, size: tuple[int, int], context_rows=None):
         # Every layer alike, and a sum over the class tokens rather than their mean; only the rows whose text
         # context is the class prompt (``context_rows``), however the sampler batches cond and uncond.
-        super().__init__([positions], layer_weight=lambda layer: float(len(positions)),
+        super().__init__([positions], layer_weight=lambda layer: float(len(positions)), heads="mean",
                          need=Need(kinds=("cross",), context_rows=context_rows))
         self.count, self.size = count, size
 
