@@ -30,18 +30,19 @@ HEAD_WEIGHTINGS = ("information", "mean")
 
 
 def head_information(maps: torch.Tensor) -> torch.Tensor:
-    """Each head's information about where a phrase is: log N − the entropy of its map [B, H, N, P] read as a
-    distribution over the N pixels, in nats, [B, H, 1, P]; 0 for a uniform map, log N for one pixel."""
-    dist = maps.clamp_min(0) / maps.clamp_min(0).sum(2, keepdim=True).clamp_min(1e-30)
-    entropy = -(dist * dist.clamp_min(1e-30).log()).sum(2, keepdim=True)
-    return (math.log(maps.shape[2]) - entropy).clamp_min(0)
+    """Each head's information about where a phrase is: log N − the entropy of its map [..., H, N, P] read as a
+    distribution over the N pixels, in nats, [..., H, 1, P]; 0 for a uniform map, log N for one pixel."""
+    dist = maps.clamp_min(0) / maps.clamp_min(0).sum(-2, keepdim=True).clamp_min(1e-30)
+    entropy = -(dist * dist.clamp_min(1e-30).log()).sum(-2, keepdim=True)
+    return (math.log(maps.shape[-2]) - entropy).clamp_min(0)
 
 
 class CrossAttentionMaps:
     """Sums each phrase's mean token attention over cross-attention layers, weighted per layer, one sum per grid.
 
-    ``heads``: "information" weighs each head's map of a phrase by ``head_information`` within its layer (a layer's
-    rows are kept per head until the layer is complete); "mean" averages the heads (DAAM, AggSD). Each chunk is
+    ``heads``: "information" weighs each head's map of a phrase by ``head_information`` within its layer (each
+    layer's maps are kept per head, and weighed together with the other layers of its grid when the sums are read,
+    in a few kernels per grid rather than per layer); "mean" averages the heads (DAAM, AggSD). Each chunk is
     added into its grid's sum with one batched product, and only the sums are resized at the end: resizing is
     linear, so this equals resizing every layer's map, with a few kernels in place of a few per layer.
     """
@@ -58,7 +59,8 @@ class CrossAttentionMaps:
         self.weight_total = 0.0  # each layer's weight, counted once
         self._seen: set[str] = set()
         self._selector: torch.Tensor | None = None
-        self._open: dict[str, list] = {}  # layer name -> [per-head maps [B, H, N, P], rows filled]
+        self._chunks: dict[str, list[torch.Tensor]] = {}  # layer name -> its per-head map chunks [B, H, rows, P]
+        self._held: dict[tuple, list] = {}  # (grid, heads) -> [(layer weight, per-head maps [B, H, N, P])]
 
     def _select(self, keys: int, device: torch.device) -> torch.Tensor:
         # [keys, P] averaging matrix, so a chunk reduces with one matmul.
@@ -80,18 +82,12 @@ class CrossAttentionMaps:
             acc = self._sum(layer, probs)
             acc[:, start : start + probs.shape[1]].baddbmm_(probs, sel.expand(probs.shape[0], *sel.shape), alpha=weight)
             return
-        b, h, rows, _ = probs.shape
-        held = self._open.get(layer.name)
-        if held is None:
-            held = self._open[layer.name] = [probs.new_zeros(b, h, layer.tokens, len(self.groups)), 0]
-        held[0][:, :, start : start + rows] = probs @ sel
-        held[1] += rows
-        if held[1] == layer.tokens:  # the layer is complete: weigh its heads
-            del self._open[layer.name]
-            maps = held[0]
-            info = head_information(maps)
-            info = info + (info.sum(1, keepdim=True) == 0)  # no head localises the phrase: their mean
-            self._sum(layer, maps).add_((info * maps).sum(1) / info.sum(1), alpha=weight)
+        chunks = self._chunks.setdefault(layer.name, [])
+        chunks.append(probs @ sel)
+        if start + probs.shape[2] == layer.tokens:  # the layer's last rows (chunks come in order)
+            maps = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)
+            del self._chunks[layer.name]
+            self._held.setdefault((layer.size, maps.shape[1]), []).append((weight, maps))
 
     def _sum(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor:
         """The running sum [B, N, P] of the layer's grid, created at the first layer of that size."""
@@ -100,8 +96,21 @@ class CrossAttentionMaps:
             acc = self.sums[layer.size] = torch.zeros(probs.shape[0], layer.tokens, len(self.groups), device=probs.device)
         return acc
 
+    def _weigh_heads(self) -> None:
+        """Add the held layers into their grids' sums, each head weighed by its information: one batch per grid."""
+        for (size, _), held in self._held.items():
+            maps = torch.stack([m for _, m in held])  # [L, B, H, N, P]
+            info = head_information(maps)
+            info = info + (info.sum(-3, keepdim=True) == 0)  # no head localises the phrase: their mean
+            layer_weights = torch.tensor([w for w, _ in held], device=maps.device).view(-1, 1, 1, 1)
+            weighed = ((info * maps).sum(-3) / info.sum(-3) * layer_weights).sum(0)  # [B, N, P]
+            acc = self.sums.get(size)
+            self.sums[size] = weighed if acc is None else acc + weighed
+        self._held.clear()
+
     def total(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
         """The weighted sum over layers, [B, P, *size]: each grid's sum resized to ``size``."""
+        self._weigh_heads()
         if not self.sums:
             raise RuntimeError("no cross-attention was captured")
         out = None
@@ -114,6 +123,7 @@ class CrossAttentionMaps:
 
     def aggregate(self) -> torch.Tensor:
         """[B, P, H, W] at the largest layer size: bicubic upsampling, weights ∝ 1/side, min-max normalised."""
+        self._weigh_heads()
         if not self.sums:
             raise RuntimeError("no cross-attention was captured")
         size = max(self.sums, key=lambda s: s[0] * s[1])
