@@ -110,6 +110,8 @@ class TextMaskToSEGS:
             raise ImageError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the image is {width}x{height}; "
                              "give the mask made from this image")
         masks = mask.reshape(-1, height, width).float().cpu()
+        if not bool(torch.isfinite(masks).all()):
+            raise ImageError("the mask holds NaN or infinite values; give a mask in [0, 1], e.g. Text Mask's")
         found = [image_instances(m, drop_size) for m in masks]
         # Mean mask value over the instance: 1.0 for a binary mask, the map's strength for a soft one.
         scores = [[float(m[inst].mean()) for inst in insts] for m, (insts, _) in zip(masks, found)]

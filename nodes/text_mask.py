@@ -67,8 +67,8 @@ class TextMask:
             negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR, temporal=defaults.TEMPORAL):
         host = ComfyHost(model, clip, vae)
         latents = None
-        if latent is not None:
-            latents = host.latents_in(latent["samples"])
+        if latent is not None:  # a LATENT is a dict; its "samples" are checked by latents_in
+            latents = host.latents_in(latent.get("samples") if isinstance(latent, dict) else latent)
         result = TextMasker(host).mask(
             image, mask_prompt, negative=negative or None, method=method, refine=refine,
             threshold=threshold, soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,

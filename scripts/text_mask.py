@@ -87,7 +87,7 @@ def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, 
     # read as textmask reads any image: 16-bit, palette and gray images scaled, not clipped by convert("RGB")
     images = [to_batch(im)[0].permute(1, 2, 0).numpy() for im in p.init_images]
     masker = TextMasker(webui_host(webui_model()))
-    kwargs = dict(method=method, negative=negative or None, names=names, ldznet=ldznet, refine=bool(refine),
+    kwargs = dict(method=method, negative=negative or None, names=names, ldznet=ldznet, refine=refine,
                   threshold=threshold, soft=soft, blur=blur, grow=grow, invert=invert,
                   seed=int(getattr(p, "seed", 0) or 0) % 2**31, ovdiff_images=support, cache_dir=ovdiff_cache())
     masks, heats = [], []

@@ -66,6 +66,13 @@ APP_BAD = {
     "bad threshold": (lambda img: [img], "circle", {"threshold": "2"}, "threshold"),
     "not an image": (lambda img: [img.with_suffix(".txt")], "circle", {}, "cannot read image"),
     "unknown method": (lambda img: [img], "circle", {"method": "magic"}, "unknown method"),
+    "an upload without its file": (lambda img: [img, None], "circle", {}, "upload at least one image"),
+    "prompt not text": (lambda img: [img], 5, {}, "type what to mask"),
+    "refine as text": (lambda img: [img], "circle", {"refine": "no"}, "refine must be True or False"),
+    "invert as text, named segments": (lambda img: [img], "circle", {"method": "named segments", "invert": "yes"},
+                                       "invert must be True or False"),
+    "a folder as an image": (lambda img: [img.parent], "circle", {}, "is a folder; pass an image file"),
+    "prompt not UTF-8": (lambda img: [img], "circle \udcff", {}, "not UTF-8"),
 }
 
 
@@ -80,8 +87,8 @@ def test_bad_requests_are_one_line_and_leave_no_files(shapes_masker, tmp_path, c
     root = tmp_path / "root"
     root.mkdir()
     with pytest.raises(TextMaskError, match=phrase) as e:
-        make_outputs(shapes_masker, [str(p) for p in paths(img)], prompt, kw["method"], kw["refine"],
-                     kw["threshold"], kw["soft"], kw["invert"], root=root)
+        make_outputs(shapes_masker, [p if p is None else str(p) for p in paths(img)], prompt, kw["method"],
+                     kw["refine"], kw["threshold"], kw["soft"], kw["invert"], root=root)
     assert "\n" not in str(e.value)
     assert list(root.iterdir()) == []  # the failed request's folder is gone
 

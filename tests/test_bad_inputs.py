@@ -202,6 +202,23 @@ OUTPUT_CASES = {
     "refer clip without config": ([*REFER, "--clip", "{t}/folder"], "config.json"),
     "ovdiff clip missing": ([*OVDIFF, "--clip", "{t}/nonexistent"], "--clip"),
     "meta device": ([*MASK, "--device", "meta"], "cannot compute on it"),
+    # Text a tokenizer cannot read (a byte that was not UTF-8 arrives as a lone surrogate) and prompts too deep to
+    # parse: one line before the model loads, never a TypeError or RecursionError
+    "prompt not UTF-8": (["mask", "{t}/photo.png", "red \udcff circle", "--out", "{t}/m.png", *MODEL],
+                         "the mask prompt holds a byte that is not UTF-8 text at column 5"),
+    "negative not UTF-8": ([*MASK, "--negative", "\udcff"], "negative mask prompt holds a byte that is not UTF-8"),
+    "caption not UTF-8": ([*MASK, "--prompt", "a red \udcff circle"], "--prompt holds a byte that is not UTF-8"),
+    "refer expression not UTF-8": (["refer", "{t}/photo.png", "the \udcff circle", "--out", "{t}/r.png", *MODEL],
+                                   "referring expression holds a byte that is not UTF-8"),
+    "refer expression invisible": (["refer", "{t}/photo.png", "\u200b", "--out", "{t}/r.png", *MODEL], "empty"),
+    "ovdiff class not UTF-8": ([*OVDIFF[:3], "sky,\udcff", *OVDIFF[4:]], "class names holds a byte"),
+    "ovdiff duplicate classes": ([*OVDIFF[:3], "sky,Sky", *OVDIFF[4:]], "duplicate class names"),
+    "prototypes class not UTF-8": ([*PROTOS[:2], "\udcff", *PROTOS[3:]], "class names holds a byte"),
+    "prompt nested too deep": (["mask", "{t}/photo.png", "(" * 2000 + "a" + ")" * 2000, "--out", "{t}/m.png",
+                                *MODEL], "nested more than 100 levels"),
+    "prompt of zero-width characters": (["mask", "{t}/photo.png", "\u200b\ufeff", "--out", "{t}/m.png", *MODEL],
+                                        "empty (only invisible characters)"),
+    "input is a device": (["mask", "/dev/zero", "red circle", "--out", "{t}/m.png", *MODEL], "not a regular file"),
 }
 
 
@@ -291,6 +308,21 @@ def test_a_port_in_use_is_one_line(place, capsys):
         port = busy.getsockname()[1]
         code, err = run(place, capsys, ["app", "--checkpoint", "shapes", "--port", str(port)])
     assert code == 2 and "cannot listen on 127.0.0.1" in err and "\n" not in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_as_input_is_one_line_not_a_hang(place, capsys):
+    """A named pipe named like an image would block its read until a writer came (forever, in a script); it is
+    refused from its file type alone, alone or in a folder (where only regular files are images)."""
+    os.mkfifo(place / "pipe.png")
+    before = files(place)
+    code, err = run(place, capsys, ["mask", "{t}/pipe.png", "red circle", "--out", "{t}/m.png", *MODEL])
+    assert code == 2 and "pipe.png is not a regular file" in err and "\n" not in err, err
+    assert files(place) == before
+    os.mkfifo(place / "frames" / "c.png")
+    code, err = run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])
+    assert code == 0, err
+    assert sorted(p.name for p in (place / "masks").glob("*.png")) == ["a.png", "b.png"]
 
 
 def test_inputs_sharing_a_stem_keep_their_suffix(place, capsys):
@@ -429,6 +461,8 @@ API_CASES = {
     "ldznet bad template": (lambda m: m.mask(IMAGE, "a", method="ld-znet", ldznet=MODEL_DIR / "ldznet.safetensors",
                                              template="no slot"), "template"),
     "refine mode": (lambda m: m.mask(IMAGE, "a", refine_mode="sideways"), "refine_mode"),
+    "head weighting": (lambda m: m.mask(IMAGE, "a", heads="max"), "heads must be one of information, mean"),
+    "trace head weighting": (lambda m: m.trace(IMAGE).mask("a", heads=None), "heads must be one of"),
     "refine steps": (lambda m: m.mask(IMAGE, "a", refine_steps=0), "refine_steps"),
     "grow huge soft": (lambda m: m.mask(IMAGE, "a", grow=1e6, soft=True), "grow"),
     "blur huge": (lambda m: m.mask(IMAGE, "a", blur=1e9), "blur"),
@@ -527,6 +561,38 @@ API_CASES = {
     "ovdiff without prototypes": (lambda m: m.ovdiff(IMAGE, None), "prototypes must be"),
     "one-box face, refer with a bad threshold": (lambda m: __import__("textmask.faces").faces.mask_any(
         m, IMAGE, "the circle", method="refer", threshold="abc"), "threshold"),
+    # Third sweep: switches in every task, text a tokenizer cannot read, nesting, images in another convention
+    "one-box face, refer with soft as text": (lambda m: __import__("textmask.faces").faces.mask_any(
+        m, IMAGE, "the circle", method="refer", soft="x"), "soft must be True or False"),
+    "one-box face, named segments invert of two": (lambda m: __import__("textmask.faces").faces.mask_any(
+        m, IMAGE, "circle", method="named segments", invert=2), "invert must be True or False"),
+    "one-box face, refine as text": (lambda m: __import__("textmask.faces").faces.mask_any(
+        m, IMAGE, "circle", method="named segments", refine="no"), "refine must be True or False"),
+    "one-box face, names a number": (lambda m: __import__("textmask.faces").faces.mask_any(
+        m, IMAGE, "circle", method="named segments", names=5), "names must be comma-separated text"),
+    "one-box face, negative a number": (lambda m: __import__("textmask.faces").faces.mask_any(
+        m, IMAGE, "the circle", method="refer", negative=5), "negative mask prompt must be text"),
+    "trace refine as text": (lambda m: m.trace(IMAGE, refine="no"), "refine must be True or False"),
+    "segments kmeans as text": (lambda m: m.segments(IMAGE, segmenter="diffseg", kmeans="yes"), "kmeans must be"),
+    "refer use_spacy as text": (lambda m: m.refer(IMAGE, "the circle", use_spacy="no"), "use_spacy must be"),
+    "prompt not UTF-8": (lambda m: m.mask(IMAGE, "red \udcff circle"), "not UTF-8 text at column 5"),
+    "caption not UTF-8": (lambda m: m.mask(IMAGE, "a", prompt="a \ud800"), "prompt holds a byte that is not UTF-8"),
+    "negative not UTF-8": (lambda m: m.mask(IMAGE, "a", negative="\ud800"), "negative mask prompt holds a byte"),
+    "names not UTF-8": (lambda m: m.named_segments(IMAGE, ["sky", "\ud800"]), "names holds a byte"),
+    "refer not UTF-8": (lambda m: m.refer(IMAGE, "the \ud800 circle"), "referring expression holds a byte"),
+    "refer zero-width": (lambda m: m.refer(IMAGE, "\u200b"), "referring expression is empty"),
+    "trace prompt not UTF-8": (lambda m: m.trace(IMAGE, prompt="a \ud800"), "prompt holds a byte"),
+    "trace mask not UTF-8": (lambda m: m.trace(IMAGE).mask("a \ud800"), "mask prompt holds a byte"),
+    "prompt nested too deep": (lambda m: m.mask(IMAGE, "(" * 5000 + "a" + ")" * 5000), "nested more than 100"),
+    "NOT chain too deep": (lambda m: m.mask(IMAGE, "NOT " * 5000 + "a"), "nested more than 100"),
+    "phrase of zero-width characters": (lambda m: m.mask(IMAGE, "a | \u200b"), "only invisible characters"),
+    "float image of 0-255": (lambda m: m.mask(IMAGE * 255, "a"), "divide 0-255 values by 255"),
+    "float image of [-1, 1]": (lambda m: m.mask(torch.from_numpy(IMAGE * 2 - 1), "a"), "(x + 1) / 2"),
+    "channels first": (lambda m: m.mask(np.zeros((3, 40, 48), np.float32), "a"), "got (3, 40, 48); channels go last"),
+    "batch channels first": (lambda m: m.mask(torch.zeros(2, 3, 40, 48), "a"), "x.permute(0, 2, 3, 1)"),
+    "image path is a folder": (lambda m: m.mask(ROOT, "a"), "is a folder; pass an image file"),
+    "image path is a device": (lambda m: m.mask("/dev/zero", "a"), "not a regular file"),
+    "latents smaller than the minimum": (lambda m: m.mask(IMAGE, "a", latents=torch.zeros(1, 4, 1, 1)), "under 32"),
 }
 
 
@@ -540,8 +606,16 @@ def test_api_bad_input_is_one_line(masker, case):
 
 
 def test_api_accepts_what_it_can_use(masker):
-    """Seeds beyond the generator's range, integer and float arrays of every range, and switches given as numpy
-    booleans or 0/1 are used, not refused."""
+    """Seeds beyond the generator's range, integer arrays of every range, float arrays a filter overshot a little,
+    flat prompts of a thousand phrases, thin images, and switches given as numpy booleans or 0/1 are used, not
+    refused; each mask at its image's size."""
+    overshoot = masker.mask(np.clip(IMAGE * 1.2 - 0.1, -0.1, 1.1), "red circle", refine=False)
+    assert overshoot.masks.shape == (1, 40, 48)
+    wide = masker.mask(IMAGE, " | ".join(["red circle", *(f"w{i}" for i in range(1000))]), refine=False)
+    assert wide.masks.shape == (1, 40, 48)
+    thin = masker.mask(np.random.default_rng(1).random((8, 1500, 3)), "red circle", refine=False)
+    assert thin.masks.shape == (1, 8, 1500)
+    assert masker.segments(IMAGE, segmenter="diffseg", kmeans=np.bool_(False)).labels.shape == (1, 40, 48)
     assert torch.equal(masker.mask(IMAGE, "red circle", refine=np.bool_(False), soft=1).masks,
                        masker.mask(IMAGE, "red circle", refine=False, soft=True).masks)
     a = masker.mask(IMAGE, "red circle", seed=2**70, refine=False)

@@ -127,6 +127,13 @@ NODE_BAD = {
     "negative syntax": (dict(negative="NOT"), "syntax"),
     "timestep": (dict(timestep=5000), "timestep"),
     "resolution": (dict(resolution=100000), "resolution"),
+    "latent without samples": (dict(latent={}), "the LATENT's samples must be a tensor [B, C, h, w], got NoneType"),
+    "latent of three dimensions": (dict(latent={"samples": torch.zeros(4, 5, 6)}), "got (4, 5, 6)"),
+    "latent of another model": (dict(latent={"samples": torch.zeros(1, 16, 5, 6)}), "latent space"),
+    "latent of one cell": (dict(latent={"samples": torch.zeros(1, 4, 1, 1)}), "under 32"),
+    "prompt not UTF-8": (dict(prompt="car \ud800"), "not UTF-8 text at column 5"),  # JSON may carry "\ud800"
+    "prompt nested too deep": (dict(prompt="(" * 1000 + "car" + ")" * 1000), "nested more than 100"),
+    "prompt of zero-width characters": (dict(prompt="\u200b"), "empty"),
 }
 
 

@@ -175,6 +175,7 @@ def test_batch_segs_of_the_first_image_masks_of_all(pack, node):
     (torch.zeros(1, 1, H, W), torch.rand(1, H, W, 3)),
     (torch.zeros(0, H, W), torch.rand(1, H, W, 3)),
     (torch.zeros(1, H, W), torch.rand(0, H, W, 3)),
+    (torch.full((1, H, W), float("nan")), torch.rand(1, H, W, 3)),
 ])
 def test_bad_input_is_one_line(pack, node, mask, image):
     with pytest.raises(pack.textmask.errors.TextMaskError, match="mask") as e:  # the pack's own copy of textmask

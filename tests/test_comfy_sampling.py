@@ -188,6 +188,16 @@ def test_cancel_and_failure_leave_no_hooks_and_no_stale_mask(pack, sd15):
     assert hook_counts(model) == hooks and torch.equal(before, ksample(model, pos, neg))
 
 
+def test_a_capture_prompt_that_is_not_text_is_one_line(pack, sd15):
+    """A prompt holding a lone surrogate (JSON's "\\ud800" in an API request) is refused before ComfyUI's
+    tokenizer raises its TypeError."""
+    model, clip, _ = sd15
+    for text, phrase in (("a \ud800 cat", "not UTF-8 text at column 3"), (5, "must be text")):
+        with pytest.raises(pack.textmask.errors.TextMaskError, match=phrase) as e:
+            capture_nodes(pack, model, clip, text)
+        assert "\n" not in str(e.value)
+
+
 def test_a_run_without_the_captured_prompt_is_one_line(pack, sd15):
     model, clip, _ = sd15
     patched, _positive, capture = capture_nodes(pack, model, clip)

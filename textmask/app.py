@@ -25,9 +25,9 @@ from .methods import METHODS, ZERO_SHOT_METHODS
 def make_outputs(masker, paths, prompt, method, refine, threshold, soft, invert, ldznet=None, root=None):
     """(mask PNGs, overlay PNGs, cutout PNGs) for each uploaded image, in a fresh folder under ``root`` (default: the
     system's temporary folder); on any error the folder goes and the error is raised."""
-    if not paths:
+    if not paths or any(not isinstance(p, (str, Path)) and not hasattr(p, "name") for p in paths):
         raise TextMaskError("upload at least one image")
-    if not prompt or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt.strip():
         raise TextMaskError("type what to mask")
     out = Path(tempfile.mkdtemp(prefix="textmask-app-", dir=root))
     try:
@@ -47,7 +47,7 @@ def _write_outputs(masker, paths, prompt, method, refine, threshold, soft, inver
     for i, path in enumerate(paths):
         path = Path(getattr(path, "name", path))
         image = load_image(path)
-        res = mask_any(masker, image, prompt, method=method, refine=bool(refine), threshold=threshold, soft=soft,
+        res = mask_any(masker, image, prompt, method=method, refine=refine, threshold=threshold, soft=soft,
                        invert=invert, ldznet=ldznet)
         mask = res.masks[0].numpy()
         stem = f"{i:03d}-{path.stem}"

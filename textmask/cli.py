@@ -393,6 +393,7 @@ def run_mask(args: argparse.Namespace) -> None:
     check_output_name("--out", args.out, folder)
     check_output_name("--heatmap", args.heatmap, folder)
     with_negative(parse(args.mask_prompt), args.negative)  # fail on syntax before loading a model
+    options.text("--prompt", args.prompt)
     checked_images(files, args)  # unreadable or too large images fail before any work; pixels decode one at a time
     if (args.method == "ld-znet") != (args.ldznet is not None):
         raise CliError("--method ld-znet and --ldznet PATH go together")
@@ -486,8 +487,7 @@ def run_refer(args: argparse.Namespace) -> None:
     check_output_name("--out", args.out, folder=False)
     check_output_name("--heatmap", args.heatmap, folder=False)
     check_clip(args.clip)
-    if args.expression is None or not args.expression.strip():
-        raise CliError("the referring expression is empty")
+    options.expression(args.expression)
     subject(args.expression)  # fail on an expression without a noun before loading a model
     checked_images([src], args)
     with Outputs(inputs=[src]) as outputs:
@@ -549,6 +549,7 @@ def run_prototypes(args: argparse.Namespace) -> None:
                   f"{int(r['bytes']) / 1e6:.2f} MB  {r['settings']}")
         return
     writable_folder(args.cache)  # before the model loads
+    options.names(list(args.classes), "class names", "class name")
     masker = load_masker(args)
     protos = _build_prototypes(masker, list(args.classes), args)
     for c in protos.classes:
@@ -586,6 +587,7 @@ def run_ovdiff(args: argparse.Namespace) -> None:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise CliError("--classes needs at least one name")
+    options.names(classes, "class names", "class name")  # unreadable text or duplicates, before the model loads
     mask_files = class_files([c.rpartition(":")[0] if c.endswith((":stuff", ":thing")) else c for c in classes])
     check_clip(args.clip)
     checked_images(files, args)

@@ -26,9 +26,12 @@ OVDIFF_IMAGES = 32  # support images per class, OVDiff's own setting
 
 
 def name_list(text: str | Sequence[str] | None) -> list[str]:
-    """Comma- or newline-separated names, stripped, blanks dropped."""
+    """Comma- or newline-separated names (or a list of them), stripped, blanks dropped."""
     if text is None:
         return []
+    if not isinstance(text, (str, list, tuple)) or not all(isinstance(n, str) for n in text):
+        raise TextMaskError(f"names must be comma-separated text or a list of words, got {type(text).__name__} "
+                            f"{str(text)[:40]!r}")
     parts = text.replace("\n", ",").split(",") if isinstance(text, str) else list(text)
     return [p.strip() for p in parts if p and p.strip()]
 
@@ -46,7 +49,11 @@ def mask_any(masker, image, prompt: str, *, method: str = "attention", negative:
     """
     if not prompt or not str(prompt).strip():
         raise TextMaskError("type what to mask")
-    pp.parse_threshold(threshold)  # checked for every method, though only the attention methods read it
+    # checked for every method, though only the attention methods read threshold, soft and refine
+    pp.parse_threshold(threshold)
+    soft, invert = options.flags(soft=soft, invert=invert)
+    refine = None if refine is None else options.flag("refine", refine)
+    negative = options.text("the negative mask prompt", negative)
     if method in METHODS:
         kwargs: dict[str, Any] = {"ldznet": ldznet} if method == "ld-znet" else {}
         return masker.mask(image, prompt, method=method, negative=negative, refine=refine, threshold=threshold,
@@ -73,6 +80,6 @@ def mask_any(masker, image, prompt: str, *, method: str = "attention", negative:
     else:
         raise TextMaskError(f"unknown method {method!r}; choose one of {', '.join(FACE_METHODS)}")
     size = tuple(masks.shape[-2:])
-    masks = pp.postprocess(masks.float(), grow_px=options.grow(grow, size), invert_mask=bool(invert),
+    masks = pp.postprocess(masks.float(), grow_px=options.grow(grow, size), invert_mask=invert,
                            blur_px=options.blur(blur, size))
     return MaskResult(masks=masks.contiguous(), heatmaps=heat.float().contiguous(), terms=terms)

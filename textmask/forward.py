@@ -35,7 +35,10 @@ def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def encode_prompts(host: Host, prompts: list[str]) -> Conditioning:
-    """The host's conditioning for ``prompts``, checked to be finite."""
+    """The host's conditioning for ``prompts`` (each one readable text, ``options.readable``), checked to be
+    finite."""
+    for prompt in prompts:
+        options.readable("the prompt", prompt)
     cond = host.encode_prompts(prompts)
     check_finite(cond.context, "the text encoder's conditioning")
     if cond.pooled is not None:

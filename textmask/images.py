@@ -89,11 +89,30 @@ def unreadable(path: str | Path, error: Exception) -> ImageError:
     return ImageError(f"cannot read image {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
 
 
+def _regular_file(path: str | Path) -> None:
+    """Refuse, in one line, a path that is a folder, a pipe, a socket or a device: reading a pipe waits for a writer
+    forever, and a device never ends."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return  # missing or unreadable: Image.open says which, in the caller's one line
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"image {path} is a folder; pass an image file (the CLI takes a folder of images)")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"image {path} is not a regular file (a pipe, socket or device); save the image to a file")
+
+
 def _open(path: str | Path):
-    """PIL's image object for ``path`` with its size checked against the pixel limit, before decoding."""
+    """PIL's image object for ``path`` (a regular file) with its size checked against the pixel limit, before
+    decoding."""
     import warnings
 
     from PIL import Image
+
+    _regular_file(path)
 
     default = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():  # textmask's own limit, below, replaces PIL's bomb warning and error
@@ -201,10 +220,13 @@ def to_batch(images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
     for item in items:
         a = _as_hwc(item)
         t = torch.as_tensor(a).float() if not isinstance(a, torch.Tensor) else a.detach().float().cpu()
+        shape = tuple(t.shape)
         if t.dim() == 3:
             t = t[None]
         if t.dim() != 4 or t.shape[-1] not in (1, 2, 3, 4):
-            raise ImageError(f"expected images shaped [B, H, W, C] with 1-4 channels, got {tuple(t.shape)}")
+            raise ImageError(f"expected images shaped [B, H, W, C] with 1-4 channels, got {shape}"
+                             + ("; channels go last: x.permute(1, 2, 0) of [C, H, W], x.permute(0, 2, 3, 1) of "
+                                "[B, C, H, W]" if t.dim() == 4 and t.shape[1] in (1, 3, 4) else ""))
         parts.append(rgb(t))
     sizes = {tuple(p.shape[1:3]) for p in parts}
     if len(sizes) > 1:
@@ -217,7 +239,21 @@ def to_batch(images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         raise ImageError(f"image of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")
     if not torch.isfinite(batch).all():
         raise ImageError("image contains NaN or infinite values")
+    check_range(batch)
     return batch.clamp(0, 1)
+
+
+# Float pixels are [0, 1]; a resampling filter's overshoot is clipped, but values past this band are another
+# convention (0-255 floats, or diffusers' [-1, 1]) that clipping would turn into a white or half-black picture.
+FLOAT_BAND = (-0.5, 1.5)
+
+
+def check_range(batch: torch.Tensor) -> None:
+    """Refuse pixels [B, 3, H, W] outside ``FLOAT_BAND`` in one line that says how to bring them to [0, 1]."""
+    lo, hi = float(batch.min()), float(batch.max())
+    if lo < FLOAT_BAND[0] or hi > FLOAT_BAND[1]:
+        raise ImageError(f"image values run from {lo:.4g} to {hi:.4g}, but float images are read as [0, 1]: divide "
+                         "0-255 values by 255, map [-1, 1] ones with (x + 1) / 2, or pass integers (uint8)")
 
 
 def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from typing import Callable, Union
 import torch
 
 from .errors import PromptSyntaxError, TextMaskError
+from .options import readable, visible
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ Expr = Union[Phrase, Not, And, Or]
 
 _TOKEN = re.compile(r"\s*(?:(?P<op>\(|\)|\|)|(?P<word>[^\s()|]+))")
 _KEYWORDS = {"AND", "OR", "NOT"}
+# Parentheses and NOTs nest at most this deep: the parser and every walk of the tree recurse once a level, and no
+# sensible prompt comes near it (Python's own limit, about 1000 frames, would otherwise end it in a traceback).
+MAX_DEPTH = 100
 
 
 def _lex(text: str) -> list[tuple[str, str, int]]:
@@ -63,6 +67,7 @@ class _Parser:
         self.text = text
         self.tokens = _lex(text)
         self.i = 0
+        self.depth = 0  # parentheses and NOTs open at the current token
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -95,10 +100,20 @@ class _Parser:
             args.append(self.not_expr())
         return args[0] if len(args) == 1 else And(tuple(args))
 
+    def nested(self, parse: Callable[[], Expr]) -> Expr:
+        """``parse()`` one level deeper (inside a parenthesis or a NOT); refused past ``MAX_DEPTH`` levels."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise PromptSyntaxError(f"nested more than {MAX_DEPTH} levels deep; use fewer parentheses or NOTs",
+                                    self.tokens[self.i - 1][2])
+        expr = parse()
+        self.depth -= 1
+        return expr
+
     def not_expr(self) -> Expr:
         if self.is_op("NOT"):
             self.i += 1
-            return Not(self.not_expr())
+            return Not(self.nested(self.not_expr))
         return self.atom()
 
     def atom(self) -> Expr:
@@ -108,7 +123,7 @@ class _Parser:
         kind, value, column = t
         if value == "(" and kind == "op":
             self.i += 1
-            expr = self.or_expr()
+            expr = self.nested(self.or_expr)
             if not self.is_op(")"):
                 t = self.peek()
                 raise PromptSyntaxError("missing ')'", t[2] if t else self.end_column())
@@ -120,15 +135,20 @@ class _Parser:
         while (t := self.peek()) is not None and t[0] == "word":
             words.append(t[1])
             self.i += 1
-        return Phrase(" ".join(words))
+        phrase = " ".join(words)
+        if not visible(phrase):
+            shown = " ".join(f"U+{ord(c):04X}" for c in phrase[:4] if not c.isspace())
+            raise PromptSyntaxError(f"the phrase here is only invisible characters ({shown}); type words", column)
+        return Phrase(phrase)
 
 
 def parse(text: str) -> Expr:
     """Parse a mask prompt; raises PromptSyntaxError naming the column, or TextMaskError when empty or not text."""
     if not isinstance(text, str):
         raise TextMaskError(f"the mask prompt must be text, got {type(text).__name__}")
-    if not text.strip():
-        raise TextMaskError("the mask prompt is empty")
+    readable("the mask prompt", text)
+    if not visible(text):
+        raise TextMaskError("the mask prompt is empty" + (" (only invisible characters)" if text.strip() else ""))
     return _Parser(text).parse()
 
 
@@ -163,7 +183,8 @@ def evaluate(expr: Expr, leaf: Callable[[str], torch.Tensor]) -> torch.Tensor:
 
 
 def with_negative(expr: Expr, negative: str | None) -> Expr:
-    """``expr AND NOT (negative)`` when a negative mask prompt is given."""
-    if negative is None or (isinstance(negative, str) and not negative.strip()):
+    """``expr AND NOT (negative)`` when a negative mask prompt is given (one of only spaces or invisible characters
+    is none)."""
+    if negative is None or isinstance(negative, str) and not visible(readable("the negative mask prompt", negative)):
         return expr
     return And((expr, Not(parse(negative))))

@@ -176,10 +176,9 @@ class TextMasker:
         from .methods.refdiff import generative_scores, refer
         from .subject import subject_phrase
 
-        if not isinstance(expression, str) or not expression.strip():
-            raise TextMaskError("the referring expression is empty")
+        options.expression(expression)
         # checked on both paths, though only Ref-Diff's reads them
-        options.alpha(alpha), options.tau(tau)
+        options.alpha(alpha), options.tau(tau), options.flag("use_spacy", use_spacy)
         options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
         relation = relations.parse(expression)
         if relation is None and clip is not None:

@@ -7,6 +7,7 @@ its range and what was given. The bounds are documented in the README's options 
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Any
 
 from .errors import TextMaskError
@@ -148,7 +149,7 @@ def names(value: Any, what: str = "names", one: str = "name") -> list[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
         raise TextMaskError(f"{what} must be a list of words, e.g. ['sky', 'person'], not {type(value).__name__} "
                             f"{str(value)[:40]!r}")
-    words = [n.strip() for n in value]
+    words = [readable(what, n).strip() for n in value]
     if not words or any(not n for n in words):
         raise TextMaskError(f"give at least one {one}, and no empty {what}")
     lower = [n.lower() for n in words]
@@ -159,15 +160,40 @@ def names(value: Any, what: str = "names", one: str = "name") -> list[str]:
 
 
 def text(name: str, value: Any) -> str | None:
-    """An optional text option (the caption to condition on): a string or None."""
+    """An optional text option (the caption to condition on): a string a tokenizer can read (``readable``), or
+    None."""
     if value is not None and not isinstance(value, str):
         raise TextMaskError(f"{name} must be text or None, got {type(value).__name__} {str(value)[:40]!r}")
+    return value if value is None else readable(name, value)
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` has a character one can see: not only spaces, controls or format characters (U+200B zero
+    width space, U+FEFF, U+202E, ...), which a tokenizer reads as bytes no picture holds."""
+    return any(unicodedata.category(c)[0] not in "CZ" for c in text)
+
+
+def expression(value: Any) -> str:
+    """A referring expression: readable text with something visible in it."""
+    if not isinstance(value, str) or not visible(readable("the referring expression", value)):
+        raise TextMaskError("the referring expression is empty")
+    return value
+
+
+def readable(name: str, value: str) -> str:
+    """``value`` if every character of it is one (UTF-8 encodable); a lone surrogate, which is what Python makes of a
+    byte that was not UTF-8 on a command line (or a JSON "\\ud800"), is refused naming its column."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TextMaskError(f"{name} holds a byte that is not UTF-8 text at column {e.start + 1} (a terminal or file "
+                            "in another encoding?); retype it, or save the text as UTF-8") from None
     return value
 
 
 def latents(value: Any, images: int, geometry) -> Any:
     """Latents given in place of encoding ``images`` images: a tensor [1 or images, C, h, w] with the model's latent
-    channels (``geometry``: the host's ``Geometry``), at most ``MAX_RESOLUTION`` pixels a side."""
+    channels (``geometry``: the host's ``Geometry``), ``MIN_RESOLUTION`` to ``MAX_RESOLUTION`` pixels a side."""
     import torch
 
     channels = 4 if geometry.in_channels == 9 else geometry.in_channels  # an inpainting UNet's latents are SD's 4
@@ -176,12 +202,18 @@ def latents(value: Any, images: int, geometry) -> Any:
             or value.shape[1] != channels:
         dense = isinstance(value, torch.Tensor) and not value.is_nested
         got = f"{tuple(value.shape)} {value.dtype}" if dense else type(value).__name__
-        raise TextMaskError(f"latents must be a float tensor [{images} or 1, {channels}, h, w] of this model's latent "
+        batch = "1" if images == 1 else f"{images} or 1"
+        raise TextMaskError(f"latents must be a float tensor [{batch}, {channels}, h, w] of this model's latent "
                             f"space for {images} image(s), got {got}")
     side = max(value.shape[-2:]) * geometry.latent_factor
     if side > MAX_RESOLUTION:
         raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover {side} pixels a side, over "
                             f"{MAX_RESOLUTION}; mask the image at a resolution up to {MAX_RESOLUTION} instead")
+    short = min(value.shape[-2:]) * geometry.latent_factor
+    if short < MIN_RESOLUTION:
+        raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover only {short} pixels a side, "
+                            f"under {MIN_RESOLUTION}; encode the image at {MIN_RESOLUTION} pixels a side or more, or "
+                            "leave the latent unconnected")
     return value
 
 

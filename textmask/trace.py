@@ -108,6 +108,7 @@ def trace(host: Host, images, *, prompt: str = "", refine: bool = defaults.REFIN
     if not isinstance(prompt, str):
         raise TextMaskError(f"prompt must be text, got {type(prompt).__name__}")
     timestep, seed, batch_size = options.timestep(timestep), options.seed(seed), options.batch_size(batch_size)
+    refine = options.flag("refine", refine)
     images = forward.prepare_images(host, images, resolution, host.geometry.size_multiple)  # as mask() prepares them
     cond = forward.encode_prompts(host, [prompt])
     stores, aggregates = [], []

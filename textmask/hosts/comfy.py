@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import options
 from ..capture import AttentionCapture, default_chunk_bytes, find_attention_modules, find_transformer_modules
 from ..clip import masked_crops
 from ..errors import CaptureError, TextMaskError
@@ -168,7 +169,13 @@ class ComfyHost(HostDefaults):
         return find_transformer_modules(self.base.diffusion_model)
 
     def latents_in(self, samples: torch.Tensor) -> torch.Tensor:
-        """A LATENT's samples (VAE Encode's scale) in the model's own scale, under its loaded latent format."""
+        """A LATENT's samples [B, C, h, w] (VAE Encode's scale) in the model's own scale, under its loaded latent
+        format; anything else is refused in one line (``options.latents`` checks the rest against the images)."""
+        if not isinstance(samples, torch.Tensor) or samples.is_nested or samples.dim() != 4:
+            got = tuple(samples.shape) if isinstance(samples, torch.Tensor) and not samples.is_nested else \
+                type(samples).__name__
+            raise TextMaskError(f"the LATENT's samples must be a tensor [B, C, h, w], got {got}; connect a VAE "
+                                "Encode of the image")
         self.load(samples.shape)  # the latent format may be an object patch (Playground v2.5's), which loading applies
         return self.base.process_latent_in(samples.to(self.device)).to(self.dtype)
 
@@ -325,7 +332,9 @@ class ComfyHost(HostDefaults):
     def prompt_conditioning(self, text: str) -> tuple[list, Conditioning]:
         """``text`` as a CONDITIONING for the graph's samplers, and as the core's Conditioning with its token map
         (the same context tensor, so a sampler's rows of it can be recognised)."""
-        comfy_cond = self._comfy_conditioning(text)
+        if not isinstance(text, str):
+            raise TextMaskError(f"the prompt must be text, got {type(text).__name__}")
+        comfy_cond = self._comfy_conditioning(options.readable("the prompt", text))
         context, extra = comfy_cond[0][0], comfy_cond[0][1]
         tokens = self.clip.tokenize(text, return_word_ids=True)
         token_map = self._token_map(tokens) if self.dit is None else self._dit_token_map(tokens, int(context.shape[1]))

@@ -18,7 +18,6 @@ from .. import defaults, forward, options
 from .. import postprocess as pp
 from ..capture import Need
 from ..clip import clip_scorer
-from ..errors import TextMaskError
 from ..hosts.contract import Host
 from ..results import ReferResult
 from ..subject import subject as find_subject
@@ -146,8 +145,7 @@ def refer(
 ) -> ReferResult:
     """The mask of the object a referring expression names, per image, at the exact input size."""
     timestep = options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
-    if not isinstance(expression, str) or not expression.strip():
-        raise TextMaskError("the referring expression is empty")
+    expression = options.expression(expression)
     alpha, tau, seed = options.alpha(alpha), options.tau(tau), options.seed(seed)
     batch_size = options.batch_size(batch_size)
     head = find_subject(expression, use_spacy=use_spacy)

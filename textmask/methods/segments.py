@@ -86,7 +86,7 @@ def _edges(maps: torch.Tensor, grid: tuple[int, int], images: forward.Images, in
 
 
 def _settings(segmenter, tau, cut, timestep, seed, batch_size, kmeans: bool = False) -> tuple:
-    segmenter = options.segmenter(segmenter)
+    segmenter, kmeans = options.segmenter(segmenter), options.flag("kmeans", kmeans)
     if kmeans and segmenter != "diffseg":
         raise TextMaskError("kmeans refines DiffSeg's segments; pass segmenter='diffseg' with it")
     tau, cut, seed, batch_size = options.tau(tau), options.cut(cut), options.seed(seed), options.batch_size(batch_size)
@@ -123,7 +123,7 @@ def segment_everything(
     ``cut``: DiffCut's threshold; ``tau`` and ``kmeans``: DiffSeg's; ``timestep`` None: the segmenter's reference
     (50 for DiffCut, 300 for DiffSeg); ``pamr``: refine the segments along the image's edges."""
     segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size, kmeans)
-    pamr = options.flag("pamr", pamr)
+    pamr, kmeans = options.flag("pamr", pamr), options.flag("kmeans", kmeans)
     images = forward.prepare_images(host, images, resolution)
     labels, masks = [], []
     with torch.inference_mode():
