@@ -40,11 +40,11 @@ def head_information(maps: torch.Tensor) -> torch.Tensor:
 class CrossAttentionMaps:
     """Sums each phrase's mean token attention over cross-attention layers, weighted per layer, one sum per grid.
 
-    ``heads``: "information" weighs each head's map of a phrase by ``head_information`` within its layer (each
-    layer's maps are kept per head, and weighed together with the other layers of its grid when the sums are read,
-    in a few kernels per grid rather than per layer); "mean" averages the heads (DAAM, AggSD). Each chunk is
-    added into its grid's sum with one batched product, and only the sums are resized at the end: resizing is
-    linear, so this equals resizing every layer's map, with a few kernels in place of a few per layer.
+    ``heads``: "information" weighs each head's map of a phrase by ``head_information`` within its layer; "mean"
+    averages the heads (DAAM, AggSD). Each chunk is reduced to the phrases with one batched product. The head means
+    go straight into their grid's sum; per-head maps are kept, and each grid's layers are weighed in one batch when
+    the sums are read. Only the sums are resized at the end: resizing is linear, so this equals resizing every
+    layer's map, with a few kernels in place of a few per layer.
     """
 
     def __init__(self, token_groups: Sequence[Sequence[int]], layer_weight: Callable[[AttentionLayer], float] = side_weight,
