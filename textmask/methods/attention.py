@@ -29,6 +29,13 @@ def side_weight(layer: AttentionLayer) -> float:
 HEAD_WEIGHTINGS = ("information", "mean")
 
 
+def head_weighting(heads) -> str:
+    """``heads``, checked: one line naming the choices otherwise."""
+    if heads not in HEAD_WEIGHTINGS:
+        raise TextMaskError(f"heads must be one of {', '.join(HEAD_WEIGHTINGS)}, got {heads!r}")
+    return heads
+
+
 def head_information(maps: torch.Tensor) -> torch.Tensor:
     """Each head's information about where a phrase is: log N − the entropy of its map [..., H, N, P] read as a
     distribution over the N pixels, in nats, [..., H, 1, P]; 0 for a uniform map, log N for one pixel."""
@@ -49,9 +56,7 @@ class CrossAttentionMaps:
 
     def __init__(self, token_groups: Sequence[Sequence[int]], layer_weight: Callable[[AttentionLayer], float] = side_weight,
                  heads: str = defaults.HEADS, need: Need = Need(kinds=("cross",))):
-        if heads not in HEAD_WEIGHTINGS:
-            raise TextMaskError(f"heads must be one of {', '.join(HEAD_WEIGHTINGS)}, got {heads!r}")
-        self.heads = heads
+        self.heads = head_weighting(heads)
         self.need = dataclasses.replace(need, values="head_probs" if heads == "information" else "probs")
         self.groups = [list(g) for g in token_groups]
         self.layer_weight = layer_weight
@@ -394,8 +399,7 @@ class AttentionMethod:
               aggregation: str = "aggsd", heads: str = defaults.HEADS) -> AttentionDecoder:
         if aggregation not in AGGREGATIONS:
             raise TextMaskError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
-        if heads not in HEAD_WEIGHTINGS:
-            raise TextMaskError(f"heads must be one of {', '.join(HEAD_WEIGHTINGS)}, got {heads!r}")
+        head_weighting(heads)  # before the forward, not at its first layer
         refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
         cond = forward.encode_prompts(host, [prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
         groups = [cond.token_maps[0].find(p) for p in phrases]
