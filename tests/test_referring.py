@@ -100,8 +100,10 @@ def test_refer_with_clip(masker, tmp_path):
     CLIPModel(cfg).save_pretrained(tmp_path / "clip")
     res = masker.refer(torch.rand(1, 37, 53, 3), "the cat on the right", clip=tmp_path / "clip", alpha=0.3)
     assert res.masks.shape == (1, 37, 53)
-    with pytest.raises(Exception, match="cannot load a CLIP model"):
-        masker.refer(torch.rand(1, 32, 32, 3), "the cat", clip=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(TextMaskError, match="cannot load a CLIP model"):
+        masker.refer(torch.rand(1, 32, 32, 3), "the cat", clip=tmp_path / "empty")
 
 
 @pytest.mark.parametrize("expression,match", [("left", "no noun"), ("  ", "empty"), ("bottom right", "no noun")])

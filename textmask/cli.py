@@ -346,12 +346,11 @@ def check_output_name(flag: str, value: str | None, folder: bool) -> None:
 def check_clip(path: str | None) -> None:
     """``--clip`` names a local transformers CLIP folder (its config.json there): one line before any model loads
     otherwise, whether or not this input's path reads it."""
-    if path is None:
-        return
-    if not path.strip() or not Path(path).is_dir():
-        raise CliError(f"--clip '{path}' is not a folder; name a local transformers CLIP folder")
-    if not (Path(path) / "config.json").is_file():
-        raise CliError(f"--clip {path} has no config.json; name a local transformers CLIP folder")
+    from .clip import folder_problem
+
+    problem = None if path is None else folder_problem(path)
+    if problem:
+        raise CliError(f"--clip '{path}' {problem}; name a local transformers CLIP folder")
 
 
 def checked_images(files: list[Path], args: argparse.Namespace) -> list[tuple[int, int]]:

@@ -30,12 +30,34 @@ def _features(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+def folder_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being a local transformers CLIP folder, in words, or None when nothing does."""
+    if not str(path).strip() or not Path(path).is_dir():
+        return "is not a folder"
+    if not (Path(path) / "config.json").is_file():
+        return "has no config.json"
+    return None
+
+
+def check_clip(clip: Any) -> None:
+    """``clip`` is None, a local CLIP folder or a scorer with ``scores``: one line otherwise, before any model loads."""
+    if clip is None or (not isinstance(clip, (str, Path)) and callable(getattr(clip, "scores", None))):
+        return
+    if not isinstance(clip, (str, Path)):
+        raise CheckpointError(f"clip must be a local transformers CLIP folder or a scorer with scores(), got "
+                              f"{type(clip).__name__}")
+    problem = folder_problem(clip)
+    if problem:
+        raise CheckpointError(f"clip '{clip}' {problem}; name a local transformers CLIP folder")
+
+
 class ClipScorer:
     """Discriminative scores from a local transformers CLIP model: masked proposal crops against the text."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
         from transformers import CLIPModel
 
+        check_clip(path)
         try:
             self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
         except (OSError, ValueError) as e:
@@ -73,6 +95,7 @@ class ClipScorer:
 def clip_scorer(clip: Any, device: torch.device) -> Any:
     """A scorer from what a caller passes: None, a local CLIP folder (loaded on ``device``, the host's), or an
     object with ``scores(image, proposals, texts)`` (a host's own CLIP) used as it is."""
+    check_clip(clip)
     if isinstance(clip, (str, Path)):
         return ClipScorer(clip, device=device)
     return clip

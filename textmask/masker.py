@@ -173,12 +173,13 @@ class TextMasker:
         its head noun.
         """
         from . import relations
+        from .clip import check_clip
         from .methods.refdiff import generative_scores, refer
         from .subject import subject_phrase
 
         options.expression(expression)
         # checked on both paths, though only Ref-Diff's reads them
-        options.alpha(alpha), options.tau(tau), options.flag("use_spacy", use_spacy)
+        options.alpha(alpha), options.tau(tau), options.flag("use_spacy", use_spacy), check_clip(clip)
         options.timestep(defaults.REFER_TIMESTEP if timestep is None else timestep)
         relation = relations.parse(expression)
         if relation is None and clip is not None:
