@@ -454,6 +454,7 @@ API_CASES = {
     "prompt empty": (lambda m: m.mask(IMAGE, ""), "empty"),
     "prompt syntax": (lambda m: m.mask(IMAGE, "a AND"), "syntax"),
     "negative syntax": (lambda m: m.mask(IMAGE, "a", negative="("), "syntax"),
+    "negative not text": (lambda m: m.mask(IMAGE, "a", negative=5), "negative mask prompt must be text"),
     "unknown method": (lambda m: m.mask(IMAGE, "a", method="magic"), "unknown method"),
     "option of another method": (lambda m: m.mask(IMAGE, "a", method="noise-diff", template="{}"), "takes no option"),
     "ldznet without weights": (lambda m: m.mask(IMAGE, "a", method="ld-znet"), "needs LD-ZNet weights"),

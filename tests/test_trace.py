@@ -26,6 +26,10 @@ def test_under_the_traced_prompt_it_is_the_forwards_attention_mask(masker, refin
         want = masker.mask(image, "red car | tree", prompt=caption, refine=refine, batch_size=3, **kw)
         got = masker.trace(image, prompt=caption, refine=refine, batch_size=3).mask("red car | tree", prompt=caption, **kw)
         assert torch.equal(got.heatmaps, want.heatmaps) and torch.equal(got.masks, want.masks)
+    want = masker.mask(image, "red car", negative="tree", prompt=caption, refine=refine, batch_size=3)
+    got = masker.trace(image, prompt=caption, refine=refine, batch_size=3).mask("red car", negative="tree",
+                                                                                 prompt=caption)
+    assert torch.equal(got.masks, want.masks) and torch.equal(got.heatmaps, want.heatmaps)
     # In batches of 2 the trace refines all images at once: float32 sums in another order, as mask() itself differs
     # between batch sizes (7e-5 here).
     want = masker.mask(image, "red car | tree", prompt=caption, refine=refine, batch_size=2, pamr=False)
@@ -60,6 +64,8 @@ def test_bad_input_is_one_line(masker):
             trace.mask("cat", refine_steps=steps)
     with pytest.raises(TextMaskError, match="prompt must be text"):
         trace.mask("cat", prompt=3)
+    with pytest.raises(TextMaskError, match="negative"):
+        trace.mask("cat", negative=3)
     with pytest.raises(TextMaskError, match="prompt"):
         masker.trace(torch.rand(1, 32, 32, 3), prompt=3)
 

@@ -13,6 +13,7 @@ from typing import Callable, Union
 
 import torch
 
+from . import options
 from .errors import PromptSyntaxError, TextMaskError
 from .options import readable, visible
 
@@ -185,6 +186,7 @@ def evaluate(expr: Expr, leaf: Callable[[str], torch.Tensor]) -> torch.Tensor:
 def with_negative(expr: Expr, negative: str | None) -> Expr:
     """``expr AND NOT (negative)`` when a negative mask prompt is given (one of only spaces or invisible characters
     is none)."""
-    if negative is None or isinstance(negative, str) and not visible(readable("the negative mask prompt", negative)):
+    negative = options.text("the negative mask prompt", negative)
+    if negative is None or not visible(negative):
         return expr
     return And((expr, Not(parse(negative))))

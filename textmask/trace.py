@@ -76,18 +76,19 @@ class Trace:
                                                   int(refine_steps))
         return maps.float().cpu()
 
-    def mask(self, mask_prompt: str, *, prompt: str | None = None, threshold: float | str = "auto",
+    def mask(self, mask_prompt: str, *, negative: str | None = None, prompt: str | None = None,
+             threshold: float | str = "auto",
              soft: bool = False, blur: float = 0.0, grow: float = 0.0, fill_holes: bool = False, invert: bool = False,
              pamr: bool = defaults.PAMR, refine_mode: str = defaults.REFINE_MODE,
              refine_steps: int = defaults.REFINE_STEPS, heads: str = defaults.HEADS) -> MaskResult:
         """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
-        and defaults; ``prompt`` is the text whose keys the queries meet (default: ``attention_prompt`` of its
-        phrases, as ``mask``)."""
+        and defaults (``negative``: what to take out, as there); ``prompt`` is the text whose keys the queries meet
+        (default: ``attention_prompt`` of its phrases, as ``mask``)."""
         from . import options
 
         threshold = pp.parse_threshold(threshold)
         soft, fill_holes, invert, pamr = options.flags(soft=soft, fill_holes=fill_holes, invert=invert, pamr=pamr)
-        expr = mp.parse(mask_prompt)
+        expr = mp.with_negative(mp.parse(mask_prompt), negative)
         phrases = mp.phrases(expr)
         blur, grow = options.blur(blur, self.images.size), options.grow(grow, self.images.size)
         maps = self.maps(phrases, prompt, refine_mode, refine_steps, heads)
