@@ -159,6 +159,17 @@ def test_t5_positions_past_clips_window(sd3_pipe, flux_pipe):
     assert all(p >= 77 for p in both[len(clip_ids) - 1 :])
 
 
+def test_phrases_share_one_listing_prompt(pipe):
+    """An MM-DiT runs its text through every block, so its phrases are not joined: one "the A, and the B" prompt."""
+    from textmask.methods.attention import phrase_conditioning
+
+    host = TextMasker.from_pipe(pipe, resolution=64).host
+    assert not host.reads_text_as_keys()
+    cond, groups = phrase_conditioning(host, ["red car", "sky"])
+    assert torch.equal(cond.context, host.encode_prompts(["the red car, and the sky"]).context)
+    assert groups == [cond.token_maps[0].find("red car"), cond.token_maps[0].find("sky")]
+
+
 def test_unet_only_paths_refuse_in_one_line(sd3_pipe):
     masker = TextMasker.from_pipe(sd3_pipe, resolution=64)
     image = torch.rand(1, 32, 32, 3)

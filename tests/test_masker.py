@@ -404,6 +404,31 @@ def test_ip_adapter_unet_is_refused_in_one_line():
     assert all(not m._forward_hooks for m in unet.modules())  # the capture came off
 
 
+def test_phrases_are_encoded_apart_and_joined(sdxl_pipe):
+    """Without a prompt each phrase is encoded on its own ("the car") and the encodings joined along the tokens, so a
+    phrase's context never carries another's words; the pooled embedding is the listing's."""
+    from textmask.methods.attention import attention_prompt, phrase_conditioning
+
+    host = TextMasker.from_pipe(sdxl_pipe, resolution=64).host
+    phrases = ["red car", "car", "sky"]
+    cond, groups = phrase_conditioning(host, phrases)
+    parts = host.encode_prompts(["the red car", "the car", "the sky"])
+    assert torch.equal(cond.context, parts.context.reshape(1, 3 * 77, -1))
+    assert torch.equal(cond.pooled, host.encode_prompts([attention_prompt(phrases)]).pooled)
+    # "car" is read in its own part, not inside "the red car"; the joined token map finds each part's phrase there
+    assert groups == [parts.token_maps[0].find("red car"), [77 + t for t in parts.token_maps[1].find("car")],
+                      [154 + t for t in parts.token_maps[2].find("sky")]]
+    assert cond.token_maps[0].find("sky") == groups[2] and cond.token_maps[0].context_length == 3 * 77
+    # the same phrase, beside other phrases, has the same context
+    other, other_groups = phrase_conditioning(host, ["blue boat", "sky"])
+    assert torch.equal(other.context[0, other_groups[1]], cond.context[0, groups[2]])
+    # one phrase, or a caption: that text alone
+    one, _ = phrase_conditioning(host, ["sky"])
+    assert torch.equal(one.context, host.encode_prompts(["the sky"]).context)
+    caption, found = phrase_conditioning(host, phrases, "a red car on a road under the sky")
+    assert caption.context.shape[1] == 77 and found[2] == caption.token_maps[0].find("sky")
+
+
 def test_context_positions_point_at_the_phrase(sd1_masker):
     host = sd1_masker.host
     text = " ".join(["hill"] * 80) + " tiny zebra"

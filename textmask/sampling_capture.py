@@ -31,8 +31,8 @@ from .capture import AttentionLayer, Need, QueryStore, context_matcher
 from .errors import CaptureError, PhraseNotFoundError, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import to_batch
-from .methods.attention import (CrossAttentionMaps, SelfAttentionAggregate, attention_prompt, refine_options,
-                                refine_with_self_attention, side_weight)
+from .methods.attention import (CrossAttentionMaps, SelfAttentionAggregate, refine_options, refine_with_self_attention,
+                                side_weight)
 from .results import MaskResult
 
 
@@ -198,7 +198,7 @@ class SamplingCapture:
 
                 trace = Trace(self.host, images, run.queries, run.layers)
                 try:
-                    maps = trace.maps(missing, attention_prompt(missing), refine_mode, refine_steps)
+                    maps = trace.maps(missing, None, refine_mode, refine_steps)
                 except CaptureError as e:
                     raise TextMaskError(f"'{missing[0]}' is not in the prompt '{token_map.prompt}', and other "
                                         f"words cannot be re-queried here: {e}") from None

@@ -133,6 +133,21 @@ class TokenMap:
         return sorted({p for occurrence in self.occurrences(phrase) for p in occurrence})
 
 
+def join_token_maps(maps: Sequence[TokenMap], length: int) -> TokenMap:
+    """The token map of contexts of ``length`` tokens each, joined along the tokens in ``maps``' order: each map's
+    text a stream of its own (no phrase matches across two), its positions shifted by the contexts before it."""
+    text, ids, spans, positions = "", [], [], []
+    for k, m in enumerate(maps):
+        if text:
+            text += STREAM_SEPARATOR
+        shift = len(text)
+        text += m.tokens.text
+        ids += m.tokens.ids
+        spans += [(a + shift, b + shift) for a, b in m.tokens.spans]
+        positions += [k * length + m._position[i] for i in range(len(m.tokens.ids))]
+    return TokenMap(PromptTokens(text, tuple(ids), tuple(spans)), positions=positions, context_length=length * len(maps))
+
+
 def token_map_from_chunks(chunks: Sequence[Sequence[tuple[int, str | None]]]) -> TokenMap:
     """A TokenMap from a host's own CLIP chunking (ComfyUI, A1111): per chunk, (token id, BPE piece) for each context
     position, piece None for start, end and padding. The text is rebuilt as in ``token_map_from_streams``."""

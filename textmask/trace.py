@@ -22,7 +22,7 @@ from . import postprocess as pp
 from .capture import AttentionLayer, QueryStore, attention_probs, attention_scale
 from .errors import TextMaskError
 from .hosts.contract import Host
-from .methods.attention import (CrossAttentionMaps, SelfAttentionAggregate, attention_prompt, refine_options,
+from .methods.attention import (CrossAttentionMaps, SelfAttentionAggregate, phrase_conditioning, refine_options,
                                 refine_with_self_attention)
 from .results import MaskResult
 
@@ -42,15 +42,13 @@ class Trace:
 
     def maps(self, phrases: list[str], prompt: str | None = None, refine_mode: str = defaults.REFINE_MODE,
              refine_steps: int = defaults.REFINE_STEPS, heads: str = defaults.HEADS) -> torch.Tensor:
-        """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default ``attention_prompt`` of the
-        phrases), its heads weighed as ``heads`` says (``CrossAttentionMaps``), refined along the traced
-        self-attention if the trace kept it."""
+        """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default: the phrases' own
+        encodings, joined, as ``mask`` reads them: ``phrase_conditioning``), its heads weighed as ``heads`` says
+        (``CrossAttentionMaps``), refined along the traced self-attention if the trace kept it."""
         refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
         if prompt is not None and not isinstance(prompt, str):
             raise TextMaskError(f"prompt must be text, got {type(prompt).__name__}")
-        text = prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)
-        cond = forward.encode_prompts(self.host, [text])
-        groups = [cond.token_maps[0].find(p) for p in phrases]
+        cond, groups = phrase_conditioning(self.host, phrases, prompt)
         cross = CrossAttentionMaps(groups, heads=heads)
         first = next(iter(self.queries.values()))
         g = self.host.geometry  # the model loaded, as before a forward
@@ -83,7 +81,7 @@ class Trace:
              heads: str = defaults.HEADS) -> MaskResult:
         """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
         and defaults (``negative``: what to take out, as there); ``prompt`` is the text whose keys the queries meet
-        (default: ``attention_prompt`` of its phrases, as ``mask``)."""
+        (default: as ``mask``'s, ``phrase_conditioning``)."""
         from . import options
 
         threshold = pp.parse_threshold(threshold)

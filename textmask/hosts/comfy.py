@@ -148,6 +148,9 @@ class ComfyHost(HostDefaults):
         self.load()
         return ComfyJointCapture(self.base.diffusion_model, latent_size, collectors)
 
+    def reads_text_as_keys(self) -> bool:
+        return self.dit is None
+
     def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.dit is None:
             return super().input_scale(sigma)

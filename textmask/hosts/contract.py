@@ -13,8 +13,8 @@ A host is a k-diffusion denoiser over x = z + σ·ε plus its encoders:
   low-VRAM casting and v-prediction all take the host's path).
 
 Noising (x = z + σ·ε) and ε = (x − denoised) / σ live in the core (``textmask.forward``), once. The optional
-services (``prepare``, ``attention_capture``, ``input_scale``, ``progress``, ``check_interrupt``,
-``latent_region``, ``sample``) have their defaults in ``HostDefaults``, which every adapter inherits; nothing
+services (``prepare``, ``attention_capture``, ``reads_text_as_keys``, ``input_scale``, ``progress``,
+``check_interrupt``, ``latent_region``, ``sample``) have their defaults in ``HostDefaults``, which every adapter inherits; nothing
 outside this contract is asked of a host.
 """
 
@@ -104,6 +104,10 @@ class Host(Protocol):
     def attention_capture(self, latent_size: tuple[int, int], collectors: Sequence[Any]) -> Any:
         """A context manager that feeds ``collectors`` the attention of the forwards run inside it (read-only)."""
 
+    def reads_text_as_keys(self) -> bool:
+        """Whether the model reads the text only through cross-attention's keys and values (a UNet), so prompts
+        encoded apart can be joined along the tokens; False where the text runs through every block (MM-DiT)."""
+
     def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """c_in(σ): the factor the model's input is of x = z + σ·ε (1/√(1 + σ²) for SD, 1/(1 + σ) for flow matching)."""
 
@@ -140,6 +144,9 @@ class HostDefaults:
         from ..capture import AttentionCapture
 
         return AttentionCapture(self.attention_modules(), latent_size, collectors)
+
+    def reads_text_as_keys(self) -> bool:
+        return True
 
     def progress(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm

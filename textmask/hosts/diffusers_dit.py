@@ -135,6 +135,9 @@ class DiffusersDiTHost(HostDefaults):
         return JointAttentionCapture(self.transformer, latent_size, collectors,
                                      modules=find_joint_attention_modules(self.transformer))
 
+    def reads_text_as_keys(self) -> bool:
+        return False
+
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         raise mmdit_refusal("traces")
 

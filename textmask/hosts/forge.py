@@ -147,6 +147,9 @@ class ForgeFluxHost(ForgeModel, HostDefaults):
         self.load()
         return ComfyJointCapture(self.transformer, latent_size, collectors, lineage=forge_flux_lineage())
 
+    def reads_text_as_keys(self) -> bool:
+        return False
+
     def attention_modules(self) -> list:
         raise mmdit_refusal("traces")
 

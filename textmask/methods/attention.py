@@ -19,6 +19,7 @@ from ..errors import TextMaskError
 from ..hosts.contract import Conditioning, Host
 from ..postprocess import normalize
 from ..subject import with_article
+from ..tokens import join_token_maps
 
 
 def side_weight(layer: AttentionLayer) -> float:
@@ -303,6 +304,30 @@ def attention_prompt(terms: Sequence[str]) -> str:
     return ", ".join(phrases[:-1]) + f", and {phrases[-1]}"
 
 
+def phrase_conditioning(host: Host, phrases: Sequence[str], prompt: str | None = None
+                        ) -> tuple[Conditioning, list[list[int]]]:
+    """The conditioning (one row) the phrases' maps are read under, and each phrase's context positions.
+
+    With a ``prompt``: that prompt. Without: each phrase encoded on its own as a noun phrase ("the red car",
+    ``subject.with_article``) and the encodings joined along the tokens, as ComfyUI's Conditioning (Concat) and
+    A1111's 75-token chunks join theirs, so no phrase's tokens carry another's words (CLIP reads left to right); its
+    pooled embedding (SDXL's) is that of ``attention_prompt``. A model whose text runs through every block (MM-DiT:
+    ``reads_text_as_keys`` is False) would pay its whole transformer per phrase, and reads ``attention_prompt``."""
+    if prompt is not None and prompt.strip():
+        cond = forward.encode_prompts(host, [prompt])
+        return cond, [cond.token_maps[0].find(p) for p in phrases]
+    if len(phrases) == 1 or not host.reads_text_as_keys():
+        cond = forward.encode_prompts(host, [attention_prompt(phrases)])
+        return cond, [cond.token_maps[0].find(p) for p in phrases]
+    parts = forward.encode_prompts(host, [with_article(p) for p in phrases])
+    n, length, width = parts.context.shape
+    groups = [[k * length + t for t in parts.token_maps[k].find(p)] for k, p in enumerate(phrases)]
+    pooled = None if parts.pooled is None else forward.encode_prompts(host, [attention_prompt(phrases)]).pooled
+    joined = Conditioning(parts.context.reshape(1, n * length, width), [join_token_maps(parts.token_maps, length)],
+                          pooled)
+    return joined, groups
+
+
 class DAAMHeatMaps:
     """Word heat maps as castorini/daam computes them (``compute_global_heat_map``, then ``compute_word_heat_map``):
     every head's token map of every cross-attention layer, except those at 1/8 of the latent side, is bicubically
@@ -401,6 +426,5 @@ class AttentionMethod:
             raise TextMaskError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         head_weighting(heads)  # before the forward, not at its first layer
         refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
-        cond = forward.encode_prompts(host, [prompt if prompt is not None and prompt.strip() else attention_prompt(phrases)])
-        groups = [cond.token_maps[0].find(p) for p in phrases]
+        cond, groups = phrase_conditioning(host, phrases, prompt)
         return AttentionDecoder(cond, groups, bool(refine), refine_mode, refine_steps, aggregation, heads)

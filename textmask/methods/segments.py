@@ -15,9 +15,9 @@ import torch
 from .. import defaults, forward, options
 from .. import postprocess as pp
 from ..errors import CaptureError, TextMaskError
-from ..hosts.contract import Host
+from ..hosts.contract import Conditioning, Host
 from ..results import LabelsResult, SegmentsResult
-from .attention import CrossAttentionMaps, SelfAttentionAggregate, attention_prompt
+from .attention import CrossAttentionMaps, SelfAttentionAggregate, phrase_conditioning
 from .diffcut import (DIFFCUT_GRID, concept_scores, encoder_features, encoder_self_attention, pooled_rows,
                       pooled_tokens, recursive_ncut)
 from .diffseg import diffseg
@@ -32,8 +32,8 @@ def encoder_modules(host: Host) -> list:
     return encoder_self_attention(modules)
 
 
-def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, groups, timestep: int, seed: int,
-              batch_size: int, desc: str):
+def _forwards(host: Host, segmenter: str, images: forward.Images, cond: Conditioning, groups, timestep: int,
+              seed: int, batch_size: int, desc: str):
     """Yield (the batch's rows, each image's features [N, C] or attention [N, N], their grid, cross maps
     [b, P, h, w] or None) per batch.
 
@@ -41,7 +41,6 @@ def _forwards(host: Host, segmenter: str, images: forward.Images, prompt: str, g
     UNet encoder's (``encoder_features``); an MM-DiT has no encoder, and there the image-to-image attention rows
     stand in. Either is pooled to at most DiffCut's 32×32 grid. DiffSeg's forward, as its reference runs it: the clean
     latent under timestep t's embedding, so ``seed`` changes nothing there."""
-    cond = forward.encode_prompts(host, [prompt])
     modules = encoder_modules(host) if segmenter == "diffcut" else []
     for rows in forward.batches(host, len(images), batch_size, desc):
         latents = forward.encode(host, images.pixels[rows], images.working)
@@ -127,7 +126,8 @@ def segment_everything(
     images = forward.prepare_images(host, images, resolution)
     labels, masks = [], []
     with torch.inference_mode():
-        for rows, per_image, grid, _ in _forwards(host, segmenter, images, "", None, timestep, seed, batch_size,
+        empty = forward.encode_prompts(host, [""])
+        for rows, per_image, grid, _ in _forwards(host, segmenter, images, empty, None, timestep, seed, batch_size,
                                                   "segments"):
             for index, a in zip(range(rows.start, rows.stop), per_image):
                 maps, on = _segment_maps(segmenter, a, grid, tau=tau, cut=cut, kmeans=kmeans), grid
@@ -161,16 +161,15 @@ def named_segments(
     cut: float = defaults.CUT, timestep: int | None = None, seed: int = 0, resolution: int | None = None,
     batch_size: int = 1, pamr: bool = defaults.PAMR,
 ) -> LabelsResult:
-    """Label segments with names (``segment_names``), from one forward under the names' prompt."""
+    """Label segments with names (``segment_names``), from one forward under the names' conditioning
+    (``phrase_conditioning``)."""
     segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size)
     names, pamr = options.names(names), options.flag("pamr", pamr)
     images = forward.prepare_images(host, images, resolution)
-    prompt = attention_prompt(names)
-    token_map = forward.encode_prompts(host, [prompt]).token_maps[0]
-    groups = [token_map.find(n) for n in names]
+    cond, groups = phrase_conditioning(host, names)
     all_masks, all_labels = [], []
     with torch.inference_mode():
-        for rows, per_image, grid, cross in _forwards(host, segmenter, images, prompt, groups, timestep, seed,
+        for rows, per_image, grid, cross in _forwards(host, segmenter, images, cond, groups, timestep, seed,
                                                       batch_size, "named segments"):
             for index, a, ca in zip(range(rows.start, rows.stop), per_image, cross):
                 maps, on = _segment_maps(segmenter, a, grid, tau=tau, cut=cut).float().cpu(), grid
