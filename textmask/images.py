@@ -89,6 +89,21 @@ def unreadable(path: str | Path, error: Exception) -> ImageError:
     return ImageError(f"cannot read image {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
 
 
+@contextlib.contextmanager
+def _reading(path: str | Path):
+    """Turn what PIL raises while reading ``path`` into textmask's one-line ``ImageError``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise unreadable(path, e) from None
+
+
 def _regular_file(path: str | Path) -> None:
     """Refuse, in one line, a path that is a folder, a pipe, a socket or a device: reading a pipe waits for a writer
     forever, and a device never ends."""
@@ -138,40 +153,27 @@ def _open(path: str | Path):
 
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file upright (EXIF orientation applied) as float RGB [H, W, 3] in [0, 1]; raises ImageError."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
-    try:
-        with _open(path) as img:
-            img.load()
-            # A phone photo stores its pixels sideways plus an EXIF tag; viewers, ComfyUI's LoadImage and the
-            # webui show it upright, so the mask must be upright too to line up with it.
-            return _pil_to_array(ImageOps.exif_transpose(img))
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise unreadable(path, e) from None
+    with _reading(path), _open(path) as img:
+        img.load()
+        # A phone photo stores its pixels sideways plus an EXIF tag; viewers, ComfyUI's LoadImage and the webui show
+        # it upright, so the mask must be upright too to line up with it.
+        return _pil_to_array(ImageOps.exif_transpose(img))
 
 
 def check_image(path: str | Path) -> tuple[int, int]:
     """Check that a file is a readable image of a usable size without decoding its pixels; returns its (H, W) as
     shown (EXIF orientation applied); raises ImageError."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
+    with _reading(path):
         with _open(path) as img:
             w, h = img.size
             img.verify()
         with Image.open(path) as img:  # verify() leaves its image unusable: the orientation needs a fresh one
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # shown rotated by a quarter turn
                 w, h = h, w
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise unreadable(path, e) from None
     if h < MIN_SIDE or w < MIN_SIDE:
         raise ImageError(f"image {path} of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")
     return h, w
