@@ -145,7 +145,8 @@ def join_token_maps(maps: Sequence[TokenMap], length: int) -> TokenMap:
         ids += m.tokens.ids
         spans += [(a + shift, b + shift) for a, b in m.tokens.spans]
         positions += [k * length + m._position[i] for i in range(len(m.tokens.ids))]
-    return TokenMap(PromptTokens(text, tuple(ids), tuple(spans)), positions=positions, context_length=length * len(maps))
+    return TokenMap(PromptTokens(text, tuple(ids), tuple(spans)), positions=positions,
+                    context_length=length * len(maps))
 
 
 def token_map_from_chunks(chunks: Sequence[Sequence[tuple[int, str | None]]]) -> TokenMap:
