@@ -170,16 +170,13 @@ def main() -> None:
     x, sigma = forward.add_noise(host, latents, defaults.TIMESTEP, 0)
     cond = Conditioning(torch.randn(1, 77, 768, generator=g).to(device, dtype), [None])
     one = [[5]]
-    # Eight phrases are encoded apart and joined (methods.attention.phrase_conditioning): 8 × 77 keys.
-    joined = Conditioning(torch.randn(1, 8 * 77, 768, generator=g).to(device, dtype), [None])
-    eight = [[5 + 77 * i] for i in range(8)]
+    eight = [[5 + i] for i in range(8)]  # eight short phrases fit one 77-token context, listed or joined
 
     def plain():
         forward.eps(host, x, sigma, cond, latents)
 
-    def attention(groups, refine, context=cond):
-        return AttentionDecoder(context, groups, refine, defaults.REFINE_MODE, defaults.REFINE_STEPS)(host, latents, x,
-                                                                                                     sigma)
+    def attention(groups, refine):
+        return AttentionDecoder(cond, groups, refine, defaults.REFINE_MODE, defaults.REFINE_STEPS)(host, latents, x, sigma)
 
     from textmask.methods.refdiff import refer
     from textmask.methods.segments import segment_everything
@@ -195,7 +192,7 @@ def main() -> None:
         "attention+refine": lambda: attention(one, True),
         "attention+refine+pamr": lambda: edge_refined(attention(one, True), images.pixels, images.working, images.size,
                                                       region, host.geometry.latent_factor),
-        "attention-8-phrases": lambda: attention(eight, False, joined),
+        "attention-8-phrases": lambda: attention(eight, False),
         "segments": lambda: segment_everything(host, image),
         "segments-diffseg": lambda: segment_everything(host, image, segmenter="diffseg", pamr=False),
         "refer": lambda: refer(host, image, "the man on the left"),

@@ -405,23 +405,29 @@ def test_ip_adapter_unet_is_refused_in_one_line():
 
 
 def test_phrases_are_encoded_apart_and_joined(sdxl_pipe):
-    """Without a prompt each phrase is encoded on its own ("the car") and the encodings joined along the tokens, so a
-    phrase's context never carries another's words; the pooled embedding is the listing's."""
+    """Without a prompt each phrase is encoded on its own ("the car") and the encodings joined as one prompt is laid
+    out: the start token once, each phrase's tokens through its end token, the empty prompt's padding to whole
+    windows. A phrase's context never carries another's words; the pooled embedding is the listing's."""
     from textmask.methods.attention import attention_prompt, phrase_conditioning
 
     host = TextMasker.from_pipe(sdxl_pipe, resolution=64).host
     phrases = ["red car", "car", "sky"]
     cond, groups = phrase_conditioning(host, phrases)
     parts = host.encode_prompts(["the red car", "the car", "the sky"])
-    assert torch.equal(cond.context, parts.context.reshape(1, 3 * 77, -1))
+    empty = host.encode_prompts([""]).context[0]
+    # [start, the, red, car, end] [the, car, end] [the, sky, end], then 66 of the empty prompt's padding
+    want = torch.cat([parts.context[0, :5], parts.context[1, 1:4], parts.context[2, 1:4], empty[2:68]])
+    assert torch.equal(cond.context[0], want)
+    assert groups == [[2, 3], [6], [9]]  # "car" is read in its own part, not inside "the red car"
+    assert all(cond.token_maps[0].find(p) == g for p, g in zip(["sky", "red car"], [groups[2], groups[0]]))
     assert torch.equal(cond.pooled, host.encode_prompts([attention_prompt(phrases)]).pooled)
-    # "car" is read in its own part, not inside "the red car"; the joined token map finds each part's phrase there
-    assert groups == [parts.token_maps[0].find("red car"), [77 + t for t in parts.token_maps[1].find("car")],
-                      [154 + t for t in parts.token_maps[2].find("sky")]]
-    assert cond.token_maps[0].find("sky") == groups[2] and cond.token_maps[0].context_length == 3 * 77
     # the same phrase, beside other phrases, has the same context
     other, other_groups = phrase_conditioning(host, ["blue boat", "sky"])
     assert torch.equal(other.context[0, other_groups[1]], cond.context[0, groups[2]])
+    # as long as the listing, give or take a window, however many phrases there are
+    many = [f"w{i}" for i in range(300)]
+    listing = host.encode_prompts([attention_prompt(many)]).context.shape[1]
+    assert cond.context.shape[1] == 77 and phrase_conditioning(host, many)[0].context.shape[1] <= listing + 77
     # one phrase, or a caption: that text alone
     one, _ = phrase_conditioning(host, ["sky"])
     assert torch.equal(one.context, host.encode_prompts(["the sky"]).context)

@@ -133,20 +133,19 @@ class TokenMap:
         return sorted({p for occurrence in self.occurrences(phrase) for p in occurrence})
 
 
-def join_token_maps(maps: Sequence[TokenMap], length: int) -> TokenMap:
-    """The token map of contexts of ``length`` tokens each, joined along the tokens in ``maps``' order: each map's
-    text a stream of its own (no phrase matches across two), its positions shifted by the contexts before it."""
+def join_token_maps(maps: Sequence[TokenMap], shifts: Sequence[int], context_length: int) -> TokenMap:
+    """The token map of pieces of several encodings joined along the tokens: each map's text a stream of its own (no
+    phrase matches across two), each of its positions moved by its ``shifts`` entry."""
     text, ids, spans, positions = "", [], [], []
-    for k, m in enumerate(maps):
+    for m, shift in zip(maps, shifts):
         if text:
             text += STREAM_SEPARATOR
-        shift = len(text)
+        at = len(text)
         text += m.tokens.text
         ids += m.tokens.ids
-        spans += [(a + shift, b + shift) for a, b in m.tokens.spans]
-        positions += [k * length + m._position[i] for i in range(len(m.tokens.ids))]
-    return TokenMap(PromptTokens(text, tuple(ids), tuple(spans)), positions=positions,
-                    context_length=length * len(maps))
+        spans += [(a + at, b + at) for a, b in m.tokens.spans]
+        positions += [shift + m._position[i] for i in range(len(m.tokens.ids))]
+    return TokenMap(PromptTokens(text, tuple(ids), tuple(spans)), positions=positions, context_length=context_length)
 
 
 def token_map_from_chunks(chunks: Sequence[Sequence[tuple[int, str | None]]]) -> TokenMap:

@@ -19,7 +19,7 @@ from ..errors import TextMaskError
 from ..hosts.contract import Conditioning, Host
 from ..postprocess import normalize
 from ..subject import with_article
-from ..tokens import join_token_maps
+from ..tokens import CONTEXT, join_token_maps
 
 
 def side_weight(layer: AttentionLayer) -> float:
@@ -308,22 +308,33 @@ def phrase_conditioning(host: Host, phrases: Sequence[str], prompt: str | None =
                         ) -> tuple[Conditioning, list[list[int]]]:
     """The conditioning (one row) the phrases' maps are read under, and each phrase's context positions.
 
-    With a ``prompt``: that prompt. Without: each phrase encoded on its own as a noun phrase ("the red car",
-    ``subject.with_article``) and the encodings joined along the tokens, as ComfyUI's Conditioning (Concat) and
-    A1111's 75-token chunks join theirs, so no phrase's tokens carry another's words (CLIP reads left to right); its
-    pooled embedding (SDXL's) is that of ``attention_prompt``. A model whose text runs through every block (MM-DiT:
-    ``reads_text_as_keys`` is False) would pay its whole transformer per phrase, and reads ``attention_prompt``."""
+    With a ``prompt``: that prompt. Without: each phrase is encoded on its own as a noun phrase ("the red car",
+    ``subject.with_article``), and the encodings are joined as one prompt is laid out: the start token once, each
+    phrase's tokens through its end token in turn, then the empty prompt's padding up to whole 77-token windows.
+    CLIP reads left to right, so in one listing ("the red circle, the blue circle") a phrase's tokens would also
+    carry the phrases before it; joined, each carries only its own words, in a context about as long as the
+    listing's. The pooled embedding (SDXL's) is that of ``attention_prompt``. A model whose text runs through every
+    block (an MM-DiT: ``reads_text_as_keys`` is False) reads ``attention_prompt`` itself."""
     if prompt is not None and prompt.strip():
         cond = forward.encode_prompts(host, [prompt])
         return cond, [cond.token_maps[0].find(p) for p in phrases]
     if len(phrases) == 1 or not host.reads_text_as_keys():
         cond = forward.encode_prompts(host, [attention_prompt(phrases)])
         return cond, [cond.token_maps[0].find(p) for p in phrases]
-    parts = forward.encode_prompts(host, [with_article(p) for p in phrases])
-    n, length, width = parts.context.shape
-    groups = [[k * length + t for t in parts.token_maps[k].find(p)] for k, p in enumerate(phrases)]
+    parts = forward.encode_prompts(host, [with_article(p) for p in phrases] + [""])
+    pieces, groups, shifts, length = [], [], [], 0
+    for k, phrase in enumerate(phrases):
+        found = parts.token_maps[k].find(phrase)
+        start, end = (0 if k == 0 else 1), max(found) + 2  # the start token once; the phrase ends its own text
+        shifts.append(length - start)
+        groups.append([t + shifts[-1] for t in found])
+        pieces.append(parts.context[k, start:end])
+        length += end - start
+    padding = parts.context[-1, 2:]  # the empty prompt's tokens after its start and end
+    fill = -length % CONTEXT
+    pieces.append(padding[torch.arange(fill, device=padding.device) % len(padding)])
     pooled = None if parts.pooled is None else forward.encode_prompts(host, [attention_prompt(phrases)]).pooled
-    joined = Conditioning(parts.context.reshape(1, n * length, width), [join_token_maps(parts.token_maps, length)],
+    joined = Conditioning(torch.cat(pieces)[None], [join_token_maps(parts.token_maps[:-1], shifts, length + fill)],
                           pooled)
     return joined, groups
 
