@@ -294,10 +294,10 @@ def refine_options(mode: str, steps) -> tuple[RefineMode, int]:
 
 
 def attention_prompt(terms: Sequence[str]) -> str:
-    """The prompt the phrases' maps are read from when none is given: each phrase as a noun phrase of its own
-    (``subject.with_article``), listed: "the A, the B, and the C" (commas separate the words' maps). AggSD's "a
-    photo of A, B, and C" names a medium the image may not have (a painting, a render); docs/quality.md measures
-    both."""
+    """The phrases listed as one prompt, each as a noun phrase of its own (``subject.with_article``): "the A, the B,
+    and the C". MM-DiT hosts read the phrases' maps from it, and it gives joined phrases their pooled embedding
+    (``phrase_conditioning``). AggSD's "a photo of A, B, and C" names a medium the image may not have (a painting, a
+    render); docs/quality.md measures both."""
     phrases = [with_article(t) for t in terms]
     if len(phrases) == 1:
         return phrases[0]
