@@ -325,7 +325,8 @@ def phrase_conditioning(host: Host, phrases: Sequence[str], prompt: str | None =
     pieces, groups, shifts, length = [], [], [], 0
     for k, phrase in enumerate(phrases):
         found = parts.token_maps[k].find(phrase)
-        start, end = (0 if k == 0 else 1), max(found) + 2  # the start token once; the phrase ends its own text
+        # from the start token (the first phrase's only) through the end token after the phrase, which ends its text
+        start, end = (0 if k == 0 else 1), max(found) + 2
         shifts.append(length - start)
         groups.append([t + shifts[-1] for t in found])
         pieces.append(parts.context[k, start:end])
