@@ -311,9 +311,9 @@ def phrase_conditioning(host: Host, phrases: Sequence[str], prompt: str | None =
     With a ``prompt``: that prompt. Without: each phrase is encoded on its own as a noun phrase ("the red car",
     ``subject.with_article``), and the encodings are joined as one prompt is laid out: the start token once, each
     phrase's tokens through its end token in turn, then the empty prompt's padding up to whole 77-token windows.
-    CLIP reads left to right, so in one listing ("the red circle, the blue circle") a phrase's tokens would also
-    carry the phrases before it; joined, each carries only its own words, in a context about as long as the
-    listing's. The pooled embedding (SDXL's) is that of ``attention_prompt``. A model whose text runs through every
+    Each phrase's tokens are those it has as a prompt of its own, in a context about as long as the listing's: CLIP
+    reads left to right, so in one listing ("the red circle, the blue circle") a phrase's tokens would also carry the
+    phrases before it, and sit far from the positions a caption's subject takes. The pooled embedding (SDXL's) is that of ``attention_prompt``. A model whose text runs through every
     block (an MM-DiT: ``reads_text_as_keys`` is False) reads ``attention_prompt`` itself."""
     if prompt is not None and prompt.strip():
         cond = forward.encode_prompts(host, [prompt])
