@@ -95,7 +95,7 @@ class ClipScorer:
 def clip_scorer(clip: Any, device: torch.device) -> Any:
     """A scorer from what a caller passes: None, a local CLIP folder (loaded on ``device``, the host's), or an
     object with ``scores(image, proposals, texts)`` (a host's own CLIP) used as it is."""
-    check_clip(clip)
     if isinstance(clip, (str, Path)):
-        return ClipScorer(clip, device=device)
+        return ClipScorer(clip, device=device)  # which checks the folder
+    check_clip(clip)
     return clip
