@@ -162,11 +162,13 @@ class TextMasker:
         """The mask of the one object (or, for "every"/"all", the objects) a referring expression names.
 
         The subject ("the red car on the left" -> "red car"; ``textmask.subject.subject_phrase``) is masked with
-        ``attention`` conditioned on the whole expression (at ``attention``'s timestep), with PAMR edges, and that
-        mask is split into instances. An expression that orders things ("the man on the left", "the larger square",
-        "the second car from the right", "every chair"; ``textmask.relations``) picks among them by its relation;
-        any other expression takes the instance whose map is higher inside than outside by the most (Ref-Diff's
-        generative score). With ``clip``
+        ``attention`` (at its timestep, with PAMR edges), and that mask is split into instances. An expression that
+        orders things ("the man on the left", "the larger square", "the second car from the right", "every chair";
+        ``textmask.relations``) picks among them by its relation, and its subject is encoded on its own, as
+        ``attention`` encodes any phrase: the mask must hold every instance of the subject for the relation to
+        choose from. Any other expression conditions the subject on the whole expression, whose other words are all
+        that can tell one instance from another, and takes the instance whose map is higher inside than outside by
+        the most (Ref-Diff's generative score). With ``clip``
         (a local transformers CLIP folder, or a scorer with ``scores(image, proposals, texts)``) an expression
         without a relation goes to Ref-Diff, its paper's setting: its proposals scored by attribution and by CLIP,
         weighed by ``alpha``, with ``tau`` and ``timestep`` for its proposals and forward, and ``use_spacy`` to find
@@ -189,8 +191,8 @@ class TextMasker:
             return res
         phrase = subject_phrase(expression)
         # every region above Otsu's: the relation, or the generative score, chooses among them
-        out = self.mask(images, phrase, prompt=expression, threshold="otsu", seed=seed, resolution=resolution,
-                        batch_size=batch_size)
+        out = self.mask(images, phrase, prompt=expression if relation is None else None, threshold="otsu", seed=seed,
+                        resolution=resolution, batch_size=batch_size)
         heat = out.terms[phrase].clamp(0, 1)
         # "every" keeps every part; one of several keeps parts of a tenth of the largest or more (no fragments)
         share = 0.0 if relation is not None and relation.every else relations.MIN_SHARE
