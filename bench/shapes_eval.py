@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--only-refer", action="store_true", help="score only the refer rows")
     ap.add_argument("--only-masks", action="store_true",
                     help="score only the mask methods' rows (with their breakdown and wrong phrase) and absent phrases")
+    ap.add_argument("--only-absent", action="store_true", help="score only the absent phrases")
+    ap.add_argument("--min-presence", type=float, default=0.0,
+                    help="the absent-phrase rows' min_presence (default 0: off; choose it on val)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     masker = load_demo_masker(args.model)
@@ -134,7 +137,7 @@ def main() -> None:
         methods["ld-znet (trained on Shapes)"] = dict(method="ld-znet", ldznet=masker.load_ldznet(args.ldznet))
     if args.only_ldznet:
         methods = {k: v for k, v in methods.items() if v["method"] == "ld-znet"}
-    if args.only_segments or args.only_refer:
+    if args.only_segments or args.only_refer or args.only_absent:
         methods = {}
     with torch.inference_mode():
         for name, kwargs in methods.items():
@@ -151,9 +154,9 @@ def main() -> None:
     if args.only_segments or args.only_refer:
         with torch.inference_mode():
             rows.update(all_segment_rows(masker, scenes) if args.only_segments else refer_rows(masker, scenes))
-    elif args.only_masks:
+    elif args.only_masks or args.only_absent:
         with torch.inference_mode():
-            rows.update(absent_rows(masker, scenes))
+            rows.update(absent_rows(masker, scenes, args.min_presence))
     elif not args.only_ldznet:
         other_rows(masker, scenes, grid, rows, args)
     report(masker, rows, scenes, args, time.time() - t0)
@@ -164,7 +167,7 @@ def other_rows(masker, scenes, grid, rows, args) -> None:
     """The rows besides the mask methods: named segments, segments, refer, OVDiff, baselines, ceiling, sweeps."""
     rows.update(all_segment_rows(masker, scenes))
     rows.update(refer_rows(masker, scenes))
-    rows.update(absent_rows(masker, scenes))
+    rows.update(absent_rows(masker, scenes, args.min_presence))
     rows.update(ovdiff_rows(masker, scenes, args.ovdiff_images))
     rnd = Scores()
     score_method(random_unet_masker(masker), scenes, METHODS["attention"], rnd)
@@ -231,18 +234,35 @@ def every_rows(masker, scenes) -> dict[str, dict]:
     return {'refer "every X" (union)': union.summary()}
 
 
-def absent_rows(masker, scenes) -> dict[str, dict]:
-    """Absent phrases with the default settings: the share given an empty mask, and the mean area selected."""
-    empty, area = [], []
+def absent_rows(masker, scenes, min_presence: float = 0.0) -> dict[str, dict]:
+    """Absent phrases, each asked alone as the scene's object phrases are here, with ``min_presence`` (default 0:
+    off): the share given an empty mask, and the mean area selected; the present phrases given an empty mask; the
+    presence score's ROC AUC (present against absent), and the presence that keeps 95% of present phrases."""
+    from textmask.demo.evaluate import roc_auc
+
+    empty, area, lost, scores, present = [], [], [], [], []
     for scene in scenes:
-        for phrase in absent_phrases(scene):
-            mask = masker.mask(scene.image, phrase).masks[0]
-            empty.append(float(not mask.any()))
-            area.append(float(mask.float().mean()))
+        for phrases, is_present in ((absent_phrases(scene), False), (object_phrases(scene), True)):
+            for phrase in phrases:
+                out = masker.mask(scene.image, phrase, min_presence=min_presence)
+                mask = out.masks[0]
+                if is_present:
+                    lost.append(float(not mask.any()))
+                else:
+                    empty.append(float(not mask.any()))
+                    area.append(float(mask.float().mean()))
+                if phrase in out.presence:
+                    scores.append(float(out.presence[phrase][0]))
+                    present.append(is_present)
     gray = np.full_like(scenes[0].image, 0.5)
-    gray_area = float(masker.mask(gray, object_phrases(scenes[0])[0]).masks[0].float().mean())
-    print(f"absent phrases ({len(empty)}): {np.mean(empty):.3f} given an empty mask; mean area selected "
-          f"{np.mean(area):.3f}; a gray image: {gray_area:.3f} selected")
+    gray_area = float(masker.mask(gray, object_phrases(scenes[0])[0], min_presence=min_presence).masks[0].float().mean())
+    print(f"absent phrases ({len(empty)}), min_presence {min_presence}: {np.mean(empty):.3f} given an empty mask; "
+          f"mean area selected {np.mean(area):.3f}; present phrases given an empty mask: {np.mean(lost):.3f}; "
+          f"a gray image: {gray_area:.3f} selected")
+    if scores:
+        scores, present = np.array(scores), np.array(present)
+        print(f"presence: ROC AUC {roc_auc(scores, present):.3f}; 95% of present phrases at or above "
+              f"{np.quantile(scores[present], 0.05):.4f}")
     return {}
 
 
@@ -297,6 +317,9 @@ def report(masker, rows, scenes, args, seconds) -> None:
         for name, auc in per_layer_auc(masker, scenes[:20]).items():
             print(f"  {name:<48} {auc:.2f}")
         print()
+    if not rows:  # --only-absent prints its own lines
+        print(f"Shapes {args.split} split: {len(scenes)} scenes, model {args.model.name}, {seconds:.0f}s")
+        return
     print(f"Shapes {args.split} split: {len(scenes)} scenes, {next(iter(rows.values()))['n']} object phrases, "
           f"model {args.model.name}, {seconds:.0f}s")
     wide = max(len(name) for name in rows)

@@ -60,11 +60,17 @@ class TextMask:
                 "temporal": ("FLOAT", {"default": defaults.TEMPORAL, "min": 0.0, "max": options.MAX_TEMPORAL, "step": 0.5,
                                        "tooltip": "For video frames: smooth the maps over neighbouring frames of the "
                                                   "batch (Gaussian sigma in frames; 0 = off) so masks do not flicker."}),
+                "min_presence": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005,
+                                           "tooltip": "attention only: a phrase whose presence score is below this "
+                                                      "selects nothing, so a phrase naming nothing in the image gives "
+                                                      "an empty mask (0 = off). The score depends on the model: try "
+                                                      "a few images with and without the thing."}),
             },
         }
 
     def run(self, model, clip, vae, image, mask_prompt, method, refine, threshold, blur, grow, invert, soft, timestep, seed,
-            negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR, temporal=defaults.TEMPORAL):
+            negative="", latent=None, fill_holes=False, resolution=0, edges=defaults.PAMR, temporal=defaults.TEMPORAL,
+            min_presence=0.0):
         host = ComfyHost(model, clip, vae)
         latents = None
         if latent is not None:  # a LATENT is a dict; its "samples" are checked by latents_in
@@ -73,7 +79,7 @@ class TextMask:
             image, mask_prompt, negative=negative or None, method=method, refine=refine,
             threshold=threshold, soft=soft, blur=blur, grow=grow, fill_holes=fill_holes,
             invert=invert, timestep=timestep, seed=seed, latents=latents, resolution=resolution or None, pamr=edges,
-            temporal=temporal,
+            temporal=temporal, min_presence=min_presence,
         )
         preview = overlay(image.float().cpu(), result.heatmaps)
         return (result.masks.float().cpu(), preview)

@@ -52,6 +52,14 @@ def hook_counts(model):
     return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.model.modules()]
 
 
+def test_min_presence_gives_an_empty_mask_at_the_image_size(pack, sd15):
+    image = torch.rand(2, 48, 40, 3)
+    mask, preview = run_node(pack, sd15, image, min_presence=1.0)  # no phrase is that surely there
+    assert mask.shape == (2, 48, 40) and not mask.any() and preview.shape == image.shape
+    open_mask, _ = run_node(pack, sd15, image)
+    assert open_mask.shape == (2, 48, 40) and open_mask.any()
+
+
 def test_registration(pack):
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["TextMask"] == "Text Mask"
     cls = pack.NODE_CLASS_MAPPINGS["TextMask"]

@@ -94,6 +94,10 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill-holes", action="store_true", help="fill holes inside masked regions")
     p.add_argument("--invert", action="store_true", help="invert the mask")
     p.add_argument("--negative", default=None, help="mask prompt to subtract")
+    p.add_argument("--min-presence", type=checked(lambda v: options.in_range("min-presence", v, 0.0, 1.0)),
+                   default=0.0, metavar="P",
+                   help="a phrase whose presence score (0-1, attention only) is below P selects nothing (default 0: "
+                        "off; docs/quality.md, \"Absence\")")
     p.add_argument("--prompt", default=None, help="caption to condition on; phrases must occur in it")
     p.add_argument("--timestep", type=checked(options.timestep, whole), default=None,
                    help=f"noise level 0-999 (default {defaults.TIMESTEP}; {defaults.LDZNET_TIMESTEP} for ld-znet)")
@@ -232,6 +236,7 @@ def mask_kwargs(args: argparse.Namespace) -> dict:
         method=args.method, refine=args.refine, threshold=args.threshold, soft=args.soft, blur=args.blur,
         grow=args.grow, fill_holes=args.fill_holes, invert=args.invert, negative=args.negative, prompt=args.prompt,
         timestep=args.timestep, seed=args.seed, resolution=args.resolution, pamr=args.pamr,
+        min_presence=args.min_presence,
     )
     if args.template is not None:
         kwargs["template"] = args.template

@@ -69,6 +69,7 @@ class TextMasker:
         latents: torch.Tensor | None = None,
         pamr: bool = defaults.PAMR,
         temporal: float = defaults.TEMPORAL,
+        min_presence: float = 0.0,
         **method_options: Any,
     ) -> MaskResult:
         """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
@@ -79,7 +80,9 @@ class TextMasker:
         (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
         which pixels they cover. ``pamr`` (default on) refines every map along the image's own edges
         (``postprocess.pamr``, on a grid twice the latent's) before thresholding. ``temporal`` (σ in frames, default 0 =
-        off) smooths the maps over neighbouring images of the batch, for the frames of a video.
+        off) smooths the maps over neighbouring images of the batch, for the frames of a video. ``MaskResult.presence``
+        says how surely each phrase is in each image (``attention``; ``CrossAttentionMaps.presence``), and a phrase
+        below ``min_presence`` (default 0 = off) selects nothing: its term is empty in the mask prompt's logic.
         """
         chosen = get_method(method)
         soft, fill_holes, invert, pamr = options.flags(soft=soft, fill_holes=fill_holes, invert=invert, pamr=pamr)
@@ -98,7 +101,12 @@ class TextMasker:
         phrases = mp.phrases(expr)
         if latents is not None and chosen.needs_images:
             raise TextMaskError(f"method '{method}' encodes the images itself; pass images, not latents")
+        min_presence = options.in_range("min_presence", min_presence, 0.0, 1.0)
         decoder = chosen.setup(self.host, phrases, prompt, **method_options)
+        if min_presence > 0 and not decoder.measures_presence:
+            raise TextMaskError(f"min_presence needs the method 'attention' with heads='information' and aggregation="
+                                f"'aggsd', which measure each phrase's presence; method '{method}' with these "
+                                "options does not")
         images = forward.prepare_images(self.host, images, resolution or decoder.resolution,
                                         max(self.host.geometry.size_multiple, decoder.size_multiple or 0))
         blur, grow = options.blur(blur, images.size), options.grow(grow, images.size)
@@ -119,9 +127,15 @@ class TextMasker:
             maps = pp.edge_refined(maps, images.pixels, images.working, images.size, region,
                                    self.host.geometry.latent_factor)
         maps = pp.temporal_smooth(maps, temporal)
-        return pp.masks_from_maps(expr, phrases, maps, images.size, region, threshold,
-                                  chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,
-                                  invert_mask=invert)
+        presence = decoder.presence
+        if presence is not None and min_presence > 0:
+            maps = maps * (presence >= min_presence)[..., None, None]  # an absent phrase's map: nothing selected
+        result = pp.masks_from_maps(expr, phrases, maps, images.size, region, threshold,
+                                    chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,
+                                    invert_mask=invert)
+        if presence is not None:
+            result.presence = {p: presence[:, i].contiguous() for i, p in enumerate(phrases)}
+        return result
 
     def trace(self, images, *, prompt: str = "", refine: bool = defaults.REFINE, timestep: int = defaults.TIMESTEP,
               seed: int = 0, resolution: int | None = None, batch_size: int = defaults.BATCH_SIZE):

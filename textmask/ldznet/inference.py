@@ -98,6 +98,8 @@ class LDZNetDecoder:
     """Sigmoid probabilities of LD-ZNet, one batched pass per phrase over the same noised latents."""
 
     size_multiple = 64  # LD-ZNet's own UNet downsamples the latent three times more
+    measures_presence = False
+    presence = None
 
     def __init__(self, model: LDZNet, conds: list[Conditioning]):
         self.model, self.conds = model, conds

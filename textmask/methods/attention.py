@@ -45,6 +45,20 @@ def head_information(maps: torch.Tensor) -> torch.Tensor:
     return (math.log(maps.shape[-2]) - entropy).clamp_min(0)
 
 
+def attribution_grid(cross_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """The grid Ref-Diff reads: the coarsest cross-attention outside the mid block.
+
+    The reference reads the layers at 1/32 of the image, which in SD1/SD2/SDXL at any resolution are exactly
+    these (the deepest down/up level; SDXL's mid block shares their grid). Said structurally, the rule also
+    holds for UNets with another VAE factor or depth, where 1/32 of the image may be the mid block or nothing.
+    """
+    def in_mid(name: str) -> bool:  # diffusers "mid_block", ldm/ComfyUI "middle_block"
+        return any(part.startswith("mid") for part in name.split("."))
+
+    outside = [s for n, s in cross_sizes.items() if not in_mid(n)] or list(cross_sizes.values())
+    return min(outside, key=lambda s: s[0] * s[1])
+
+
 class CrossAttentionMaps:
     """Sums each phrase's mean token attention over cross-attention layers, weighted per layer, one sum per grid.
 
@@ -66,7 +80,8 @@ class CrossAttentionMaps:
         self._seen: set[str] = set()
         self._selector: torch.Tensor | None = None
         self._chunks: dict[str, list[torch.Tensor]] = {}  # layer name -> its per-head map chunks [B, H, rows, P]
-        self._held: dict[tuple, list] = {}  # (grid, heads) -> [(layer weight, per-head maps [B, H, N, P])]
+        self._held: dict[tuple, list] = {}  # (grid, heads) -> [(layer name, weight, per-head maps [B, H, N, P])]
+        self._information: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}  # name -> (grid, [B, P])
 
     def _select(self, keys: int, device: torch.device) -> torch.Tensor:
         # [keys, P] averaging matrix, so a chunk reduces with one matmul.
@@ -93,7 +108,7 @@ class CrossAttentionMaps:
         if start + probs.shape[2] == layer.tokens:  # the layer's last rows (chunks come in order)
             maps = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)
             del self._chunks[layer.name]
-            self._held.setdefault((layer.size, maps.shape[1]), []).append((weight, maps))
+            self._held.setdefault((layer.size, maps.shape[1]), []).append((layer.name, weight, maps))
 
     def _sum(self, layer: AttentionLayer, probs: torch.Tensor) -> torch.Tensor:
         """The running sum [B, N, P] of the layer's grid, created at the first layer of that size."""
@@ -105,14 +120,32 @@ class CrossAttentionMaps:
     def _weigh_heads(self) -> None:
         """Add the held layers into their grids' sums, each head weighed by its information: one batch per grid."""
         for (size, _), held in self._held.items():
-            maps = torch.stack([m for _, m in held])  # [L, B, H, N, P]
+            maps = torch.stack([m for _, _, m in held])  # [L, B, H, N, P]
+            mean_information = head_information(maps.mean(-3, keepdim=True))[:, :, 0, 0] / math.log(maps.shape[-2])
+            for (name, _, _), information in zip(held, mean_information):
+                self._information[name] = (size, information)
             info = head_information(maps)
             info = info + (info.sum(-3, keepdim=True) == 0)  # no head localises the phrase: their mean
-            layer_weights = torch.tensor([w for w, _ in held], device=maps.device).view(-1, 1, 1, 1)
+            layer_weights = torch.tensor([w for _, w, _ in held], device=maps.device).view(-1, 1, 1, 1)
             weighed = ((info * maps).sum(-3) / info.sum(-3) * layer_weights).sum(0)  # [B, N, P]
             acc = self.sums.get(size)
             self.sums[size] = weighed if acc is None else acc + weighed
         self._held.clear()
+
+    def presence(self) -> torch.Tensor | None:
+        """How surely each phrase is in each image, [B, P] in [0, 1]: the information of its head-averaged map over
+        the layer's N pixels, log N − entropy, in units of log N (0 for a map spread evenly, 1 for one pixel), the
+        mean over the layers at ``attribution_grid``. None with ``heads="mean"``, which keeps no layer's map whole.
+
+        Of the signals one forward computes, this one best told Shapes' present phrases from absent ones
+        (docs/quality.md, "Absence"); there a phrase's map spreads where the phrase names nothing, and sharpens
+        where it names a thing. Each grid's layers are folded into their sums only when the maps are read.
+        """
+        self._weigh_heads()
+        if not self._information:
+            return None
+        grid = attribution_grid({name: size for name, (size, _) in self._information.items()})
+        return torch.stack([v for size, v in self._information.values() if size == grid]).mean(0)
 
     def total(self, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
         """The weighted sum over layers, [B, P, *size]: each grid's sum resized to ``size``."""
@@ -395,7 +428,10 @@ AGGREGATIONS = ("aggsd", "daam")
 
 
 class AttentionDecoder:
-    """DAAM word maps from one forward's cross-attention, refined along its self-attention when asked."""
+    """DAAM word maps from one forward's cross-attention, refined along its self-attention when asked.
+
+    With AggSD's aggregation and the heads weighed by their information, each call also adds its images' phrase
+    presence (``CrossAttentionMaps.presence``) to ``presence``, [B, P] over the calls so far."""
 
     resolution = None
     size_multiple = None
@@ -404,6 +440,8 @@ class AttentionDecoder:
                  aggregation: str = "aggsd", heads: str = defaults.HEADS):
         self.cond, self.groups, self.refine, self.mode, self.steps = cond, groups, refine, mode, steps
         self.aggregation, self.heads = aggregation, heads
+        self.measures_presence = aggregation == "aggsd" and heads == "information"
+        self.presence: torch.Tensor | None = None
 
     def __call__(self, host: Host, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.aggregation == "daam":
@@ -416,6 +454,9 @@ class AttentionDecoder:
             collectors.append(selfagg)
         forward.eps(host, x, sigma, self.cond.select([0] * x.shape[0]), latents, collectors)
         maps = normalize(cross.result()) if self.aggregation == "daam" else cross.aggregate()
+        if self.measures_presence:
+            found = cross.presence().float().cpu()
+            self.presence = found if self.presence is None else torch.cat([self.presence, found])
         if self.refine:
             maps = refine_with_self_attention(maps, selfagg.result(), selfagg.size, self.mode, self.steps)
         return maps.float().cpu()

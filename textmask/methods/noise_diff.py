@@ -30,6 +30,8 @@ class NoiseDiffDecoder:
 
     resolution = None
     size_multiple = None
+    measures_presence = False
+    presence = None
 
     def __init__(self, cond: Conditioning):
         self.cond = cond  # rows: [∅, phrase 1, …, phrase P]

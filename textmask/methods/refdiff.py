@@ -21,7 +21,7 @@ from ..clip import clip_scorer
 from ..hosts.contract import Host
 from ..results import ReferResult
 from ..subject import subject as find_subject
-from .attention import SelfAttentionAggregate
+from .attention import SelfAttentionAggregate, attribution_grid
 from .diffseg import diffseg
 
 GUIDANCE = 9.0  # the reference's extrapolation factor from uncond towards cond
@@ -61,20 +61,6 @@ def attribution(columns: SubjectColumn, guidance: float = GUIDANCE) -> torch.Ten
         m = uncond + guidance * (cond - uncond)
         maps.append(pp.normalize(m.reshape(m.shape[0], *size)))
     return torch.stack(maps).mean(0)
-
-
-def attribution_grid(cross_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """The grid Ref-Diff reads: the coarsest cross-attention outside the mid block.
-
-    The reference reads the layers at 1/32 of the image, which in SD1/SD2/SDXL at any resolution are exactly
-    these (the deepest down/up level; SDXL's mid block shares their grid). Said structurally, the rule also
-    holds for UNets with another VAE factor or depth, where 1/32 of the image may be the mid block or nothing.
-    """
-    def in_mid(name: str) -> bool:  # diffusers "mid_block", ldm/ComfyUI "middle_block"
-        return any(part.startswith("mid") for part in name.split("."))
-
-    outside = [s for n, s in cross_sizes.items() if not in_mid(n)] or list(cross_sizes.values())
-    return min(outside, key=lambda s: s[0] * s[1])
 
 
 def neighbours(labels: torch.Tensor) -> set[tuple[int, int]]:
