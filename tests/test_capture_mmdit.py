@@ -148,4 +148,5 @@ def test_rows_picked_by_the_forwards_text_context(kind):
     assert set(picked.probs) == set(full.probs)
     for name, probs in picked.probs.items():
         assert probs.shape[0] == 1
-        torch.testing.assert_close(probs, full.probs[name][1:2], atol=0, rtol=0)
+        # to float rounding: BLAS may block a one-row product unlike a two-row one (it does on AMD EPYC's kernels)
+        torch.testing.assert_close(probs, full.probs[name][1:2], atol=1e-7, rtol=1e-6)
