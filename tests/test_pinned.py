@@ -1,5 +1,5 @@
 """The bundled Shapes model's outputs, pinned before the core was restructured (commit e94dd6b): every method gives
-the same masks, and heatmaps within 1e-5, on two test scenes (one cropped to a non-square size). The outputs that
+the same masks, and heatmaps within 1e-5 (``ROUNDING`` for those that amplify float rounding), on two test scenes (one cropped to a non-square size). The outputs that
 go through DiffSeg (segments, named segments, Ref-Diff's proposals, OVDiff's foreground split) were pinned again
 when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG), named segments
 again when they took the name of highest contrast (issue #33), when the default prompt became "the A, the B, and
@@ -44,11 +44,17 @@ def aggsd_template(terms):
     return "a photo of " + (terms[0] if len(terms) == 1 else ", ".join(terms[:-1]) + f", and {terms[-1]}")
 
 
-def same_maps(key, got, masks=None):
+def same_maps(key, got, tolerance=1e-5):
     want = FIXTURE[key]
     got = got.detach().float().cpu().numpy()
     assert got.shape == want.shape, key
-    assert np.abs(got - want).max() <= 1e-5, (key, float(np.abs(got - want).max()))
+    assert np.abs(got - want).max() <= tolerance, (key, float(np.abs(got - want).max()))
+
+
+# Maps that amplify float rounding, which differs between CPUs' BLAS kernels: noise-diff subtracts two nearly equal
+# predictions, and OVDiff's scores come through sampled support images and K-means. On an AMD EPYC they moved by
+# 1.6e-5 and 2.4e-4 from the pins; their masks and labels stay exact.
+ROUNDING = {"noise": 1e-4, "ovdiff": 1e-3}
 
 
 def same_masks(key, got):
@@ -85,7 +91,7 @@ def test_mask_methods_are_unchanged(masker, ldznet, j, case):
         kwargs["heads"] = "mean"  # and with the heads averaged
     res = masker.mask(scene(j), prompt, pamr=False, **kwargs)  # pinned before edge refinement became the default
     same_masks(f"s{j}_{case}_masks", res.masks) if case != "post" else same_maps(f"s{j}_{case}_masks", res.masks)
-    same_maps(f"s{j}_{case}_heat", res.heatmaps)
+    same_maps(f"s{j}_{case}_heat", res.heatmaps, ROUNDING.get(case, 1e-5))
 
 
 @pytest.mark.parametrize("j", SCENES)
@@ -107,7 +113,7 @@ def test_ovdiff_is_unchanged(masker, tmp_path):
     for j in SCENES:
         res = masker.ovdiff(scene(j), protos, classes=phrases(j))
         same_masks(f"s{j}_ovdiff_labels", res.labels)
-        same_maps(f"s{j}_ovdiff_scores", res.scores)
+        same_maps(f"s{j}_ovdiff_scores", res.scores, ROUNDING["ovdiff"])
 
 
 def test_old_api_names_still_work_and_warn(masker, tmp_path):
