@@ -1,12 +1,12 @@
-"""The bundled Shapes model's outputs, pinned before the core was restructured (commit e94dd6b): every method gives
-the same masks, and heatmaps within 1e-5 (``ROUNDING`` for those that amplify float rounding), on two test scenes
-(one cropped to a non-square size). The outputs that go through DiffSeg (segments, named segments, Ref-Diff's proposals, OVDiff's foreground split) were pinned again
-when DiffSeg was made to compute what google/diffseg computes (tests/test_parity.py; CHANGELOG), named segments
-again when they took the name of highest contrast (issue #33), when the default prompt became "the A, the B, and
-the C", when the heads came to be weighed by their information and when each name came to be encoded on its own
-(``phrase_conditioning``), and DiffCut's segments, the default since, were
-pinned then too. The attention masks were pinned when threshold "auto" meant what "otsu" means now, under AggSD's
-"a photo of A, B, and C", with the heads averaged."""
+"""The bundled Shapes model's outputs, pinned before the core was restructured (commit e94dd6b): every method gives the
+same masks, and heatmaps within 1e-5 (``ROUNDING`` for those that amplify float rounding), on two test scenes (one
+cropped to a non-square size). The outputs that go through DiffSeg (segments, named segments, Ref-Diff's proposals,
+OVDiff's foreground split) were pinned again when DiffSeg was made to compute what google/diffseg computes
+(tests/test_parity.py; CHANGELOG), named segments again when they took the name of highest contrast (issue #33),
+when the default prompt became "the A, the B, and the C", when the heads came to be weighed by their information and
+when each name came to be encoded on its own (``phrase_conditioning``), and DiffCut's segments, the default since,
+were pinned then too. The attention masks were pinned when threshold "auto" meant what "otsu" means now, under
+AggSD's "a photo of A, B, and C", with the heads averaged."""
 
 import numpy as np
 import pytest
