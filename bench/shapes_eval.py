@@ -255,7 +255,8 @@ def absent_rows(masker, scenes, min_presence: float = 0.0) -> dict[str, dict]:
                     scores.append(float(out.presence[phrase][0]))
                     present.append(is_present)
     gray = np.full_like(scenes[0].image, 0.5)
-    gray_area = float(masker.mask(gray, object_phrases(scenes[0])[0], min_presence=min_presence).masks[0].float().mean())
+    gray_mask = masker.mask(gray, object_phrases(scenes[0])[0], min_presence=min_presence).masks[0]
+    gray_area = float(gray_mask.float().mean())
     print(f"absent phrases ({len(empty)}), min_presence {min_presence}: {np.mean(empty):.3f} given an empty mask; "
           f"mean area selected {np.mean(area):.3f}; present phrases given an empty mask: {np.mean(lost):.3f}; "
           f"a gray image: {gray_area:.3f} selected")

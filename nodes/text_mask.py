@@ -63,8 +63,9 @@ class TextMask:
                 "min_presence": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.005,
                                            "tooltip": "attention only: a phrase whose presence score is below this "
                                                       "selects nothing, so a phrase naming nothing in the image gives "
-                                                      "an empty mask (0 = off). The score depends on the model: try "
-                                                      "a few images with and without the thing."}),
+                                                      "an empty mask (0 = off). The score depends on the model and "
+                                                      "on the other phrases: try a few images with and without the "
+                                                      "thing."}),
             },
         }
 

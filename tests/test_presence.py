@@ -84,3 +84,60 @@ def test_the_cli_gate(tmp_path):
         assert main(args) == 0
     assert np.asarray(Image.open(tmp_path / "open.png")).any()
     assert not np.asarray(Image.open(tmp_path / "shut.png")).any()
+
+
+def test_presence_is_the_head_mean_maps_information_on_ref_diffs_grid():
+    # Layers at 8×8, 4×4 (the coarsest outside the mid block), a mid-block 2×2 and a one-pixel grid, which says
+    # nothing about where a phrase is and is left out, as a model whose every grid were one pixel would give None.
+    import math
+
+    from textmask.capture import AttentionLayer
+    from textmask.methods import CrossAttentionMaps
+
+    g = torch.Generator().manual_seed(2)
+    groups = [[1, 2], [5]]
+    maps, mean = CrossAttentionMaps(groups), CrossAttentionMaps(groups, heads="mean")
+    layers = [("down.0", (8, 8)), ("down.1", (4, 4)), ("up.0", (4, 4)), ("mid_block.0", (2, 2)), ("down.2", (1, 1))]
+    expected = []
+    for i, (name, size) in enumerate(layers):
+        n = size[0] * size[1]
+        p = (torch.rand(2, 3, n, 10, generator=g) * 6).softmax(-1)  # [B, heads, N, keys]
+        layer = AttentionLayer(name, "cross", i + 1, i + 1, size, 3)
+        maps(layer, 0, p)
+        mean(layer, 0, p.mean(1))
+        if size == (4, 4):
+            phrase = torch.stack([p[..., group].mean(-1) for group in groups], -1).mean(1)  # [B, N, P]
+            dist = phrase / phrase.sum(1, keepdim=True)
+            expected.append(1 + (dist * dist.log()).sum(1) / math.log(n))
+    presence = maps.presence()
+    torch.testing.assert_close(presence, torch.stack(expected).mean(0), atol=1e-6, rtol=0)
+    assert presence.shape == (2, 2) and ((presence > 0) & (presence < 1)).all()
+    assert mean.presence() is None
+    alone = CrossAttentionMaps(groups)
+    alone(AttentionLayer("down.0", "cross", 1, 1, (1, 1), 3), 0, torch.rand(2, 3, 1, 10).softmax(-1))
+    assert alone.presence() is None
+
+
+def test_min_presence_holds_for_a_fixed_threshold_and_on_video(shapes):
+    image = make_scene(split_seeds("val", 1)[0]).image
+    plain = shapes.mask(image, "green star AND NOT red circle", threshold=0.0)
+    gate = (float(plain.presence["green star"][0]) + float(plain.presence["red circle"][0])) / 2
+    assert plain.presence["green star"] > plain.presence["red circle"]
+    # At threshold 0 every pixel passes "red circle" alone, so without the gate nothing is left of the star.
+    assert not plain.masks.any()
+    gated = shapes.mask(image, "green star AND NOT red circle", threshold=0.0, min_presence=gate)
+    assert gated.masks.all() and not gated.terms["red circle"].any()  # NOT (nothing) leaves all of threshold 0
+    frames = np.stack([image, np.full_like(image, 0.5), image])
+    smoothed = shapes.mask(frames, "green star", temporal=1.0).presence["green star"]
+    raw = shapes.mask(frames, "green star").presence["green star"]
+    assert smoothed[1] > raw[1] and smoothed[0] < raw[0]  # the gray frame's score is pulled towards its neighbours'
+
+
+def test_a_trace_measures_and_gates_presence_as_mask_does(shapes):
+    image = make_scene(split_seeds("val", 1)[0]).image
+    trace = shapes.trace(image)
+    out = trace.mask("green star | red circle")
+    assert list(out.presence) == ["green star", "red circle"]
+    assert all(v.shape == (1,) and 0 < float(v[0]) < 1 for v in out.presence.values())
+    assert out.masks.any() and not trace.mask("green star | red circle", min_presence=1.0).masks.any()
+    assert trace.mask("green star", heads="mean").presence == {}

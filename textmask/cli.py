@@ -94,8 +94,7 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill-holes", action="store_true", help="fill holes inside masked regions")
     p.add_argument("--invert", action="store_true", help="invert the mask")
     p.add_argument("--negative", default=None, help="mask prompt to subtract")
-    p.add_argument("--min-presence", type=checked(lambda v: options.in_range("min-presence", v, 0.0, 1.0)),
-                   default=0.0, metavar="P",
+    p.add_argument("--min-presence", type=checked(options.min_presence), default=0.0, metavar="P",
                    help="a phrase whose presence score (0-1, attention only) is below P selects nothing (default 0: "
                         "off; docs/quality.md, \"Absence\")")
     p.add_argument("--prompt", default=None, help="caption to condition on; phrases must occur in it")
@@ -401,6 +400,9 @@ def run_mask(args: argparse.Namespace) -> None:
     checked_images(files, args)  # unreadable or too large images fail before any work; pixels decode one at a time
     if (args.method == "ld-znet") != (args.ldznet is not None):
         raise CliError("--method ld-znet and --ldznet PATH go together")
+    if args.min_presence > 0 and args.method != "attention":
+        raise CliError(f"--min-presence reads the presence that --method attention measures; {args.method} measures "
+                       "none")
     if args.ldznet is not None and (not args.ldznet.strip() or not Path(args.ldznet).is_file()):
         raise CliError(f"LD-ZNet weights not found: '{args.ldznet}'")
     with Outputs(inputs=files) as outputs:

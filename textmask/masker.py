@@ -80,9 +80,10 @@ class TextMasker:
         (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
         which pixels they cover. ``pamr`` (default on) refines every map along the image's own edges
         (``postprocess.pamr``, on a grid twice the latent's) before thresholding. ``temporal`` (σ in frames, default 0 =
-        off) smooths the maps over neighbouring images of the batch, for the frames of a video. ``MaskResult.presence``
-        says how surely each phrase is in each image (``attention``; ``CrossAttentionMaps.presence``), and a phrase
-        below ``min_presence`` (default 0 = off) selects nothing: its term is empty in the mask prompt's logic.
+        off) smooths the maps over neighbouring images of the batch, for the frames of a video, and the presence.
+        ``MaskResult.presence`` says how surely each phrase is in each image (``attention``;
+        ``CrossAttentionMaps.presence``); a phrase below ``min_presence`` (default 0 = off) selects nothing, its term
+        empty in the mask prompt's logic.
         """
         chosen = get_method(method)
         soft, fill_holes, invert, pamr = options.flags(soft=soft, fill_holes=fill_holes, invert=invert, pamr=pamr)
@@ -101,12 +102,10 @@ class TextMasker:
         phrases = mp.phrases(expr)
         if latents is not None and chosen.needs_images:
             raise TextMaskError(f"method '{method}' encodes the images itself; pass images, not latents")
-        min_presence = options.in_range("min_presence", min_presence, 0.0, 1.0)
+        min_presence = options.min_presence(min_presence)
         decoder = chosen.setup(self.host, phrases, prompt, **method_options)
-        if min_presence > 0 and not decoder.measures_presence:
-            raise TextMaskError(f"min_presence needs the method 'attention' with heads='information' and aggregation="
-                                f"'aggsd', which measure each phrase's presence; method '{method}' with these "
-                                "options does not")
+        if not decoder.measures_presence:  # fail before the forward, not after it
+            pp.presence_gate(None, min_presence)
         images = forward.prepare_images(self.host, images, resolution or decoder.resolution,
                                         max(self.host.geometry.size_multiple, decoder.size_multiple or 0))
         blur, grow = options.blur(blur, images.size), options.grow(grow, images.size)
@@ -128,11 +127,11 @@ class TextMasker:
                                    self.host.geometry.latent_factor)
         maps = pp.temporal_smooth(maps, temporal)
         presence = decoder.presence
-        if presence is not None and min_presence > 0:
-            maps = maps * (presence >= min_presence)[..., None, None]  # an absent phrase's map: nothing selected
+        if presence is not None:
+            presence = pp.over_frames(presence, temporal)  # as the maps are, so a gated phrase does not blink
         result = pp.masks_from_maps(expr, phrases, maps, images.size, region, threshold,
                                     chosen.auto_threshold, soft=soft, blur=blur, grow_px=grow, fill=fill_holes,
-                                    invert_mask=invert)
+                                    invert_mask=invert, present=pp.presence_gate(presence, min_presence))
         if presence is not None:
             result.presence = {p: presence[:, i].contiguous() for i, p in enumerate(phrases)}
         return result

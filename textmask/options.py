@@ -70,6 +70,11 @@ def grow(value: Any, size: tuple[int, int]) -> float:
     return in_range("grow", value, -d, d, unit=" pixels (the image's diagonal either way)")
 
 
+def min_presence(value: Any) -> float:
+    """The presence below which a phrase selects nothing, in [0, 1] (``CrossAttentionMaps.presence``); 0 is off."""
+    return in_range("min_presence", value, 0.0, 1.0)
+
+
 def temporal(value: Any) -> float:
     """σ, in frames, of the Gaussian that smooths a batch's maps over neighbouring frames: 0 (off) to 64."""
     return in_range("temporal", value, 0, MAX_TEMPORAL, unit=" frames (0 = off)")

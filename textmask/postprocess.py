@@ -208,28 +208,50 @@ def edge_refined(maps: torch.Tensor, pixels: torch.Tensor, working: tuple[int, i
     return torch.cat(out)
 
 
-def temporal_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Maps [B, P, h, w] of consecutive frames averaged over neighbouring frames with a Gaussian of ``sigma``
-    frames (edges repeat the first and last frame), so a video batch's masks do not flicker; 0 returns them as they
-    are. Each map is normalised again, as every map is."""
-    if sigma <= 0 or maps.shape[0] < 2:
-        return maps
+def over_frames(values: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Values [B, ...] of consecutive frames averaged over neighbouring frames with a Gaussian of ``sigma`` frames
+    (edges repeat the first and last frame); 0, or a single frame, returns them as they are."""
+    if sigma <= 0 or values.shape[0] < 2:
+        return values
     from scipy.ndimage import gaussian_filter1d
 
-    smoothed = gaussian_filter1d(maps.float().cpu().numpy(), float(sigma), axis=0, mode="nearest", truncate=3.0)
-    return normalize(torch.from_numpy(smoothed).to(maps.device))
+    smoothed = gaussian_filter1d(values.float().cpu().numpy(), float(sigma), axis=0, mode="nearest", truncate=3.0)
+    return torch.from_numpy(smoothed).to(values.device)
+
+
+def temporal_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Maps [B, P, h, w] smoothed ``over_frames``, so a video batch's masks do not flicker, each normalised again
+    as every map is; 0 returns them as they are."""
+    if sigma <= 0 or maps.shape[0] < 2:
+        return maps
+    return normalize(over_frames(maps, sigma))
+
+
+def presence_gate(presence: torch.Tensor | None, min_presence: float) -> torch.Tensor | None:
+    """Where each phrase's presence [B, P] reaches ``min_presence`` (bool [B, P]); None when the gate is off (0)."""
+    if min_presence == 0:
+        return None
+    if presence is None:
+        from .errors import TextMaskError
+
+        raise TextMaskError("min_presence needs a presence score, which `attention` measures with heads='information' "
+                            "and aggregation='aggsd' on an attention grid larger than one pixel; use those (the "
+                            "defaults) or a larger resolution, or leave min_presence at 0")
+    return presence >= min_presence
 
 
 def masks_from_maps(expr, phrases: list[str], maps: torch.Tensor, size: tuple[int, int],
                     region: tuple[int, int, int, int], threshold: float | str,
                     auto_threshold: float | str | None = None, *, soft: bool = False, blur: float = 0.0,
-                    grow_px: float = 0.0, fill: bool = False, invert_mask: bool = False):
+                    grow_px: float = 0.0, fill: bool = False, invert_mask: bool = False,
+                    present: torch.Tensor | None = None):
     """The ``MaskResult`` of a mask prompt from its phrases' normalised maps [B, P, h, w].
 
     Each phrase is thresholded on its own map ("auto": Otsu's, keeping a one-thing phrase's strongest regions,
     unless the method's ``auto_threshold`` says "otsu" or gives the value its calibrated maps take), the maps are
     resized onto ``region`` = (top, left, h, w) of an image of ``size`` (nothing outside it), combined by the
-    prompt's logic, then filled, grown, inverted and blurred.
+    prompt's logic, then filled, grown, inverted and blurred. Where ``present`` [B, P] (bool) is False, the phrase
+    selects nothing at any threshold and its map is empty: "A AND NOT B" is then A.
     """
     from .mask_prompt import evaluate
     from .results import MaskResult
@@ -240,7 +262,11 @@ def masks_from_maps(expr, phrases: list[str], maps: torch.Tensor, size: tuple[in
         raise TextMaskError(f"the word maps came out NaN or infinite; {NONFINITE_HINT}")
     if threshold == "auto" and auto_threshold is not None:
         threshold = auto_threshold
+    if present is not None:
+        maps = maps * present[..., None, None]
     t = thresholds(maps, threshold)  # on the method's own grid, per image and phrase
+    if present is not None:
+        t = torch.where(present[..., None, None], t, torch.inf)
     top, left, h, w = region
     heat = resize(maps, (h, w)).clamp(0, 1)  # [B, P, h, w] over the pixels the latents cover
     if (h, w) != tuple(size):

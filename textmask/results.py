@@ -14,7 +14,8 @@ class MaskResult:
     masks: torch.Tensor  # [B, H, W] in [0, 1], 1 = selected (inpaint)
     heatmaps: torch.Tensor  # [B, H, W], the combined soft map before thresholding
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # phrase -> [B, H, W] normalised heatmap
-    # phrase -> [B] in [0, 1]: how surely it is in each image (``attention``'s default heads; empty otherwise)
+    # phrase -> [B] in [0, 1]: how surely it is in each image (``attention`` with its default heads and
+    # aggregation; empty otherwise)
     presence: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property

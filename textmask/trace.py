@@ -45,6 +45,10 @@ class Trace:
         """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default: the phrases' own
         encodings, joined, as ``mask`` reads them: ``phrase_conditioning``), its heads weighed as ``heads`` says
         (``CrossAttentionMaps``), refined along the traced self-attention if the trace kept it."""
+        return self._maps(phrases, prompt, refine_mode, refine_steps, heads)[0]
+
+    def _maps(self, phrases, prompt, refine_mode, refine_steps, heads) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``maps``, and each phrase's presence [B, P] (CPU; None where ``CrossAttentionMaps.presence`` is)."""
         refine_mode, refine_steps = refine_options(refine_mode, refine_steps)
         if prompt is not None and not isinstance(prompt, str):
             raise TextMaskError(f"prompt must be text, got {type(prompt).__name__}")
@@ -69,16 +73,17 @@ class Trace:
                                                     per_head=cross.need.values == "head_probs"):
                     cross(layer, start, chunk)
             maps = cross.aggregate()
+            presence = cross.presence()
             if self.self_attention is not None:
                 maps = refine_with_self_attention(maps, self.self_attention, self.self_size, refine_mode,
                                                   int(refine_steps))
-        return maps.float().cpu()
+        return maps.float().cpu(), None if presence is None else presence.float().cpu()
 
     def mask(self, mask_prompt: str, *, negative: str | None = None, prompt: str | None = None,
              threshold: float | str = "auto", soft: bool = False, blur: float = 0.0, grow: float = 0.0,
              fill_holes: bool = False, invert: bool = False, pamr: bool = defaults.PAMR,
              refine_mode: str = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS,
-             heads: str = defaults.HEADS) -> MaskResult:
+             heads: str = defaults.HEADS, min_presence: float = 0.0) -> MaskResult:
         """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
         and defaults (``negative``: what to take out, as there); ``prompt`` is the text whose keys the queries meet
         (default: as ``mask``'s, ``phrase_conditioning``)."""
@@ -89,13 +94,20 @@ class Trace:
         expr = mp.with_negative(mp.parse(mask_prompt), negative)
         phrases = mp.phrases(expr)
         blur, grow = options.blur(blur, self.images.size), options.grow(grow, self.images.size)
-        maps = self.maps(phrases, prompt, refine_mode, refine_steps, heads)
+        min_presence = options.min_presence(min_presence)
+        if heads != "information":  # fail before re-querying, not after
+            pp.presence_gate(None, min_presence)
+        maps, presence = self._maps(phrases, prompt, refine_mode, refine_steps, heads)
         region = (0, 0, *self.images.size)
         if pamr:
             maps = pp.edge_refined(maps, self.images.pixels, self.images.working, self.images.size, region,
                                    self.host.geometry.latent_factor)
-        return pp.masks_from_maps(expr, phrases, maps, self.images.size, region, threshold, None, soft=soft,
-                                  blur=blur, grow_px=grow, fill=fill_holes, invert_mask=invert)
+        result = pp.masks_from_maps(expr, phrases, maps, self.images.size, region, threshold, None, soft=soft,
+                                    blur=blur, grow_px=grow, fill=fill_holes, invert_mask=invert,
+                                    present=pp.presence_gate(presence, min_presence))
+        if presence is not None:
+            result.presence = {p: presence[:, i].contiguous() for i, p in enumerate(phrases)}
+        return result
 
 
 def trace(host: Host, images, *, prompt: str = "", refine: bool = defaults.REFINE, timestep: int = defaults.TIMESTEP,

@@ -121,9 +121,10 @@ class CrossAttentionMaps:
         """Add the held layers into their grids' sums, each head weighed by its information: one batch per grid."""
         for (size, _), held in self._held.items():
             maps = torch.stack([m for _, _, m in held])  # [L, B, H, N, P]
-            mean_information = head_information(maps.mean(-3, keepdim=True))[:, :, 0, 0] / math.log(maps.shape[-2])
-            for (name, _, _), information in zip(held, mean_information):
-                self._information[name] = (size, information)
+            if maps.shape[-2] > 1:  # a one-pixel grid says nothing about where, nor whether
+                information = head_information(maps.mean(-3, keepdim=True))[:, :, 0, 0] / math.log(maps.shape[-2])
+                for (name, _, _), layer_information in zip(held, information):
+                    self._information[name] = (size, layer_information)
             info = head_information(maps)
             info = info + (info.sum(-3, keepdim=True) == 0)  # no head localises the phrase: their mean
             layer_weights = torch.tensor([w for _, w, _ in held], device=maps.device).view(-1, 1, 1, 1)
@@ -135,7 +136,8 @@ class CrossAttentionMaps:
     def presence(self) -> torch.Tensor | None:
         """How surely each phrase is in each image, [B, P] in [0, 1]: the information of its head-averaged map over
         the layer's N pixels, log N − entropy, in units of log N (0 for a map spread evenly, 1 for one pixel), the
-        mean over the layers at ``attribution_grid``. None with ``heads="mean"``, which keeps no layer's map whole.
+        mean over the layers at ``attribution_grid`` of the grids larger than one pixel. None with ``heads="mean"``,
+        which keeps no layer's map whole, and where every grid is one pixel.
 
         Of the signals one forward computes, this one best told Shapes' present phrases from absent ones
         (docs/quality.md, "Absence"); there a phrase's map spreads where the phrase names nothing, and sharpens
@@ -454,8 +456,9 @@ class AttentionDecoder:
             collectors.append(selfagg)
         forward.eps(host, x, sigma, self.cond.select([0] * x.shape[0]), latents, collectors)
         maps = normalize(cross.result()) if self.aggregation == "daam" else cross.aggregate()
-        if self.measures_presence:
-            found = cross.presence().float().cpu()
+        found = cross.presence() if self.measures_presence else None
+        if found is not None:  # every call's or none: each call's grids are the same
+            found = found.float().cpu()
             self.presence = found if self.presence is None else torch.cat([self.presence, found])
         if self.refine:
             maps = refine_with_self_attention(maps, selfagg.result(), selfagg.size, self.mode, self.steps)
