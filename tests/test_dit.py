@@ -170,6 +170,18 @@ def test_phrases_share_one_listing_prompt(pipe):
     assert groups == [cond.token_maps[0].find("red car"), cond.token_maps[0].find("sky")]
 
 
+def test_presence_is_measured_on_the_joint_attention(pipe):
+    # The MM-DiT's token grid is one grid, so presence is its layers' mean; the gate works as on a UNet.
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    images = torch.rand(2, 40, 36, 3)
+    out = masker.mask(images, "red car | sky")
+    assert list(out.presence) == ["red car", "sky"]
+    for score in out.presence.values():
+        assert score.shape == (2,) and torch.isfinite(score).all() and ((score > 0) & (score < 1)).all()
+    none = masker.mask(images, "red car | sky", min_presence=1.0)
+    assert none.masks.shape == (2, 40, 36) and not none.masks.any()
+
+
 def test_unet_only_paths_refuse_in_one_line(sd3_pipe):
     masker = TextMasker.from_pipe(sd3_pipe, resolution=64)
     image = torch.rand(1, 32, 32, 3)
