@@ -55,7 +55,11 @@ def mask_controls(script: scripts.Script):
                            lines=1, elem_id=script.elem_id("names"))
         support = gr.Slider(label="OVDiff support images per name", minimum=1, maximum=64, step=1,
                             value=OVDIFF_IMAGES, elem_id=script.elem_id("support"))
-    return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names, support]
+    # The score's scale is the model's, so the slider's step is fine: Shapes' present phrases sit above 0.03.
+    min_presence = gr.Slider(label="Minimum presence (attention; 0 = off): a phrase scored below it selects nothing",
+                             minimum=0, maximum=1, step=0.005, value=0, elem_id=script.elem_id("min_presence"))
+    return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names, support,
+            min_presence]
 
 
 def webui_model():
@@ -79,7 +83,7 @@ def ovdiff_cache() -> str | None:
 
 
 def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, names="",
-                  support=OVDIFF_IMAGES):
+                  support=OVDIFF_IMAGES, min_presence=0.0):
     """Masks [N, H, W] and heatmaps for p.init_images at their own size, from the webui's model."""
     if len(p.init_images) > 1:  # the webui inpaints every init image with its one image_mask
         raise TextMaskError(f"Text Mask makes one mask, and the webui would inpaint all {len(p.init_images)} init "
@@ -89,7 +93,8 @@ def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, 
     masker = TextMasker(webui_host(webui_model()))
     kwargs = dict(method=method, negative=negative or None, names=names, ldznet=ldznet, refine=refine,
                   threshold=threshold, soft=soft, blur=blur, grow=grow, invert=invert,
-                  seed=int(getattr(p, "seed", 0) or 0) % 2**31, ovdiff_images=support, cache_dir=ovdiff_cache())
+                  seed=int(getattr(p, "seed", 0) or 0) % 2**31, ovdiff_images=support, cache_dir=ovdiff_cache(),
+                  min_presence=min_presence)
     masks, heats = [], []
     for img in images:  # init images may differ in size
         res = mask_any(masker, img, prompt, **kwargs)
@@ -149,9 +154,9 @@ class TextMaskScript(scripts.Script):
         return mask_controls(self)
 
     def run(self, p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names="",
-            support=OVDIFF_IMAGES):
+            support=OVDIFF_IMAGES, min_presence=0.0):
         masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft,
-                                     names, support)
+                                     names, support, min_presence)
         apply_mask(p, masks[0], soft)
         processed = processing.process_images(p)
         if show:
@@ -180,12 +185,12 @@ class TextMaskInpaint(scripts.Script):
     # process(), not before_process(): the webui applies a request's override_settings (a checkpoint among them) and
     # Forge loads its model between the two, and both read image_mask only after process(), in p.init.
     def process(self, p, enabled, mode, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft,
-                show, names="", support=OVDIFF_IMAGES):
+                show, names="", support=OVDIFF_IMAGES, min_presence=0.0):
         if not enabled or not getattr(p, "init_images", None):
             return
         try:
             masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert,
-                                         soft, names, support)
+                                         soft, names, support, min_presence)
         except Exception as e:
             refuse_generation(p, e)
             raise

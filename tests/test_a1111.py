@@ -175,7 +175,7 @@ def test_forge_goes_through_the_comfy_adapter():
 
 # ---- the script ----------------------------------------------------------------------------------------
 ARGS = dict(prompt="red car", negative="", method="attention", ldznet="", refine=True, threshold="auto", blur=0.0,
-            grow=0, invert=False, soft=False, show=True, names="", support=32)
+            grow=0, invert=False, soft=False, show=True, names="", support=32, min_presence=0.0)
 
 
 def init_image(w=53, h=37, seed=0):
@@ -269,6 +269,23 @@ def test_refer_takes_no_negative_and_unknown_methods_are_named(webui, monkeypatc
         script_mod.TextMaskScript().run(p, *dict(ARGS, method="refer", negative="wheels").values())
     with pytest.raises(Exception, match="unknown method 'sam'; choose one of attention, .*refer, named segments, ovdiff"):
         script_mod.TextMaskScript().run(p, *dict(ARGS, method="sam").values())
+    with pytest.raises(TextMaskError, match="min_presence needs a presence score"):
+        script_mod.TextMaskScript().run(p, *dict(ARGS, method="refer", min_presence=0.5).values())
+
+
+def test_minimum_presence_empties_the_mask_and_older_requests_keep_working(webui, monkeypatch):
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    painted = np.zeros((37, 53), np.uint8)
+    painted[:, :10] = 255
+    for mode, want in (("replace", np.zeros_like(painted)), ("add", painted)):  # nothing scores 1: nothing added
+        p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted))
+        script_mod.TextMaskInpaint().process(p, True, mode, *dict(ARGS, min_presence=1.0).values())
+        assert np.array_equal(np.asarray(p.image_mask), want)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
+    script_mod.TextMaskScript().run(p, *list(ARGS.values())[:-3])  # a request from before names, support, presence
+    assert np.asarray(processing.calls[-1]["image_mask"]).any()
 
 
 def test_scripts_mask_with_the_model_processing_will_load(webui, monkeypatch):

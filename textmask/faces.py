@@ -40,10 +40,11 @@ def mask_any(masker, image, prompt: str, *, method: str = "attention", negative:
              names: str | Sequence[str] | None = None, ldznet: Any = None, refine: bool | None = None,
              threshold: float | str = "auto", soft: bool = False, blur: float = 0.0, grow: float = 0.0,
              invert: bool = False, seed: int = 0, ovdiff_images: int = OVDIFF_IMAGES,
-             cache_dir: str | Path | None = None) -> MaskResult:
+             cache_dir: str | Path | None = None, min_presence: float = 0.0) -> MaskResult:
     """The ``MaskResult`` of ``prompt`` on ``image`` (one image, or a batch of one size) by ``method``.
 
     ``threshold`` and ``soft`` shape the attention methods' maps; the segment methods' masks are already binary.
+    ``min_presence`` (``attention`` only; 0 = off) empties the phrases whose presence score is below it.
     ``ovdiff`` builds (or reuses from ``cache_dir``) prototypes of ``ovdiff_images`` support images per name,
     sampled by the host.
     """
@@ -54,10 +55,13 @@ def mask_any(masker, image, prompt: str, *, method: str = "attention", negative:
     soft, invert = options.flags(soft=soft, invert=invert)
     refine = None if refine is None else options.flag("refine", refine)
     negative = options.text("the negative mask prompt", negative)
+    if method in (REFER, NAMED, OVDIFF):  # they measure no presence
+        pp.presence_gate(None, options.min_presence(min_presence))
     if method in METHODS:
         kwargs: dict[str, Any] = {"ldznet": ldznet} if method == "ld-znet" else {}
         return masker.mask(image, prompt, method=method, negative=negative, refine=refine, threshold=threshold,
-                           soft=soft, blur=blur, grow=grow, invert=invert, seed=seed, **kwargs)
+                           soft=soft, blur=blur, grow=grow, invert=invert, seed=seed, min_presence=min_presence,
+                           **kwargs)
     if method == REFER:
         if negative and negative.strip():
             raise TextMaskError("refer selects the one object its expression names; leave the negative mask prompt "
