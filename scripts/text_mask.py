@@ -55,7 +55,7 @@ def mask_controls(script: scripts.Script):
                            lines=1, elem_id=script.elem_id("names"))
         support = gr.Slider(label="OVDiff support images per name", minimum=1, maximum=64, step=1,
                             value=OVDIFF_IMAGES, elem_id=script.elem_id("support"))
-    # The score's scale is the model's, so the slider's step is fine: Shapes' present phrases sit above 0.03.
+    # A fine step: the score's scale is the model's, and Shapes' present phrases score from about 0.03.
     min_presence = gr.Slider(label="Minimum presence (attention; 0 = off): a phrase scored below it selects nothing",
                              minimum=0, maximum=1, step=0.005, value=0, elem_id=script.elem_id("min_presence"))
     return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names, support,
