@@ -118,6 +118,14 @@ def test_grow_soft_mask():
     assert g.max() == 0.5 and (g > 0).sum() > (m > 0).sum()
 
 
+@pytest.mark.parametrize("pixels", [0.3, -0.3, 0.5, -0.99, 1e-9])
+def test_growing_by_under_a_pixel_changes_nothing_soft_or_binary(pixels):
+    """A disc under one pixel holds only its centre: both masks stay as they are (a soft one crashed at 0.5)."""
+    for m in (square() * 0.5, square()):
+        assert torch.equal(pp.grow(m, pixels), m)
+    assert (pp.grow(square() * 0.5, 1) > 0).sum() > (square() > 0).sum()
+
+
 def test_fill_holes_and_invert():
     ring = square(lo=10, hi=31)
     ring[0, 15:26, 15:26] = 0

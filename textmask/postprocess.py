@@ -132,6 +132,8 @@ def grow(mask: torch.Tensor, pixels: float) -> torch.Tensor:
     def soft(m: np.ndarray) -> np.ndarray:
         from skimage.morphology import dilation, disk, erosion
 
+        if r < 1:  # a disc under one pixel holds only its centre, as the binary rule finds
+            return m
         footprint = disk(int(round(r)), decomposition="sequence")
         return (dilation if pixels > 0 else erosion)(m, footprint)
 
