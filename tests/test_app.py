@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from textmask.errors import TextMaskError
@@ -57,6 +58,21 @@ def test_refer_and_named_segments_in_the_app(shapes_masker, tmp_path, method, pr
     dropdown = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "method")
     assert method in [c[0] if isinstance(c, tuple) else c for c in dropdown.choices]
     app.textmask_cleanup()
+
+
+def test_a_names_stuff_or_thing_kind_is_ovdiffs_and_named_segments_read_the_name(shapes_masker, tmp_path):
+    """"yellow triangle:stuff" means yellow triangle to named segments (the kind is OVDiff's), in the selection and in the other
+    names alike, and a kind with no name is one line."""
+    from textmask.faces import mask_any
+    from textmask.images import load_image
+
+    image = load_image(scene_png(tmp_path / "scene.png"))
+    plain = mask_any(shapes_masker, image, "yellow triangle | blue square", method="named segments", names="green star")
+    kinds = mask_any(shapes_masker, image, "yellow triangle:stuff | blue square:thing", method="named segments",
+                     names="green star:thing, yellow triangle")
+    assert plain.masks.any() and torch.equal(kinds.masks, plain.masks) and list(kinds.terms) == list(plain.terms)
+    with pytest.raises(TextMaskError, match="no empty names"):
+        mask_any(shapes_masker, image, ":stuff", method="named segments")
 
 
 APP_BAD = {

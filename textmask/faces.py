@@ -72,8 +72,11 @@ def mask_any(masker, image, prompt: str, *, method: str = "attention", negative:
         expr = mp.with_negative(mp.parse(prompt), negative)
         selected = mp.phrases(expr)
         vocabulary = selected + [n for n in name_list(names) if n.lower() not in {p.lower() for p in selected}]
-        if method == NAMED:
-            res = masker.named_segments(image, vocabulary, seed=seed)
+        if method == NAMED:  # a name's stuff/thing kind ("sky:stuff") is OVDiff's; named segments read the name
+            kept = {}
+            for n in vocabulary:
+                kept.setdefault(parse_class(n)[0].lower(), parse_class(n)[0])
+            res = masker.named_segments(image, list(kept.values()), seed=seed)
         else:
             prototypes = masker.build_prototypes(vocabulary, images=ovdiff_images, seed=seed, cache_dir=cache_dir)
             res = masker.ovdiff(image, prototypes, seed=seed)
