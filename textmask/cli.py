@@ -281,17 +281,7 @@ def load_masker(args: argparse.Namespace, shard: Shard | None = None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if shard is not None and shard.count > 1 and device == "cuda":
         device = f"cuda:{shard.local_rank}"  # one GPU per process
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CliError(f"unknown device '{device}'") from None
-    if dev.type == "meta":
-        raise CliError(f"device '{device}' holds shapes, not values: textmask cannot compute on it; use cpu, cuda or "
-                       "mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available.get(dev.type, True):
-        raise CliError(f"device '{device}' is not available on this machine (torch {torch.__version__})")
+    options.device(device)
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     ckpt = Path(args.checkpoint)

@@ -230,3 +230,29 @@ def count(name: str, value: Any, hi: int) -> int:
 def batch_size(value: Any) -> int:
     """Images (or windows) to a forward: 1 or more."""
     return count("batch_size", value, MAX_BATCH)
+
+
+def device(value: Any):
+    """A torch device this machine can compute on, as ``torch.device``: one line for a name torch does not know, for
+    ``meta``, and for a device type it knows but has no such device for (cuda:3 on one GPU, xpu on a CUDA build)."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise TextMaskError(f"unknown device {value!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "meta":
+        raise TextMaskError(f"device '{value}' holds shapes, not values: textmask cannot compute on it; use cpu, cuda "
+                            "or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}.get(dev.type)
+    if available is None:  # a type torch names (xpu, hpu, ...) but may not be built with: try one tensor
+        try:
+            torch.empty(0, device=dev)
+            available = True
+        except Exception:  # noqa: BLE001 - each backend fails in its own way (AssertionError, RuntimeError)
+            available = False
+    if not available:
+        raise TextMaskError(f"device '{value}' is not available on this machine (torch {torch.__version__})")
+    return dev
+

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import options
 from ..checkpoint import detect_architecture, read_state_dict
 from ..errors import CheckpointError
 from ..schedule import EDMSchedule, ddpm_alphas_cumprod
@@ -120,6 +121,7 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
                     **kwargs) -> DiffusersHost:
     """Load from a diffusers-format folder (unet/, vae/, text_encoder/[, text_encoder_2/], scheduler/), or an SD3 or
     Flux one (transformer/, ``diffusers_dit.from_folder``)."""
+    options.device(device)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -164,6 +166,7 @@ def from_single_file(
 ) -> DiffusersHost:
     """Load an original-layout SD1/SD2/SDXL checkpoint (``config`` overrides the shipped component configs), or an
     SD3/Flux one (``diffusers_dit_single_file``; ``components``: a diffusers folder for what the file lacks)."""
+    options.device(device)
     from .diffusers_dit_single_file import dit_family
 
     state = read_state_dict(path)
