@@ -222,6 +222,7 @@ OUTPUT_CASES = {
     "prompt of zero-width characters": (["mask", "{t}/photo.png", "\u200b\ufeff", "--out", "{t}/m.png", *MODEL],
                                         "empty (only invisible characters)"),
     "input is a device": (["mask", "/dev/zero", "red circle", "--out", "{t}/m.png", *MODEL], "not a regular file"),
+    "a device this torch lacks": ([*MASK, "--device", "xpu"], "device 'xpu' is not available"),
 }
 
 
@@ -279,6 +280,28 @@ def test_a_failure_after_the_model_loaded_leaves_no_folder(place, capsys, monkey
     code, err = run(place, capsys, ["mask", "{t}/photo.png", "red circle", "--out", "{t}/new/deeper/m.png",
                                     "--heatmap", "{t}/new/h.png", *MODEL])
     assert code == 1 and "No space left on device" in err and "\n" not in err, err
+    assert files(place) == before
+
+
+@pytest.mark.parametrize("command", [["mask", "{t}/f", "red circle", "--out", "{t}/out", "--heatmap", "{t}/heat"],
+                                     ["segments", "{t}/f", "--out", "{t}/out"]])
+@pytest.mark.parametrize("bad", ["truncated jpg", "NaN tiff"])
+def test_a_bad_image_late_in_a_folder_stops_it_before_any_output(place, capsys, command, bad):
+    """Each image is decoded and checked before the model loads, so a file that only fails when its pixels are read
+    (a cut-off JPEG, a float TIFF of NaN) stops the run before the good images before it are written."""
+    write_image(place / "f" / "a.png")
+    if bad == "truncated jpg":
+        Image.open(place / "f" / "a.png").save(place / "src.jpg", quality=95)
+        data = (place / "src.jpg").read_bytes()
+        (place / "src.jpg").unlink()
+        (place / "f" / "b.jpg").write_bytes(data[: len(data) * 2 // 3])
+        name = "b.jpg"
+    else:
+        Image.fromarray(np.full((40, 48), np.nan, np.float32), mode="F").save(place / "f" / "b.tif")
+        name = "b.tif"
+    before = files(place)
+    code, err = run(place, capsys, [*command, *MODEL])
+    assert code == 2 and name in err and "\n" not in err, err
     assert files(place) == before
 
 
@@ -612,6 +635,12 @@ API_CASES = {
     "image path is a folder": (lambda m: m.mask(ROOT, "a"), "is a folder; pass an image file"),
     "image path is a device": (lambda m: m.mask("/dev/zero", "a"), "not a regular file"),
     "latents smaller than the minimum": (lambda m: m.mask(IMAGE, "a", latents=torch.zeros(1, 4, 1, 1)), "under 32"),
+    # Fourth sweep: a trace's maps given no list, a device torch names but this build lacks
+    "trace maps of nothing": (lambda m: m.trace(IMAGE).maps([]), "give at least one phrase"),
+    "trace maps of a number": (lambda m: m.trace(IMAGE).maps([5]), "phrases must be a list of words"),
+    "trace maps of a string": (lambda m: m.trace(IMAGE).maps("red square"), "phrases must be a list of words"),
+    "a device this torch lacks": (lambda m: __import__("textmask").TextMasker.from_pretrained(MODEL_DIR, device="xpu"),
+                                  "device 'xpu' is not available"),
 }
 
 
@@ -648,6 +677,26 @@ def test_api_accepts_what_it_can_use(masker):
         res = masker.mask(array, "red circle", refine=False)
         assert res.masks.shape == (1, 40, 48)
         assert (res.heatmaps - a.heatmaps).abs().max() < 0.1  # the same picture, not a white one
+
+
+def test_quantized_tensors_and_32_bit_integer_images_are_read_as_pictures(masker):
+    """A quantized tensor is its float values; a PIL "I" image past 16 bits is scaled by the 32 bits' range, as an
+    int32 array is, not refused as floats out of [0, 1]."""
+    from textmask.images import to_batch
+
+    q = torch.quantize_per_tensor(torch.from_numpy(IMAGE).float(), 1 / 255, 0, torch.quint8)
+    assert masker.mask(q, "red circle", refine=False).masks.shape == (1, 40, 48)
+    assert torch.allclose(to_batch(q), to_batch(torch.from_numpy(IMAGE).float()), atol=1 / 255)
+    big = np.full((40, 48), 2**30, np.int32)
+    assert float(to_batch(Image.fromarray(big, mode="I")).max()) == pytest.approx(float(to_batch(big[..., None]).max()))
+    sixteen = to_batch(Image.fromarray(np.full((40, 48), 60000, np.int32), mode="I"))
+    assert float(sixteen.max()) == pytest.approx(60000 / 65535)
+
+
+def test_a_phrase_missing_from_a_long_caption_is_a_short_line(masker):
+    with pytest.raises(TextMaskError) as e:
+        masker.mask(IMAGE, "car", prompt="a photo " * 1000)
+    assert "not in the prompt" in str(e.value) and len(str(e.value)) < 300 and str(e.value).endswith("...'")
 
 
 def test_float_tiff_and_images_over_the_limit(place, monkeypatch):

@@ -348,8 +348,8 @@ def check_clip(path: str | None) -> None:
 
 
 def checked_images(files: list[Path], args: argparse.Namespace) -> list[tuple[int, int]]:
-    """Every input's (H, W), read from its header, and the options bounded by an image's size checked against it:
-    all before any model loads."""
+    """Every input's (H, W), each image decoded and checked, and the options bounded by an image's size checked
+    against it: all before any model loads."""
     from .images import check_image
 
     sizes = [check_image(f) for f in files]
@@ -387,7 +387,7 @@ def run_mask(args: argparse.Namespace) -> None:
     check_output_name("--heatmap", args.heatmap, folder)
     with_negative(parse(args.mask_prompt), args.negative)  # fail on syntax before loading a model
     options.text("--prompt", args.prompt)
-    checked_images(files, args)  # unreadable or too large images fail before any work; pixels decode one at a time
+    checked_images(files, args)  # unreadable, truncated or too large images fail before any work
     if (args.method == "ld-znet") != (args.ldznet is not None):
         raise CliError("--method ld-znet and --ldznet PATH go together")
     if args.min_presence > 0 and args.method != "attention":

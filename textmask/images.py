@@ -70,7 +70,8 @@ def _pil_to_array(img) -> np.ndarray:
     # RGBA/LA drop alpha (the mask is about the pixels); palette, 16-bit and gray become RGB in [0, 1].
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(img, dtype=np.float32)
-        a = a / (65535.0 if a.max() > 255 else 255.0)
+        top = a.max()  # PIL opens 8- and 16-bit files as "I" too: their range, else that of the 32 bits, as arrays
+        a = np.clip(a, 0, None) / (255.0 if top <= 255 else 65535.0 if top <= 65535 else float(np.iinfo(np.int32).max))
         return np.repeat(a[..., None], 3, axis=-1)
     if img.mode == "F":  # 32-bit float (TIFF): [0, 1] as it is, anything brighter scaled by its maximum
         a = np.asarray(img, dtype=np.float32)
@@ -163,8 +164,10 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def check_image(path: str | Path) -> tuple[int, int]:
-    """Check that a file is a readable image of a usable size without decoding its pixels; returns its (H, W) as
-    shown (EXIF orientation applied); raises ImageError."""
+    """Check that a file is an image the masker will read: a usable size from its header, then its pixels decoded and
+    checked as ``to_batch`` checks them, so that a truncated file or NaN pixels fail before a folder run starts
+    rather than midway; returns its (H, W) as shown (EXIF orientation applied); raises ImageError. The pixels are
+    dropped: a folder's images are checked one at a time."""
     from PIL import Image
 
     with _reading(path):
@@ -176,6 +179,10 @@ def check_image(path: str | Path) -> tuple[int, int]:
                 w, h = h, w
     if h < MIN_SIDE or w < MIN_SIDE:
         raise ImageError(f"image {path} of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")
+    try:
+        to_batch(load_image(path))
+    except ImageError as e:
+        raise ImageError(str(e) if str(path) in str(e) else f"image {path}: {e}") from None
     return h, w
 
 
@@ -195,6 +202,8 @@ def _as_hwc(x) -> np.ndarray | torch.Tensor:
             raise ImageError(f"a {kind} tensor holds no pixels to read; pass a dense tensor of the image")
         if x.is_complex():
             raise ImageError(f"unsupported image data type {x.dtype}; pass integers or floats")
+        if x.is_quantized:  # its float values are the picture
+            x = x.dequantize()
         if x.dtype == torch.bool:
             x = x.float()
         elif not x.is_floating_point():  # integers: scaled by their type's range, like arrays
