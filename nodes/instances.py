@@ -11,6 +11,7 @@ from collections import namedtuple
 
 import torch
 
+from ..textmask import options
 from ..textmask.errors import ImageError
 from ..textmask.images import rgb
 from ..textmask.relations import instances
@@ -102,8 +103,10 @@ class TextMaskToSEGS:
     def run(self, mask, image, crop_factor=3.0, drop_size=10, label="textmask"):
         """mask [B, H, W] (or [H, W]) in [0, 1], image [B', H, W, C] -> (SEGS of image 0, instances [N, H, W] float,
         per-image lists of box dicts, the instance count, the per-image counts, the instances as a list)."""
-        if mask.dim() not in (2, 3) or image.dim() != 4 or 0 in mask.shape[:-2] or len(image) == 0:
-            raise ImageError(f"the mask must be [B,H,W] and the image [B,H,W,C], B at least 1; got {list(mask.shape)} "
+        crop_factor = options.in_range("crop_factor", crop_factor, 1.0, 100.0)  # ComfyUI's bounds let NaN through
+        drop_size = options.in_range("drop_size", drop_size, 1, 8192, integer=True)
+        if mask.dim() not in (2, 3) or image.dim() != 4 or 0 in mask.shape or 0 in image.shape:
+            raise ImageError(f"the mask must be [B,H,W] and the image [B,H,W,C], no side 0; got {list(mask.shape)} "
                              f"and {list(image.shape)}")
         height, width = image.shape[1:3]
         if tuple(mask.shape[-2:]) != (height, width):

@@ -176,10 +176,19 @@ def test_batch_segs_of_the_first_image_masks_of_all(pack, node):
     (torch.zeros(0, H, W), torch.rand(1, H, W, 3)),
     (torch.zeros(1, H, W), torch.rand(0, H, W, 3)),
     (torch.full((1, H, W), float("nan")), torch.rand(1, H, W, 3)),
+    (torch.zeros(1, H, 0), torch.rand(1, H, 0, 3)),
 ])
 def test_bad_input_is_one_line(pack, node, mask, image):
     with pytest.raises(pack.textmask.errors.TextMaskError, match="mask") as e:  # the pack's own copy of textmask
         run(node, mask, image)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("crop_factor", [float("nan"), float("inf"), 0.5])
+def test_a_crop_factor_outside_its_bounds_is_one_line(pack, node, crop_factor):
+    """ComfyUI's widget bounds let NaN through, and an API prompt skips the widget."""
+    with pytest.raises(pack.textmask.errors.TextMaskError, match="crop_factor must be") as e:
+        node.run(torch.zeros(1, H, W), torch.rand(1, H, W, 3), crop_factor=crop_factor)
     assert "\n" not in str(e.value)
 
 

@@ -120,7 +120,10 @@ class TokenMap:
             if positions:
                 found.append(positions)
         if not found:
-            raise PhraseNotFoundError(f"'{phrase}' is not in the prompt '{self.prompt}'")
+            def short(text: str) -> str:  # one line, however long the texts
+                return text if len(text) <= 120 else text[:117] + "..."
+
+            raise PhraseNotFoundError(f"'{short(phrase)}' is not in the prompt '{short(self.prompt)}'")
         return found
 
     @property

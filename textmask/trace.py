@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import defaults, forward
+from . import defaults, forward, options
 from . import mask_prompt as mp
 from . import postprocess as pp
 from .capture import AttentionLayer, QueryStore, attention_probs, attention_scale
@@ -45,7 +45,7 @@ class Trace:
         """Each phrase's normalised map [B, P, h, w] (CPU), keys from ``prompt`` (default: the phrases' own
         encodings, joined, as ``mask`` reads them: ``phrase_conditioning``), its heads weighed as ``heads`` says
         (``CrossAttentionMaps``), refined along the traced self-attention if the trace kept it."""
-        return self._maps(phrases, prompt, refine_mode, refine_steps, heads)[0]
+        return self._maps(options.names(phrases, "phrases", "phrase"), prompt, refine_mode, refine_steps, heads)[0]
 
     def _maps(self, phrases, prompt, refine_mode, refine_steps, heads) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``maps``, and each phrase's presence [B, P] (CPU; None where ``CrossAttentionMaps.presence`` is)."""
