@@ -255,4 +255,3 @@ def device(value: Any):
     if not available:
         raise TextMaskError(f"device '{value}' is not available on this machine (torch {torch.__version__})")
     return dev
-
