@@ -39,7 +39,7 @@ SEGMENTER = {
 
 def segment_settings(timestep: int, segmenter: str, cut: float, edges: bool) -> dict:
     """The node's widgets as the API's arguments."""
-    return dict(timestep=None if timestep < 0 else timestep, segmenter=segmenter, cut=cut, pamr=edges)
+    return dict(timestep=None if timestep == -1 else timestep, segmenter=segmenter, cut=cut, pamr=edges)
 
 
 class SegmentEverything:

@@ -157,6 +157,15 @@ def test_node_bad_input_is_one_line(pack, sd15, case):
     assert torch.equal(before, model_output(model))
 
 
+@pytest.mark.parametrize("node", ["SegmentEverything", "NamedSegments"])
+def test_segment_nodes_read_minus_one_as_the_default_timestep_and_refuse_below_it(pack, sd15, node):
+    """-1 is the widget's "the segmenter's own"; an API prompt's -2 is one line, not the default."""
+    args = dict(names="red car") if node == "NamedSegments" else dict(kmeans=False)
+    with pytest.raises(pack.textmask.errors.TextMaskError, match="timestep") as e, torch.inference_mode():
+        pack.NODE_CLASS_MAPPINGS[node]().run(*sd15, torch.rand(1, 40, 48, 3), tau=1.1, timestep=-2, seed=0, **args)
+    assert "\n" not in str(e.value)
+
+
 def test_latent_input_maps_back_through_the_crop(pack, sd15):
     model, clip, vae = sd15
     image = torch.rand(1, 37, 53, 3)
