@@ -164,26 +164,15 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def check_image(path: str | Path) -> tuple[int, int]:
-    """Check that a file is an image the masker will read: a usable size from its header, then its pixels decoded and
-    checked as ``to_batch`` checks them, so that a truncated file or NaN pixels fail before a folder run starts
-    rather than midway; returns its (H, W) as shown (EXIF orientation applied); raises ImageError. The pixels are
-    dropped: a folder's images are checked one at a time."""
-    from PIL import Image
-
-    with _reading(path):
-        with _open(path) as img:
-            w, h = img.size
-            img.verify()
-        with Image.open(path) as img:  # verify() leaves its image unusable: the orientation needs a fresh one
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # shown rotated by a quarter turn
-                w, h = h, w
-    if h < MIN_SIDE or w < MIN_SIDE:
-        raise ImageError(f"image {path} of {w}x{h} is too small; both sides need at least {MIN_SIDE} pixels")
+    """Check that a file is an image the masker will read, by reading it as the masker does (``load_image``, whose
+    pixel limit applies before decoding, then ``to_batch``), so that a truncated file or NaN pixels fail before a
+    folder run starts rather than midway; returns its (H, W) as shown (EXIF orientation applied); raises ImageError.
+    The pixels are dropped: a folder's images are checked one at a time."""
     try:
-        to_batch(load_image(path))
+        h, w = to_batch(load_image(path)).shape[-2:]
     except ImageError as e:
-        raise ImageError(str(e) if str(path) in str(e) else f"image {path}: {e}") from None
-    return h, w
+        raise ImageError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    return int(h), int(w)
 
 
 def _as_hwc(x) -> np.ndarray | torch.Tensor:
