@@ -103,12 +103,14 @@ def attention_probs(
     # Head-strided views, not copies: matmul reads them as they are, and only a dtype change copies. Every
     # kernel counts: on a GPU a UNet forward is bound by kernel launches, not arithmetic.
     qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
-    kt = (k.float() * scale).reshape(b, m, heads, d).permute(0, 2, 3, 1)
-    if b > 1:  # matmul folds (batch, head) into one dimension, a view only if contiguous: copy once, not per chunk
+    kt = k.float().reshape(b, m, heads, d).permute(0, 2, 3, 1)
+    if b > 1:  # (batch, head) fold into one dimension, a view only if contiguous: copy once, not per chunk
         qh, kt = qh.contiguous(), kt.contiguous()
+    qh, kt = qh.reshape(b * heads, n, d), kt.reshape(b * heads, d, m)
+    unused = qh.new_empty(())  # baddbmm's addend, ignored at beta=0: the scale rides on the product, not a kernel
     rows = max(1, budget // max(1, b * heads * m * 4))
     for i in range(0, n, rows):
-        scores = torch.matmul(qh[:, :, i : i + rows], kt)
+        scores = torch.baddbmm(unused, qh[:, i : i + rows], kt, beta=0, alpha=scale).view(b, heads, -1, m)
         out = scores if logits else scores.softmax(dim=-1)
         yield i, out if per_head else out.mean(dim=1)
 

@@ -190,7 +190,8 @@ class SelfAttentionAggregate:
         self.weighting = weighting
         self.size: tuple[int, int] | None = None
         self.sum: torch.Tensor | None = None  # [B, R², R²]: the R-sized layers' probabilities, summed
-        self.smaller: dict[tuple[int, int], torch.Tensor] = {}  # size -> [B, n, n] (or [B, n, R²] by layer)
+        # size -> [B, n, n]; [B, n, R²], upsampled layer by layer, where the size does not divide R (odd latents)
+        self.smaller: dict[tuple[int, int], torch.Tensor] = {}
         self.layers: dict[tuple[int, int], int] = {}  # size -> layers seen
         self._result: torch.Tensor | None = None
 
@@ -208,7 +209,10 @@ class SelfAttentionAggregate:
             self.sum[:, start : start + rows].add_(probs, alpha=scale)  # rows already sum to 1
             return
         acc = self.smaller.get(layer.size)
-        if self.weighting == "resolution":  # keys are upsampled once, from the resolution's mean
+        if self.weighting == "resolution" or self._upsampled_once(layer.size):
+            # Keys are upsampled once, from the size's sum: DiffSeg averages a resolution's layers first, and where
+            # the grid divides R, bilinear upsampling spreads every coarse cell over exactly (R/side)² fine cells,
+            # so each layer's renormalisation is the same constant and upsampling the sum equals summing theirs.
             if acc is None:
                 acc = self.smaller[layer.size] = torch.zeros(b, layer.tokens, layer.tokens, device=probs.device)
             acc[:, start : start + rows].add_(probs)
@@ -217,6 +221,9 @@ class SelfAttentionAggregate:
             acc = self.smaller[layer.size] = torch.zeros(b, layer.tokens, self.size[0] * self.size[1],
                                                          device=probs.device)
         acc[:, start : start + rows].add_(upsampled_keys(probs, layer.size, self.size), alpha=float(layer.size[0]))
+
+    def _upsampled_once(self, size: tuple[int, int]) -> bool:
+        return self.size[0] % size[0] == 0 and self.size[1] % size[1] == 0
 
     def _add_rows(self, rows: torch.Tensor, size: tuple[int, int], weight: float) -> None:
         """Add query rows [B, n, R²] of an ``size`` grid onto the R×R query grid (nearest), times ``weight``."""
@@ -247,7 +254,10 @@ class SelfAttentionAggregate:
         else:
             total = sum(float(size[0]) * count for size, count in self.layers.items())
             for size, acc in self.smaller.items():
-                self._add_rows(acc, size, 1.0)
+                if self._upsampled_once(size):  # the size's layers summed: their mean, upsampled, times each weight
+                    self._add_rows(upsampled_keys(acc, size, self.size), size, float(size[0]) * self.layers[size])
+                else:
+                    self._add_rows(acc, size, 1.0)
             self.sum.div_(total)
         self.smaller.clear()
         self._result = self.sum
