@@ -86,8 +86,9 @@ VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::expand", 
          "aten::narrow", "aten::unbind", "aten::contiguous", "aten::empty", "aten::empty_strided", "aten::lift_fresh",
          "aten::result_type", "aten::resolve_conj", "aten::resolve_neg", "aten::_unsafe_view", "aten::is_nonzero",
          "aten::item", "aten::_local_scalar_dense", "aten::size", "aten::stride", "aten::numel", "aten::to",
-         "aten::_to_copy", "aten::matmul", "aten::linear"}  # no work of their own (to/_to_copy: a copy only on change,
-# counted by its aten::copy_; matmul/linear: counted by the mm/bmm/addmm they dispatch to)
+         "aten::_to_copy", "aten::matmul", "aten::linear", "aten::new_empty"}
+# No work of their own: views and allocations; to/_to_copy copy only on a change, counted by their aten::copy_;
+# matmul/linear are counted by the mm/bmm/addmm they dispatch to.
 
 
 def launches(fn, cuda: bool) -> int:
@@ -197,6 +198,20 @@ def main() -> None:
         "segments-diffseg": lambda: segment_everything(host, image, segmenter="diffseg", pamr=False),
         "refer": lambda: refer(host, image, "the man on the left"),
     }
+    # DiffCut's cuts run on the CPU after the forward, and their count depends on the weights: random ones cut nearly
+    # every cell apart, trained ones a handful of segments. Timed apart, so a GPU run shows what is the cut's.
+    from textmask.methods import segments as segments_module
+
+    real_cut, cut_seconds, cut_segments = segments_module.recursive_ncut, [], []
+
+    def timed_cut(*a, **k):
+        t0 = time.perf_counter()
+        labels = real_cut(*a, **k)
+        cut_seconds.append(time.perf_counter() - t0)
+        cut_segments.append(int(labels.max()) + 1)
+        return labels
+
+    segments_module.recursive_ncut = timed_cut
     times = {k: [] for k in rows}
     peaks = {k: 0 for k in rows}
     with torch.inference_mode():
@@ -229,7 +244,9 @@ def main() -> None:
     print(f"attention+refine+pamr: {med['attention+refine+pamr'] / med['plain']:.2f}x")
     print(f"8-phrases: {med['attention-8-phrases'] / med['attention']:.2f}x")
     print(f"extra-memory: {100 * max(0, extra) / weight_bytes:.0f}%")
-    print(f"segments: {med['segments'] / med['plain']:.2f}x")
+    cut = statistics.median(cut_seconds)
+    print(f"segments: {med['segments'] / med['plain']:.2f}x (DiffCut's CPU cuts {cut:.3f} s of it, "
+          f"{statistics.median(cut_segments)} segments: {cut / med['plain']:.2f} of a plain forward)")
     print(f"segments-diffseg: {med['segments-diffseg'] / med['plain']:.2f}x")
     print(f"refer: {med['refer'] / med['plain']:.2f}x")
     print(f"segments-extra-memory: {100 * max(0, extra_segments) / weight_bytes:.0f}%")
