@@ -28,7 +28,6 @@ from textmask.hosts.select import webui_host  # noqa: E402
 from textmask.masker import TextMasker  # noqa: E402
 from textmask.render import overlay  # noqa: E402
 
-MODES = ["replace", "add", "subtract"]
 
 
 def mask_controls(script: scripts.Script):
@@ -85,6 +84,8 @@ def ovdiff_cache() -> str | None:
 def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, names="",
                   support=OVDIFF_IMAGES, min_presence=0.0):
     """Masks [N, H, W] and heatmaps for p.init_images at their own size, from the webui's model."""
+    if not getattr(p, "init_images", None):
+        raise TextMaskError("Text Mask needs an init image: put one in img2img, or send init_images")
     if len(p.init_images) > 1:  # the webui inpaints every init image with its one image_mask
         raise TextMaskError(f"Text Mask makes one mask, and the webui would inpaint all {len(p.init_images)} init "
                             "images with it; send one init image per request (or use img2img's Batch tab)")
@@ -93,7 +94,7 @@ def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, 
     masker = TextMasker(webui_host(webui_model()))
     kwargs = dict(method=method, negative=negative or None, names=names, ldznet=ldznet, refine=refine,
                   threshold=threshold, soft=soft, blur=blur, grow=grow, invert=invert,
-                  seed=int(getattr(p, "seed", 0) or 0) % 2**31, ovdiff_images=support, cache_dir=ovdiff_cache(),
+                  seed=generation_seed(p), ovdiff_images=support, cache_dir=ovdiff_cache(),
                   min_presence=min_presence)
     masks, heats = [], []
     for img in images:  # init images may differ in size
@@ -103,13 +104,26 @@ def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, 
     return masks, heats
 
 
+def generation_seed(p) -> int:
+    """The seed of the generation's first image, which its masks share: A1111 and Forge fix a random seed (-1) into
+    ``all_seeds`` before ``process()``, and ``run()`` fixes ``p.seed`` itself, so a mask remade with the seed the
+    image's infotext shows is the same mask."""
+    seeds = getattr(p, "all_seeds", None)
+    seed = seeds[0] if seeds else getattr(p, "seed", 0)
+    return int(seed or 0) % 2**31
+
+
 def to_pil(mask: torch.Tensor) -> Image.Image:
     return Image.fromarray((mask.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8), mode="L")
 
 
 def from_pil(mask: Image.Image | None, size) -> torch.Tensor | None:
+    """The painted mask [H, W] in [0, 1] at ``size``, read as the webui reads it (``create_binary_mask``): an RGBA
+    mask that is not wholly opaque is its alpha channel (Gradio's sketch, API masks), any other its gray levels."""
     if mask is None:
         return None
+    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
+        mask = mask.getchannel("A")
     mask = mask.convert("L")
     if mask.size != size:
         mask = mask.resize(size, Image.NEAREST)
@@ -124,8 +138,21 @@ def previews(masks, heats) -> list[Image.Image]:
 
 
 def apply_mask(p, mask: torch.Tensor, soft: bool) -> None:
-    """Hand the webui a mask at the init image's size: image_mask drives inpainting, latent_mask follows it."""
-    p.image_mask = to_pil(mask)
+    """Hand the webui a mask at the init image's size: image_mask drives inpainting, latent_mask follows it.
+
+    A mask that leaves nothing to inpaint, as the webui reads it (halved to 0 or 1 unless soft, inverted with
+    "Inpaint not masked"), is refused in one line: the webui would sample for nothing, and with "Only masked" it
+    switches to img2img and repaints the whole picture."""
+    image = to_pil(mask)
+    inpainted = np.asarray(image) > (0 if soft else 128)
+    if getattr(p, "inpainting_mask_invert", 0):
+        inpainted = ~inpainted
+    if not inpainted.any():
+        raise TextMaskError("Text Mask: the mask leaves nothing to inpaint (" + (
+            "it covers the whole picture, and Inpaint not masked is set" if getattr(p, "inpainting_mask_invert", 0)
+            else "the words select nothing here; try other words, a lower threshold or a lower minimum presence")
+            + ")")
+    p.image_mask = image
     p.latent_mask = None
     if soft:
         p.mask_round = False
@@ -155,6 +182,9 @@ class TextMaskScript(scripts.Script):
 
     def run(self, p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names="",
             support=OVDIFF_IMAGES, min_presence=0.0):
+        fix_seed = getattr(processing, "fix_seed", None)
+        if fix_seed is not None:  # a random seed (-1) chosen now, so the mask and the image share it
+            fix_seed(p)
         masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft,
                                      names, support, min_presence)
         apply_mask(p, masks[0], soft)
@@ -178,7 +208,7 @@ class TextMaskInpaint(scripts.Script):
     def ui(self, is_img2img):
         with gr.Accordion("Text Mask", open=False):
             enabled = gr.Checkbox(label="Enable", value=False, elem_id=self.elem_id("enabled"))
-            mode = gr.Radio(label="Mode", choices=MODES, value="replace", elem_id=self.elem_id("mode"))
+            mode = gr.Radio(label="Mode", choices=list(pp.COMBINE_MODES), value="replace", elem_id=self.elem_id("mode"))
             controls = mask_controls(self)
         return [enabled, mode, *controls]
 
@@ -189,14 +219,14 @@ class TextMaskInpaint(scripts.Script):
         if not enabled or not getattr(p, "init_images", None):
             return
         try:
+            pp.combine_mode(mode)  # before the masks are made
             masks, heats = compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert,
                                          soft, names, support, min_presence)
+            combined = pp.combine(masks[0], from_pil(getattr(p, "image_mask", None), p.init_images[0].size), mode)
+            apply_mask(p, combined, soft)
         except Exception as e:
             refuse_generation(p, e)
             raise
-        size = p.init_images[0].size
-        combined = pp.combine(masks[0], from_pil(getattr(p, "image_mask", None), size), mode)
-        apply_mask(p, combined, soft)
         self._previews = previews([combined], heats[:1]) if show else []
 
     def postprocess(self, p, processed, enabled, mode, *args):

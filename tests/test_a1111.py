@@ -5,6 +5,7 @@ stable-diffusion-sdkit) and the smallest stand-in of the ``modules`` API it touc
 modules/processing.py, modules/shared.py, modules/sd_models.py, launch.py)."""
 
 import importlib.util
+import re
 import tempfile
 import dataclasses
 import sys
@@ -279,10 +280,9 @@ def test_minimum_presence_empties_the_mask_and_older_requests_keep_working(webui
     monkeypatch.setattr(script_mod, "webui_host", small_host)
     painted = np.zeros((37, 53), np.uint8)
     painted[:, :10] = 255
-    for mode, want in (("replace", np.zeros_like(painted)), ("add", painted)):  # nothing scores 1: nothing added
-        p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted))
-        script_mod.TextMaskInpaint().process(p, True, mode, *dict(ARGS, min_presence=1.0).values())
-        assert np.array_equal(np.asarray(p.image_mask), want)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted))
+    script_mod.TextMaskInpaint().process(p, True, "add", *dict(ARGS, min_presence=1.0).values())
+    assert np.array_equal(np.asarray(p.image_mask), painted)  # nothing scores 1: nothing added
     p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
     script_mod.TextMaskScript().run(p, *list(ARGS.values())[:-3])  # a request from before names, support, presence
     assert np.asarray(processing.calls[-1]["image_mask"]).any()
@@ -485,3 +485,100 @@ def test_init_images_are_read_as_textmask_reads_images_and_one_at_a_time(webui, 
     with pytest.raises(TextMaskError, match="send one init image per request") as e:
         script_mod.TextMaskScript().run(two, *ARGS.values())
     assert "\n" not in str(e.value)
+
+
+def _refused(script_mod, p, mode, args):
+    """Run the accordion as the webui's ScriptRunner does; the message it raised, which the sampler call raises too."""
+    with pytest.raises(TextMaskError) as e:
+        script_mod.TextMaskInpaint().process(p, True, mode, *args.values())
+    with pytest.raises(TextMaskError, match=re.escape(str(e.value))):
+        p.sample(conditioning=None, unconditional_conditioning=None, seeds=[0], subseeds=[0], subseed_strength=0,
+                 prompts=[""])
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_mask_that_leaves_nothing_to_inpaint_is_refused(webui, monkeypatch):
+    """An empty mask, as the webui reads it, would sample for nothing, and with "Only masked" the webui switches to
+    img2img and repaints the whole picture: both entries refuse it in one line, and the painted mask stays."""
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    nothing = dict(ARGS, min_presence=1.0)  # no phrase scores 1
+    before = len(processing.calls)
+    with pytest.raises(TextMaskError, match="leaves nothing to inpaint.*select nothing here"):
+        script_mod.TextMaskScript().run(processing.StableDiffusionProcessingImg2Img(init_images=[init_image()]),
+                                        *nothing.values())
+    assert len(processing.calls) == before  # nothing generated
+    painted = np.zeros((37, 53), np.uint8)
+    painted[:, :10] = 255
+    for mode, args in (("replace", nothing), ("subtract", dict(nothing, invert=True))):  # the text mask: all or none
+        p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted))
+        assert "leaves nothing to inpaint" in _refused(script_mod, p, mode, args)
+        assert np.array_equal(np.asarray(p.image_mask), painted)
+    # "Inpaint not masked" inpaints where the mask is not: an empty mask leaves the whole picture, a full one nothing
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], inpainting_mask_invert=1)
+    script_mod.TextMaskInpaint().process(p, True, "replace", *nothing.values())
+    assert not np.asarray(p.image_mask).any()
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], inpainting_mask_invert=1)
+    assert "covers the whole picture" in _refused(script_mod, p, "replace", dict(nothing, invert=True))
+
+
+def test_a_bad_accordion_mode_is_refused_before_any_work(webui, monkeypatch):
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
+    monkeypatch.setattr(script_mod, "webui_host", lambda model: pytest.fail("masked before the mode was checked"))
+    painted = Image.fromarray(np.full((37, 53), 255, np.uint8))
+    for mode in ("Add", "", None, "intersect"):
+        p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=painted)
+        assert "mask mode must be replace, add or subtract" in _refused(script_mod, p, mode, ARGS)
+        assert p.image_mask is painted
+
+
+def test_the_painted_mask_is_read_as_the_webui_reads_it(webui, monkeypatch):
+    """An RGBA mask that is not wholly opaque (Gradio's sketch, an API mask) is its alpha channel, as the webui's
+    create_binary_mask reads it; an opaque one is its gray levels."""
+    script_mod, _, _ = webui
+    alpha = np.zeros((37, 53), np.uint8)
+    alpha[5:20, 10:40] = 255
+    sketch = Image.fromarray(np.dstack([np.zeros((37, 53, 3), np.uint8), alpha]), mode="RGBA")  # black, painted in alpha
+    assert torch.equal(script_mod.from_pil(sketch, (53, 37)), torch.from_numpy(alpha / 255.0).float())
+    opaque = Image.fromarray(np.dstack([np.dstack([alpha] * 3), np.full((37, 53), 255, np.uint8)]), mode="RGBA")
+    assert torch.equal(script_mod.from_pil(opaque, (53, 37)), torch.from_numpy(alpha / 255.0).float())
+
+
+def test_masks_share_the_seed_the_generation_samples_with(webui, monkeypatch):
+    """A random seed (-1) is fixed before the mask is made (the dropdown) or read from the seeds the webui fixed (the
+    accordion), so a mask remade with the seed in the image's infotext is the same mask."""
+    from textmask.faces import mask_any
+
+    script_mod, shared, processing = webui
+    model = webui_model.sd_model("sd1")
+    monkeypatch.setattr(shared, "sd_model", model)
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    image = np.asarray(init_image(), np.float32) / 255
+
+    def api_mask(seed):
+        return mask_any(TextMasker(small_host(model)), image, "red car", refine=True, seed=seed).masks[0]
+
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], seed=-1)
+    script_mod.TextMaskScript().run(p, *ARGS.values())
+    assert p.seed != -1
+    got = torch.from_numpy(np.asarray(processing.calls[-1]["image_mask"], np.float32) / 255)
+    assert torch.allclose(got, api_mask(p.seed % 2**31), atol=1 / 255 + 1e-6)
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], seed=-1)
+    p.all_seeds = [1234, 1235]  # as process_images fixes them before the scripts' process()
+    script_mod.TextMaskInpaint().process(p, True, "replace", *ARGS.values())
+    got = torch.from_numpy(np.asarray(p.image_mask, np.float32) / 255)
+    assert torch.allclose(got, api_mask(1234), atol=1 / 255 + 1e-6)
+    assert not torch.equal(api_mask(1234), api_mask(2**31 - 1))  # the seed does change this mask
+
+
+@pytest.mark.parametrize("images", [[], None])
+def test_no_init_image_is_one_line(webui, monkeypatch, images):
+    script_mod, shared, processing = webui
+    monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
+    monkeypatch.setattr(script_mod, "webui_host", small_host)
+    with pytest.raises(TextMaskError, match="needs an init image"):
+        script_mod.TextMaskScript().run(processing.StableDiffusionProcessingImg2Img(init_images=images),
+                                        *ARGS.values())

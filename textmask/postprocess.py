@@ -179,12 +179,21 @@ def postprocess(
     return gaussian_blur(mask, blur_px)
 
 
-def combine(ours: torch.Tensor, painted: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """Combine a text mask with a hand-painted one ([H, W] in [0, 1]): replace, add (max) or subtract."""
-    if mode not in ("replace", "add", "subtract"):
+COMBINE_MODES = ("replace", "add", "subtract")
+
+
+def combine_mode(mode) -> str:
+    """``mode``, checked: one line naming the choices otherwise."""
+    if mode not in COMBINE_MODES:
         from .errors import TextMaskError
 
-        raise TextMaskError(f"mask mode must be replace, add or subtract, got {mode!r}")
+        raise TextMaskError(f"mask mode must be {', '.join(COMBINE_MODES[:-1])} or {COMBINE_MODES[-1]}, got {mode!r}")
+    return mode
+
+
+def combine(ours: torch.Tensor, painted: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Combine a text mask with a hand-painted one ([H, W] in [0, 1]): replace, add (max) or subtract."""
+    combine_mode(mode)
     if painted is None or mode == "replace":
         return ours if mode != "subtract" else torch.zeros_like(ours)
     if mode == "add":
