@@ -1,6 +1,7 @@
 """The web app in a real headless browser (Debian's chromium through selenium): upload an image, type a
 prompt, click, and see a mask appear; plus the app's output files without a browser."""
 
+import os
 import shutil
 import socket
 import time
@@ -42,6 +43,12 @@ def test_outputs_without_browser(shapes_masker, tmp_path):
     assert np.array_equal(np.asarray(c)[..., 3], np.asarray(m))  # the cutout's alpha is the mask
     with pytest.raises(TextMaskError, match="type what to mask"):
         make_outputs(shapes_masker, [str(img)], " ", "attention", True, "auto", False, False)
+    # An upload's name may be as long as the file system allows: the outputs' names, longer by what they add, fit it
+    long = scene_png(tmp_path / ("字" * 83 + ".png"))  # 253 bytes
+    masks, overlays, cutouts = make_outputs(shapes_masker, [str(long)], "circle", "noise-diff", True, "auto", False,
+                                            False, root=tmp_path)
+    for path in (masks[0], overlays[0], cutouts[0]):
+        assert Path(path).is_file() and len(os.fsencode(Path(path).name)) <= 255 and "字" * 20 in path
 
 
 @pytest.mark.parametrize("method, prompt", [("refer", "the circle on the left"), ("named segments", "circle | square")])

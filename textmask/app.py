@@ -41,6 +41,7 @@ def _write_outputs(masker, paths, prompt, method, refine, threshold, soft, inver
     from PIL import Image
 
     from .images import load_image
+    from .outputs import fit_stem
     from .render import overlay
 
     masks, overlays, cutouts = [], [], []
@@ -50,7 +51,7 @@ def _write_outputs(masker, paths, prompt, method, refine, threshold, soft, inver
         res = mask_any(masker, image, prompt, method=method, refine=refine, threshold=threshold, soft=soft,
                        invert=invert, ldznet=ldznet)
         mask = res.masks[0].numpy()
-        stem = f"{i:03d}-{path.stem}"
+        stem = fit_stem(f"{i:03d}-{path.stem}", "-overlay.png")  # the longest of the three names
         Image.fromarray((mask * 255 + 0.5).astype(np.uint8), "L").save(out / f"{stem}-mask.png")
         heat = overlay(torch.from_numpy(image)[None], res.heatmaps[:1])[0].numpy()
         Image.fromarray((heat * 255 + 0.5).astype(np.uint8)).save(out / f"{stem}-overlay.png")
@@ -84,6 +85,10 @@ def build_app(masker, ldznet=None):
                                                     prompt, method, refine, threshold, soft, invert, ldznet, root)
         except TextMaskError as e:
             raise gr.Error(str(e)) from None
+        except Exception as e:  # noqa: BLE001  (the file system, memory: one line in the page, as the CLI prints)
+            from .cli import describe
+
+            raise gr.Error(describe(e)) from None
         forget(request)  # Gradio has served the last request's files from its own copies
         if masks:
             sessions[getattr(request, "session_hash", None) or ""] = Path(masks[0]).parent

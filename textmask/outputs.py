@@ -27,6 +27,15 @@ STAGING_PREFIX = ".textmask-"
 NAME_MAX = 255  # bytes in one file or folder name, on every common file system
 
 
+def fit_stem(stem: str, suffix: str) -> str:
+    """``stem`` cut at a character so that ``stem + suffix`` fits NAME_MAX bytes: a name made from an input's can
+    outgrow the file system by what it adds."""
+    room = NAME_MAX - len(os.fsencode(suffix))
+    while len(os.fsencode(stem)) > room:
+        stem = stem[: max(0, len(stem) - max(1, (len(os.fsencode(stem)) - room) // 4))]
+    return stem
+
+
 class OutputError(TextMaskError):
     """An output path that cannot be written, found before any work."""
 
