@@ -269,3 +269,78 @@ def test_init_from_a_lower_resolution_run(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         run_train(tmp_path, "bad3", "--steps", "1", "--init-from", str(tmp_path / "missing.safetensors"))
     assert not (tmp_path / "bad3").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "steps must be in [1, 1000000000]"),
+    (["--lr", "nan"], "lr must be"),
+    (["--lr", "inf"], "lr must be"),
+    (["--dice", "nan"], "dice must be"),
+    (["--ema", "1"], "ema must be below 1"),
+    (["--ema", "1.5"], "ema must be in [0, 1]"),
+    (["--grad-accum", "0"], "grad-accum must be in [1, 4096]"),
+    (["--save-every", "0"], "save-every must be in [1, "),
+    (["--log-every", "0"], "log-every must be in [1, "),
+    (["--batch-size", "0"], "batch-size must be in [1, 4096]"),
+    (["--num-workers", "-1"], "num-workers must be in [0, 1024]"),
+    (["--weight-decay", "-1"], "weight-decay must be in [0, 10]"),
+    (["--resolution", "0"], "resolution must be in [64, 4096]"),
+    (["--resolution", "72"], "--resolution must be a multiple of 16 for this base model"),
+    (["--steps", "1.5"], "not a whole number: '1.5'"),
+    (["--batch-size", "3"], "fewer than one batch of 3"),
+])
+def test_bad_settings_are_one_line_and_leave_no_run_folder(tmp_path, capsys, extra, message):
+    from train.train_ldznet import main
+
+    data = write_shapes_phrasecut(tmp_path / "data")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["--base", "shapes", "--data", str(data), "--out", str(out), "--batch-size", "2", "--resolution", "64",
+              "--num-workers", "0", "--steps", "1", *extra])
+    said = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in said and "Traceback" not in said
+    assert not out.exists()
+
+
+def test_bad_data_and_paths_are_one_line_and_leave_no_run_folder(tmp_path):
+    from train.train_ldznet import main
+
+    def train(data, out=None):
+        out = out or tmp_path / "run"
+        with pytest.raises(SystemExit) as e:
+            main(["--base", "shapes", "--data", str(data), "--out", str(out), "--batch-size", "1", "--resolution", "64",
+                  "--num-workers", "0", "--steps", "1"])
+        assert not (tmp_path / "run").exists()
+        return str(e.value.code)
+
+    good = write_shapes_phrasecut(tmp_path / "data")
+    tasks = json.loads((good / "refer_train.json").read_text())
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert "is not a folder" in train(a_file)
+    assert "--out" in train(good, a_file) and "is a file" in train(good, a_file)
+    for broken, message in [
+        ([{k: v for k, v in tasks[0].items() if k != "Polygons"}], "an entry lacks 'Polygons'"),
+        ([dict(tasks[0], image_id=987654)], "image 987654 of refer_train.json is not in image_data_split.json"),
+        ({"tasks": tasks}, "do not follow PhraseCut's layout"),
+    ]:
+        (good / "refer_train.json").write_text(json.dumps(broken))
+        said = train(good)
+        assert message in said and said.startswith("train_ldznet: error:") and "\n" not in said
+
+
+def test_evaluate_checks_its_settings_and_output_before_any_work(tmp_path, capsys):
+    from train.evaluate import main as evaluate
+
+    data = write_shapes_phrasecut(tmp_path / "data")
+    args = ["--base", "shapes", "--ldznet", str(tmp_path / "missing.safetensors"), "--data", str(data)]
+    for extra, message in [(["--resolution", "-8"], "resolution must be in [64, 4096]"),
+                           (["--limit", "-1"], "limit must be in [1, "),
+                           (["--json", str(tmp_path / "no" / "such" / "x.json")], "")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate(args + extra)
+        said = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in said and "Traceback" not in said
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(SystemExit, match="--json .* is a folder"):  # refused before the weights are even looked for
+        evaluate(args + ["--json", str(tmp_path / "folder.json")])

@@ -48,13 +48,13 @@ def checked(check: Callable, text_to=float) -> Callable[[str], object]:
 
 
 def whole(text: str) -> int:
-    """A whole number, also written 1e3 or 10.0; refused (ValueError) when it has a fraction."""
+    """A whole number, also written 1e3 or 10.0; one with a fraction is refused as such, other text as no number."""
     try:
         return int(text)
     except ValueError:
         number = float(text)
         if not number.is_integer():
-            raise ValueError(text) from None
+            raise TextMaskError(f"not a whole number: {text!r}") from None
         return int(number)
 
 

@@ -8,6 +8,7 @@ RefCOCO (``--format refcoco``): ``refs.json`` (ref_id, ann_id, image_id, split, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,40 +60,63 @@ def find_square_crop(mask: np.ndarray, rng: np.random.Generator, tries: int = 50
     return best[1], best[2], side
 
 
+@contextlib.contextmanager
+def layout(files: str, what: str):
+    """A dataset's files that do not hold what its layout says, as one line naming them and what was amiss."""
+    try:
+        yield
+    except KeyError as e:
+        raise ValueError(f"{files} do not follow {what}'s layout: an entry lacks {e}") from None
+    except (TypeError, IndexError, AttributeError, ValueError) as e:
+        raise ValueError(f"{files} do not follow {what}'s layout ({type(e).__name__}: {e})") from None
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file missing: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+
+
 def load_phrasecut(root: str | Path, split: str) -> list[Sample]:
     """PhraseCut tasks of one split, in file order, skipping the reference's invalid images."""
     root = Path(root)
-    try:
-        tasks = json.loads((root / f"refer_{split}.json").read_text())
-        info = {int(d["image_id"]): d for d in json.loads((root / "image_data_split.json").read_text())}
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"PhraseCut file missing: {e.filename}") from None
-    samples = []
-    for t in tasks:
-        iid = int(t["image_id"])
-        if iid in INVALID_IMAGE_IDS:
-            continue
-        d = info[iid]
-        polys = [poly for instance in t["Polygons"] for poly in instance]
-        samples.append(Sample(root / "images" / f"{iid}.jpg", t["phrase"], polys, int(d["height"]), int(d["width"])))
+    tasks = read_json(root / f"refer_{split}.json", "PhraseCut")
+    with layout(f"refer_{split}.json and image_data_split.json", "PhraseCut"):
+        info = {int(d["image_id"]): d for d in read_json(root / "image_data_split.json", "PhraseCut")}
+        samples = []
+        for t in tasks:
+            iid = int(t["image_id"])
+            if iid in INVALID_IMAGE_IDS:
+                continue
+            if iid not in info:
+                raise ValueError(f"image {iid} of refer_{split}.json is not in image_data_split.json")
+            d = info[iid]
+            polys = [poly for instance in t["Polygons"] for poly in instance]
+            samples.append(Sample(root / "images" / f"{iid}.jpg", t["phrase"], polys, int(d["height"]),
+                                  int(d["width"])))
     return samples
 
 
 def load_refcoco(root: str | Path, split: str) -> list[Sample]:
     """RefCOCO-format JSON: one sample per referring sentence of the split."""
     root = Path(root)
-    refs = json.loads((root / "refs.json").read_text())
-    coco = json.loads((root / "instances.json").read_text())
-    images = {int(i["id"]): i for i in coco["images"]}
-    anns = {int(a["id"]): a for a in coco["annotations"]}
-    samples = []
-    for ref in refs:
-        if ref["split"] != split:
-            continue
-        ann, img = anns[int(ref["ann_id"])], images[int(ref["image_id"])]
-        polys = [[[seg[i], seg[i + 1]] for i in range(0, len(seg) - 1, 2)] for seg in ann["segmentation"]]
-        for s in ref["sentences"]:
-            samples.append(Sample(root / "images" / img["file_name"], s["sent"], polys, int(img["height"]), int(img["width"])))
+    refs = read_json(root / "refs.json", "RefCOCO")
+    coco = read_json(root / "instances.json", "RefCOCO")
+    with layout("refs.json and instances.json", "RefCOCO"):
+        images = {int(i["id"]): i for i in coco["images"]}
+        anns = {int(a["id"]): a for a in coco["annotations"]}
+        samples = []
+        for ref in refs:
+            if ref["split"] != split:
+                continue
+            ann, img = anns[int(ref["ann_id"])], images[int(ref["image_id"])]
+            polys = [[[seg[i], seg[i + 1]] for i in range(0, len(seg) - 1, 2)] for seg in ann["segmentation"]]
+            for s in ref["sentences"]:
+                samples.append(Sample(root / "images" / img["file_name"], s["sent"], polys, int(img["height"]),
+                                      int(img["width"])))
     return samples
 
 
@@ -136,6 +160,8 @@ class ReferringDataset(torch.utils.data.Dataset):
 
 def load_split(root: str | Path, split: str, fmt: str = "phrasecut") -> list[Sample]:
     """Samples of one split in either layout."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--data {root} is not a folder; give the dataset's folder")
     if fmt == "phrasecut":
         return load_phrasecut(root, split)
     if fmt == "refcoco":

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
+from textmask import options
+from textmask.cli import checked, whole
 from textmask.ldznet import load_ldznet
 from textmask.ldznet.inference import DEFAULT_TIMESTEP, ldznet_logits
 
 from .data import ReferringDataset, load_split
 from .metrics import FixedIntervalMetrics, refcoco_scores
-from .train_ldznet import collate, load_host
+from .train_ldznet import MOST, collate, load_host, number
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,10 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", required=True)
     ap.add_argument("--format", default="phrasecut", choices=["phrasecut", "refcoco"])
     ap.add_argument("--split", default="test")
-    ap.add_argument("--resolution", type=int, default=None, help="default: the model's training resolution")
-    ap.add_argument("--timestep", type=int, default=DEFAULT_TIMESTEP)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    ap.add_argument("--resolution", type=number("resolution", 64, 4096, integer=True), default=None,
+                    help="default: the model's training resolution")
+    ap.add_argument("--timestep", type=checked(options.timestep, whole), default=DEFAULT_TIMESTEP)
+    ap.add_argument("--batch-size", type=number("batch-size", 1, 4096, integer=True), default=8)
+    ap.add_argument("--limit", type=number("limit", 1, MOST, integer=True), default=None, help="evaluate only the first N samples")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="also write the scores here")
     return ap.parse_args(argv)
@@ -45,6 +47,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     model = load_ldznet(args.ldznet, device=device, dtype=torch.float32)
     samples = load_split(args.data, args.split, args.format)[: args.limit]
     size = args.resolution or model.train_resolution
+    if size % host.geometry.size_multiple:
+        raise ValueError(f"--resolution must be a multiple of {host.geometry.size_multiple} for this base model, got "
+                         f"{size}")
     loader = torch.utils.data.DataLoader(ReferringDataset(samples, size=size, train=False), batch_size=args.batch_size,
                                          collate_fn=collate)
     metrics, probs_all, targets_all = FixedIntervalMetrics(), [], []
@@ -67,19 +72,26 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     from textmask.errors import TextMaskError
+    from textmask.outputs import Outputs
 
     args = parse_args(argv)
-    try:
-        s = evaluate(args)
-    except (FileNotFoundError, ValueError, TextMaskError) as e:
-        raise SystemExit(f"evaluate: error: {e}") from None
+    with Outputs() as outputs:
+        try:
+            json_path = outputs.file(args.json, "--json") if args.json else None  # before any work
+            s = evaluate(args)
+        except (FileNotFoundError, ValueError, TextMaskError) as e:
+            raise SystemExit(f"evaluate: error: {e}") from None
+        if json_path is not None:
+            outputs.stage(json_path).write_text(json.dumps(s, indent=1))
+            try:
+                outputs.commit()
+            except TextMaskError as e:
+                raise SystemExit(f"evaluate: error: {e}") from None
     print(f"samples {s['samples']}  mIoU@0.3 {s['miou_0.3']:.4f}  IoU_FG@0.3 {s['fgiou_0.3']:.4f}  "
           f"IoU_FG@0.5 {s['fgiou_0.5']:.4f}  AP {s['ap']:.4f}  best mIoU {s['miou_best']:.4f} "
           f"(t={s['miou_best_t']:.2f})  best IoU_FG {s['fgiou_best']:.4f} (t={s['fgiou_best_t']:.2f})")
     if "refcoco_miou" in s:
         print(f"RefCOCO mIoU {s['refcoco_miou']:.4f}  oIoU {s['refcoco_oiou']:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(s, indent=1))
 
 
 if __name__ == "__main__":

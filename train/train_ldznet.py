@@ -21,10 +21,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from textmask import options
+from textmask.cli import checked, whole
+from textmask.errors import TextMaskError
 from textmask.ldznet import LDZNet, load_ldznet, save_ldznet, znet_config
 from textmask.ldznet.inference import TRAIN_TIMESTEPS, ldznet_logits
 
 from .data import ReferringDataset, load_split
+
+MOST = 10**9  # steps, intervals: more than any run takes
+
+
+def number(name: str, lo: float, hi: float, *, integer: bool = False, above: bool = False, below: bool = False):
+    """An argparse type: a finite number in [lo, hi] (whole with ``integer``), ``lo`` itself refused with ``above``
+    and ``hi`` with ``below``; one line naming the bounds otherwise."""
+    def check(value):
+        value = options.in_range(name, value, lo, hi, integer=integer)
+        if (above and value == lo) or (below and value == hi):
+            raise TextMaskError(f"{name} must be {f'above {lo:g}' if value == lo else f'below {hi:g}'}, got {value!r}")
+        return value
+
+    check.__name__ = name
+    return checked(check, whole if integer else float)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,31 +52,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--format", default="phrasecut", choices=["phrasecut", "refcoco"])
     ap.add_argument("--split", default="train")
     ap.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, ldznet.safetensors")
-    ap.add_argument("--steps", type=int, default=100_000, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=4, help="per device")
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    ap.add_argument("--steps", type=number("steps", 1, MOST, integer=True), default=100_000, help="optimizer steps")
+    ap.add_argument("--batch-size", type=number("batch-size", 1, 4096, integer=True), default=4, help="per device")
+    ap.add_argument("--grad-accum", type=number("grad-accum", 1, 4096, integer=True), default=1)
+    ap.add_argument("--lr", type=number("lr", 0, 1), default=1e-5)
+    ap.add_argument("--warmup", type=number("warmup", 0, MOST, integer=True), default=0, help="linear warm-up steps")
     ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                     help="learning rate after warm-up: constant (reference) or cosine decay to 0 at --steps")
-    ap.add_argument("--weight-decay", type=float, default=1e-2)
-    ap.add_argument("--dice", type=float, default=0.0, help="weight of an added Dice loss (reference: 0)")
-    ap.add_argument("--ema", type=float, default=0.9999, help="EMA decay; 0 disables")
+    ap.add_argument("--weight-decay", type=number("weight-decay", 0, 10), default=1e-2)
+    ap.add_argument("--dice", type=number("dice", 0, 1000), default=0.0, help="weight of an added Dice loss (reference: 0)")
+    ap.add_argument("--ema", type=number("ema", 0, 1, below=True), default=0.9999, help="EMA decay; 0 disables")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--resolution", type=int, default=384)
+    ap.add_argument("--resolution", type=number("resolution", 64, 4096, integer=True), default=384,
+                    help="square crop side in pixels, a multiple of the base model's (64 for SD)")
     ap.add_argument("--znet", action="store_true", help="train ZNet: latents and text only, no host features")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from these LD-ZNet weights (e.g. a run at a lower --resolution) instead of the host UNet's")
     ap.add_argument("--no-init", dest="init", action="store_false", help="do not start ZNet from the host UNet's weights")
-    ap.add_argument("--save-every", type=int, default=1000)
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--save-every", type=number("save-every", 1, MOST, integer=True), default=1000)
+    ap.add_argument("--log-every", type=number("log-every", 1, MOST, integer=True), default=10)
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-workers", type=number("num-workers", 0, 1024, integer=True), default=2)
+    ap.add_argument("--seed", type=checked(options.seed, whole), default=0)
     ap.add_argument("--deterministic", action="store_true",
                     help="deterministic GPU kernels, so a resumed run matches an unbroken one bit for bit (slower)")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
+    ap.add_argument("--max-minutes", type=number("max-minutes", 0, 1e7, above=True), default=None, help="stop (and checkpoint) after this wall time")
     return ap.parse_args(argv)
 
 
@@ -165,7 +184,9 @@ def train(args: argparse.Namespace) -> Path:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    out = Path(args.out)
+    from textmask.outputs import check_folder
+
+    out = check_folder(args.out, "--out")
     samples = load_split(args.data, args.split, args.format)  # bad data fails before anything is written
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed, deterministic=args.deterministic)
@@ -173,6 +194,9 @@ def train(args: argparse.Namespace) -> Path:
     if accelerator.device.type == "cpu":
         host_dtype = torch.float32
     host = load_host(args.base, accelerator.device, host_dtype)
+    if args.resolution % host.geometry.size_multiple:
+        raise ValueError(f"--resolution must be a multiple of {host.geometry.size_multiple} for this base model, got "
+                         f"{args.resolution}")
     steps_up = int(math.log2(host.geometry.latent_factor))
     if args.init_from is not None:
         base_config = znet_config(host.unet.config, int(host.vae.config.latent_channels))
@@ -180,7 +204,6 @@ def train(args: argparse.Namespace) -> Path:
     else:
         model = LDZNet.from_unet(host.unet, latent_channels=int(host.vae.config.latent_channels), upsample_steps=steps_up,
                                  with_features=not args.znet, init_weights=args.init, train_resolution=args.resolution)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a bad --base or --init-from leaves no run folder behind
     model.train()
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -191,9 +214,10 @@ def train(args: argparse.Namespace) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                                          num_workers=args.num_workers, drop_last=True)
     if len(loader) == 0:
-        raise SystemExit(f"the split has {len(dataset)} samples, fewer than one batch of {args.batch_size}")
+        raise ValueError(f"the split has {len(dataset)} samples, fewer than one batch of {args.batch_size}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.schedule))
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad data, a bad model or setting leaves no run folder behind
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     if ema is not None:
         ema.to(accelerator.device)
@@ -287,8 +311,6 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv=None) -> None:
-    from textmask.errors import TextMaskError
-
     args = parse_args(argv)
     if args.deterministic:
         # cuBLAS is deterministic only with a fixed workspace, set before its first use.
