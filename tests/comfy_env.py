@@ -8,6 +8,7 @@ and comfy.sd.VAE over a small AutoencoderKL. ComfyUI's ops skip weight init, so 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import json
@@ -126,13 +127,20 @@ def make_model(kind: str = "sd15", seed: int = 0, in_channels: int = 4):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
 
 
+def scratch(prefix: str) -> Path:
+    """A temporary folder for tiny config files, removed when the test session ends."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return tmp
+
+
 @torch.no_grad()  # ComfyUI builds models inside node execution, with grad off
 def make_clip(kind: str = "sd15", seed: int = 0):
     import comfy.sd
     import comfy.sd1_clip
     import comfy.sdxl_clip
 
-    tmp = Path(tempfile.mkdtemp(prefix="textmask-clip-"))
+    tmp = scratch("textmask-clip-")
     if kind == "sd15":
         target = types.SimpleNamespace(clip=comfy.sd1_clip.SD1ClipModel, tokenizer=comfy.sd1_clip.SD1Tokenizer,
                                        params={"textmodel_json_config": str(clip_config(32, tmp / "l.json")),

@@ -3,7 +3,6 @@ COMFYUI_ROOT): tiny models built the way ComfyUI builds them (supported_models.X
 ModelPatcher), ComfyUI's own text encoders and tokenizers with tiny configs, seeded weights."""
 
 import json
-import tempfile
 import types
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def t5_encoder(config: str, device="cpu", dtype=None, model_options: dict | None
 
 def make_flux_clip(seed: int = 0):
     """ComfyUI's Flux text encoder (CLIP-L for the pooled vector, T5 for the context) with tiny configs."""
-    tmp = Path(tempfile.mkdtemp(prefix="textmask-flux-clip-"))
+    tmp = comfy_env.scratch("textmask-flux-clip-")
     l_cfg, t5_cfg = str(comfy_env.clip_config(HIDDEN, tmp / "l.json")), t5_config(tmp / "t5.json")
 
     class TinyFluxClip(comfy.text_encoders.flux.FluxClipModel):
@@ -90,7 +89,7 @@ def make_flux_clip(seed: int = 0):
 def make_sd3_clip(seed: int = 0, t5: dict | None = None):
     """ComfyUI's SD3 text encoder with tiny CLIP-L and CLIP-G (its context is padded to 4096 wide), and T5 with
     ``t5``'s changes to the tiny T5 config where given."""
-    tmp = Path(tempfile.mkdtemp(prefix="textmask-sd3-clip-"))
+    tmp = comfy_env.scratch("textmask-sd3-clip-")
     l_cfg, g_cfg = str(comfy_env.clip_config(HIDDEN, tmp / "l.json")), str(comfy_env.clip_config(HIDDEN, tmp / "g.json", "gelu"))
     if t5 is not None:
         base = json.loads(Path(t5_config(tmp / "t5.json")).read_text())
@@ -423,7 +422,7 @@ def single_file_parts(kind: str, seed: int = 3, flux_width: int = 128):
     """(diffusion model, text encoder model, LDM VAE) the way ComfyUI builds them, shaped as the real families are
     where a file cannot say (Flux: 128-wide heads; SD3: 64-wide heads). A Flux ``flux_width`` of 3072 (Flux.1's,
     which diffusers' converter requires) is built on the meta device: shapes without memory."""
-    tmp = Path(tempfile.mkdtemp(prefix="textmask-single-"))
+    tmp = comfy_env.scratch("textmask-single-")
     t5_width = 32 if kind == "flux" else 128  # SD3 pads CLIP-L + CLIP-G (64 + 64) to T5's width
     t5 = json.loads(Path(t5_config(tmp / "t5.json")).read_text())
     (tmp / "t5.json").write_text(json.dumps({**t5, "d_model": t5_width, "d_kv": t5_width // 4}))

@@ -57,3 +57,21 @@ def test_contact_sheet_packs_the_referring_cells_under_the_rows():
     assert (packed[40:, :90] == 0.5).all() and (packed[40:, 90:] == 1).all()  # the fifth cell alone in the last row
     alone = contact_sheet(rows, [f"c{i}" for i in range(8)], [], [])
     assert alone.shape == (header + 40, 240, 3)
+
+
+def test_an_unwritable_cache_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A read-only or missing home: the CLIP vocabulary is built in a passing folder, and the demo's OVDiff cache is
+    refused in one line that names TEXTMASK_CACHE, before any work and with nothing written."""
+    from textmask import tokenizer
+
+    monkeypatch.setenv("TEXTMASK_CACHE", "/proc/textmask-cache")
+    tokenizer.clip_tokenizer.cache_clear()
+    try:
+        assert tokenizer.clip_tokenizer()("a red car")["input_ids"] == [49406, 320, 736, 1615, 49407]
+    finally:
+        tokenizer.clip_tokenizer.cache_clear()  # the next test builds it from its own cache again
+    monkeypatch.setattr("textmask.demo.demo.load_demo_masker", lambda *a: (_ for _ in ()).throw(AssertionError))
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    said = capsys.readouterr().err.strip()
+    assert "prototype cache /proc/textmask-cache/ovdiff" in said and "set TEXTMASK_CACHE" in said
+    assert "\n" not in said and not (tmp_path / "demo").exists()

@@ -649,9 +649,12 @@ def run_app(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo as demo
     from .outputs import FolderRun, Outputs
+    from .ovdiff.prototypes import writable_folder
 
+    check_output_name("--out", args.out, folder=True)
     with Outputs() as outputs:
         out = outputs.folder(args.out, "--out")
+        writable_folder(None)  # the demo's OVDiff prototypes, before the model loads
         summary_stage = outputs.stage_folder(out)
         demo(summary_stage, scenes=args.scenes, echo=lambda line: print(line.replace(str(summary_stage), str(out))))
         run = FolderRun(out, settings_fingerprint(args))

@@ -157,6 +157,9 @@ def names(value: Any, what: str = "names", one: str = "name") -> list[str]:
     words = [readable(what, n).strip() for n in value]
     if not words or any(not n for n in words):
         raise TextMaskError(f"give at least one {one}, and no empty {what}")
+    hidden = [n for n in words if not visible(n)]
+    if hidden:
+        raise TextMaskError(f"the {one} {hidden[0]!r} is only invisible characters; type words")
     lower = [n.lower() for n in words]
     dupes = sorted({n for n in words if lower.count(n.lower()) > 1})
     if dupes:

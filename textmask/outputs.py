@@ -40,18 +40,19 @@ class OutputError(TextMaskError):
     """An output path that cannot be written, found before any work."""
 
 
-def _writable_parent(path: Path, what: str) -> None:
+def _writable_parent(path: Path, what: str, shown: Path | None = None) -> None:
     """The nearest existing ancestor of ``path`` is a folder that takes a new file (tried, not inferred from mode
-    bits: root, ACLs and read-only mounts all answer differently)."""
+    bits: root, ACLs and read-only mounts all answer differently); errors name ``shown`` (default ``path``)."""
+    shown = shown or path
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"cannot write {what} {path}: {parent} is a file, not a folder")
+        raise OutputError(f"cannot write {what} {shown}: {parent} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
-        raise OutputError(f"cannot write {what} {path}: {parent} is not writable ({e.strerror or type(e).__name__})") \
+        raise OutputError(f"cannot write {what} {shown}: {parent} is not writable ({e.strerror or type(e).__name__})") \
             from None
 
 
@@ -81,7 +82,7 @@ def check_folder(path: str | Path, what: str) -> Path:
     path = _check_path(path, what, "folder")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; name a folder")
-    _writable_parent(path / "x", what)
+    _writable_parent(path / "x", what, shown=path)  # a file in it, so the folder itself counts where it exists
     return path
 
 

@@ -8,6 +8,7 @@ import functools
 import gzip
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .tokens import PromptTokens
@@ -56,7 +57,12 @@ def clip_tokenizer():
 
     from .defaults import cache_dir
 
-    vocab, merges = write_clip_vocab(cache_dir() / "clip-bpe")
+    try:
+        vocab, merges = write_clip_vocab(cache_dir() / "clip-bpe")
+    except OSError:  # a read-only or missing home: the files are read once, so a passing folder serves as well
+        with tempfile.TemporaryDirectory(prefix="textmask-clip-bpe-") as folder:
+            vocab, merges = write_clip_vocab(Path(folder))
+            return CLIPTokenizerFast(str(vocab), str(merges))
     return CLIPTokenizerFast(str(vocab), str(merges))
 
 

@@ -230,9 +230,14 @@ def cache_folder(path: str | Path | None) -> Path:
 def writable_folder(path: str | Path | None) -> Path:
     """The cache folder ``path`` names (``cache_folder``), checked as one prototypes can be written to before any is
     built (and made only when one is)."""
-    from ..outputs import check_folder
+    from ..outputs import OutputError, check_folder
 
-    return check_folder(cache_folder(path), "prototype cache")
+    try:
+        return check_folder(cache_folder(path), "prototype cache")
+    except OutputError as e:
+        if path is not None:
+            raise
+        raise OutputError(f"{e}; set TEXTMASK_CACHE to a writable folder, or pass a cache folder") from None
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
