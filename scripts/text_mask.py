@@ -29,7 +29,6 @@ from textmask.masker import TextMasker  # noqa: E402
 from textmask.render import overlay  # noqa: E402
 
 
-
 def mask_controls(script: scripts.Script):
     """The shared controls, in the order run() / process() receive them (new ones go last: API callers pass them
     by position)."""
@@ -144,14 +143,15 @@ def apply_mask(p, mask: torch.Tensor, soft: bool) -> None:
     "Inpaint not masked"), is refused in one line: the webui would sample for nothing, and with "Only masked" it
     switches to img2img and repaints the whole picture."""
     image = to_pil(mask)
-    inpainted = np.asarray(image) > (0 if soft else 128)
+    read = np.asarray(image).astype(np.int16)
+    if not soft:
+        read = np.where(read > 128, 255, 0)
     if getattr(p, "inpainting_mask_invert", 0):
-        inpainted = ~inpainted
-    if not inpainted.any():
+        read = 255 - read
+    if not read.any():
         raise TextMaskError("Text Mask: the mask leaves nothing to inpaint (" + (
             "it covers the whole picture, and Inpaint not masked is set" if getattr(p, "inpainting_mask_invert", 0)
-            else "the words select nothing here; try other words, a lower threshold or a lower minimum presence")
-            + ")")
+            else "nothing is selected; try other words, a lower threshold or minimum presence, or another mode") + ")")
     p.image_mask = image
     p.latent_mask = None
     if soft:
@@ -208,7 +208,8 @@ class TextMaskInpaint(scripts.Script):
     def ui(self, is_img2img):
         with gr.Accordion("Text Mask", open=False):
             enabled = gr.Checkbox(label="Enable", value=False, elem_id=self.elem_id("enabled"))
-            mode = gr.Radio(label="Mode", choices=list(pp.COMBINE_MODES), value="replace", elem_id=self.elem_id("mode"))
+            mode = gr.Radio(label="Mode", choices=list(pp.COMBINE_MODES), value="replace",
+                            elem_id=self.elem_id("mode"))
             controls = mask_controls(self)
         return [enabled, mode, *controls]
 

@@ -506,7 +506,7 @@ def test_a_mask_that_leaves_nothing_to_inpaint_is_refused(webui, monkeypatch):
     monkeypatch.setattr(script_mod, "webui_host", small_host)
     nothing = dict(ARGS, min_presence=1.0)  # no phrase scores 1
     before = len(processing.calls)
-    with pytest.raises(TextMaskError, match="leaves nothing to inpaint.*select nothing here"):
+    with pytest.raises(TextMaskError, match="leaves nothing to inpaint.*nothing is selected"):
         script_mod.TextMaskScript().run(processing.StableDiffusionProcessingImg2Img(init_images=[init_image()]),
                                         *nothing.values())
     assert len(processing.calls) == before  # nothing generated
@@ -522,6 +522,17 @@ def test_a_mask_that_leaves_nothing_to_inpaint_is_refused(webui, monkeypatch):
     assert not np.asarray(p.image_mask).any()
     p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], inpainting_mask_invert=1)
     assert "covers the whole picture" in _refused(script_mod, p, "replace", dict(nothing, invert=True))
+    # The webui halves a mask to 0 or 1 unless it is soft, then inverts it with "Inpaint not masked"
+    for value, soft, invert, inpaints in [(0.4, False, 0, False), (0.4, True, 0, True), (0.8, False, 1, False),
+                                          (0.8, True, 1, True)]:
+        p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], inpainting_mask_invert=invert)
+        if inpaints:
+            script_mod.apply_mask(p, torch.full((37, 53), value), soft)
+            assert p.image_mask is not None
+        else:
+            with pytest.raises(TextMaskError, match="leaves nothing to inpaint"):
+                script_mod.apply_mask(p, torch.full((37, 53), value), soft)
+            assert p.image_mask is None
 
 
 def test_a_bad_accordion_mode_is_refused_before_any_work(webui, monkeypatch):
