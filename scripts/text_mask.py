@@ -140,8 +140,8 @@ def apply_mask(p, mask: torch.Tensor, soft: bool) -> None:
     """Hand the webui a mask at the init image's size: image_mask drives inpainting, latent_mask follows it.
 
     A mask that leaves nothing to inpaint, as the webui reads it (halved to 0 or 1 unless soft, inverted with
-    "Inpaint not masked"), is refused in one line: the webui would sample for nothing, and with "Only masked" it
-    switches to img2img and repaints the whole picture."""
+    "Inpaint not masked"), goes with the inpaint area set to the whole picture, whose path keeps every pixel: with
+    "Only masked" the webui would find no region, switch to img2img and repaint everything."""
     image = to_pil(mask)
     read = np.asarray(image).astype(np.int16)
     if not soft:
@@ -149,9 +149,7 @@ def apply_mask(p, mask: torch.Tensor, soft: bool) -> None:
     if getattr(p, "inpainting_mask_invert", 0):
         read = 255 - read
     if not read.any():
-        raise TextMaskError("Text Mask: the mask leaves nothing to inpaint (" + (
-            "it covers the whole picture, and Inpaint not masked is set" if getattr(p, "inpainting_mask_invert", 0)
-            else "nothing is selected; try other words, a lower threshold or minimum presence, or another mode") + ")")
+        p.inpaint_full_res = False
     p.image_mask = image
     p.latent_mask = None
     if soft:

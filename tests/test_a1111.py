@@ -280,9 +280,10 @@ def test_minimum_presence_empties_the_mask_and_older_requests_keep_working(webui
     monkeypatch.setattr(script_mod, "webui_host", small_host)
     painted = np.zeros((37, 53), np.uint8)
     painted[:, :10] = 255
-    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted))
-    script_mod.TextMaskInpaint().process(p, True, "add", *dict(ARGS, min_presence=1.0).values())
-    assert np.array_equal(np.asarray(p.image_mask), painted)  # nothing scores 1: nothing added
+    for mode, want in (("replace", np.zeros_like(painted)), ("add", painted)):  # nothing scores 1: nothing added
+        p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted))
+        script_mod.TextMaskInpaint().process(p, True, mode, *dict(ARGS, min_presence=1.0).values())
+        assert np.array_equal(np.asarray(p.image_mask), want)
     p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
     script_mod.TextMaskScript().run(p, *list(ARGS.values())[:-3])  # a request from before names, support, presence
     assert np.asarray(processing.calls[-1]["image_mask"]).any()
@@ -498,41 +499,35 @@ def _refused(script_mod, p, mode, args):
     return str(e.value)
 
 
-def test_a_mask_that_leaves_nothing_to_inpaint_is_refused(webui, monkeypatch):
-    """An empty mask, as the webui reads it, would sample for nothing, and with "Only masked" the webui switches to
-    img2img and repaints the whole picture: both entries refuse it in one line, and the painted mask stays."""
+def test_a_mask_that_leaves_nothing_to_inpaint_repaints_nothing(webui, monkeypatch):
+    """Finding nothing gives an all-zero mask; with "Only masked" (the API's default) the webui would then find no
+    region, switch to img2img and repaint the whole picture, so such a mask goes with "Whole picture", which keeps
+    every pixel. A mask that selects something keeps the request's inpaint area."""
     script_mod, shared, processing = webui
     monkeypatch.setattr(shared, "sd_model", webui_model.sd_model("sd1"))
     monkeypatch.setattr(script_mod, "webui_host", small_host)
     nothing = dict(ARGS, min_presence=1.0)  # no phrase scores 1
-    before = len(processing.calls)
-    with pytest.raises(TextMaskError, match="leaves nothing to inpaint.*nothing is selected"):
-        script_mod.TextMaskScript().run(processing.StableDiffusionProcessingImg2Img(init_images=[init_image()]),
-                                        *nothing.values())
-    assert len(processing.calls) == before  # nothing generated
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
+    assert p.inpaint_full_res is True
+    processed = script_mod.TextMaskScript().run(p, *nothing.values())
+    mask = processing.calls[-1]["image_mask"]
+    assert mask.size == (53, 37) and not np.asarray(mask).any() and len(processed.images) == 3
+    assert p.inpaint_full_res is False
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()])
+    script_mod.TextMaskScript().run(p, *ARGS.values())
+    assert np.asarray(processing.calls[-1]["image_mask"]).any() and p.inpaint_full_res is True
     painted = np.zeros((37, 53), np.uint8)
     painted[:, :10] = 255
-    for mode, args in (("replace", nothing), ("subtract", dict(nothing, invert=True))):  # the text mask: all or none
+    for mode, args in (("replace", nothing), ("subtract", dict(nothing, invert=True))):  # the text mask: none or all
         p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], mask=Image.fromarray(painted))
-        assert "leaves nothing to inpaint" in _refused(script_mod, p, mode, args)
-        assert np.array_equal(np.asarray(p.image_mask), painted)
-    # "Inpaint not masked" inpaints where the mask is not: an empty mask leaves the whole picture, a full one nothing
-    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], inpainting_mask_invert=1)
-    script_mod.TextMaskInpaint().process(p, True, "replace", *nothing.values())
-    assert not np.asarray(p.image_mask).any()
-    p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], inpainting_mask_invert=1)
-    assert "covers the whole picture" in _refused(script_mod, p, "replace", dict(nothing, invert=True))
+        script_mod.TextMaskInpaint().process(p, True, mode, *args.values())
+        assert not np.asarray(p.image_mask).any() and p.inpaint_full_res is False
     # The webui halves a mask to 0 or 1 unless it is soft, then inverts it with "Inpaint not masked"
     for value, soft, invert, inpaints in [(0.4, False, 0, False), (0.4, True, 0, True), (0.8, False, 1, False),
-                                          (0.8, True, 1, True)]:
+                                          (0.8, True, 1, True), (0.0, False, 1, True), (1.0, True, 1, False)]:
         p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image()], inpainting_mask_invert=invert)
-        if inpaints:
-            script_mod.apply_mask(p, torch.full((37, 53), value), soft)
-            assert p.image_mask is not None
-        else:
-            with pytest.raises(TextMaskError, match="leaves nothing to inpaint"):
-                script_mod.apply_mask(p, torch.full((37, 53), value), soft)
-            assert p.image_mask is None
+        script_mod.apply_mask(p, torch.full((37, 53), value), soft)
+        assert p.image_mask.size == (53, 37) and p.inpaint_full_res is inpaints, (value, soft, invert)
 
 
 def test_a_bad_accordion_mode_is_refused_before_any_work(webui, monkeypatch):
