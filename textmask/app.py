@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import defaults
-from .errors import TextMaskError
+from .errors import TextMaskError, describe
 from .faces import NAMED, REFER, mask_any
 from .methods import METHODS, ZERO_SHOT_METHODS
 
@@ -86,8 +86,6 @@ def build_app(masker, ldznet=None):
         except TextMaskError as e:
             raise gr.Error(str(e)) from None
         except Exception as e:  # noqa: BLE001  (the file system, memory: one line in the page, as the CLI prints)
-            from .cli import describe
-
             raise gr.Error(describe(e)) from None
         forget(request)  # Gradio has served the last request's files from its own copies
         if masks:

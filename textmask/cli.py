@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import options
-from .errors import TextMaskError
+from .errors import TextMaskError, describe
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -741,18 +741,6 @@ def _run(argv: Sequence[str] | None, debug: bool) -> int:
         print(f"textmask: error: {describe(e)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
-
-
-def describe(error: BaseException) -> str:
-    """One line for an unexpected error: out of memory, a file system error, or its type and first line."""
-    torch = sys.modules.get("torch")  # not imported here: an interrupted import of it may be what failed
-    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", ())
-    if (oom and isinstance(error, oom)) or "out of memory" in str(error).lower():
-        return "out of memory; try a smaller --resolution, --dtype fp16, or --offload"
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """User-facing errors: each carries one line that the CLI and host UIs print as-is."""
 
+import sys
+
 
 # Non-finite values mean a broken encoder or a setting that divides by zero, never "nothing here": an empty mask
 # would hide it, so they stop the mask with the likely cause.
@@ -33,3 +35,15 @@ class ImageError(TextMaskError):
 
 class CaptureError(TextMaskError):
     """Attention cannot be captured from this model (e.g. fused projections or a compiled UNet)."""
+
+
+def describe(error: BaseException) -> str:
+    """One line for an unexpected error: out of memory, a file system error, or its type and first line."""
+    torch = sys.modules.get("torch")  # not imported here: an interrupted import of it may be what failed
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", ())
+    if (oom and isinstance(error, oom)) or "out of memory" in str(error).lower():
+        return "out of memory; try a smaller --resolution, --dtype fp16, or --offload"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
