@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..schedule import DDPMDenoiser
-from .common import fixed_draw
+from .common import encode_each
 from .contract import Conditioning
 from .webui import WebuiHost, webui_devices
 
@@ -72,12 +72,11 @@ class A1111Host(WebuiHost):
         return next(vae.parameters()).dtype if vae is not None else self.dtype
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, self.vae_dtype) * 2 - 1
-        encoded = self.model.encode_first_stage(x)
-        if torch.is_tensor(encoded):  # sgm (SDXL) returns scaled latents
-            return encoded.to(self.dtype)
-        with fixed_draw(self.device):  # ldm's get_first_stage_encoding samples the posterior
-            return self.model.get_first_stage_encoding(encoded).to(self.dtype)
+        def encode(x: torch.Tensor) -> torch.Tensor:  # ldm's get_first_stage_encoding and sgm's encoder sample
+            encoded = self.model.encode_first_stage(x)
+            return encoded if torch.is_tensor(encoded) else self.model.get_first_stage_encoding(encoded)
+
+        return encode_each(encode, pixels.to(self.device, self.vae_dtype) * 2 - 1, self.device).to(self.dtype)
 
     def sigma(self, timestep: int) -> torch.Tensor:
         return self.denoiser.sigma(timestep)

@@ -25,7 +25,7 @@ from ..clip import masked_crops
 from ..errors import CaptureError, TextMaskError
 from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod, schedule_sigma
 from ..tokens import TokenMap, token_map_from_chunks, token_map_from_streams
-from .common import FLUX_GUIDANCE, comfy_module, fixed_draw, mmdit_refusal, pad_contexts
+from .common import FLUX_GUIDANCE, comfy_module, encode_each, mmdit_refusal, pad_contexts
 from .contract import Conditioning, Geometry, HostDefaults, native_resolution
 
 model_management = comfy_module("model_management")
@@ -183,8 +183,8 @@ class ComfyHost(HostDefaults):
         return self.base.process_latent_in(samples.to(self.device)).to(self.dtype)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        with fixed_draw(self.device):  # ComfyUI's VAE encode samples the posterior
-            raw = self.vae.encode(pixels.movedim(1, -1).cpu())  # IMAGE layout in, un-scaled latents out
+        # IMAGE layout in, un-scaled latents out; older ComfyUIs' VAE encode samples the posterior
+        raw = encode_each(lambda one: self.vae.encode(one.movedim(1, -1).cpu()), pixels, self.device)
         return self.latents_in(raw)
 
     def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:

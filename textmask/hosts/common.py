@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -38,6 +38,18 @@ def fixed_draw(device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         yield
+
+
+def encode_each(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """``encode`` of each image [1, ...] of ``pixels`` on its own, each under ``fixed_draw``: a host VAE that samples
+    its posterior then draws an image's noise alike wherever it sits in a batch, so an image's mask does not change
+    with the images beside it."""
+    parts = []
+    for i in range(pixels.shape[0]):
+        with fixed_draw(device):
+            parts.append(encode(pixels[i : i + 1]))
+    return torch.cat(parts)
 
 
 def comfy_module(name: str):

@@ -21,7 +21,7 @@ import torch
 from ..errors import CaptureError
 from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod, schedule_sigma
 from ..tokens import TokenMap, token_map_from_streams
-from .common import FLUX_GUIDANCE, fixed_draw, mmdit_refusal
+from .common import FLUX_GUIDANCE, encode_each, mmdit_refusal
 from .contract import Conditioning, Geometry, HostDefaults
 from .webui import WebuiHost, webui_interrupt
 
@@ -71,8 +71,8 @@ class ForgeModel:
         forge_backend("memory_management").load_model_gpu(self.patcher)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        with fixed_draw(self.device):  # Forge's VAE samples the posterior
-            latents = self.model.encode_first_stage(pixels.to(self.device, torch.float32) * 2 - 1)
+        latents = encode_each(self.model.encode_first_stage, pixels.to(self.device, torch.float32) * 2 - 1,
+                              self.device)  # Forge's VAE samples the posterior
         return latents.to(self.device, self.dtype)
 
     def _apply_model(self, x: torch.Tensor, sigma: torch.Tensor, **conds) -> torch.Tensor:
