@@ -101,8 +101,9 @@ class TextMaskToSEGS:
         }
 
     def run(self, mask, image, crop_factor=3.0, drop_size=10, label="textmask"):
-        """mask [B, H, W] (or [H, W]) in [0, 1], image [B', H, W, C] -> (SEGS of image 0, instances [N, H, W] float,
-        per-image lists of box dicts, the instance count, the per-image counts, the instances as a list)."""
+        """mask [B or 1, H, W] (or [H, W]) in [0, 1], image [B, H, W, C] -> (SEGS of image 0, instances
+        [N, H, W] float, per-image lists of box dicts, the instance count, the per-image counts, the instances as a
+        list)."""
         crop_factor = options.in_range("crop_factor", crop_factor, 1.0, 100.0)  # ComfyUI's bounds let NaN through
         drop_size = options.in_range("drop_size", drop_size, 1, 8192, integer=True)
         if mask.dim() not in (2, 3) or image.dim() != 4 or 0 in mask.shape or 0 in image.shape:
@@ -113,8 +114,14 @@ class TextMaskToSEGS:
             raise ImageError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the image is {width}x{height}; "
                              "give the mask made from this image")
         masks = mask.reshape(-1, height, width).float().cpu()
+        if len(masks) == 1:  # one mask serves every image of the batch, as ComfyUI's own nodes broadcast a MASK
+            masks = masks.expand(image.shape[0], height, width)
+        if len(masks) != image.shape[0]:
+            raise ImageError(f"{len(masks)} masks for {image.shape[0]} image(s); give one mask per image, as Text "
+                             "Mask makes them for this batch, or one for all")
         if not bool(torch.isfinite(masks).all()):
             raise ImageError("the mask holds NaN or infinite values; give a mask in [0, 1], e.g. Text Mask's")
+        masks = masks.clamp(0, 1)  # a MASK after arithmetic may stray past [0, 1]; a SEG's confidence may not
         found = [image_instances(m, drop_size) for m in masks]
         # Mean mask value over the instance: 1.0 for a binary mask, the map's strength for a soft one.
         scores = [[float(m[inst].mean()) for inst in insts] for m, (insts, _) in zip(masks, found)]

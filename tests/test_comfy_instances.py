@@ -165,8 +165,21 @@ def test_batch_segs_of_the_first_image_masks_of_all(pack, node):
     assert len(segs) == 2
     (_, segs), _, _ = run(node, mask[1:2], image)
     assert segs == []
-    (_, segs), masks, _ = run(node, mask[0], image)  # a single [H, W] mask
-    assert len(segs) == 1 and masks.shape == (1, H, W)
+    (_, segs), masks, bboxes = run(node, mask[0], image)  # one [H, W] mask serves every image, as ComfyUI broadcasts
+    assert len(segs) == 1 and masks.shape == (3, H, W) and [len(b) for b in bboxes] == [1, 1, 1]
+    for masks_, images_ in ((mask[:2], image), (mask, image[:1])):  # batches that do not pair up
+        with pytest.raises(pack.textmask.errors.TextMaskError, match="give one mask per image") as e:
+            run(node, masks_, images_)
+        assert "\n" not in str(e.value)
+
+
+def test_mask_values_past_one_or_below_zero_are_clamped(pack, node):
+    """A MASK after arithmetic may stray past [0, 1]: confidences and crops stay in range."""
+    (_, (seg,)), _, bboxes = run(node, planted(BIG, value=1.2))
+    assert seg.confidence == 1.0 and seg.cropped_mask.max() == 1.0 and bboxes[0][0]["score"] == 1.0
+    below = planted(BIG, value=0.8) - 0.1 * (1 - planted(BIG, value=1.0))  # -0.1 outside the instance
+    (_, (seg,)), _, _ = run(node, below)
+    assert seg.confidence == pytest.approx(0.8) and seg.cropped_mask.min() == 0.0
 
 
 @pytest.mark.parametrize("mask, image", [
