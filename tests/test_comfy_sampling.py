@@ -204,3 +204,20 @@ def test_a_run_without_the_captured_prompt_is_one_line(pack, sd15):
     ksample(patched, encode(clip, "something else"), encode(clip, ""))  # the capture's conditioning is not used
     with pytest.raises(ValueError, match="positive input"):
         from_sampling(pack, capture, torch.rand(2, 64, 64, 3))
+
+
+def test_a_later_run_with_another_prompt_leaves_no_stale_mask(pack, sd15):
+    """Once the capture's MODEL samples with another positive, the images are that run's: the masks of the run
+    before are not served for them. A run with the capture's prompt, whose negative the sampler may run on its own,
+    is kept whole."""
+    model, clip, _ = sd15
+    patched, positive, capture = capture_nodes(pack, model, clip)
+    ksample(patched, positive, encode(clip, ""))
+    mask, _ = from_sampling(pack, capture, torch.rand(2, 64, 64, 3))
+    assert mask.shape == (2, 64, 64)
+    ksample(patched, encode(clip, "a dog"), encode(clip, ""))
+    with pytest.raises(ValueError, match="positive input") as e:
+        from_sampling(pack, capture, torch.rand(2, 64, 64, 3))
+    assert "\n" not in str(e.value)
+    ksample(patched, positive, encode(clip, ""), steps=4)
+    assert capture.run.steps == 4 and from_sampling(pack, capture, torch.rand(2, 64, 64, 3))[0].shape == (2, 64, 64)

@@ -119,13 +119,18 @@ class SamplingCapture:
             end += 1  # the first contiguous block: a conditioning combined with itself is read once
         return slice(rows[0], rows[end] + 1)
 
+    @staticmethod
+    def _continues(run: SamplingRun | None, sigma: float, schedule: torch.Tensor | None) -> bool:
+        """Whether a call at ``sigma`` belongs to ``run``: the same σ table, and no σ above the run's last (a sampler
+        walks its σ down; a new run starts again from the top)."""
+        return (run is not None and (schedule is None) == (run.schedule is None)
+                and (schedule is None or schedule is run.schedule or torch.equal(schedule.cpu(), run.schedule))
+                and sigma <= run.last_sigma * (1 + 1e-4))
+
     def _run_for(self, rows: slice, x: torch.Tensor, sigma: float, schedule: torch.Tensor | None) -> SamplingRun:
         run = self.run
         n, size = rows.stop - rows.start, tuple(x.shape[-2:])
-        same_schedule = (run is not None and (schedule is None) == (run.schedule is None)
-                         and (schedule is None or schedule is run.schedule or torch.equal(schedule.cpu(), run.schedule)))
-        if (run is None or not same_schedule or sigma > run.last_sigma * (1 + 1e-4) or n != run.batch
-                or size != run.latent_size):
+        if not self._continues(run, sigma, schedule) or n != run.batch or size != run.latent_size:
             run = self.run = SamplingRun(n, size, None if schedule is None else schedule.detach().float().cpu(),
                                          TokenAttention(self.cond.context.shape[1]))
         return run
@@ -136,9 +141,13 @@ class SamplingCapture:
         """Capture one denoiser call: ``x`` [rows, C, h, w], ``sigma`` [rows], ``context`` [rows, L, D] (the call's
         text contexts), ``schedule`` the run's σ table if the host has it; ``capture_for(latent_size, collectors)``
         makes the model's capture (a UNet's ``AttentionCapture``, an MM-DiT's joint one). Hooks come off when the
-        call returns or raises; a call without this prompt's rows runs unhooked."""
+        call returns or raises; a call without this prompt's rows runs unhooked, and where it starts a new run, the
+        last run is forgotten: that run's images are not this one's (a sampler whose positive is another prompt)."""
         rows = self._block(context)
         if rows is None:
+            if context is not None and context.dim() == 3 and not self._continues(self.run, float(sigma.max()),
+                                                                                    schedule):
+                self.run = None
             yield
             return
         s = float(sigma[rows.start])
