@@ -189,6 +189,19 @@ def test_latent_input_maps_back_through_the_crop(pack, sd15):
     assert mask[0, 2:34, 2:50].mean() > 0.9  # threshold 0 selects the whole covered region
 
 
+def test_a_latent_of_the_image_at_another_scale_covers_it_and_one_of_another_image_is_refused(pack, sd15):
+    model, clip, vae = sd15
+    image = torch.rand(1, 40, 48, 3)
+    with torch.inference_mode():
+        twice = {"samples": vae.encode(torch.rand(1, 80, 96, 3))}  # the image's shape at twice the size
+        wide = {"samples": vae.encode(torch.rand(1, 40, 96, 3))}
+    mask, _ = run_node(pack, sd15, image, latent=twice, threshold="0.0", refine=False)
+    assert mask.shape == (1, 40, 48) and mask.mean() > 0.9  # threshold 0: all of the image is covered
+    with pytest.raises(pack.textmask.errors.TextMaskError, match="not of this 48x40 image at any scale") as e:
+        run_node(pack, sd15, image, latent=wide)
+    assert "\n" not in str(e.value)
+
+
 def test_model_bit_identical_after_node_and_interrupt(pack, sd15):
     model = sd15[0]
     before, hooks = model_output(model), hook_counts(model)

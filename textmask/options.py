@@ -199,6 +199,17 @@ def readable(name: str, value: str) -> str:
     return value
 
 
+def latents_fit(image_size: tuple[int, int], latent_size: tuple[int, int], latent_factor: int) -> None:
+    """Latents of (h, w) cells are of an image of ``image_size`` = (H, W) pixels at some scale, within a cell a side
+    (VAE Encode floors each side to whole cells, a latent upscale scales the floored ones); one line otherwise:
+    latents of another image would mask the wrong pixels."""
+    (big_h, big_w), (h, w), f = image_size, latent_size, latent_factor
+    lowest, highest = max((h - 1) * f / big_h, (w - 1) * f / big_w), min((h + 1) * f / big_h, (w + 1) * f / big_w)
+    if lowest >= highest:
+        raise TextMaskError(f"latents of {w}x{h} cells ({w * f}x{h * f} pixels) are not of this {big_w}x{big_h} "
+                            "image at any scale; give the image's own latents (VAE Encode of it), or none")
+
+
 def latents(value: Any, images: int, geometry) -> Any:
     """Latents given in place of encoding ``images`` images: a tensor [1 or images, C, h, w] with the model's latent
     channels (``geometry``: the host's ``Geometry``), ``MIN_RESOLUTION`` to ``MAX_RESOLUTION`` pixels a side."""

@@ -188,11 +188,12 @@ class ComfyHost(HostDefaults):
         return self.latents_in(raw)
 
     def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of the pixels a LATENT covers: VAE Encode centre-crops to multiples of 8."""
+        """(top, left, h, w) of the pixels a LATENT covers: VAE Encode centre-crops the image to whole cells; a LATENT
+        of the image at another scale (an upscale's) covers all of it, and one of another image is refused."""
         f = self.geometry.latent_factor
+        if tuple(latent_size) != (image_size[0] // f, image_size[1] // f):
+            return super().latent_region(image_size, latent_size)
         h, w = int(latent_size[0]) * f, int(latent_size[1]) * f
-        if h > image_size[0] or w > image_size[1]:
-            return 0, 0, *image_size  # a latent of another size: stretch over the whole image
         return (image_size[0] - h) // 2, (image_size[1] - w) // 2, h, w
 
     def _token_map(self, tokens: dict) -> TokenMap:

@@ -158,6 +158,10 @@ class HostDefaults:
         return None
 
     def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The whole image, for latents of it at any scale (``options.latents_fit``)."""
+        from ..options import latents_fit
+
+        latents_fit(image_size, latent_size, self.geometry.latent_factor)
         return (0, 0, *image_size)
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
