@@ -95,5 +95,6 @@ class OVDiffSegment:
         with torch.inference_mode():
             res = label(prototypes, image, seed=seed)
         b, c, h, w = res.masks.shape
-        labels = torch.stack([colour_labels(lab) * (lab > 0)[..., None] for lab in res.labels]).float()
-        return (res.masks.reshape(b * c, h, w), res.masks[:, names.index(wanted)].contiguous(), labels)
+        labels = torch.stack([colour_labels(lab) * (lab > 0)[..., None] for lab in res.labels]).float().cpu()
+        masks = res.masks.float().cpu()  # ComfyUI's MASKs: float32, on the CPU
+        return (masks.reshape(b * c, h, w), masks[:, names.index(wanted)].contiguous(), labels)

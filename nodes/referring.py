@@ -52,4 +52,4 @@ class ReferringMask:
         res = masker.refer(image, expression, clip=scorer, alpha=alpha, tau=tau, timestep=timestep, seed=seed,
                            resolution=resolution or None)
         instances = instance_planes(res.instances, *res.masks.shape[-2:])
-        return res.masks.float(), overlay(image.float().cpu(), res.heatmaps), instances
+        return res.masks.float().cpu(), overlay(image.float().cpu(), res.heatmaps), instances

@@ -65,7 +65,7 @@ class SegmentEverything:
         masker = TextMasker(ComfyHost(model, clip, vae))
         res = masker.segments(image, tau=tau, kmeans=kmeans, seed=seed, resolution=resolution or None,
                               **segment_settings(timestep, segmenter, cut, edges))
-        return torch.cat(res.masks).float(), colour_labels(res.labels)
+        return torch.cat(res.masks).float().cpu(), colour_labels(res.labels)
 
 
 class NamedSegments:
@@ -92,4 +92,4 @@ class NamedSegments:
         masker = TextMasker(ComfyHost(model, clip, vae))
         res = masker.named_segments(image, parts, tau=tau, seed=seed, resolution=resolution or None,
                                     **segment_settings(timestep, segmenter, cut, edges))
-        return res.masks.reshape(-1, *res.masks.shape[-2:]).float(), colour_labels(res.labels)
+        return res.masks.reshape(-1, *res.masks.shape[-2:]).float().cpu(), colour_labels(res.labels)
