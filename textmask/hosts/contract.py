@@ -118,7 +118,8 @@ class Host(Protocol):
         """Raise the host's own interrupt exception if the user cancelled."""
 
     def latent_region(self, image_size: tuple[int, int], latent_size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of the image pixels that given latents cover."""
+        """(top, left, h, w) of the image pixels that given latents cover; latents of another image are refused in
+        one line."""
 
     def sample(self, prompt: str, negative: str, count: int, *, steps: int, cfg: float, seed: int,
                resolution: int | None = None) -> torch.Tensor:
