@@ -15,6 +15,8 @@ run() {  # run <checkout> <label>
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out"
 python -m pytest -q tests/test_cuda.py 2>&1 | tail -3 | tee -a "$out"
+# The ComfyUI nodes with ComfyUI's own GPU choice: outputs back on the CPU, models unchanged
+TEXTMASK_COMFY_GPU=1 python -m pytest -q tests/test_comfy.py 2>&1 | tail -3 | tee -a "$out"
 run . current
 if [ -n "${BASELINE:-}" ]; then
     run "$BASELINE" baseline

@@ -359,9 +359,11 @@ def test_segment_everything_and_named_segments(pack, sd15, sdxl):
         with torch.inference_mode():
             segments, labels = seg_cls().run(*mcv, image, tau=0.5, timestep=300, seed=0, kmeans=False, resolution=64)
             assert segments.shape[1:] == (37, 53) and labels.shape == (2, 37, 53, 3)
+            assert segments.device.type == labels.device.type == "cpu"  # also with TEXTMASK_COMFY_GPU=1
             assert segments.sum(0).max() == 2  # two partitions of the same frame size, stacked
             masks, named_labels = named_cls().run(*mcv, image, names="sky, red car", tau=1.1, timestep=300, seed=0, resolution=64)
             assert masks.shape == (4, 37, 53) and named_labels.shape == (2, 37, 53, 3)
+            assert masks.device.type == named_labels.device.type == "cpu"
             # DiffSeg on request, and DiffCut (the default) reading ComfyUI's own encoder attention at its coarsest grid
             diffseg, _ = seg_cls().run(*mcv, image, tau=1.1, timestep=-1, seed=0, kmeans=False, resolution=64,
                                        segmenter="diffseg", edges=False)
@@ -387,6 +389,7 @@ def test_referring_mask_node(pack, sd15, sdxl):
                                               resolution=64)
         assert mask.shape == (2, 37, 53) and heat.shape == (2, 37, 53, 3)
         assert instances.shape[1:] == (37, 53) and len(instances) >= 2  # at least one entry per image
+        assert mask.device.type == heat.device.type == instances.device.type == "cpu"
         for expression in ("the red car", "every red car"):  # the best instance, and every instance
             with torch.inference_mode():
                 mask, _, instances = cls().run(*mcv, torch.rand(1, 37, 53, 3), expression, 1.1, 100, 0, resolution=64)
@@ -519,6 +522,7 @@ def test_ovdiff_nodes_sample_through_comfyui(pack, sd15, tmp_path, monkeypatch):
     masks, one, labels = node.run(protos, image, "grass", 0)
     assert masks.shape == (4, 37, 53) and one.shape == (2, 37, 53) and labels.shape == (2, 37, 53, 3)
     assert torch.equal(one, masks.reshape(2, 2, 37, 53)[:, 1])
+    assert masks.dtype == one.dtype == torch.float32 and masks.device.type == labels.device.type == "cpu"
     assert hook_counts(model) == counts and torch.equal(before, model_output(model))
     with pytest.raises(pack.textmask.errors.TextMaskError, match="not among") as e:
         node.run(protos, image, "tree", 0)
