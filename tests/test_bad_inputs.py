@@ -392,6 +392,16 @@ def test_a_folder_run_resumes_and_replaces_its_earlier_files_as_a_set(place, cap
     (out / "a.png").unlink()
     assert run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])[0] == 0
     assert (out / "a.png").is_file() and (out / "b.png").stat().st_mtime_ns == first["b.png"]
+    # An input changed or replaced since (here by a picture of another size) is masked again, the other kept.
+    kept = (out / "a.png").stat().st_mtime_ns
+    write_image(place / "frames" / "b.png", 40, 24, seed=9)
+    assert run(place, capsys, ["mask", "{t}/frames", "red circle", "--out", "{t}/masks", *MODEL])[0] == 0
+    assert Image.open(out / "b.png").size == (40, 24) and (out / "a.png").stat().st_mtime_ns == kept
+    # Another folder's inputs of the same names are masked again too.
+    for name in ("a.png", "b.png"):
+        write_image(place / "elsewhere" / name, 32, 32, seed=5)
+    assert run(place, capsys, ["mask", "{t}/elsewhere", "red circle", "--out", "{t}/masks", *MODEL])[0] == 0
+    assert Image.open(out / "a.png").size == (32, 32) and (out / "a.png").stat().st_mtime_ns != kept
     # Other settings redo every mask; an input that went away takes its mask with it; the user's file stays.
     (place / "frames" / "b.png").unlink()
     assert run(place, capsys, ["mask", "{t}/frames", "blue square", "--out", "{t}/masks", *MODEL])[0] == 0
@@ -693,6 +703,11 @@ def test_quantized_tensors_and_32_bit_integer_images_are_read_as_pictures(masker
     assert float(to_batch(Image.fromarray(big, mode="I")).max()) == pytest.approx(float(to_batch(big[..., None]).max()))
     sixteen = to_batch(Image.fromarray(np.full((40, 48), 60000, np.int32), mode="I"))
     assert float(sixteen.max()) == pytest.approx(60000 / 65535)
+    # A dark 16-bit picture says its depth (mode I;16): it is dark, as the same uint16 array is, not 257 times brighter
+    dark = np.full((40, 48), 200, np.uint16)
+    assert Image.fromarray(dark).mode == "I;16"
+    assert float(to_batch(Image.fromarray(dark)).max()) == pytest.approx(float(to_batch(dark[..., None]).max()))
+    assert float(to_batch(Image.fromarray(dark)).max()) == pytest.approx(200 / 65535)
 
 
 def test_a_phrase_missing_from_a_long_caption_is_a_short_line(masker):

@@ -377,7 +377,7 @@ def run_mask(args: argparse.Namespace) -> None:
 
     from .images import load_image
     from .mask_prompt import parse, with_negative
-    from .outputs import FolderRun, Outputs
+    from .outputs import FolderRun, Outputs, input_identity
     from .render import save_mask, save_overlay
 
     src = Path(args.input)
@@ -407,7 +407,9 @@ def run_mask(args: argparse.Namespace) -> None:
         shard = Shard() if folder else Shard(1, 0)
         runs = [FolderRun(d, settings_fingerprint(args), shard.part) for d in (out, heat) if folder and d is not None]
         mine = files[shard.rank::shard.count]  # this process's share of a sharded run (all of it otherwise)
-        todo = [f for f in mine if not (folder and all(r.done([Path(r.folder) / f"{names[f]}.png"]) for r in runs))]
+        sources = {f: input_identity(f) for f in mine} if folder else {}
+        todo = [f for f in mine
+                if not (folder and all(r.done([Path(r.folder) / f"{names[f]}.png"], sources[f]) for r in runs))]
         masker = load_masker(args, shard) if todo else None
         ldznet = {"ldznet": masker.load_ldznet(args.ldznet)} if todo and args.ldznet else {}
         shown = folder and todo and shard.rank == 0
@@ -422,7 +424,7 @@ def run_mask(args: argparse.Namespace) -> None:
                     save_overlay(torch.from_numpy(img), res.heatmaps[0], outputs.stage(targets[1]))
                 outputs.commit()
                 for run, target in zip(runs, targets):
-                    run.record([target])
+                    run.record([target], source=sources[f])
                 if bar is not None:
                     bar.update(1)
         done = shard.total(len(todo))  # every process's, once all are done

@@ -70,8 +70,9 @@ def _pil_to_array(img) -> np.ndarray:
     # RGBA/LA drop alpha (the mask is about the pixels); palette, 16-bit and gray become RGB in [0, 1].
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(img, dtype=np.float32)
-        top = a.max()  # PIL opens 8- and 16-bit files as "I" too: their range, else that of the 32 bits, as arrays
-        a = np.clip(a, 0, None) / (255.0 if top <= 255 else 65535.0 if top <= 65535 else float(np.iinfo(np.int32).max))
+        top = a.max()  # "I" holds 8-, 16- or 32-bit data: guessed from its range; "I;16" says its own, dark or not
+        scale = 65535.0 if img.mode != "I" or 255 < top <= 65535 else 255.0 if top <= 255 else np.iinfo(np.int32).max
+        a = np.clip(a, 0, None) / float(scale)
         return np.repeat(a[..., None], 3, axis=-1)
     if img.mode == "F":  # 32-bit float (TIFF): [0, 1] as it is, anything brighter scaled by its maximum
         a = np.asarray(img, dtype=np.float32)

@@ -27,6 +27,13 @@ STAGING_PREFIX = ".textmask-"
 NAME_MAX = 255  # bytes in one file or folder name, on every common file system
 
 
+def input_identity(path: Path) -> str:
+    """An input file as a folder run remembers it: where it is, its size and its modification time, so a changed or
+    replaced input (or another folder's of the same name) is masked again rather than kept."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def fit_stem(stem: str, suffix: str) -> str:
     """``stem`` cut at a character so that ``stem + suffix`` fits NAME_MAX bytes: a name made from an input's can
     outgrow the file system by what it adds."""
@@ -267,6 +274,7 @@ class FolderRun:
         same = old.get("settings") == settings
         self.files: set[str] = set(old.get("files", [])) if same else set()
         self.stale: set[str] = set(old.get("stale", [])) | (set() if same else set(old.get("files", [])))
+        self.sources: dict[str, str] = dict(old.get("sources", {})) if same else {}  # name -> its input's identity
         self.produced: set[str] = set()
 
     def _parts(self) -> list[Path]:
@@ -285,15 +293,18 @@ class FolderRun:
             if merged and data.get("settings") != merged.get("settings"):
                 merged["stale"] = merged.get("stale", []) + data.get("files", [])
                 continue
+            sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
             merged = {"settings": data.get("settings"), "files": merged.get("files", []) + data.get("files", []),
-                      "stale": merged.get("stale", []) + data.get("stale", [])}
+                      "stale": merged.get("stale", []) + data.get("stale", []),
+                      "sources": {**merged.get("sources", {}), **sources}}
         return merged
 
     def _write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = MANIFEST if self.part is None else f".textmask.{self.part}.json"
         tmp = self.folder / (name + ".tmp")
-        data = {"settings": self.settings, "files": sorted(self.files), "stale": sorted(self.stale)}
+        data = {"settings": self.settings, "files": sorted(self.files), "stale": sorted(self.stale),
+                "sources": {n: self.sources[n] for n in sorted(self.files) if n in self.sources}}
         if self.part is not None:
             data["produced"] = sorted(self.produced)
         tmp.write_text(json.dumps(data))
@@ -302,18 +313,23 @@ class FolderRun:
     def _name(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.folder.resolve()).as_posix()
 
-    def done(self, paths: list[Path]) -> bool:
-        """Whether this run's settings already wrote every one of ``paths`` (then they are kept as they are)."""
+    def done(self, paths: list[Path], source: str | None = None) -> bool:
+        """Whether this run's settings already wrote every one of ``paths``, from the input ``source`` names
+        (``input_identity``) where given (then they are kept as they are)."""
         names = [self._name(p) for p in paths]
-        if names and all(n in self.files and (self.folder / n).is_file() for n in names):
+        if names and all(n in self.files and (self.folder / n).is_file()
+                         and (source is None or self.sources.get(n) == source) for n in names):
             self.produced.update(names)
             return True
         return False
 
-    def record(self, paths: list[Path], group: str | None = None) -> None:
-        """``paths`` were just moved into place. With ``group`` (a sub-folder, or "" for the whole folder), textmask's
-        earlier files under it that are not among them go now, so a group never mixes two runs' files."""
+    def record(self, paths: list[Path], group: str | None = None, source: str | None = None) -> None:
+        """``paths`` were just moved into place, made from the input ``source`` names where given. With ``group`` (a
+        sub-folder, or "" for the whole folder), textmask's earlier files under it that are not among them go now, so
+        a group never mixes two runs' files."""
         names = {self._name(p) for p in paths}
+        if source is not None:
+            self.sources.update(dict.fromkeys(names, source))
         if group is not None:
             prefix = group.rstrip("/") + "/" if group else ""
             self._remove({n for n in self.files | self.stale if n.startswith(prefix) and n not in names})
@@ -336,6 +352,8 @@ class FolderRun:
         self._remove(known - produced)
         self.part = None
         self.files, self.stale = set(produced), set()
+        if old.get("settings") == self.settings:  # every process's part, joined
+            self.sources = {**old.get("sources", {}), **self.sources}
         self._write()
         for path in self._parts():
             path.unlink(missing_ok=True)
@@ -352,3 +370,4 @@ class FolderRun:
                     parent.rmdir()
             self.files.discard(name)
             self.stale.discard(name)
+            self.sources.pop(name, None)
