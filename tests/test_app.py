@@ -116,6 +116,24 @@ def test_bad_requests_are_one_line_and_leave_no_files(shapes_masker, tmp_path, c
     assert list(root.iterdir()) == []  # the failed request's folder is gone
 
 
+def test_an_unexpected_failure_is_one_line_in_the_page(shapes_masker, monkeypatch):
+    """A full disk or another system failure reaches the page as one line, as the CLI prints it, not Gradio's
+    generic "Error"."""
+    gr = pytest.importorskip("gradio")
+    import textmask.app as app_module
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "/tmp/textmask-app-x/000-a-mask.png")
+
+    monkeypatch.setattr(app_module, "make_outputs", full)
+    app = app_module.build_app(shapes_masker)
+    run = next(f.fn for f in (app.fns.values() if isinstance(app.fns, dict) else app.fns) if f.fn.__name__ == "run")
+    with pytest.raises(gr.Error) as e:
+        run(["a.png"], "circle", "attention", True, "auto", False, False, None)
+    assert e.value.message == "No space left on device: /tmp/textmask-app-x/000-a-mask.png"
+    app.textmask_cleanup()
+
+
 def test_the_app_keeps_its_files_in_one_folder_it_removes(shapes_masker):
     pytest.importorskip("gradio")
     from textmask.app import build_app
