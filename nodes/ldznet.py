@@ -12,12 +12,10 @@ import torch
 from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.render import overlay
 from ..textmask.ldznet import load_ldznet
-from ..textmask.ldznet.inference import DEFAULT_TEMPLATE, DEFAULT_TIMESTEP
 from ..textmask import defaults, options
 from ..textmask.masker import TextMasker
-from .text_mask import EDGES
+from .text_mask import CATEGORY, EDGES
 
-CATEGORY = "mask/textmask"
 FOLDER = "ldznet"
 
 
@@ -75,18 +73,18 @@ class TextMaskLDZNet:
                 "image": ("IMAGE", {"tooltip": "Images to mask; every item of the batch is processed."}),
                 "mask_prompt": ("STRING", {"multiline": True, "default": "person",
                                            "tooltip": "What to mask, e.g. 'red car | truck AND NOT wheels'."}),
-                "threshold": ("STRING", {"default": "auto", "tooltip": "'auto' (0.5 on the probability), 'otsu' or 0..1."}),
+                "threshold": ("STRING", {"default": defaults.THRESHOLD, "tooltip": "'auto' (0.5 on the probability), 'otsu' or 0..1."}),
                 "blur": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip": "Feather in pixels."}),
                 "grow": ("INT", {"default": 0, "min": -512, "max": 512, "tooltip": "Grow the mask by pixels; negative shrinks."}),
                 "invert": ("BOOLEAN", {"default": False, "tooltip": "Select everything else."}),
                 "soft": ("BOOLEAN", {"default": False, "tooltip": "Soft mask instead of a binary one."}),
-                "timestep": ("INT", {"default": DEFAULT_TIMESTEP, "min": 0, "max": 999,
+                "timestep": ("INT", {"default": defaults.LDZNET_TIMESTEP, "min": 0, "max": 999,
                                      "tooltip": "Noise level of the feature forward (trained on 300-500)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Noise seed; image i uses seed + i."}),
             },
             "optional": {
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "What to subtract from the mask."}),
-                "template": ("STRING", {"default": DEFAULT_TEMPLATE, "tooltip": "Prompt template; {} is the phrase."}),
+                "template": ("STRING", {"default": defaults.LDZNET_TEMPLATE, "tooltip": "Prompt template; {} is the phrase."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": options.MAX_RESOLUTION, "step": 64,
                                        "tooltip": "Working resolution; 0 = LD-ZNet's training resolution (384)."}),
                 "edges": EDGES,
@@ -94,7 +92,7 @@ class TextMaskLDZNet:
         }
 
     def run(self, model, clip, vae, ldznet, image, mask_prompt, threshold, blur, grow, invert, soft, timestep, seed,
-            negative="", template=DEFAULT_TEMPLATE, resolution=0, edges=defaults.PAMR):
+            negative="", template=defaults.LDZNET_TEMPLATE, resolution=0, edges=defaults.PAMR):
         host = ComfyHost(model, clip, vae)
         comfy.model_management.load_models_gpu([model, ldznet])
         result = TextMasker(host).mask(

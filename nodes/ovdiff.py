@@ -7,14 +7,13 @@ import os
 import folder_paths
 import torch
 
-from ..textmask import options
+from ..textmask import defaults, options
 from ..textmask.errors import TextMaskError
 from ..textmask.hosts.comfy import ComfyHost
 from ..textmask.render import colour_labels
 from ..textmask.ovdiff import build_prototypes, label
 from ..textmask.ovdiff.prototypes import default_cache_dir
-
-CATEGORY = "mask/textmask"
+from .text_mask import CATEGORY, NATIVE_SIZES
 
 
 def cache_dir() -> str:
@@ -48,14 +47,14 @@ class OVDiffPrototypes:
                 "vae": ("VAE", {"tooltip": "The model's VAE."}),
                 "classes": ("STRING", {"multiline": True, "default": "cat, dog, grass, sky",
                                        "tooltip": "Comma-separated class names."}),
-                "images": ("INT", {"default": 32, "min": 1, "max": 256, "tooltip": "Support images per class (fewer is faster)."}),
-                "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "DPM-Solver++ steps per support image."}),
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Guidance scale."}),
+                "images": ("INT", {"default": defaults.OVDIFF_IMAGES, "min": 1, "max": options.MAX_SUPPORT_IMAGES, "tooltip": "Support images per class (fewer is faster)."}),
+                "steps": ("INT", {"default": defaults.OVDIFF_STEPS, "min": 1, "max": options.MAX_STEPS, "tooltip": "DPM-Solver++ steps per support image."}),
+                "cfg": ("FLOAT", {"default": defaults.OVDIFF_CFG, "min": 0.0, "max": options.MAX_CFG, "step": 0.5, "tooltip": "Guidance scale."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the support set."}),
             },
             "optional": {
                 "resolution": ("INT", {"default": 0, "min": 0, "max": options.MAX_RESOLUTION, "step": 64,
-                                       "tooltip": "Support image size in pixels; 0 = the model's native (512 SD1, 768 SD2-v, 1024 SDXL)."}),
+                                       "tooltip": f"Support image size in pixels; 0 = the model's native ({NATIVE_SIZES})."}),
             },
         }
 

@@ -18,7 +18,7 @@ MODELS = {
     "image": ("IMAGE", {"tooltip": "Images to segment; every item of the batch is processed."}),
 }
 COMMON = {
-    "tau": ("FLOAT", {"default": defaults.TAU, "min": 0.05, "max": 10.0, "step": 0.05,
+    "tau": ("FLOAT", {"default": defaults.TAU, "min": 0.05, "max": options.MAX_TAU, "step": 0.05,
                       "tooltip": "DiffSeg's KL merge threshold: lower splits into more segments."}),
     "timestep": ("INT", {"default": -1, "min": -1, "max": 999,
                          "tooltip": f"Noise level of the forward (0-999); -1: the segmenter's own "
@@ -31,7 +31,7 @@ OPTIONAL = {"resolution": ("INT", {"default": 0, "min": 0, "max": options.MAX_RE
 SEGMENTER = {
     "segmenter": (list(options.SEGMENTERS), {"default": defaults.SEGMENTER,
                   "tooltip": "DiffCut (normalised cuts, cut) or DiffSeg (KL merging, tau and kmeans)."}),
-    "cut": ("FLOAT", {"default": defaults.CUT, "min": 0.05, "max": 2.0, "step": 0.05,
+    "cut": ("FLOAT", {"default": defaults.CUT, "min": 0.05, "max": options.MAX_CUT, "step": 0.05,
                       "tooltip": "DiffCut's normalised-cut threshold: higher splits into more segments."}),
     "edges": EDGES,
 }

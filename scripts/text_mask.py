@@ -23,7 +23,7 @@ from textmask import defaults  # noqa: E402
 from textmask import postprocess as pp  # noqa: E402
 from textmask.errors import TextMaskError  # noqa: E402
 from textmask.images import to_batch  # noqa: E402
-from textmask.faces import FACE_METHODS, OVDIFF_IMAGES, mask_any  # noqa: E402
+from textmask.faces import FACE_METHODS, mask_any  # noqa: E402
 from textmask.hosts.select import webui_host  # noqa: E402
 from textmask.masker import TextMasker  # noqa: E402
 from textmask.render import overlay  # noqa: E402
@@ -36,12 +36,12 @@ def mask_controls(script: scripts.Script):
                         lines=1, elem_id=script.elem_id("prompt"))
     negative = gr.Textbox(label="Negative mask prompt", lines=1, elem_id=script.elem_id("negative"))
     with gr.Row():
-        method = gr.Dropdown(label="Method", choices=list(FACE_METHODS), value="attention",
+        method = gr.Dropdown(label="Method", choices=list(FACE_METHODS), value=defaults.METHOD,
                              elem_id=script.elem_id("method"))
         ldznet = gr.Textbox(label="LD-ZNet weights (.safetensors, for ld-znet)", elem_id=script.elem_id("ldznet"))
         refine = gr.Checkbox(label="Refine", value=defaults.REFINE, elem_id=script.elem_id("refine"))
     with gr.Row():
-        threshold = gr.Textbox(label="Threshold ('auto', 'otsu' or 0-1)", value="auto", elem_id=script.elem_id("threshold"))
+        threshold = gr.Textbox(label="Threshold ('auto', 'otsu' or 0-1)", value=defaults.THRESHOLD, elem_id=script.elem_id("threshold"))
         blur = gr.Slider(label="Blur (px)", minimum=0, maximum=64, step=0.5, value=0, elem_id=script.elem_id("blur"))
         grow = gr.Slider(label="Grow (px)", minimum=-64, maximum=64, step=1, value=0, elem_id=script.elem_id("grow"))
     with gr.Row():
@@ -52,10 +52,10 @@ def mask_controls(script: scripts.Script):
         names = gr.Textbox(label="Other names in the picture (named segments, ovdiff)", placeholder="sky, road, tree",
                            lines=1, elem_id=script.elem_id("names"))
         support = gr.Slider(label="OVDiff support images per name", minimum=1, maximum=64, step=1,
-                            value=OVDIFF_IMAGES, elem_id=script.elem_id("support"))
+                            value=defaults.OVDIFF_IMAGES, elem_id=script.elem_id("support"))
     # A fine step: the score's scale is the model's, and Shapes' present phrases score from about 0.03.
     min_presence = gr.Slider(label="Minimum presence (attention; 0 = off): a phrase scored below it selects nothing",
-                             minimum=0, maximum=1, step=0.005, value=0, elem_id=script.elem_id("min_presence"))
+                             minimum=0, maximum=1, step=0.005, value=defaults.MIN_PRESENCE, elem_id=script.elem_id("min_presence"))
     return [prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names, support,
             min_presence]
 
@@ -81,7 +81,7 @@ def ovdiff_cache() -> str | None:
 
 
 def compute_masks(p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, names="",
-                  support=OVDIFF_IMAGES, min_presence=0.0):
+                  support=defaults.OVDIFF_IMAGES, min_presence=defaults.MIN_PRESENCE):
     """Masks [N, H, W] and heatmaps for p.init_images at their own size, from the webui's model."""
     if not getattr(p, "init_images", None):
         raise TextMaskError("Text Mask needs an init image: put one in img2img, or send init_images")
@@ -179,7 +179,7 @@ class TextMaskScript(scripts.Script):
         return mask_controls(self)
 
     def run(self, p, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft, show, names="",
-            support=OVDIFF_IMAGES, min_presence=0.0):
+            support=defaults.OVDIFF_IMAGES, min_presence=defaults.MIN_PRESENCE):
         fix_seed = getattr(processing, "fix_seed", None)
         if fix_seed is not None:  # a random seed (-1) chosen now, so the mask and the image share it
             fix_seed(p)
@@ -214,7 +214,7 @@ class TextMaskInpaint(scripts.Script):
     # process(), not before_process(): the webui applies a request's override_settings (a checkpoint among them) and
     # Forge loads its model between the two, and both read image_mask only after process(), in p.init.
     def process(self, p, enabled, mode, prompt, negative, method, ldznet, refine, threshold, blur, grow, invert, soft,
-                show, names="", support=OVDIFF_IMAGES, min_presence=0.0):
+                show, names="", support=defaults.OVDIFF_IMAGES, min_presence=defaults.MIN_PRESENCE):
         if not enabled or not getattr(p, "init_images", None):
             return
         try:

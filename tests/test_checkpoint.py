@@ -60,6 +60,9 @@ def test_detect_real_shapes():
     assert detect_architecture(xl).resolution == 1024
     xl["v_pred"] = torch.empty(0)
     assert detect_architecture(xl).prediction_type == "v_prediction"
+    assert detect_architecture(xl).resolution == 1024
+    # A v-prediction SD1 fine-tune works at the size ComfyUI, A1111 and Forge give it, which cannot tell SD1 from SD2.
+    assert detect_architecture(ldm_unet_meta("sd1"), prediction_type="v_prediction").resolution == 768
 
 
 def test_sd2_base_is_epsilon_and_edm_checkpoints_are_detected():

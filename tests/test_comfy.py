@@ -85,6 +85,33 @@ def test_every_numeric_input_is_within_what_the_core_accepts(pack):
     assert found >= 4
 
 
+def test_widgets_start_from_the_core_defaults_and_end_at_its_bounds(pack):
+    """The nodes' widgets start where every other face starts (textmask.defaults) and offer nothing the core
+    refuses: one fact in one place, so a changed default or bound reaches ComfyUI too."""
+    from textmask import defaults, options
+
+    shared = {"method": defaults.METHOD, "threshold": defaults.THRESHOLD, "min_presence": defaults.MIN_PRESENCE,
+              "refine": defaults.REFINE, "edges": defaults.PAMR, "temporal": defaults.TEMPORAL, "tau": defaults.TAU,
+              "cut": defaults.CUT, "segmenter": defaults.SEGMENTER, "alpha": defaults.REFER_ALPHA,
+              "images": defaults.OVDIFF_IMAGES, "steps": defaults.OVDIFF_STEPS, "cfg": defaults.OVDIFF_CFG}
+    checks = {"tau": options.tau, "cut": options.cut, "cfg": options.cfg, "alpha": options.alpha,
+              "min_presence": options.min_presence, "temporal": options.temporal,
+              "images": lambda v: options.count("images", v, options.MAX_SUPPORT_IMAGES),
+              "steps": lambda v: options.count("steps", v, options.MAX_STEPS)}
+    seen = set()
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        for inputs in (spec.get("required", {}), spec.get("optional", {})):
+            for widget, (_, opts) in inputs.items():
+                if widget in shared and isinstance(opts, dict) and "default" in opts:
+                    seen.add(widget)
+                    assert opts["default"] == shared[widget], (name, widget)
+                if widget in checks and isinstance(opts, dict):
+                    for end in ("min", "max"):
+                        assert checks[widget](opts[end]) == opts[end], (name, widget, end)
+    assert seen == set(shared)
+
+
 def test_gray_and_alpha_images_get_a_preview_and_an_empty_batch_one_line(pack, sd15):
     """Every channel count the core reads (gray, gray + alpha, RGB, RGBA) also gives an RGB preview; an IMAGE batch
     of none is one line, in every node that takes an IMAGE."""
@@ -411,7 +438,7 @@ def test_v_prediction_model_gives_epsilon(pack, sd15):
     dev = torch.device("cpu")  # also under TEXTMASK_COMFY_GPU=1: a MODEL loaded off the default device
     vmodel = comfy.model_patcher.ModelPatcher(base.eval(), load_device=dev, offload_device=dev)
     host = pack.nodes.text_mask.ComfyHost(vmodel, sd15[1], sd15[2])
-    assert host.geometry.resolution == 768  # SD2's v-prediction checkpoints are 768 px models
+    assert host.geometry.resolution == 768  # a v-prediction model works at 768 px, as every face reads it
     assert pack.nodes.text_mask.ComfyHost(*sd15).geometry.resolution == 512
     with torch.inference_mode():
         cond = host.encode_prompts(["a cat"])

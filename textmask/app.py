@@ -99,12 +99,12 @@ def build_app(masker, ldznet=None):
             files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="images")
             with gr.Column():
                 prompt = gr.Textbox(label="Mask prompt", placeholder="red car | truck AND NOT wheels", elem_id="prompt")
-                method = gr.Dropdown(label="Method", choices=methods, value=methods[0], elem_id="method")
+                method = gr.Dropdown(label="Method", choices=methods, value=defaults.METHOD, elem_id="method")
                 with gr.Row():
                     refine = gr.Checkbox(label="Refine", value=defaults.REFINE)
                     soft = gr.Checkbox(label="Soft mask", value=False)
                     invert = gr.Checkbox(label="Invert", value=False)
-                threshold = gr.Textbox(label="Threshold ('auto', 'otsu' or 0-1)", value="auto")
+                threshold = gr.Textbox(label="Threshold ('auto', 'otsu' or 0-1)", value=defaults.THRESHOLD)
                 button = gr.Button("Make masks", variant="primary", elem_id="run")
         with gr.Row():
             masks = gr.Gallery(label="Masks", elem_id="masks", columns=4)

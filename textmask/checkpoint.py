@@ -12,6 +12,7 @@ from typing import Literal, Mapping
 import torch
 
 from .errors import CheckpointError
+from .hosts.contract import native_resolution
 
 ArchName = Literal["sd1", "sd2", "sdxl"]
 UNET = "model.diffusion_model."
@@ -34,8 +35,8 @@ class Architecture:
 
     @property
     def resolution(self) -> int:
-        """The side in pixels it was trained at: SDXL 1024, SD2's v-prediction models 768, the rest 512."""
-        return 1024 if self.name == "sdxl" else (768 if self.prediction_type == "v_prediction" and self.name == "sd2" else 512)
+        """The side in pixels it was trained at (``hosts.contract.native_resolution``)."""
+        return native_resolution(self.name == "sdxl", self.prediction_type == "v_prediction")
 
 
 def read_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import options
+from . import defaults, options
 from .errors import TextMaskError, describe
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -74,16 +74,16 @@ def _threshold(text: str):
 
 def add_mask_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every masking command (mirroring TextMasker.mask)."""
-    from . import defaults
     from .methods import METHODS
 
-    p.add_argument("--method", choices=METHODS, default="attention", help="how masks are decoded (default: attention)")
+    p.add_argument("--method", choices=METHODS, default=defaults.METHOD,
+                   help=f"how masks are decoded (default: {defaults.METHOD})")
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=defaults.REFINE,
                    help=f"refine attention maps with self-attention (default: {'on' if defaults.REFINE else 'off'})")
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=defaults.PAMR,
                    help="refine the maps along the image's own edges (PAMR) before thresholding "
                         f"(default: {'on' if defaults.PAMR else 'off'})")
-    p.add_argument("--threshold", type=_threshold, default="auto",
+    p.add_argument("--threshold", type=_threshold, default=defaults.THRESHOLD,
                    help="'auto' (Otsu's; a phrase naming one thing keeps only its strongest regions), 'otsu' (every "
                         "region above Otsu's) or a value in [0, 1]")
     p.add_argument("--soft", action="store_true", help="soft masks instead of binary")
@@ -94,7 +94,7 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill-holes", action="store_true", help="fill holes inside masked regions")
     p.add_argument("--invert", action="store_true", help="invert the mask")
     p.add_argument("--negative", default=None, help="mask prompt to subtract")
-    p.add_argument("--min-presence", type=checked(options.min_presence), default=0.0, metavar="P",
+    p.add_argument("--min-presence", type=checked(options.min_presence), default=defaults.MIN_PRESENCE, metavar="P",
                    help="a phrase whose presence score (0-1, attention only) is below P selects nothing (default 0: "
                         "off; docs/quality.md, \"Absence\")")
     p.add_argument("--prompt", default=None, help="caption to condition on; phrases must occur in it")
@@ -102,7 +102,7 @@ def add_mask_options(p: argparse.ArgumentParser) -> None:
                    help=f"noise level 0-999 (default {defaults.TIMESTEP}; {defaults.LDZNET_TIMESTEP} for ld-znet)")
     add_seed_resolution(p)
     p.add_argument("--ldznet", default=None, metavar="PATH", help="LD-ZNet .safetensors, for --method ld-znet")
-    p.add_argument("--template", default=None, help='LD-ZNet prompt template (default "a photo of a {}.")')
+    p.add_argument("--template", default=None, help=f'LD-ZNet prompt template (default "{defaults.LDZNET_TEMPLATE}")')
 
 
 def add_seed_resolution(p: argparse.ArgumentParser, what: str = "working resolution") -> None:
@@ -135,15 +135,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
     images = checked(lambda v: options.count("images", v, options.MAX_SUPPORT_IMAGES), whole)
     steps = checked(lambda v: options.count("steps", v, options.MAX_STEPS), whole)
-    p.add_argument("--images", type=images, default=32, help="support images per class (default 32)")
-    p.add_argument("--steps", type=steps, default=30, help="sampler steps per support image (default 30)")
-    p.add_argument("--cfg", type=checked(options.cfg), default=8.0, help="guidance scale, 0-100 (default 8)")
-    p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/textmask/ovdiff)")
+    p.add_argument("--images", type=images, default=defaults.OVDIFF_IMAGES,
+                   help=f"support images per class (default {defaults.OVDIFF_IMAGES})")
+    p.add_argument("--steps", type=steps, default=defaults.OVDIFF_STEPS,
+                   help=f"sampler steps per support image (default {defaults.OVDIFF_STEPS})")
+    p.add_argument("--cfg", type=checked(options.cfg), default=defaults.OVDIFF_CFG,
+                   help=f"guidance scale, 0-{options.MAX_CFG:g} (default {defaults.OVDIFF_CFG:g})")
+    p.add_argument("--cache", default=None, help="cache folder (default: $TEXTMASK_CACHE/ovdiff, else ~/.cache/textmask/ovdiff)")
     add_seed_resolution(p, "support image size")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import defaults
 
     parser = Parser(prog="textmask", description="Text-prompted masks from a Stable Diffusion model.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
@@ -186,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--out", required=True, help="mask PNG")
     ref.add_argument("--heatmap", default=None, help="attribution heatmap overlay PNG")
     ref.add_argument("--clip", default=None, help="local transformers CLIP folder, for the discriminative score")
-    ref.add_argument("--alpha", type=checked(options.alpha), default=0.5,
+    ref.add_argument("--alpha", type=checked(options.alpha), default=defaults.REFER_ALPHA,
                      help="weight of the generative score when --clip is given, 0-1")
     ref.add_argument("--tau", type=checked(options.tau), default=defaults.TAU,
                      help="DiffSeg merge threshold for Ref-Diff's proposals (with --clip)")
@@ -208,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ovdiff_options(build)
     add_model_options(build)
     lst = psub.add_parser("list", help="list cached prototypes")
-    lst.add_argument("--cache", default=None, help="cache folder (default ~/.cache/textmask/ovdiff)")
+    lst.add_argument("--cache", default=None, help="cache folder (default: $TEXTMASK_CACHE/ovdiff, else ~/.cache/textmask/ovdiff)")
     ovd = sub.add_parser("ovdiff", help="segment images with OVDiff prototypes (built first if not cached)")
     ovd.add_argument("input", help="an image file or a folder of images")
     ovd.add_argument("--classes", required=True, help="comma-separated class names")

@@ -5,16 +5,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The mask method every face starts on: cross-attention maps, no weights beyond the host's model.
+METHOD = "attention"
+# Otsu's threshold per image and phrase, keeping only the strongest regions of a phrase that names one thing.
+THRESHOLD = "auto"
+# No presence gate: its scale is the model's, so a phrase naming nothing still gets a mask until a user sets one.
+MIN_PRESENCE = 0.0
+
 # t=300 of 1000: ᾱ≈0.52 under SD's schedule, so the latent still shows every object's outline while the UNet must
 # lean on the text to explain the noise; at t≈100 the maps sharpen but small objects fade, past t≈500 the layout
 # itself dissolves (see docs/quality.md for the sweep).
 TIMESTEP = 300
 # Ref-Diff reads attention while decoding from low noise.
 REFER_TIMESTEP = 100
+# Ref-Diff's weight of the generative score against CLIP's, where a CLIP model is given: the two count equally.
+REFER_ALPHA = 0.5
 # The middle of LD-ZNet's training range [300, 500); the reference draws t from that range for each forward.
 LDZNET_TIMESTEP = 400
+# LD-ZNet's prompt at inference: the first of the reference's training templates.
+LDZNET_TEMPLATE = "a photo of a {}."
 # OVDiff's feature forward: the reference reads its features at t=200 under the empty prompt.
 OVDIFF_TIMESTEP = 200
+# OVDiff's support set, the reference's: images per class, sampler steps, guidance.
+OVDIFF_IMAGES = 32
+OVDIFF_STEPS = 30
+OVDIFF_CFG = 8.0
+# K-means parts per class and region, the reference's K.
+OVDIFF_PARTS = 32
 
 # DiffSeg's KL merge threshold (the paper's and google/diffseg's τ).
 TAU = 1.1

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import mask_prompt as mp
-from . import options
+from . import defaults, options
 from . import postprocess as pp
 from .errors import TextMaskError
 from .methods import METHODS
@@ -22,7 +22,6 @@ from .results import MaskResult
 
 REFER, NAMED, OVDIFF = "refer", "named segments", "ovdiff"
 FACE_METHODS = (*METHODS, REFER, NAMED, OVDIFF)
-OVDIFF_IMAGES = 32  # support images per class, OVDiff's own setting
 
 
 def name_list(text: str | Sequence[str] | None) -> list[str]:
@@ -36,11 +35,11 @@ def name_list(text: str | Sequence[str] | None) -> list[str]:
     return [p.strip() for p in parts if p and p.strip()]
 
 
-def mask_any(masker, image, prompt: str, *, method: str = "attention", negative: str | None = None,
+def mask_any(masker, image, prompt: str, *, method: str = defaults.METHOD, negative: str | None = None,
              names: str | Sequence[str] | None = None, ldznet: Any = None, refine: bool | None = None,
-             threshold: float | str = "auto", soft: bool = False, blur: float = 0.0, grow: float = 0.0,
-             invert: bool = False, seed: int = 0, ovdiff_images: int = OVDIFF_IMAGES,
-             cache_dir: str | Path | None = None, min_presence: float = 0.0) -> MaskResult:
+             threshold: float | str = defaults.THRESHOLD, soft: bool = False, blur: float = 0.0, grow: float = 0.0,
+             invert: bool = False, seed: int = 0, ovdiff_images: int = defaults.OVDIFF_IMAGES,
+             cache_dir: str | Path | None = None, min_presence: float = defaults.MIN_PRESENCE) -> MaskResult:
     """The ``MaskResult`` of ``prompt`` on ``image`` (one image, or a batch of one size) by ``method``.
 
     ``threshold`` and ``soft`` shape the attention methods' maps; the segment methods' masks are already binary.

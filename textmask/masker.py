@@ -52,11 +52,11 @@ class TextMasker:
         images: ImageInput | Sequence[ImageInput],
         mask_prompt: str,
         *,
-        method: str = "attention",
+        method: str = defaults.METHOD,
         negative: str | None = None,
         prompt: str | None = None,
         refine: bool | None = None,
-        threshold: float | str = "auto",
+        threshold: float | str = defaults.THRESHOLD,
         soft: bool = False,
         blur: float = 0.0,
         grow: float = 0.0,
@@ -69,7 +69,7 @@ class TextMasker:
         latents: torch.Tensor | None = None,
         pamr: bool = defaults.PAMR,
         temporal: float = defaults.TEMPORAL,
-        min_presence: float = 0.0,
+        min_presence: float = defaults.MIN_PRESENCE,
         **method_options: Any,
     ) -> MaskResult:
         """Mask what ``mask_prompt`` names in each image; see README for the prompt language.
@@ -169,7 +169,7 @@ class TextMasker:
         warnings.warn("TextMasker.semantic is now TextMasker.named_segments", DeprecationWarning, stacklevel=2)
         return self.named_segments(images, names, **kwargs)
 
-    def refer(self, images, expression: str, *, clip=None, alpha: float = 0.5, tau: float = defaults.TAU,
+    def refer(self, images, expression: str, *, clip=None, alpha: float = defaults.REFER_ALPHA, tau: float = defaults.TAU,
               timestep: int | None = defaults.REFER_TIMESTEP, seed: int = 0, resolution: int | None = None,
               batch_size: int = 1, use_spacy: bool = False) -> ReferResult:
         """The mask of the one object (or, for "every"/"all", the objects) a referring expression names.
@@ -217,7 +217,8 @@ class TextMasker:
             chosen = [relations.choose(c, relation) for c in candidates]
         return ReferResult(torch.stack(chosen).float(), heat, phrase, candidates)
 
-    def build_prototypes(self, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
+    def build_prototypes(self, classes: Sequence[str], *, images: int = defaults.OVDIFF_IMAGES,
+                         steps: int = defaults.OVDIFF_STEPS, cfg: float = defaults.OVDIFF_CFG,
                          seed: int = 0, overrides: dict[str, bool] | None = None, cache_dir: str | Path | None = None,
                          resolution: int | None = None):
         """OVDiff: sample support images per class with this model and keep feature prototypes (cached)."""

@@ -17,6 +17,7 @@ from .errors import TextMaskError
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 2048
 SEED_MODULUS = 2**63  # seeds are taken modulo this: every torch generator takes them, image i adding i
 MAX_TAU = 100.0
+MAX_CUT = 2.0  # a normalised cut lies in [0, 2]
 MAX_CFG = 100.0
 MAX_SUPPORT_IMAGES, MAX_STEPS = 1024, 1000
 MAX_BATCH = 4096
@@ -132,9 +133,9 @@ def segmenter(value: Any) -> str:
 
 def cut(value: Any) -> float:
     """DiffCut's stopping threshold on the normalised cut, in (0, 2] (the cut's range; higher gives more segments)."""
-    number = in_range("cut", value, 0, 2)
+    number = in_range("cut", value, 0, MAX_CUT)
     if number <= 0:
-        raise TextMaskError(f"cut must be in (0, 2], got {value!r}")
+        raise TextMaskError(f"cut must be in (0, {MAX_CUT:g}], got {value!r}")
     return number
 
 

@@ -218,7 +218,7 @@ class SamplingCapture:
         return maps.float().cpu()
 
     def mask(self, images, mask_prompt: str, *, negative: str | None = None, refine: bool = defaults.REFINE,
-             threshold: float | str = "auto", soft: bool = False, blur: float = 0.0, grow: float = 0.0,
+             threshold: float | str = defaults.THRESHOLD, soft: bool = False, blur: float = 0.0, grow: float = 0.0,
              fill_holes: bool = False, invert: bool = False, pamr: bool = defaults.PAMR,
              temporal: float = defaults.TEMPORAL) -> MaskResult:
         """Masks for ``mask_prompt`` on the run's sampled ``images`` (one per latent, any size: each mask matches

@@ -80,10 +80,10 @@ class Trace:
         return maps.float().cpu(), None if presence is None else presence.float().cpu()
 
     def mask(self, mask_prompt: str, *, negative: str | None = None, prompt: str | None = None,
-             threshold: float | str = "auto", soft: bool = False, blur: float = 0.0, grow: float = 0.0,
+             threshold: float | str = defaults.THRESHOLD, soft: bool = False, blur: float = 0.0, grow: float = 0.0,
              fill_holes: bool = False, invert: bool = False, pamr: bool = defaults.PAMR,
              refine_mode: str = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS,
-             heads: str = defaults.HEADS, min_presence: float = 0.0) -> MaskResult:
+             heads: str = defaults.HEADS, min_presence: float = defaults.MIN_PRESENCE) -> MaskResult:
         """Masks for ``mask_prompt`` from the traced forward, with ``TextMasker.mask``'s prompt language, options
         and defaults (``negative``: what to take out, as there); ``prompt`` is the text whose keys the queries meet
         (default: as ``mask``'s, ``phrase_conditioning``)."""

@@ -10,10 +10,10 @@ import json
 
 import torch
 
-from textmask import options
+from textmask import defaults, options
 from textmask.cli import checked, whole
 from textmask.ldznet import load_ldznet
-from textmask.ldznet.inference import DEFAULT_TIMESTEP, ldznet_logits
+from textmask.ldznet.inference import ldznet_logits
 
 from .data import ReferringDataset, load_split
 from .metrics import FixedIntervalMetrics, refcoco_scores
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--split", default="test")
     ap.add_argument("--resolution", type=number("resolution", 64, 4096, integer=True), default=None,
                     help="default: the model's training resolution")
-    ap.add_argument("--timestep", type=checked(options.timestep, whole), default=DEFAULT_TIMESTEP)
+    ap.add_argument("--timestep", type=checked(options.timestep, whole), default=defaults.LDZNET_TIMESTEP)
     ap.add_argument("--batch-size", type=number("batch-size", 1, 4096, integer=True), default=8)
     ap.add_argument("--limit", type=number("limit", 1, MOST, integer=True), default=None, help="evaluate only the first N samples")
     ap.add_argument("--device", default=None)

@@ -48,7 +48,8 @@ class Conditioning:
 
 
 def native_resolution(is_sdxl: bool, v_prediction: bool) -> int:
-    """The side a model was trained at, in pixels: SDXL 1024, SD2's v-prediction models 768, else 512."""
+    """The side a UNet model was trained at, in pixels: SDXL 1024, a v-prediction model 768 (SD2's 768-v), else
+    512. Every face reads it here, and it asks only what every host can tell (not SD1 from SD2)."""
     return 1024 if is_sdxl else (768 if v_prediction else 512)
 
 

@@ -17,11 +17,9 @@ from .weights import architecture_of, load_ldznet
 
 # The reference's prompt engineering (LatentSeg.sample_prompts): one template drawn per training sample.
 PROMPT_TEMPLATES = (
-    "a photo of a {}.", "a photograph of a {}.", "an image of a {}.", "{}.", "a cropped photo of a {}.",
+    defaults.LDZNET_TEMPLATE, "a photograph of a {}.", "an image of a {}.", "{}.", "a cropped photo of a {}.",
     "a good photo of a {}.", "a photo of one {}.", "a bad photo of a {}.", "a photo of the {}.",
 )
-DEFAULT_TEMPLATE = PROMPT_TEMPLATES[0]
-DEFAULT_TIMESTEP = defaults.LDZNET_TIMESTEP  # fixed for deterministic masks; training draws from TRAIN_TIMESTEPS
 TRAIN_TIMESTEPS = (300, 500)
 
 
@@ -121,7 +119,7 @@ class LDZNetMethod:
     """``ld-znet``: LD-ZNet, a trained segmenter over the VAE latent and the host UNet's features."""
 
     name = "ld-znet"
-    timestep = DEFAULT_TIMESTEP
+    timestep = defaults.LDZNET_TIMESTEP  # fixed for deterministic masks; training draws from TRAIN_TIMESTEPS
     auto_threshold = 0.5  # calibrated probabilities, not attention scores
     needs_images = True
     needs_weights = True
@@ -131,7 +129,7 @@ class LDZNetMethod:
               template: str | None = None) -> LDZNetDecoder:
         if ldznet is None:
             raise TextMaskError("method 'ld-znet' needs LD-ZNet weights (ldznet=..., --ldznet PATH)")
-        template = template or DEFAULT_TEMPLATE
+        template = template or defaults.LDZNET_TEMPLATE
         if not isinstance(template, str) or template.count("{}") != 1 or template.replace("{}", "").count("{") \
                 or template.replace("{}", "").count("}"):
             raise TextMaskError(f"the prompt template needs exactly one '{{}}' for the phrase and no other braces, "

@@ -125,7 +125,7 @@ def combine(gen: torch.Tensor, disc: torch.Tensor | None, alpha: float) -> torch
 
 
 def refer(
-    host: Host, images, expression: str, *, clip=None, alpha: float = 0.5, tau: float = defaults.TAU,
+    host: Host, images, expression: str, *, clip=None, alpha: float = defaults.REFER_ALPHA, tau: float = defaults.TAU,
     timestep: int | None = defaults.REFER_TIMESTEP, seed: int = 0, resolution: int | None = None, batch_size: int = 1,
     use_spacy: bool = False,
 ) -> ReferResult:

@@ -33,11 +33,11 @@ AGGREGATE_BUDGET = 256 << 20  # bytes of fp32 self-attention aggregates in one f
 class Settings:
     """Everything besides the model and the class that changes a prototype."""
 
-    images: int = 32
-    steps: int = 30
-    cfg: float = 8.0
+    images: int = defaults.OVDIFF_IMAGES
+    steps: int = defaults.OVDIFF_STEPS
+    cfg: float = defaults.OVDIFF_CFG
     seed: int = 0
-    kmeans: int = 32
+    kmeans: int = defaults.OVDIFF_PARTS
     tau: float = defaults.TAU
     prompt: str = support.PROMPT
     negative: str = support.NEGATIVE
@@ -282,8 +282,9 @@ def load_class(path: Path) -> tuple[ClassPrototypes, dict[str, str]] | None:
     return ClassPrototypes(meta["class"], meta["stuff"] == "True", fg, bg), meta
 
 
-def build_prototypes(host: Host, classes: Sequence[str], *, images: int = 32, steps: int = 30, cfg: float = 8.0,
-                     seed: int = 0, kmeans_parts: int = 32, overrides: dict[str, bool] | None = None,
+def build_prototypes(host: Host, classes: Sequence[str], *, images: int = defaults.OVDIFF_IMAGES,
+                     steps: int = defaults.OVDIFF_STEPS, cfg: float = defaults.OVDIFF_CFG, seed: int = 0,
+                     kmeans_parts: int = defaults.OVDIFF_PARTS, overrides: dict[str, bool] | None = None,
                      cache_dir: str | Path | None = None, use_cache: bool = True,
                      resolution: int | None = None) -> Prototypes:
     """Prototypes for each class, reusing cached ones; adding a class never recomputes the others."""
