@@ -255,3 +255,13 @@ def test_pamr_flag_reaches_the_api():
     base = ["mask", "a.png", "x", "--out", "o.png", "--checkpoint", "model.safetensors"]
     assert mask_kwargs(parser.parse_args([*base, "--no-pamr"]))["pamr"] is False
     assert mask_kwargs(parser.parse_args(base))["pamr"] is True  # the default, as every face
+
+
+def test_app_without_gradio_is_one_line(tmp_path, capsys, monkeypatch):
+    """Gradio is an extra: without it `textmask app` says how to install it, before any model loads."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    err = run_bad(tmp_path, capsys, ["app", "--checkpoint", "shapes"])
+    assert "needs Gradio" in err and "textmask[app]" in err

@@ -39,8 +39,8 @@ class AttentionLayer:
         return self.size[0] * self.size[1]
 
 
-# root -> (its children's ids, its attention modules): walking a UNet's ~1 400 modules costs 1-2 ms of Python per
-# mask, as much as a GPU forward's launch overhead allows for the whole capture.
+# root -> (its children's ids, its attention modules): walking a UNet's ~1 400 modules per mask would cost as much
+# Python as a GPU forward's launch budget allows the whole capture (docs/benchmarks.md).
 _FOUND: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[tuple[str, nn.Module]]]]" = \
     weakref.WeakKeyDictionary()
 
@@ -55,7 +55,7 @@ def find_attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     known = _FOUND.get(root)
     if known is not None and known[0] == stamp:
         return list(known[1])
-    # Submodule lookups in _modules: hasattr on every module of a UNet costs a raised AttributeError each (~1 ms).
+    # Submodule lookups in _modules: hasattr on every module of a UNet would raise an AttributeError each.
     found = [(n, m) for n, m in root.named_modules() if "to_q" in m._modules and "to_k" in m._modules and hasattr(m, "heads")]
     if not found and any(hasattr(m, "to_qkv") for m in root.modules()):
         raise CaptureError("this UNet has fused QKV projections; call unfuse_qkv_projections() before masking")

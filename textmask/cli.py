@@ -339,7 +339,7 @@ def check_output_name(flag: str, value: str | None, folder: bool) -> None:
         raise CliError(f"{flag} must be a .png file for a single image, got {value or repr(value)}")
 
 
-def check_clip(path: str | None) -> None:
+def check_clip_flag(path: str | None) -> None:
     """``--clip`` names a local transformers CLIP folder (its config.json there): one line before any model loads
     otherwise, whether or not this input's path reads it."""
     from .clip import folder_problem
@@ -486,7 +486,7 @@ def run_refer(args: argparse.Namespace) -> None:
         raise CliError(f"input not found: {src}")
     check_output_name("--out", args.out, folder=False)
     check_output_name("--heatmap", args.heatmap, folder=False)
-    check_clip(args.clip)
+    check_clip_flag(args.clip)
     options.expression(args.expression)
     subject(args.expression)  # fail on an expression without a noun before loading a model
     checked_images([src], args)
@@ -589,7 +589,7 @@ def run_ovdiff(args: argparse.Namespace) -> None:
         raise CliError("--classes needs at least one name")
     options.names(classes, "class names", "class name")  # unreadable text or duplicates, before the model loads
     mask_files = class_files([c.rpartition(":")[0] if c.endswith((":stuff", ":thing")) else c for c in classes])
-    check_clip(args.clip)
+    check_clip_flag(args.clip)
     checked_images(files, args)
     writable_folder(args.cache)
     with Outputs(inputs=files) as outputs:
@@ -630,10 +630,10 @@ def check_address(host: str, port: int) -> None:
 
 
 def run_app(args: argparse.Namespace) -> None:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise CliError("the web app needs Gradio: pip install 'textmask[app]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise CliError("the web app needs Gradio: pip install 'textmask[app]'")
     from .app import build_app
 
     check_address(args.host, args.port)

@@ -12,9 +12,8 @@ THRESHOLD = "auto"
 # No presence gate: its scale is the model's, so a phrase naming nothing still gets a mask until a user sets one.
 MIN_PRESENCE = 0.0
 
-# t=300 of 1000: ᾱ≈0.52 under SD's schedule, so the latent still shows every object's outline while the UNet must
-# lean on the text to explain the noise; at t≈100 the maps sharpen but small objects fade, past t≈500 the layout
-# itself dissolves (see docs/quality.md for the sweep).
+# t=300 of 1000 (ᾱ≈0.52 under SD's schedule): the latent still shows every outline while the UNet must lean on the
+# text to explain the noise (the sweep: docs/quality.md).
 TIMESTEP = 300
 # Ref-Diff reads attention while decoding from low noise.
 REFER_TIMESTEP = 100
@@ -36,8 +35,7 @@ OVDIFF_PARTS = 32
 # DiffSeg's KL merge threshold (the paper's and google/diffseg's τ).
 TAU = 1.1
 
-# Segments by DiffCut's normalised cuts: on Shapes val it finds the objects where DiffSeg at its τ finds one segment
-# per scene (Hungarian mIoU with PAMR 0.58 against 0.27, docs/quality.md).
+# Segments by DiffCut's normalised cuts: they find a scene's objects where DiffSeg at its τ merges them (docs/quality.md).
 SEGMENTER = "diffcut"
 # DiffCut's reference settings: cut while the normalised cut is under 0.5, affinities to the 10th power, features
 # from a forward at t=50 under the empty prompt.
@@ -45,22 +43,20 @@ CUT = 0.5
 CUT_ALPHA = 10.0
 DIFFCUT_TIMESTEP = 50
 
-# Self-attention refinement (AggSD) of the attention method: on in every face. It costs about 0.3 of a UNet forward
-# and raises IoU on Shapes from 0.31 to 0.41 (docs/quality.md); pass refine=False for the raw cross-attention maps.
+# Self-attention refinement (AggSD) of the attention method, on in every face: AggSD's step for real checkpoints,
+# whose self-attention is sharper than Shapes' (docs/quality.md); refine=False gives the raw cross-attention maps.
 REFINE = True
-# AggSD's row-normalised SAᵀ·CA, one step: one step beats two on Shapes, and the paper's form ties the random walk.
+# AggSD's row-normalised SAᵀ·CA, one step: the paper's form (the other modes, measured: the Shapes model card).
 REFINE_MODE = "transpose"
 REFINE_STEPS = 1
 
 # Each cross-attention head's map of a phrase weighted by its information (log N − its entropy over the layer's N
-# pixels; after NERVE's entropy-weighted heads): heads that localise the phrase count, diffuse ones hardly. On Shapes
-# val IoU 0.564 -> 0.602, AUC 0.899 -> 0.959, while a wrong phrase lands on an object more often (docs/quality.md);
-# heads="mean" is DAAM's and AggSD's head average.
+# pixels; after NERVE's entropy-weighted heads), so heads that localise the phrase count and diffuse ones hardly
+# (docs/quality.md); heads="mean" is DAAM's and AggSD's head average.
 HEADS = "information"
 
-# PAMR edge refinement of every mask method's maps (postprocess.pamr), on a grid twice the latent's: on Shapes val
-# IoU goes 0.369 -> 0.486 (attention), 0.197 -> 0.378 (noise-diff), 0.768 -> 0.802 (ld-znet), for about 1% of a
-# UNet forward at 512 px on the CPU (docs/quality.md); pass pamr=False for the maps without it.
+# PAMR edge refinement of every mask method's maps (postprocess.pamr), on a grid twice the latent's, so masks follow
+# the image's edges rather than the attention grid, for about 1% of a forward (docs/quality.md); pamr=False skips it.
 PAMR = True
 
 # Smoothing over neighbouring frames (σ in frames) is for video batches only: off, so images stay independent.

@@ -139,7 +139,8 @@ def without_noise(host: Host, latents: torch.Tensor, timestep: int) -> tuple[tor
 
 def eps(host: Host, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, image_latents: torch.Tensor,
         collectors: Iterable[Collector] = ()) -> torch.Tensor:
-    """One host forward, ε = (x − denoised) / σ in float32, with ``collectors`` fed the attention they read.
+    """One host forward, ε = (x − denoised) / σ in float32 [B, C, h, w], with ``collectors`` fed the attention they
+    read: ``x`` [B, C, h, w] is the noised latent, ``sigma`` [B] its noise level in the host's σ units.
 
     The hooks are read-only and come off when the forward returns or raises.
     """

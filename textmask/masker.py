@@ -26,7 +26,7 @@ class TextMasker:
 
     @classmethod
     def from_single_file(cls, path: str | Path, **kwargs) -> "TextMasker":
-        """Load an SD1/SD2/SDXL .safetensors (or .ckpt) checkpoint through the diffusers host, offline."""
+        """Load an SD1/SD2/SDXL (.safetensors or .ckpt) or SD3/Flux (.safetensors) checkpoint, offline."""
         from .hosts import diffusers_loading
 
         return cls(diffusers_loading.from_single_file(path, **kwargs))
@@ -76,7 +76,9 @@ class TextMasker:
 
         ``refine`` (attention only; default on) refines the word maps along self-attention. ``method_options`` go
         to the method: ``ldznet`` (an LDZNet or the path of its .safetensors) and ``template`` for ``ld-znet``,
-        ``refine_mode``, ``refine_steps`` and ``aggregation`` ("aggsd" or "daam") for ``attention``. ``latents``
+        ``refine_mode``, ``refine_steps``, ``aggregation`` ("aggsd" or "daam") and ``heads`` ("information" or
+        "mean") for ``attention``. ``images`` are any of ``images.to_batch``'s inputs (one size per call); ``blur``
+        (Gaussian σ) and ``grow`` (negative shrinks) are in pixels of the input image. ``latents``
         (the host's latent space, one per image) replace encoding the images; the host's ``latent_region`` says
         which pixels they cover. ``pamr`` (default on) refines every map along the image's own edges
         (``postprocess.pamr``, on a grid twice the latent's) before thresholding. ``temporal`` (σ in frames, default 0 =

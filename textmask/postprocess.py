@@ -13,8 +13,7 @@ from skimage.filters import threshold_otsu
 
 SOFT_BAND = 0.2  # width of the ramp around a threshold in soft masks, in normalised heatmap units
 # Threshold "auto" keeps a region of a one-thing phrase when its peak reaches this share of the strongest region's:
-# weaker ones are other things the map half-lights. Shapes val IoU 0.501 -> 0.524 (613 phrases; 0.6-0.9 within
-# 0.003 of it), docs/quality.md.
+# weaker ones are other things the map half-lights (chosen on Shapes val, docs/quality.md).
 STRONG_SHARE = 0.75
 
 
@@ -110,14 +109,14 @@ def ramp_to_mask(ramp: torch.Tensor, soft: bool) -> torch.Tensor:
 
 
 def gaussian_blur(mask: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur with standard deviation ``sigma`` pixels (feathering)."""
+    """Gaussian blur of masks [..., H, W] in [0, 1], standard deviation ``sigma`` in pixels (feathering)."""
     if sigma <= 0:
         return mask
     return _per_map(lambda m: ndimage.gaussian_filter(m, sigma=sigma, mode="nearest"), mask).clamp(0, 1)
 
 
 def grow(mask: torch.Tensor, pixels: float) -> torch.Tensor:
-    """Grow (positive) or shrink (negative) a mask by a disc of radius ``|pixels|``."""
+    """Grow (positive) or shrink (negative) masks [..., H, W] by a disc of radius ``|pixels|`` pixels."""
     if pixels == 0:
         return mask
     r = abs(float(pixels))
@@ -170,7 +169,8 @@ def postprocess(
     invert_mask: bool = False,
     blur_px: float = 0,
 ) -> torch.Tensor:
-    """Fill holes, grow/shrink, invert, then blur, in that order (so blur feathers the final edge)."""
+    """Fill holes, grow/shrink, invert, then blur masks [..., H, W] in [0, 1], in that order (so blur feathers the
+    final edge); ``grow_px`` and ``blur_px`` are in pixels."""
     if fill:
         mask = fill_holes(mask)
     mask = grow(mask, grow_px)

@@ -29,7 +29,7 @@ class MaskResult:
 
 @dataclass
 class SegmentsResult:
-    """``TextMasker.segments`` (DiffSeg): per image, a label map and one mask per segment, largest first."""
+    """``TextMasker.segments`` (DiffCut or DiffSeg): per image, a label map and one mask per segment, largest first."""
 
     labels: torch.Tensor  # [B, H, W] long, 0..K_b-1 in order of decreasing area
     masks: list[torch.Tensor]  # per image [K_b, H, W] float in {0, 1}

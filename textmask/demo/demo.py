@@ -21,8 +21,8 @@ METHODS = {
 }
 LDZNET = "ldznet.safetensors"  # LD-ZNet fitted to Shapes through train/ (MODEL_CARD.md), shown when bundled
 NAMED_SEGMENTS = "named-segments"
-# The bench builds 8 support images of 30 steps per phrase; given each scene's phrases, 6 of 15 scored 0.40 on 12
-# test scenes against 0.37-0.39 at half the cost, which keeps the demo under a minute on 2 cores. Cached.
+# Fewer, shorter support images than the bench's 8 of 30 scored as well (docs/quality.md) and keep the demo under a
+# minute on 2 cores. Cached.
 OVDIFF_SUPPORT = dict(images=6, steps=15)
 BINARY = {NAMED_SEGMENTS}  # methods with no soft map: AUC and pointing say nothing about them
 

@@ -436,7 +436,7 @@ class DAAMHeatMaps:
         return torch.stack([mean[:, [index[t] for t in g]].mean(1) for g in self.groups], dim=1)
 
 
-AGGREGATIONS = ("aggsd", "daam")
+AGGREGATIONS = ("aggsd", "daam")  # the first is the default: AggSD's layer weighting; DAAM's plain sum
 
 
 class AttentionDecoder:
@@ -449,7 +449,7 @@ class AttentionDecoder:
     size_multiple = None
 
     def __init__(self, cond: Conditioning, groups: list[list[int]], refine: bool, mode: RefineMode, steps: int,
-                 aggregation: str = "aggsd", heads: str = defaults.HEADS):
+                 aggregation: str = AGGREGATIONS[0], heads: str = defaults.HEADS):
         self.cond, self.groups, self.refine, self.mode, self.steps = cond, groups, refine, mode, steps
         self.aggregation, self.heads = aggregation, heads
         self.measures_presence = aggregation == "aggsd" and heads == "information"
@@ -487,7 +487,7 @@ class AttentionMethod:
 
     def setup(self, host: Host, phrases: Sequence[str], prompt: str | None, *, refine: bool = defaults.REFINE,
               refine_mode: RefineMode = defaults.REFINE_MODE, refine_steps: int = defaults.REFINE_STEPS,
-              aggregation: str = "aggsd", heads: str = defaults.HEADS) -> AttentionDecoder:
+              aggregation: str = AGGREGATIONS[0], heads: str = defaults.HEADS) -> AttentionDecoder:
         if aggregation not in AGGREGATIONS:
             raise TextMaskError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         head_weighting(heads)  # before the forward, not at its first layer

@@ -95,7 +95,8 @@ def proposals(labels: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
 
 
 def generative_scores(props: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
-    """Mean attribution inside each proposal minus the mean outside (Ref-Diff eq. 9)."""
+    """Mean attribution inside each proposal minus the mean outside (Ref-Diff eq. 9): proposals [K, h, w] in
+    {0, 1} and attribution [h, w] give [K]."""
     inside = props.float()
     outside = 1 - inside
     return (inside * attr).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1) - (

@@ -21,7 +21,7 @@ from .classes import is_stuff, parse_class
 from .features import FEATURE_SIZE, FEATURE_TIMESTEP, extract
 
 FORMAT = "textmask-ovdiff-prototypes"
-VERSION = "2"  # 2: K-means in torch (other centres than scipy's for the same seed)
+VERSION = "2"  # raised whenever the same settings would give other prototypes, so older caches are rebuilt
 KINDS = ("mean", "instances", "kmeans")
 STUFF_SIMILARITY = 0.85
 MAX_KMEANS_POINTS = 20000  # K-means runs on a deterministic subsample of the support pixels
@@ -82,8 +82,8 @@ def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 20,
            device: torch.device | str | None = None) -> torch.Tensor:
     """K-means centres [min(k, N), D] of ``points`` [N, D], deterministic (k-means++ init from ``seed``), computed
     on ``device`` (default: the points') and returned on the points' device."""
-    # In torch, not scipy's kmeans2: its k-means++ init alone took 32 s on 16 000 support features of width
-    # 7 680 (2 cores), where these matrix products take about a second, and on a GPU machine dwarfed the sampler.
+    # In torch, not scipy's kmeans2: its k-means++ init on a class's support features took longer than the
+    # sampling (CHANGELOG, 2026-11-23), where these matrix products run on the device.
     if len(points) == 0:
         return points.new_zeros(0, points.shape[1])
     gen = torch.Generator().manual_seed(seed)
