@@ -27,6 +27,7 @@ from conftest import predict_eps_ddpm  # noqa: E402
 import webui_model  # noqa: E402
 
 from textmask import TextMasker  # noqa: E402
+from textmask.capture import AttentionCapture, ProbsStore  # noqa: E402
 from textmask import postprocess as pp  # noqa: E402
 from textmask.errors import CaptureError, TextMaskError  # noqa: E402
 from textmask.hosts.a1111 import A1111Host
@@ -85,6 +86,11 @@ def test_host_masks_on_webui_models(kind):
     assert res.masks.shape == (2, 37, 53)
     if kind == "sdxl":
         assert model.vectors_seen and model.vectors_seen[0][0] == 2  # the pooled vector rode along per row
+    # The finest self-attention grid the host reads from the UNet's structure is the one a forward runs.
+    store = ProbsStore(kinds=("self",))
+    with AttentionCapture(host.attention_modules(), (8, 8), [store]):
+        unet_output(model)
+    assert host.self_attention_grid((8, 8)) == max((l.size for l in store.layers.values()), key=lambda s: s[0] * s[1])
 
 
 def test_masks_are_deterministic_and_leave_the_global_rng_alone():

@@ -808,18 +808,42 @@ def test_non_finite_values_stop_the_mask_with_their_cause(masker, monkeypatch, w
 
 @pytest.mark.parametrize("call", ["refine", "segments", "refer"])
 def test_self_attention_too_large_to_read_is_one_line(sd1_pipe, monkeypatch, call):
-    """A working size whose self-attention map would not fit is refused at its first layer, before any allocation,
-    and the model's forward is unchanged; cross-attention alone (refine off) still masks."""
+    """A working size whose self-attention map would not fit is refused before any image is encoded (the VAE at
+    2048 px takes minutes on a CPU), from the UNet's structure alone, and the model's forward is unchanged;
+    cross-attention alone (refine off) still masks. Where the structure cannot tell, the capture refuses at the
+    first such layer, before any allocation."""
     from conftest import unet_untouched
     from textmask import TextMasker, capture
 
     masker = TextMasker.from_pipe(sd1_pipe, resolution=64)
     monkeypatch.setattr(capture, "MAX_SELF_TOKENS", 15)  # the tiny model's 8x8 latent has 64 cells
+    encoded = []
+    encode = masker.host.encode_images
+    monkeypatch.setattr(masker.host, "encode_images", lambda pixels: encoded.append(1) or encode(pixels))
     run = {"refine": lambda: masker.mask(IMAGE, "a", refine=True),
            "segments": lambda: masker.segments(IMAGE, segmenter="diffseg"),
            "refer": lambda: masker.refer(IMAGE, "the circle on the left")}[call]
-    with unet_untouched(sd1_pipe.unet):
-        with pytest.raises(TextMaskError) as e:
-            run()
-    assert "\n" not in str(e.value) and "too large to read" in str(e.value)
+    for structure_known in (True, False):
+        if not structure_known:
+            monkeypatch.setattr(masker.host, "self_attention_grid", lambda latent_size: None)
+        with unet_untouched(sd1_pipe.unet):
+            with pytest.raises(TextMaskError) as e:
+                run()
+        assert "\n" not in str(e.value) and "too large to read" in str(e.value)
+        assert bool(encoded) is not structure_known
     assert masker.mask(IMAGE, "a", refine=False).masks.shape == (1, 40, 48)
+
+
+def test_the_finest_attention_grid_is_read_from_the_unet_structure(sd1_pipe):
+    """SD1's first attention runs at the latent's own grid; a UNet whose first level has none (SDXL's layout) at
+    half of it: what the up-front self-attention check reads."""
+    from textmask.capture import finest_attention_grid
+    from diffusers import UNet2DConditionModel
+
+    assert finest_attention_grid(sd1_pipe.unet, (8, 9)) == (8, 9)
+    xl_like = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8,
+                                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                   attention_head_dim=2, norm_num_groups=4)
+    assert finest_attention_grid(xl_like, (8, 9)) == (4, 5)
+    assert finest_attention_grid(torch.nn.Linear(2, 2), (8, 8)) is None

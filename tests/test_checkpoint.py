@@ -272,3 +272,11 @@ def test_loader_errors_are_one_line(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError) as e:
         TextMasker.from_single_file(tmp_path / "broken.safetensors", config=d / "config")
     assert "\n" not in str(e.value)
+
+
+def test_a_folder_given_as_a_checkpoint_file_is_named_as_one(tmp_path):
+    from textmask.checkpoint import read_state_dict
+
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file; load a diffusers folder with") as e:
+        read_state_dict(tmp_path)
+    assert "\n" not in str(e.value)

@@ -138,6 +138,10 @@ def test_bad_inputs(tmp_path, model_args, capsys, tiny_checkpoint):
     empty.mkdir()
     cases = {
         "not found": ["mask", str(img), "cat", "--out", out, "--checkpoint", str(tmp_path / "missing.safetensors")],
+        "is for SD3 and Flux single files": ["mask", str(img), "cat", "--out", out, *model_args,
+                                             "--components", str(frames)],
+        "complete a single checkpoint file": ["mask", str(img), "cat", "--out", out, "--checkpoint", str(frames),
+                                              "--components", str(frames)],
         "not a valid safetensors": ["mask", str(img), "cat", "--out", out, "--checkpoint", str(corrupt)],
         "column 6": ["mask", str(img), "cat |", "--out", out, *model_args],
         "is not in the prompt": ["mask", str(img), "dog", "--prompt", "a cat", "--out", out, *model_args],

@@ -112,6 +112,20 @@ def test_widgets_start_from_the_core_defaults_and_end_at_its_bounds(pack):
     assert seen == set(shared)
 
 
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_the_finest_self_attention_grid_is_known_before_a_forward(pack, sd15, sdxl, kind):
+    """What ComfyHost reads from the UNet's structure (SDXL's first level has no attention) is what a forward runs."""
+    model, clip, vae = sd15 if kind == "sd15" else sdxl
+    host = pack.nodes.text_mask.ComfyHost(model, clip, vae)
+    store = pack.textmask.capture.ProbsStore(kinds=("self",))
+    with torch.inference_mode(), pack.textmask.capture.AttentionCapture(host.attention_modules(), (8, 8), [store]):
+        model.model.diffusion_model(torch.randn(1, 4, 8, 8), torch.tensor([300.0]), context=torch.randn(
+            1, 77, comfy_env.SD15_UNET["context_dim"] if kind == "sd15" else comfy_env.SDXL_UNET["context_dim"]),
+            y=None if kind == "sd15" else torch.randn(1, comfy_env.SDXL_UNET["adm_in_channels"]))
+    finest = max((l.size for l in store.layers.values()), key=lambda s: s[0] * s[1])
+    assert host.self_attention_grid((8, 8)) == finest == ((8, 8) if kind == "sd15" else (4, 4))
+
+
 def test_gray_and_alpha_images_get_a_preview_and_an_empty_batch_one_line(pack, sd15):
     """Every channel count the core reads (gray, gray + alpha, RGB, RGBA) also gives an RGB preview; an IMAGE batch
     of none is one line, in every node that takes an IMAGE."""

@@ -528,6 +528,43 @@ def test_sd3_single_file_loads_into_the_diffusers_adapter(tmp_path):
         torch.testing.assert_close(again.velocity(x, s, Conditioning(ctx, [], y)), ours)
 
 
+def test_sd3_single_files_missing_or_misshapen_parts_and_wrong_components_are_one_line(tmp_path):
+    """A part of the file cut short or of other shapes, a components folder of another family, and SD1's
+    --components are each refused in one line naming what does not fit."""
+    from safetensors.torch import save_file
+
+    from textmask import TextMasker
+    from textmask.errors import CheckpointError
+
+    diffusion, clip, ldm_vae = single_file_parts("sd3")
+    state = single_file_state(diffusion, clip, ldm_vae)
+    vae_key = next(k for k in state if k.startswith("first_stage_model.encoder.conv_out"))
+    t5_key = next(k for k in state if k.startswith("text_encoders.t5xxl.") and ".q.weight" in k)
+    transformer_key = next(k for k in state if k.endswith("x_block.mlp.fc1.weight"))
+    cases = {"VAE lacks weight": {k: v for k, v in state.items() if k != vae_key},
+             "t5xxl lacks weight": {k: v for k, v in state.items() if k != t5_key},
+             "SD3 transformer does not match its layout": {**state, transformer_key: torch.zeros(3, 3)}}
+    for message, broken in cases.items():
+        with pytest.raises(CheckpointError, match=message) as e:
+            TextMasker.from_single_file(broken_file(tmp_path, broken), resolution=64)
+        assert "\n" not in str(e.value)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusion.state_dict().items()}, str(bare))
+    flux_folder = tmp_path / "flux"
+    flux_folder.mkdir()
+    (flux_folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(CheckpointError, match="holds a FluxPipeline, not the components of this SD3 file's model"):
+        TextMasker.from_single_file(bare, components=flux_folder, resolution=64)
+
+
+def broken_file(folder: Path, state: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path = folder / f"broken-{len(list(folder.iterdir()))}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 def test_flux_single_file_layout_and_components():
     """Flux.1's full width through diffusers' converter on meta tensors (every weight assigned at its shape), with
     real VAE and text encoders that equal ComfyUI's; Flux of other widths and bare files are refused in one line."""

@@ -221,3 +221,23 @@ def test_a_later_run_with_another_prompt_leaves_no_stale_mask(pack, sd15):
     assert "\n" not in str(e.value)
     ksample(patched, positive, encode(clip, ""), steps=4)
     assert capture.run.steps == 4 and from_sampling(pack, capture, torch.rand(2, 64, 64, 3))[0].shape == (2, 64, 64)
+
+
+def test_a_run_too_large_to_keep_self_attention_still_samples_and_masks_without_refine(pack, sd15, monkeypatch):
+    """The capture never fails the artist's generation: where the kept step's self-attention would not fit, the run
+    samples as without the capture, masks come unrefined, and a refined mask is one line."""
+    import importlib
+
+    model, clip, _ = sd15
+    cap = importlib.import_module("textmask_pack.textmask.capture")  # the nodes' own copy of the core
+    monkeypatch.setattr(cap, "MAX_SELF_TOKENS", 15)  # the tiny model's 8x8 latent has 64 cells
+    pos, neg = encode(clip, PROMPT), encode(clip, "")
+    patched, positive, capture = capture_nodes(pack, model, clip)
+    assert torch.equal(ksample(patched, positive, neg, steps=8), ksample(model, pos, neg, steps=8))
+    assert capture.run.lowest <= capture.refine_sigma  # the run reached the step whose self-attention is kept
+    image = torch.rand(2, 64, 64, 3)
+    mask, _ = from_sampling(pack, capture, image, refine=False)
+    assert mask.shape == (2, 64, 64)
+    with pytest.raises(pack.textmask.errors.TextMaskError) as e:
+        from_sampling(pack, capture, image, refine=True)
+    assert "\n" not in str(e.value) and "too large" in str(e.value) and "refine off" in str(e.value)

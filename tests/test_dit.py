@@ -189,7 +189,7 @@ def test_unet_only_paths_refuse_in_one_line(sd3_pipe):
         masker.host.transformer_modules()
     assert "\n" not in str(e.value)
     with pytest.raises(CaptureError, match="MM-DiT"):
-        masker.trace(image).mask("cat")
+        masker.trace(image)  # before its forward, not at the mask after it
 
 
 def test_image_conditioned_flux_is_refused_in_one_line(flux_pipe):
@@ -280,3 +280,100 @@ def test_cli_masks_with_an_sd3_folder(sd3_pipe, tmp_path, offload):
     assert main(["mask", str(image), "red car", "--out", str(out), "--checkpoint", str(folder), "--resolution", "64",
                  *offload]) == 0
     assert Image.open(out).size == (53, 37)
+
+
+def test_a_long_image_fits_sd3s_position_table_and_a_larger_sample_is_one_line(sd3_pipe, tmp_path):
+    """SD3's positions end at pos_embed_max_size patches (here 32: 512 px): a long image is worked on smaller, its
+    mask still at its own size, and support images past the table are refused before any sampling."""
+    from textmask.errors import TextMaskError
+
+    masker = TextMasker.from_pipe(sd3_pipe)
+    assert masker.host.geometry.max_side == 32 * 2 * 8
+    wide = forward.prepare_images(masker.host, torch.rand(1, 8, 700, 3))
+    assert max(wide.working) <= 512
+    assert masker.mask(torch.rand(1, 8, 700, 3), "car").masks.shape == (1, 8, 700)
+    with pytest.raises(TextMaskError, match="past what this model's positions cover") as e:
+        masker.build_prototypes(["cat"], images=1, steps=1, resolution=1024, cache_dir=tmp_path)
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_host_keywords_are_checked_not_dropped(kind, sd3_pipe, flux_pipe):
+    """A loader keyword is used or refused: a typo, or a resolution the faces would refuse, is one line (it gave
+    all-zero masks), and max_sequence_length reaches the host."""
+    from textmask.errors import TextMaskError
+
+    pipe = sd3_pipe if kind == "sd3" else flux_pipe
+    with pytest.raises(TextMaskError, match="unknown option resolutoin for this model; it takes resolution"):
+        TextMasker.from_pipe(pipe, resolutoin=64)
+    for bad in (7, -64, 100000):
+        with pytest.raises(TextMaskError, match="resolution must be in"):
+            TextMasker.from_pipe(pipe, resolution=bad)
+    assert TextMasker.from_pipe(pipe, max_sequence_length=8).host.max_sequence_length == 8
+
+
+def test_latents_that_do_not_split_into_patches_are_one_line(pipe):
+    from textmask.errors import TextMaskError
+
+    masker = TextMasker.from_pipe(pipe, resolution=64)
+    with pytest.raises(TextMaskError, match="do not split into this model's 2x2 patches") as e:
+        masker.mask(torch.rand(1, 72, 72, 3), "car", latents=torch.randn(1, 16, 9, 9))
+    assert "\n" not in str(e.value)
+
+
+def test_pipelines_missing_parts_or_mixing_models_are_one_line(sd3_pipe, flux_pipe, tmp_path):
+    """A text encoder or tokenizer missing, or parts of different models, are refused when the pipeline is taken;
+    a pipeline without a scheduler masks, and says it cannot sample OVDiff's support images."""
+    import copy
+
+    from textmask.errors import CheckpointError
+
+    def variant(pipe, **parts):
+        other = copy.copy(pipe)
+        for name, module in parts.items():
+            setattr(other, name, module)
+        return other
+
+    cases = [(variant(sd3_pipe, text_encoder=None), "no text_encoder"),
+             (variant(flux_pipe, tokenizer_2=None), "no tokenizer_2"),
+             (variant(sd3_pipe, text_encoder_3=t5(32)), "T5 width of 32, the transformer reads 64"),
+             (variant(flux_pipe, text_encoder=clip(hidden=16, projection=False)), "pooled text width of 16"),
+             (variant(sd3_pipe, vae=variant_vae(4)), "the VAE's latents \\(4 channels\\)")]
+    for pipe, message in cases:
+        with pytest.raises(CheckpointError, match=message) as e:
+            TextMasker.from_pipe(pipe, resolution=64)
+        assert "\n" not in str(e.value)
+    masker = TextMasker.from_pipe(variant(flux_pipe, scheduler=None), resolution=64)
+    assert masker.mask(torch.rand(1, 32, 32, 3), "car").masks.shape == (1, 32, 32)
+    with pytest.raises(CheckpointError, match="no scheduler; OVDiff samples"):
+        masker.build_prototypes(["cat"], images=1, steps=1, cache_dir=tmp_path)
+
+
+def variant_vae(channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=channels, norm_num_groups=4,
+                         layers_per_block=1).eval()
+
+
+def test_prototypes_of_another_model_are_one_line(sd3_pipe, flux_pipe, tmp_path):
+    """Prototypes hold one model's features: another model's of another width are refused in one line."""
+    from textmask.errors import TextMaskError
+
+    flux = TextMasker.from_pipe(flux_pipe, resolution=64)
+    protos = flux.build_prototypes(["cat"], images=1, steps=1, cache_dir=tmp_path)
+    sd3 = TextMasker.from_pipe(sd3_pipe, resolution=64)
+    with pytest.raises(TextMaskError, match="built with another model") as e:
+        sd3.ovdiff(torch.rand(1, 32, 32, 3), protos)
+    assert "\n" not in str(e.value)
+
+
+def test_a_phrase_past_the_encoders_window_is_named_as_such(sd3_pipe):
+    """A phrase the prompt holds but the text encoders cut off is not reported as missing from the prompt."""
+    from textmask.errors import PhraseNotFoundError
+
+    masker = TextMasker.from_pipe(sd3_pipe, resolution=64, max_sequence_length=8)
+    prompt = " ".join(f"word{i}" for i in range(120)) + " lighthouse"
+    with pytest.raises(PhraseNotFoundError, match="comes after the tokens the model's text encoders read"):
+        masker.mask(torch.rand(1, 32, 32, 3), "lighthouse", prompt=prompt)

@@ -172,6 +172,31 @@ def test_safetensors_roundtrip_and_errors(tmp_path):
         load_ldznet(tmp_path / "other.safetensors")
 
 
+def test_an_ld_znet_file_whose_config_or_tensors_do_not_fit_is_one_line(tmp_path):
+    """Metadata no LD-ZNet fits (empty, not an object, unknown UNet keys, negative steps) and tensors of other shapes
+    are textmask's one line, not the library error of whichever step met them first."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_ldznet(LDZNet.from_unet(tiny_models.unet_sd1(), upsample_steps=1, train_resolution=64),
+                       tmp_path / "z.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    spec = json.loads(meta["config"])
+    first = sorted(state)[0]
+    cases = {"empty": ({**meta, "config": "{}"}, state), "list": ({**meta, "config": "[1]"}, state),
+             "unet-keys": ({**meta, "config": json.dumps({**spec, "unet": {"bogus": 1}})}, state),
+             "steps": ({**meta, "config": json.dumps({**spec, "upsample_steps": -1})}, state),
+             "shape": (meta, {**state, first: torch.zeros(3, 3)})}
+    for name, (metadata, tensors) in cases.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        with pytest.raises(CheckpointError) as e:
+            load_ldznet(tmp_path / f"{name}.safetensors")
+        assert f"{name}.safetensors" in str(e.value) and "\n" not in str(e.value), name
+
+
 # ---- API ----------------------------------------------------------------------------------------------
 def images(n, h=50, w=70):
     return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(n))
@@ -210,6 +235,8 @@ def test_mask_api_errors(sd1_pipe, sdxl_pipe, tmp_path):
         xl.mask(images(1), "cat", method="ld-znet", ldznet=z)
     with pytest.raises(TextMaskError, match="needs exactly one '{}'"):
         masker.mask(images(1), "cat", method="ld-znet", ldznet=z, template="a photo")
+    with pytest.raises(TextMaskError, match="ldznet must be an LD-ZNet or the path of its .safetensors, got int"):
+        masker.mask(images(1), "cat", method="ld-znet", ldznet=123)
 
 
 def test_nothing_found_is_all_zero(sd1_pipe):
@@ -242,6 +269,23 @@ def test_cli_convert_and_segment(tmp_path, tiny_checkpoint):
     assert main(["mask", str(img), "car", "--out", str(tmp_path / "m2.png"), "--ldznet", str(out), *model]) == 2
     assert main(["convert-ldznet", str(tmp_path / "missing.ckpt"), str(out)]) == 2
     assert math.isfinite(out.stat().st_size)
+
+
+def test_cli_convert_with_a_config_that_is_not_a_unets_is_one_line(tmp_path, capsys):
+    """--config whose config.json is not JSON, not an object, or another model's: one line, exit 2, no output."""
+    from textmask.cli import main
+
+    torch.save({"state_dict": reference_state_dict()}, tmp_path / "ref.ckpt")
+    texts = {"not-json": "{unet", "a-list": "[1, 2]",
+             "sd3": json.dumps({"_class_name": "SD3Transformer2DModel", "caption_projection_dim": 16})}
+    for name, text in texts.items():
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "unet" / "config.json").write_text(text)
+        code = main(["convert-ldznet", str(tmp_path / "ref.ckpt"), str(tmp_path / "out.safetensors"),
+                     "--config", str(tmp_path / name)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("textmask: error: ") and "\n" not in err, (name, err)
+        assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_ld_znet_without_diffusers_is_one_line(tmp_path, monkeypatch):

@@ -39,28 +39,52 @@ class AttentionLayer:
         return self.size[0] * self.size[1]
 
 
-# root -> (its children's ids, its attention modules): walking a UNet's ~1 400 modules per mask would cost as much
-# Python as a GPU forward's launch budget allows the whole capture (docs/benchmarks.md).
-_FOUND: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[tuple[str, nn.Module]]]]" = \
+# root -> (its children's ids, its attention modules, downsamplers before the first): walking a UNet's ~1 400
+# modules per mask would cost as much Python as a GPU forward's launch budget allows the whole capture
+# (docs/benchmarks.md).
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[tuple[str, nn.Module]], int]]" = \
     weakref.WeakKeyDictionary()
+
+
+def _walk(root: nn.Module) -> tuple[list[tuple[str, nn.Module]], int]:
+    """(attention modules, downsamplers registered before the first of them), remembered per root module while its
+    top-level children stay the same modules."""
+    stamp = tuple(id(m) for m in root.children())
+    known = _FOUND.get(root)
+    if known is not None and known[0] == stamp:
+        return known[1], known[2]
+    found, downsamplers = [], 0
+    for n, m in root.named_modules():
+        # Submodule lookups in _modules: hasattr on every module of a UNet would raise an AttributeError each.
+        if "to_q" in m._modules and "to_k" in m._modules and hasattr(m, "heads"):
+            found.append((n, m))
+        elif not found and "Downsample" in type(m).__name__:  # diffusers' Downsample2D, ldm's and ComfyUI's Downsample
+            downsamplers += 1
+    if not found and any(hasattr(m, "to_qkv") for m in root.modules()):
+        raise CaptureError("this UNet has fused QKV projections; call unfuse_qkv_projections() before masking")
+    _FOUND[root] = (stamp, found, downsamplers)
+    return found, downsamplers
 
 
 def find_attention_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """Attention modules of a UNet: diffusers ``Attention`` and ldm/ComfyUI ``CrossAttention`` alike.
 
-    Remembered per root module while its top-level children stay the same modules; the projections are looked up
-    again at every install, so a LoRA wrapping ``to_q`` or fused projections are still read.
+    Remembered per root module; the projections are looked up again at every install, so a LoRA wrapping ``to_q``
+    or fused projections are still read.
     """
-    stamp = tuple(id(m) for m in root.children())
-    known = _FOUND.get(root)
-    if known is not None and known[0] == stamp:
-        return list(known[1])
-    # Submodule lookups in _modules: hasattr on every module of a UNet would raise an AttributeError each.
-    found = [(n, m) for n, m in root.named_modules() if "to_q" in m._modules and "to_k" in m._modules and hasattr(m, "heads")]
-    if not found and any(hasattr(m, "to_qkv") for m in root.modules()):
-        raise CaptureError("this UNet has fused QKV projections; call unfuse_qkv_projections() before masking")
-    _FOUND[root] = (stamp, found)
-    return list(found)
+    return list(_walk(root)[0])
+
+
+def finest_attention_grid(root: nn.Module, latent_size: tuple[int, int]) -> tuple[int, int] | None:
+    """(h, w) of the finest grid a UNet's attention runs at for latents of ``latent_size``, from its structure alone
+    (no forward): the latent halved once per downsampler before the first attention module, as diffusers and ldm
+    register a UNet's encoder in the order it runs (SD1 and SD2: the latent's own grid; SDXL: half of it). None for
+    a model without attention modules."""
+    found, downsamplers = _walk(root)
+    if not found:
+        return None
+    f = 2**downsamplers
+    return math.ceil(latent_size[0] / f), math.ceil(latent_size[1] / f)
 
 
 def find_transformer_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -174,6 +198,16 @@ MAX_SELF_TOKENS = 128 * 128
 # Each attention module's (kind, ordinal, kind ordinal), learned from the first forward that hooked all of a model's
 # modules, so later captures hook only the kinds their collectors read. Weak keys: a model that goes, goes.
 _INVENTORY: "weakref.WeakKeyDictionary[nn.Module, tuple[Kind, int, int]]" = weakref.WeakKeyDictionary()
+
+
+def check_self_attention_size(size: tuple[int, int]) -> None:
+    """Refuse in one line a self-attention grid ``size`` = (h, w) over ``MAX_SELF_TOKENS`` cells, whose map would not
+    fit; the forward engine asks before any image is encoded, the capture again at each layer."""
+    h, w = size
+    if h * w > MAX_SELF_TOKENS:
+        raise TextMaskError(f"self-attention over {w}x{h} cells is too large to read (at most {MAX_SELF_TOKENS} "
+                            "cells, a 1 GiB map per image); lower the resolution, or mask with method attention and "
+                            "refine off, which reads no self-attention")
 
 
 class Hooks:
@@ -306,11 +340,8 @@ class AttentionCapture(Hooks):
         plan = self._plan(layer.kind)
         if not plan:
             return
-        if layer.kind == "self" and layer.tokens > MAX_SELF_TOKENS:
-            h, w = layer.size
-            raise TextMaskError(f"self-attention over {w}x{h} cells is too large to read (at most "
-                                f"{MAX_SELF_TOKENS} cells, a 1 GiB map per image); lower the resolution, or mask "
-                                "with method attention and refine off, which reads no self-attention")
+        if layer.kind == "self":
+            check_self_attention_size(layer.size)
         q, k = q.detach(), k.detach()
         picked_for: dict[int, torch.Tensor | None] = {}  # context_rows function -> its rows for this call
         for values, rows, pick, members in plan:

@@ -39,13 +39,20 @@ class Architecture:
         return native_resolution(self.name == "sdxl", self.prediction_type == "v_prediction")
 
 
+def check_file(path: Path, folder_hint: str = "") -> None:
+    """A checkpoint file that exists; a folder is named as one, with ``folder_hint`` after it."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{folder_hint}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+
+
 def read_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a pickled checkpoint (a bare one, or Lightning's ``state_dict`` entry), unpickled with
     ``weights_only=True`` only: a pickle that holds anything but tensors and plain containers is refused in
     textmask's own line (torch's advises weights_only=False, which would run the file's code)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    check_file(path)
     try:
         with warnings.catch_warnings():  # torch's notes on the pickle protocol are two lines before ours
             warnings.simplefilter("ignore")
@@ -68,8 +75,7 @@ def read_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a .safetensors file, or a pickle (.ckpt/.pt/.pth/.bin) with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    check_file(path, "; load a diffusers folder with TextMasker.from_pretrained (the CLI's --checkpoint takes either)")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

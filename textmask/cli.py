@@ -8,6 +8,7 @@ import hashlib
 import json
 import sys
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -290,6 +291,10 @@ def load_masker(args: argparse.Namespace, shard: Shard | None = None):
     load_to = "cpu" if args.offload else device
     show = shard is None or shard.rank == 0  # one process's bars in a sharded run
     if ckpt.is_dir():
+        given = [flag for flag, value in (("--config", args.config), ("--components", args.components)) if value]
+        if given:
+            raise CliError(f"{' and '.join(given)} complete a single checkpoint file; the diffusers folder "
+                           f"{ckpt} holds its own")
         host = diffusers_loading.from_pretrained(ckpt, device=load_to, dtype=dtype, show_progress=show)
     else:
         host = diffusers_loading.from_single_file(ckpt, device=load_to, dtype=dtype, config=args.config,
@@ -520,7 +525,13 @@ def run_convert_ldznet(args: argparse.Namespace) -> None:
     with Outputs(inputs=[Path(args.input)]) as outputs:
         out = outputs.file(args.output, "output")
         state = read_reference_checkpoint(args.input)
-        model = convert_reference(state, json.loads(config_file.read_text()), use_ema=args.ema)
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CliError(f"cannot read {config_file} as JSON ({str(e).splitlines()[0][:120]})") from None
+        if not isinstance(config, dict):
+            raise CliError(f"{config_file} holds a {type(config).__name__}, not a UNet config object")
+        model = convert_reference(state, config, use_ema=args.ema)
         save_ldznet(model, outputs.stage(out), {"source": Path(args.input).name})
         outputs.commit()
     print(f"wrote LD-ZNet ({model.architecture}, {model.trainable_parameters() / 1e6:.1f}M parameters) to {out}")
@@ -560,7 +571,8 @@ def class_files(classes: list[str]) -> list[str]:
     """Each class's mask file name beside labels.png; one line where two would share a file or one is too long."""
     from .outputs import NAME_MAX
 
-    files = [c.replace("/", "_").replace("\\", "_") + ".png" for c in classes]
+    # separators become "_", and so does a leading dot: ".." would be a hidden "...png"
+    files = [re.sub(r"^\.", "_", c.replace("/", "_").replace("\\", "_")) + ".png" for c in classes]
     for c, f in zip(classes, files):
         if len(os.fsencode(f)) > NAME_MAX:
             raise CliError(f"class '{c[:40]}...' is too long for its mask's file name ({len(os.fsencode(f))} bytes, "

@@ -11,6 +11,7 @@ check that what the host returns is finite: NaN is an error with its likely caus
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import options
-from .capture import Collector
+from .capture import Collector, check_self_attention_size
 from .errors import NONFINITE_HINT, CaptureError, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import ImageInput, to_batch, working_size
@@ -69,13 +70,40 @@ class Images:
 
 
 def prepare_images(host: Host, images: ImageInput | list[ImageInput], resolution: int | None = None,
-                   multiple: int | None = None) -> Images:
-    """Images as a [B, 3, H, W] batch with the working size at ``resolution`` (default the host's native one)."""
+                   multiple: int | None = None, *, self_attention: bool = False) -> Images:
+    """Images as a [B, 3, H, W] batch with the working size at ``resolution`` (default the host's native one).
+
+    ``self_attention``: the forwards will read self-attention, so a working size whose map would not fit is refused
+    here, before any image is encoded (the VAE at 2048 px takes minutes on a CPU).
+    """
     pixels = to_batch(images)
     geometry = host.geometry
     resolution = options.resolution(resolution)
-    working = working_size(*pixels.shape[-2:], resolution or geometry.resolution, multiple or geometry.size_multiple)
+    working = working_size(*pixels.shape[-2:], resolution or geometry.resolution, multiple or geometry.size_multiple,
+                           geometry.max_side)
+    if self_attention:
+        check_self_attention(host, (math.ceil(working[0] / geometry.latent_factor),
+                                    math.ceil(working[1] / geometry.latent_factor)))
     return Images(pixels, working)
+
+
+def check_self_attention(host: Host, latent_size: tuple[int, int]) -> None:
+    """Refuse in one line, before any forward, latents of ``latent_size`` whose self-attention map would not fit,
+    where the host knows its grid from the model's structure (the capture checks again at each layer)."""
+    grid = host.self_attention_grid(latent_size)
+    if grid is not None:
+        check_self_attention_size(grid)
+
+
+def check_square_side(host: Host, resolution: int | None) -> int:
+    """The side in pixels of a square sample at ``resolution`` (default the host's native one), refused in one line
+    past the model's position table."""
+    side = resolution or host.geometry.resolution
+    limit = host.geometry.max_side
+    if limit is not None and side > limit:
+        raise TextMaskError(f"resolution {side} is past what this model's positions cover ({limit} pixels a side); "
+                            f"sample at {limit} or less")
+    return side
 
 
 def batches(host: Host, count: int, batch_size: int, desc: str) -> Iterator[slice]:

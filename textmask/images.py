@@ -257,9 +257,15 @@ def check_range(batch: torch.Tensor) -> None:
                          "0-255 values by 255, map [-1, 1] ones with (x + 1) / 2, or pass integers (uint8)")
 
 
-def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """The model's input size: about ``resolution``² pixels, the image's aspect, sides a multiple of ``multiple``."""
+def working_size(height: int, width: int, resolution: int, multiple: int,
+                 max_side: int | None = None) -> tuple[int, int]:
+    """The model's input size: about ``resolution``² pixels, the image's aspect, sides a multiple of ``multiple``,
+    and no side over ``max_side`` (a model whose positions end there: a long image is then worked on smaller)."""
     scale = resolution / math.sqrt(height * width)
+    if max_side is not None:
+        scale = min(scale, max_side / max(height, width))
     h = max(multiple, round(height * scale / multiple) * multiple)
     w = max(multiple, round(width * scale / multiple) * multiple)
+    if max_side is not None:  # rounding to the multiple may cross the limit
+        h, w = min(h, max_side // multiple * multiple), min(w, max_side // multiple * multiple)
     return h, w

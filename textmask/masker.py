@@ -109,7 +109,8 @@ class TextMasker:
         if not decoder.measures_presence:  # fail before the forward, not after it
             pp.presence_gate(None, min_presence)
         images = forward.prepare_images(self.host, images, resolution or decoder.resolution,
-                                        max(self.host.geometry.size_multiple, decoder.size_multiple or 0))
+                                        max(self.host.geometry.size_multiple, decoder.size_multiple or 0),
+                                        self_attention=decoder.reads_self_attention)
         blur, grow = options.blur(blur, images.size), options.grow(grow, images.size)
         temporal = options.temporal(temporal)
         region = (0, 0, *images.size)

@@ -229,6 +229,11 @@ def latents(value: Any, images: int, geometry) -> Any:
     if side > MAX_RESOLUTION:
         raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover {side} pixels a side, over "
                             f"{MAX_RESOLUTION}; mask the image at a resolution up to {MAX_RESOLUTION} instead")
+    multiple = geometry.latent_multiple
+    if value.shape[-2] % multiple or value.shape[-1] % multiple:
+        raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells do not split into this model's "
+                            f"{multiple}x{multiple} patches; encode the image at sides a multiple of "
+                            f"{multiple * geometry.latent_factor} pixels")
     short = min(value.shape[-2:]) * geometry.latent_factor
     if short < MIN_RESOLUTION:
         raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover only {short} pixels a side, "

@@ -27,7 +27,7 @@ import torch
 from . import defaults, forward, options
 from . import mask_prompt as mp
 from . import postprocess as pp
-from .capture import AttentionLayer, Need, QueryStore, context_matcher
+from .capture import AttentionLayer, Need, QueryStore, check_self_attention_size, context_matcher
 from .errors import CaptureError, PhraseNotFoundError, TextMaskError
 from .hosts.contract import Conditioning, Host
 from .images import to_batch
@@ -81,6 +81,8 @@ class SamplingRun:
     lowest: float = float("inf")
     self_attention: torch.Tensor | None = None  # [B, R², R²]
     self_size: tuple[int, int] | None = None
+    kept: bool = False  # whether the step at the refine σ was read (its self-attention and queries kept)
+    self_too_large: str | None = None  # why its self-attention was not kept: it would not fit (one line)
     queries: dict[str, torch.Tensor] = field(default_factory=dict)  # cross layer -> [B, N, C]
     layers: dict[str, AttentionLayer] = field(default_factory=dict)
 
@@ -102,7 +104,7 @@ class SamplingCapture:
 
     def __init__(self, host: Host, cond: Conditioning, refine_sigma: float):
         if len(cond) != 1:
-            raise ValueError("one prompt is captured at a time")
+            raise TextMaskError(f"a sampling capture reads one prompt, got {len(cond)}")
         self.host, self.cond, self.refine_sigma = host, cond, float(refine_sigma)
         self._rows = context_matcher(cond.context)
         self.run: SamplingRun | None = None
@@ -154,20 +156,35 @@ class SamplingCapture:
         run = self._run_for(rows, x, s, schedule)
         run.tokens.need = Need(kinds=("cross",), rows=rows)
         collectors: list = [run.tokens]
-        keep = run.self_attention is None and s <= self.refine_sigma * (1 + 1e-4)
+        keep = not run.kept and s <= self.refine_sigma * (1 + 1e-4)
+        selfagg = None
         if keep:
-            selfagg = SelfAttentionAggregate(rows=rows, weighting="layer")  # as the attention method's
             queries = QueryStore()
             queries.need = Need(kinds=("cross",), values="queries", rows=rows)
-            collectors += [selfagg, queries]
+            collectors.append(queries)
+            run.self_too_large = self._too_large(size=tuple(x.shape[-2:]))
+            if run.self_too_large is None:  # the capture must never fail the artist's sampling run
+                selfagg = SelfAttentionAggregate(rows=rows, weighting="layer")  # as the attention method's
+                collectors.append(selfagg)
         with capture_for(tuple(x.shape[-2:]), collectors):
             yield
         if keep:  # finished here: the aggregate adds in place, in the sampler's inference mode
-            run.self_attention, run.self_size = selfagg.result(), selfagg.size
-            run.queries, run.layers = queries.queries, queries.layers
+            if selfagg is not None:
+                run.self_attention, run.self_size = selfagg.result(), selfagg.size
+            run.queries, run.layers, run.kept = queries.queries, queries.layers, True
         if s != run.last_sigma:
             run.steps += 1
         run.last_sigma, run.lowest = s, min(run.lowest, s)
+
+    def _too_large(self, size: tuple[int, int]) -> str | None:
+        """Why the self-attention of a forward at latent ``size`` cannot be kept (one line), or None."""
+        grid = self.host.self_attention_grid(size)
+        try:
+            if grid is not None:
+                check_self_attention_size(grid)
+        except TextMaskError as e:
+            return str(e)
+        return None
 
     # ---------------------------------------------------------------------------------------------------------
     def _finished_run(self) -> SamplingRun:
@@ -199,9 +216,13 @@ class SamplingCapture:
                 maps = run.tokens.maps(list(found.values()))
                 parts.update({p: maps[:, i : i + 1] for i, p in enumerate(found)})
             if missing:
+                shown = missing[0] if len(missing[0]) <= 60 else missing[0][:57] + "..."
+                if not self.host.reads_text_as_keys():
+                    raise TextMaskError(f"'{shown}' is not in the prompt '{token_map.prompt[:120]}'; on SD3 and Flux "
+                                        "a sampling run masks only the prompt's own words")
                 if not run.queries:
                     raise TextMaskError(
-                        f"'{missing[0]}' is not in the prompt '{token_map.prompt}', and the run never reached "
+                        f"'{shown}' is not in the prompt '{token_map.prompt[:120]}', and the run never reached "
                         f"t = {defaults.TIMESTEP}, where the queries that other words are asked of are kept")
                 from .trace import Trace
 
@@ -209,10 +230,12 @@ class SamplingCapture:
                 try:
                     maps = trace.maps(missing, None, refine_mode, refine_steps)
                 except CaptureError as e:
-                    raise TextMaskError(f"'{missing[0]}' is not in the prompt '{token_map.prompt}', and other "
+                    raise TextMaskError(f"'{shown}' is not in the prompt '{token_map.prompt[:120]}', and other "
                                         f"words cannot be re-queried here: {e}") from None
                 parts.update({p: maps[:, i : i + 1].to(device) for i, p in enumerate(missing)})
             maps = torch.cat([parts[p] for p in phrases], dim=1)
+            if refine and run.self_too_large is not None:
+                raise TextMaskError(f"this run's {run.self_too_large}")
             if refine and run.self_attention is not None:
                 maps = refine_with_self_attention(maps, run.self_attention, run.self_size, refine_mode, refine_steps)
         return maps.float().cpu()

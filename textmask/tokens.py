@@ -113,8 +113,9 @@ class TokenMap:
 
     def occurrences(self, phrase: str) -> list[list[int]]:
         """Context positions of each occurrence of ``phrase``, in text order; raises PhraseNotFoundError if absent."""
-        found = []
+        found, in_text = [], False
         for m in phrase_pattern(phrase).finditer(self.tokens.text):
+            in_text = True
             start, end = m.span()
             positions = [self._position[i] for i, (a, b) in enumerate(self.tokens.spans) if a < end and b > start]
             if positions:
@@ -123,6 +124,9 @@ class TokenMap:
             def short(text: str) -> str:  # one line, however long the texts
                 return text if len(text) <= 120 else text[:117] + "..."
 
+            if in_text:  # the text has it, but past the tokens the encoders keep
+                raise PhraseNotFoundError(f"'{short(phrase)}' comes after the tokens the model's text encoders read; "
+                                          "shorten the prompt, or name it earlier")
             raise PhraseNotFoundError(f"'{short(phrase)}' is not in the prompt '{short(self.prompt)}'")
         return found
 

@@ -120,7 +120,9 @@ def trace(host: Host, images, *, prompt: str = "", refine: bool = defaults.REFIN
         raise TextMaskError(f"prompt must be text, got {type(prompt).__name__}")
     timestep, seed, batch_size = options.timestep(timestep), options.seed(seed), options.batch_size(batch_size)
     refine = options.flag("refine", refine)
-    images = forward.prepare_images(host, images, resolution, host.geometry.size_multiple)  # as mask() prepares them
+    host.attention_modules()  # a model whose attention a trace cannot re-query (an MM-DiT) is refused before a forward
+    images = forward.prepare_images(host, images, resolution, host.geometry.size_multiple,  # as mask() prepares them
+                                    self_attention=refine)
     cond = forward.encode_prompts(host, [prompt])
     stores, aggregates = [], []
     with torch.inference_mode():

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .. import options
-from ..capture import AttentionCapture, default_chunk_bytes, find_attention_modules, find_transformer_modules
+from ..capture import (AttentionCapture, default_chunk_bytes, find_attention_modules, find_transformer_modules,
+                       finest_attention_grid)
 from ..clip import masked_crops
 from ..errors import CaptureError, TextMaskError
 from ..schedule import DDPMDenoiser, ddpm_alphas_cumprod, schedule_sigma
@@ -68,7 +69,9 @@ class ComfyHost(HostDefaults):
             patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
             factor = int(getattr(vae, "downscale_ratio", 8))
             channels = int(getattr(self.base.latent_format, "latent_channels", 16))
-            self.geometry = Geometry(factor, factor * patch, 1024, channels)  # Flux and SD3 are 1024 px models
+            table = getattr(unet, "pos_embed_max_size", None)  # SD3's positions; Flux's are rotary, unbounded
+            self.geometry = Geometry(factor, factor * patch, 1024, channels,  # Flux and SD3 are 1024 px models
+                                     max_side=table * patch * factor if table else None)
             return
         v_prediction = getattr(self.base.model_type, "name", "") == "V_PREDICTION"  # SD2's 768-v checkpoints
         self.geometry = Geometry.of_unet(levels=len(getattr(unet, "channel_mult", (1, 2, 4, 4))),
@@ -150,6 +153,9 @@ class ComfyHost(HostDefaults):
 
     def reads_text_as_keys(self) -> bool:
         return self.dit is None
+
+    def self_attention_grid(self, latent_size: tuple[int, int]) -> tuple[int, int] | None:
+        return None if self.dit is not None else finest_attention_grid(self.base.diffusion_model, latent_size)
 
     def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.dit is None:

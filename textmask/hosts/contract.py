@@ -13,8 +13,8 @@ A host is a k-diffusion denoiser over x = z + σ·ε plus its encoders:
   low-VRAM casting and v-prediction all take the host's path).
 
 Noising (x = z + σ·ε) and ε = (x − denoised) / σ live in the core (``textmask.forward``), once. The optional
-services (``prepare``, ``attention_capture``, ``reads_text_as_keys``, ``input_scale``, ``progress``,
-``check_interrupt``, ``latent_region``, ``sample``) have their defaults in ``HostDefaults``, which every adapter
+services (``prepare``, ``attention_capture``, ``reads_text_as_keys``, ``input_scale``, ``self_attention_grid``,
+``progress``, ``check_interrupt``, ``latent_region``, ``sample``) have their defaults in ``HostDefaults``, which every adapter
 inherits; nothing outside this contract is asked of a host.
 """
 
@@ -61,6 +61,8 @@ class Geometry:
     size_multiple: int  # working sizes are multiples of this, in pixels: every UNet level halves the latent
     resolution: int  # native working resolution in pixels (512 for SD1)
     in_channels: int  # UNet input channels: 4, or 9 for inpainting UNets
+    latent_multiple: int = 1  # given latents' sides must be multiples of this (diffusers' SD3 and Flux: their patch)
+    max_side: int | None = None  # the most pixels a side the model's position table covers (SD3's), else no limit
 
     @classmethod
     def of_unet(cls, *, levels: int, in_channels: int, resolution: int, latent_factor: int = 8) -> "Geometry":
@@ -112,6 +114,10 @@ class Host(Protocol):
     def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """c_in(σ): the factor the model's input is of x = z + σ·ε (1/√(1 + σ²) for SD, 1/(1 + σ) for flow matching)."""
 
+    def self_attention_grid(self, latent_size: tuple[int, int]) -> tuple[int, int] | None:
+        """(h, w) of the finest self-attention grid a forward at ``latent_size`` runs, known before any forward; None
+        where the host cannot tell (then the capture checks it at the layer)."""
+
     def progress(self, total: int, desc: str) -> Any:
         """A progress bar with ``update(n)``, used as a context manager."""
 
@@ -149,6 +155,9 @@ class HostDefaults:
 
     def reads_text_as_keys(self) -> bool:
         return True
+
+    def self_attention_grid(self, latent_size: tuple[int, int]) -> tuple[int, int] | None:
+        return None
 
     def progress(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..capture import find_attention_modules, find_transformer_modules
+from ..capture import find_attention_modules, find_transformer_modules, finest_attention_grid
 from ..errors import CaptureError, CheckpointError
 from ..schedule import DDPMDenoiser, EDMSchedule, ddpm_alphas_cumprod, image_noise
 from ..tokenizer import clip_tokenizer, tokenize
@@ -170,6 +170,9 @@ class DiffusersHost(HostDefaults):
 
     def attention_modules(self) -> list[tuple[str, nn.Module]]:
         return find_attention_modules(self.unet)
+
+    def self_attention_grid(self, latent_size: tuple[int, int]) -> tuple[int, int] | None:
+        return finest_attention_grid(self.unet, latent_size)
 
     def transformer_modules(self) -> list[tuple[str, nn.Module]]:
         return find_transformer_modules(self.unet)

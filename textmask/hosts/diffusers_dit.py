@@ -94,20 +94,51 @@ class DiffusersDiTHost(HostDefaults):
         # a torch.compile'd transformer runs a graph forward hooks never see: run its eager module (same weights)
         self.pipe, self.transformer, self.vae = pipe, getattr(pipe.transformer, "_orig_mod", pipe.transformer), pipe.vae
         self.is_flux = type(self.transformer).__name__ == "FluxTransformer2DModel"
-        channels = int(self.vae.config.latent_channels) * (4 if self.is_flux else 1)
-        if int(self.transformer.config.in_channels) != channels:  # Flux Fill, Depth, Canny: image inputs of their own
-            raise CheckpointError(f"this transformer takes {self.transformer.config.in_channels} input channels, not "
-                                  f"the VAE's {channels}: an image-conditioned model (Flux Fill, Depth or Canny) is "
-                                  "read in ComfyUI only")
+        self._check_components()
         # Flux's T5 context is 512 tokens, SD3's 256 (each pipeline's default).
         self.max_sequence_length = int(max_sequence_length or (512 if self.is_flux else 256))
         self.denoiser = DDPMDenoiser(ddpm_alphas_cumprod())  # SD's noise levels, for textmask's timesteps
         latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         patch = 2 if self.is_flux else int(self.transformer.config.patch_size)  # Flux packs 2x2 latents per token
         sample = int(getattr(self.transformer.config, "sample_size", 128))
+        table = getattr(self.transformer.config, "pos_embed_max_size", None)  # SD3's positions; Flux's are rotary
         self.geometry = Geometry(latent_factor, latent_factor * patch, int(resolution or sample * latent_factor),
-                                 int(self.vae.config.latent_channels))
+                                 int(self.vae.config.latent_channels), latent_multiple=patch,
+                                 max_side=table * patch * latent_factor if table else None)
         self.show_progress = show_progress
+
+    def _check_components(self) -> None:
+        """One line, at load, for a pipeline whose parts cannot work together: a text encoder or tokenizer missing,
+        or components of different models (the VAE's channels, the text encoders' widths)."""
+        pipe, config = self.pipe, self.transformer.config
+        missing = [n for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if getattr(pipe, n, None) is None]
+        if missing:
+            raise CheckpointError(f"this pipeline has no {', '.join(missing)}; textmask encodes the prompts with them")
+        channels = int(self.vae.config.latent_channels) * (4 if self.is_flux else 1)
+        if int(config.in_channels) != channels:
+            if self.is_flux and int(config.in_channels) > channels:  # Flux Fill, Depth, Canny: image inputs of their own
+                raise CheckpointError(f"this transformer takes {config.in_channels} input channels, not the VAE's "
+                                      f"{channels}: an image-conditioned model (Flux Fill, Depth or Canny) is read in "
+                                      "ComfyUI only")
+            raise CheckpointError(f"the VAE's latents ({channels} channels) do not fit the transformer's "
+                                  f"{config.in_channels} inputs: the components come from different models")
+
+        def width(module, *names):
+            cfg = getattr(module, "config", None)
+            return next((int(getattr(cfg, n)) for n in names if isinstance(getattr(cfg, n, None), int)), None)
+
+        t5 = getattr(pipe, "text_encoder_2" if self.is_flux else "text_encoder_3", None)
+        if self.is_flux:
+            pooled = width(pipe.text_encoder, "hidden_size")
+        else:
+            widths = [width(pipe.text_encoder, "projection_dim"), width(pipe.text_encoder_2, "projection_dim")]
+            pooled = None if None in widths else sum(widths)
+        for what, got, want in (("pooled text", pooled, getattr(config, "pooled_projection_dim", None)),
+                                ("T5", width(t5, "d_model") if t5 is not None else None,
+                                 getattr(config, "joint_attention_dim", None))):
+            if got is not None and want is not None and got != int(want):
+                raise CheckpointError(f"the text encoders give a {what} width of {got}, the transformer reads {want}: "
+                                      "the components come from different models")
 
     def _components(self) -> list[nn.Module]:
         return [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]
@@ -226,6 +257,8 @@ class DiffusersDiTHost(HostDefaults):
 
         from ..schedule import image_noise
 
+        if getattr(self.pipe, "scheduler", None) is None:
+            raise CheckpointError("this pipeline has no scheduler; OVDiff samples its support images with it")
         sched = copy.deepcopy(self.pipe.scheduler)
         side = (resolution or self.geometry.resolution) // self.geometry.latent_factor
         options = {}

@@ -157,6 +157,19 @@ def _transformers_model(cls, config, sd: Mapping[str, torch.Tensor], what: str, 
     return model.eval()
 
 
+def _built(what: str, build):
+    """``build()``: a part of the file that does not fit its layout is refused in one line naming the part."""
+    try:
+        return build()
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"this file's {what} lacks weight {e}: is the file complete?") from None
+    except (ValueError, RuntimeError, TypeError, IndexError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"this file's {what} does not match its layout ({first})") from None
+
+
 def from_state_dict(state: Mapping[str, torch.Tensor], *, components: str | Path | None = None,
                     dtype: torch.dtype = torch.float32):
     """A diffusers SD3 or Flux pipeline from one file's state dict, the rest from ``components`` (a folder)."""
@@ -174,25 +187,24 @@ def from_state_dict(state: Mapping[str, torch.Tensor], *, components: str | Path
     prefixed = any(k.startswith(TRANSFORMER) for k in state)
     sd = _part(state, TRANSFORMER) if prefixed else {k: v for k, v in state.items()
                                                     if not k.startswith((VAE, TEXT, "vae.", "cond_stage_model."))}
-    try:
-        config = transformer_config(family, sd)
-        convert = convert_sd3_transformer_checkpoint_to_diffusers if family == "sd3" else \
-            convert_flux_transformer_checkpoint_to_diffusers
-        converted = convert(dict(sd))
-    except KeyError as e:
-        raise CheckpointError(f"this {family.upper()} transformer lacks weight {e}: is the file complete?") from None
+    what = f"{family.upper()} transformer"
+    config = _built(what, lambda: transformer_config(family, sd))
+    convert = convert_sd3_transformer_checkpoint_to_diffusers if family == "sd3" else \
+        convert_flux_transformer_checkpoint_to_diffusers
+    converted = _built(what, lambda: convert(dict(sd)))
     cls = diffusers.SD3Transformer2DModel if family == "sd3" else diffusers.FluxTransformer2DModel
     if family == "flux" and config["in_channels"] != 64:
         raise CheckpointError(f"this Flux transformer takes {config['in_channels']} input channels (Flux Fill or "
                               "another image-conditioned Flux); textmask reads Flux models of 64")
-    transformer = _diffusers_model(cls, config, converted, "transformer", dtype)
+    transformer = _built(what, lambda: _diffusers_model(cls, config, converted, "transformer", dtype))
 
     parts: dict = {"transformer": transformer,
                    "scheduler": FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER[family])}
     vae_sd = _part(state, VAE) or _part(state, "vae.")
     if vae_sd:
-        vconfig = vae_config(family, vae_sd)
-        parts["vae"] = _diffusers_model(AutoencoderKL, vconfig, convert_ldm_vae_checkpoint(vae_sd, vconfig), "VAE", dtype)
+        vconfig = _built("VAE", lambda: vae_config(family, vae_sd))
+        parts["vae"] = _built("VAE", lambda: _diffusers_model(AutoencoderKL, vconfig,
+                                                              convert_ldm_vae_checkpoint(vae_sd, vconfig), "VAE", dtype))
     encoders = {"clip_l": ("text_encoder", CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel,
                            "quick_gelu"),
                 "clip_g": ("text_encoder_2", CLIPTextModelWithProjection, "gelu"),
@@ -203,8 +215,8 @@ def from_state_dict(state: Mapping[str, torch.Tensor], *, components: str | Path
             continue
         unused = ("logit_scale",) + (("text_projection.weight",) if model_cls is CLIPTextModel else ())
         part = {k: v for k, v in part.items() if k not in unused}  # saved with the encoder, never read by the pipeline
-        config_ = t5_config(part) if key == "t5xxl" else clip_config(part, act)
-        parts[slot] = _transformers_model(model_cls, config_, part, key, dtype)
+        config_ = _built(key, lambda: t5_config(part) if key == "t5xxl" else clip_config(part, act))
+        parts[slot] = _built(key, lambda: _transformers_model(model_cls, config_, part, key, dtype))
     slots = ["vae", "text_encoder", "text_encoder_2"]  # and SD3's optional T5, text_encoder_3
     missing = [s for s in slots if s not in parts]
     if components is not None:
@@ -239,6 +251,12 @@ def _from_folder_components(folder: str | Path, family: str, slots: list[str], d
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         raise CheckpointError(f"{folder} is not a diffusers model folder (no readable model_index.json)") from None
+    from .diffusers_dit import PIPELINES
+
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if PIPELINES.get(name) != family:
+        raise CheckpointError(f"{folder} holds a {name or 'model of no named pipeline'}, not the components of this "
+                              f"{family.upper()} file's model; give that model's diffusers folder")
     found = {}
     for slot in slots:
         library, cls_name = (index.get(slot) or [None, None])[:2]

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import options
 from ..checkpoint import detect_architecture, read_state_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TextMaskError
 from ..schedule import EDMSchedule, ddpm_alphas_cumprod
 from ..tokens import EOS
 from .diffusers import CONFIGS, DiffusersHost, quiet_diffusers
@@ -88,18 +88,37 @@ def upcast_sdxl_vae(vae: nn.Module, text_encoder_2: nn.Module | None) -> nn.Modu
     return vae
 
 
+# The keywords the loaders pass on to each host besides the model (checked here, so a typo is one line, not ignored).
+UNET_HOST_OPTIONS = ("resolution", "show_progress", "prediction_type", "pad_ids", "alphas_cumprod", "edm", "tokenizer")
+DIT_HOST_OPTIONS = ("resolution", "show_progress", "max_sequence_length")
+
+
+def host_options(kwargs: dict, allowed: tuple[str, ...]) -> dict:
+    """``kwargs`` for a host, checked: an unknown keyword is one line naming those taken, and the working resolution
+    is bounded as every face bounds it."""
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TextMaskError(f"unknown option {', '.join(unknown)} for this model; it takes {', '.join(allowed)}")
+    if "resolution" in kwargs:
+        kwargs["resolution"] = options.resolution(kwargs["resolution"])
+    if kwargs.get("max_sequence_length") is not None:
+        kwargs["max_sequence_length"] = options.count("max_sequence_length", kwargs["max_sequence_length"], 512)
+    return kwargs
+
+
 def from_pipe(pipe: Any, **kwargs):
     """Wrap an already-built diffusers pipeline (its modules are shared, never modified): a ``DiffusersHost`` for
     SD1.x, SD2.x and SDXL, a ``DiffusersDiTHost`` for SD3 and Flux."""
     from .diffusers_dit import DiffusersDiTHost, is_mmdit_pipeline
 
     if is_mmdit_pipeline(pipe):
-        return DiffusersDiTHost(pipe, **{k: v for k, v in kwargs.items() if k in ("resolution", "show_progress")})
+        return DiffusersDiTHost(pipe, **host_options(kwargs, DIT_HOST_OPTIONS))
     sched = getattr(pipe, "scheduler", None)
     alphas = getattr(sched, "alphas_cumprod", None)
     edm = edm_schedule(type(sched).__name__, getattr(sched, "config", {})) if sched is not None else None
     if sched is not None and alphas is None and edm is None:  # flow-matching schedulers have neither
         raise no_ddpm_schedule(f"this pipeline's {type(sched).__name__}")
+    kwargs = host_options(kwargs, UNET_HOST_OPTIONS)
     pred = kwargs.pop("prediction_type", None) or getattr(getattr(sched, "config", None), "prediction_type", "epsilon")
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
         raise CheckpointError(f"{type(pipe).__name__} runs a transformer textmask does not know; it reads SD1.x, "
@@ -129,10 +148,10 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
     if (directory / "transformer").is_dir() and not (directory / "unet").is_dir():
         from .diffusers_dit import from_folder
 
-        return from_folder(directory, device=device, dtype=dtype,
-                           **{k: v for k, v in kwargs.items() if k in ("resolution", "show_progress")})
+        return from_folder(directory, device=device, dtype=dtype, **host_options(kwargs, DIT_HOST_OPTIONS))
     if not (directory / "unet").is_dir():
         raise CheckpointError(f"{directory} is not a diffusers model folder (no unet/ or transformer/ inside)")
+    kwargs = host_options(kwargs, UNET_HOST_OPTIONS)
     opts = dict(local_files_only=True, torch_dtype=dtype)
     try:
         with quiet_diffusers():
@@ -174,8 +193,12 @@ def from_single_file(
         from .diffusers_dit import DiffusersDiTHost
         from .diffusers_dit_single_file import from_state_dict as dit_from_state_dict
 
+        kwargs = host_options(kwargs, DIT_HOST_OPTIONS)
         pipe = dit_from_state_dict(state, components=components, dtype=dtype)
-        return DiffusersDiTHost(pipe.to(device), **{k: v for k, v in kwargs.items() if k in ("resolution", "show_progress")})
+        return DiffusersDiTHost(pipe.to(device), **kwargs)
+    if components is not None:
+        raise CheckpointError("components= (--components) is for SD3 and Flux single files, which may lack parts; "
+                              "this SD1/SD2/SDXL checkpoint holds every component itself")
     return from_state_dict(state, device=device, dtype=dtype, config=config, prediction_type=prediction_type, **kwargs)
 
 
@@ -189,6 +212,7 @@ def from_state_dict(
     **kwargs,
 ) -> DiffusersHost:
     """Build from an original-layout state dict (see ``from_single_file``)."""
+    kwargs = host_options(kwargs, UNET_HOST_OPTIONS)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection

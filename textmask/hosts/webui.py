@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..capture import find_attention_modules, find_transformer_modules
+from ..capture import find_attention_modules, find_transformer_modules, finest_attention_grid
 from ..errors import CaptureError
 from ..tokenizer import clip_tokenizer, tokenize
 from ..tokens import BOS, EOS, TokenMap, split_windows, token_map_from_chunks
@@ -60,6 +60,9 @@ class WebuiHost(HostDefaults):
 
     def transformer_modules(self) -> list[tuple[str, nn.Module]]:
         return find_transformer_modules(self.unet)
+
+    def self_attention_grid(self, latent_size: tuple[int, int]) -> tuple[int, int] | None:
+        return finest_attention_grid(self.unet, latent_size) if self.reads_text_as_keys() else None
 
     def _word_embedder(self):
         """The webui's CLIP wrapper with ``tokenize_line`` (FrozenCLIPEmbedderWithCustomWords, its SDXL twin, or

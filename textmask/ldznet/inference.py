@@ -97,6 +97,7 @@ class LDZNetDecoder:
 
     size_multiple = 64  # LD-ZNet's own UNet downsamples the latent three times more
     measures_presence = False
+    reads_self_attention = False
     presence = None
 
     def __init__(self, model: LDZNet, conds: list[Conditioning]):
@@ -134,6 +135,9 @@ class LDZNetMethod:
                 or template.replace("{}", "").count("}"):
             raise TextMaskError(f"the prompt template needs exactly one '{{}}' for the phrase and no other braces, "
                                 f"got {template!r}")
+        if not isinstance(ldznet, (str, Path, LDZNet)):
+            raise TextMaskError(f"ldznet must be an LD-ZNet or the path of its .safetensors, got {type(ldznet).__name__}")
+        host.transformer_modules()  # a model LD-ZNet cannot read (an MM-DiT) is refused before its weights are judged
         model = load_on_host(ldznet, host) if isinstance(ldznet, (str, Path)) else ldznet
         conds = [forward.encode_prompts(host, [template.format(p)]) for p in phrases]
         check_compatible(model, host, conds[0].context.shape[-1])

@@ -83,9 +83,14 @@ def load_ldznet(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"cannot read LD-ZNet weights {path.name}: {str(e).splitlines()[0]}") from None
-    model = LDZNet(spec["unet"], with_features=spec["with_features"], upsample_steps=spec["upsample_steps"],
-                   train_resolution=spec.get("train_resolution", 384))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = LDZNet(spec["unet"], with_features=spec["with_features"], upsample_steps=spec["upsample_steps"],
+                       train_resolution=spec.get("train_resolution", 384))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        # a config that no LD-ZNet fits, or tensors of other shapes: written by something else, or damaged
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path.name} does not hold a valid LD-ZNet ({type(e).__name__}: {first})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not match its own config: {_key_summary(missing, unexpected)}")
     model.architecture = meta.get("architecture", "unknown")
@@ -133,7 +138,11 @@ def convert_reference(sd: dict[str, torch.Tensor], unet_config: dict[str, Any], 
         raise CheckpointError(f"not an LD-ZNet LatentSeg checkpoint: no '{UNET_PREFIX}*' keys")
     weights = (_reference_ema(sd, unet_keys) if use_ema else None) or {k: sd[k] for k in unet_keys}
 
-    model = LDZNet(znet_config(unet_config), with_features=True, upsample_steps=upsample_steps)
+    try:
+        model = LDZNet(znet_config(unet_config), with_features=True, upsample_steps=upsample_steps)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"the UNet config is not an SD UNet's diffusers config ({type(e).__name__}: {first})") from None
     ldm_to_ours = _ldm_transformer_names(model)
     extras, unet_part = {}, {}
     for k, v in weights.items():

@@ -25,6 +25,7 @@ class Decoder(Protocol):
     resolution: int | None  # the working resolution this method needs (None: the host's native one)
     size_multiple: int | None  # the multiple working sides need (None: the host's)
     measures_presence: bool  # whether its calls fill ``presence``
+    reads_self_attention: bool  # whether its forwards read self-attention (bounded by ``capture.MAX_SELF_TOKENS``)
     presence: torch.Tensor | None  # [B, P] in [0, 1] over the calls so far: how surely each phrase is there
 
     def __call__(self, host: Host, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...

@@ -453,6 +453,7 @@ class AttentionDecoder:
         self.cond, self.groups, self.refine, self.mode, self.steps = cond, groups, refine, mode, steps
         self.aggregation, self.heads = aggregation, heads
         self.measures_presence = aggregation == "aggsd" and heads == "information"
+        self.reads_self_attention = refine
         self.presence: torch.Tensor | None = None
 
     def __call__(self, host: Host, latents: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ class NoiseDiffDecoder:
     resolution = None
     size_multiple = None
     measures_presence = False
+    reads_self_attention = False
     presence = None
 
     def __init__(self, cond: Conditioning):

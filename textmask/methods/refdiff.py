@@ -137,7 +137,7 @@ def refer(
     batch_size = options.batch_size(batch_size)
     head = find_subject(expression, use_spacy=use_spacy)
     scorer = clip_scorer(clip, host.device)
-    images = forward.prepare_images(host, images, resolution)
+    images = forward.prepare_images(host, images, resolution, self_attention=True)
     height, width = images.size
     cond = forward.encode_prompts(host, ["", expression])
     positions = cond.token_maps[1].occurrences(head)[0]  # the first noun phrase's head

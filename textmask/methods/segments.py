@@ -123,7 +123,7 @@ def segment_everything(
     (50 for DiffCut, 300 for DiffSeg); ``pamr``: refine the segments along the image's edges."""
     segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size, kmeans)
     pamr, kmeans = options.flag("pamr", pamr), options.flag("kmeans", kmeans)
-    images = forward.prepare_images(host, images, resolution)
+    images = forward.prepare_images(host, images, resolution, self_attention=segmenter == "diffseg")
     labels, masks = [], []
     with torch.inference_mode():
         empty = forward.encode_prompts(host, [""])
@@ -165,7 +165,7 @@ def named_segments(
     (``phrase_conditioning``)."""
     segmenter, tau, cut, timestep, seed, batch_size = _settings(segmenter, tau, cut, timestep, seed, batch_size)
     names, pamr = options.names(names), options.flag("pamr", pamr)
-    images = forward.prepare_images(host, images, resolution)
+    images = forward.prepare_images(host, images, resolution, self_attention=segmenter == "diffseg")
     cond, groups = phrase_conditioning(host, names)
     all_masks, all_labels = [], []
     with torch.inference_mode():

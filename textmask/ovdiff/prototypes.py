@@ -307,6 +307,8 @@ def build_prototypes(host: Host, classes: Sequence[str], *, images: int = defaul
     multiple = host.geometry.size_multiple
     if resolution is not None and (resolution <= 0 or resolution % multiple):
         raise TextMaskError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
+    side = forward.check_square_side(host, resolution) // host.geometry.latent_factor
+    forward.check_self_attention(host, (side, side))  # the feature forward's DiffSeg reads it, after all the sampling
     settings = Settings(images=images, steps=steps, cfg=cfg, seed=seed, kmeans=kmeans_parts, resolution=resolution)
     cache = writable_folder(cache_dir)
     model_fp = fingerprint(host)

@@ -45,6 +45,9 @@ def match(features: torch.Tensor, fg: list[torch.Tensor], bg: torch.Tensor, unit
 
     def best(protos: torch.Tensor) -> torch.Tensor:
         protos = protos.to(f.device) if unit else unit_rows(protos, f.device)
+        if protos.shape[-1] != d:
+            raise TextMaskError(f"these prototypes hold features {protos.shape[-1]} wide, this model's are {d}: they "
+                                "were built with another model; build them with this one")
         return (f @ protos.T).max(-1).values
 
     out = [best(bg) if len(bg) else torch.full((h * w,), -1.0, device=f.device)]
@@ -97,7 +100,7 @@ def label(prototypes: Prototypes, images, *, host: Host | None = None, classes: 
     bg_all = [unit_rows(b, host.device) for b in stuff_filter(protos)]
     fg_all = [unit_rows(c.foreground(), host.device) for c in protos]
     native = resolution or prototypes.settings.resolution or host.geometry.resolution  # as the support images were made
-    images = forward.prepare_images(host, images, native)
+    images = forward.prepare_images(host, images, native, self_attention=True)
     pixels, size = images.pixels, images.working
     height, width = images.size
     scale = native / REFERENCE_SIDE  # windows keep their share of the working size

@@ -54,11 +54,11 @@ class SupportImage:
 def sample_support(host: Host, name: str, count: int, *, steps: int, cfg: float, seed: int, batch_size: int = 4,
                    resolution: int | None = None, on_image=None) -> list[SupportImage]:
     """``count`` images of ``name`` sampled by the host with DPM-Solver++, and their attributions."""
+    side = forward.check_square_side(host, resolution) // host.geometry.latent_factor
     prompt = PROMPT.format(name)
     cond = forward.encode_prompts(host, [prompt])
     positions = cond.token_maps[0].find(name)
     out: list[SupportImage] = []
-    side = (resolution or host.geometry.resolution) // host.geometry.latent_factor
     for rows in forward.iter_chunks(count, batch_size):
         start, n = rows.start, rows.stop - rows.start
         attribution = AttributionSum(positions, n, (side, side), context_matcher(cond.context))
