@@ -37,6 +37,13 @@ class CaptureError(TextMaskError):
     """Attention cannot be captured from this model (e.g. fused projections or a compiled UNet)."""
 
 
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to its first line and ``limit`` characters, or its type's name where it has none:
+    what a one-line error quotes of a library's multi-line one."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 def describe(error: BaseException) -> str:
     """One line for an unexpected error: out of memory, a file system error, or its type and first line."""
     torch = sys.modules.get("torch")  # not imported here: an interrupted import of it may be what failed

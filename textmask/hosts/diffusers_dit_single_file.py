@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 TRANSFORMER = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -166,8 +166,7 @@ def _built(what: str, build):
     except KeyError as e:
         raise CheckpointError(f"this file's {what} lacks weight {e}: is the file complete?") from None
     except (ValueError, RuntimeError, TypeError, IndexError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"this file's {what} does not match its layout ({first})") from None
+        raise CheckpointError(f"this file's {what} does not match its layout ({first_line(e)})") from None
 
 
 def from_state_dict(state: Mapping[str, torch.Tensor], *, components: str | Path | None = None,

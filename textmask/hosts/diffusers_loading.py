@@ -91,6 +91,7 @@ def upcast_sdxl_vae(vae: nn.Module, text_encoder_2: nn.Module | None) -> nn.Modu
 # The keywords the loaders pass on to each host besides the model (checked here, so a typo is one line, not ignored).
 UNET_HOST_OPTIONS = ("resolution", "show_progress", "prediction_type", "pad_ids", "alphas_cumprod", "edm", "tokenizer")
 DIT_HOST_OPTIONS = ("resolution", "show_progress", "max_sequence_length")
+MAX_T5_TOKENS = 512  # the longest T5 context SD3's and Flux's pipelines take
 
 
 def host_options(kwargs: dict, allowed: tuple[str, ...]) -> dict:
@@ -102,7 +103,8 @@ def host_options(kwargs: dict, allowed: tuple[str, ...]) -> dict:
     if "resolution" in kwargs:
         kwargs["resolution"] = options.resolution(kwargs["resolution"])
     if kwargs.get("max_sequence_length") is not None:
-        kwargs["max_sequence_length"] = options.count("max_sequence_length", kwargs["max_sequence_length"], 512)
+        kwargs["max_sequence_length"] = options.count("max_sequence_length", kwargs["max_sequence_length"],
+                                                      MAX_T5_TOKENS)
     return kwargs
 
 

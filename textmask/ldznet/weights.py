@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import read_pickled_state_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .model import LDZNet, znet_config
 
 FORMAT = "textmask-ldznet"
@@ -89,8 +89,7 @@ def load_ldznet(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
         # a config that no LD-ZNet fits, or tensors of other shapes: written by something else, or damaged
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{path.name} does not hold a valid LD-ZNet ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path.name} does not hold a valid LD-ZNet ({type(e).__name__}: {first_line(e)})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not match its own config: {_key_summary(missing, unexpected)}")
     model.architecture = meta.get("architecture", "unknown")
@@ -141,8 +140,8 @@ def convert_reference(sd: dict[str, torch.Tensor], unet_config: dict[str, Any], 
     try:
         model = LDZNet(znet_config(unet_config), with_features=True, upsample_steps=upsample_steps)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"the UNet config is not an SD UNet's diffusers config ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"the UNet config is not an SD UNet's diffusers config ({type(e).__name__}: "
+                              f"{first_line(e)})") from None
     ldm_to_ours = _ldm_transformer_names(model)
     extras, unet_part = {}, {}
     for k, v in weights.items():
