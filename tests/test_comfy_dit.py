@@ -630,3 +630,36 @@ def test_sd3_with_t5_maps_phrases_into_both_streams(sd3, pack):
     assert pieces == ["▁red", "▁car"]
     out = run_node(pack, (model, clip, vae), torch.rand(1, 40, 56, 3), prompt="red car")[0]
     assert out.shape == (1, 40, 56)
+
+
+def test_sd3_prompts_of_other_clip_window_counts_share_the_longest_context(sd3, pack):
+    """A phrase past CLIP's window beside the empty prompt (noise-diff, Ref-Diff): T5's pad tokens make up the
+    difference, so the joint context is the longest prompt's (236 tokens here), not their lengths' least common
+    multiple repeated (37 524), and each prompt's CLIP windows and T5 tokens keep their positions."""
+    model, _, vae = sd3
+    clip = make_sd3_clip(seed=7, t5={"d_model": 4096, "d_kv": 8, "num_heads": 1, "d_ff": 16, "num_layers": 1})
+    host = ComfyHost(model, clip, vae)
+    phrase = " ".join(["blue"] * 80) + " car"
+    with torch.inference_mode():
+        alone = [host.encode_prompts([p]).context.shape[1] for p in ("", phrase)]
+        both = host.encode_prompts(["", phrase])
+    assert both.context.shape[1] == max(alone) and alone[0] != alone[1]
+    assert [p for p in both.token_maps[1].find("car") if p >= 154]  # its T5 tokens after its two CLIP windows
+    out = run_node(pack, (model, clip, vae), torch.rand(1, 32, 32, 3), prompt=phrase, method="noise-diff",
+                   resolution=32)[0]
+    assert out.shape == (1, 32, 32)
+
+
+def test_a_flow_models_shift_is_part_of_the_prototype_cache_key(sd3):
+    """ComfyUI's sampler reads ModelSamplingSD3's shift, so prototypes sampled under another shift are others: the
+    fingerprint that keys OVDiff's cache tells them apart, and the same MODEL again gives the same key."""
+    import comfy_extras.nodes_model_advanced as advanced
+
+    from textmask.ovdiff.prototypes import fingerprint
+
+    model, clip, vae = sd3
+    shifted = advanced.ModelSamplingSD3().patch(model, shift=6.0)[0]
+    with torch.inference_mode():
+        plain = fingerprint(ComfyHost(model, clip, vae))
+        assert fingerprint(ComfyHost(model, clip, vae)) == plain
+        assert fingerprint(ComfyHost(shifted, clip, vae)) != plain

@@ -186,6 +186,27 @@ def test_cancel_and_failure_leave_no_hooks_and_no_stale_mask(pack, sd15):
     with pytest.raises(RuntimeError, match="boom"):
         ksample(patched, positive, neg)
     assert hook_counts(model) == hooks and torch.equal(before, ksample(model, pos, neg))
+    # A run whose very first step failed did not finish; it is not a run that never read the prompt.
+    count.clear()
+    count.append(1)  # the next call is the second: it fails
+    patched, positive, capture = capture_nodes(pack, failing, clip)
+    with pytest.raises(RuntimeError, match="boom"):
+        ksample(patched, positive, neg)
+    with pytest.raises(ValueError, match="did not finish"):
+        from_sampling(pack, capture, torch.rand(2, 64, 64, 3))
+
+
+def test_only_the_samplers_positive_rows_are_read(pack, sd15):
+    """The capture reads its prompt where it is the sampler's positive: wired as the negative it gives nothing to
+    mask, and as both positive and negative the masks are the positive's, one per latent."""
+    model, clip, _ = sd15
+    patched, positive, capture = capture_nodes(pack, model, clip)
+    ksample(patched, encode(clip, "a blue boat"), positive)
+    with pytest.raises(ValueError, match="no sampling step read this capture's prompt"):
+        from_sampling(pack, capture, torch.rand(2, 64, 64, 3))
+    ksample(patched, positive, encode(clip, PROMPT))
+    assert capture.run.batch == 2
+    assert from_sampling(pack, capture, torch.rand(2, 64, 64, 3))[0].shape == (2, 64, 64)
 
 
 def test_a_capture_prompt_that_is_not_text_is_one_line(pack, sd15):

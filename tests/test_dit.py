@@ -377,3 +377,28 @@ def test_a_phrase_past_the_encoders_window_is_named_as_such(sd3_pipe):
     prompt = " ".join(f"word{i}" for i in range(120)) + " lighthouse"
     with pytest.raises(PhraseNotFoundError, match="comes after the tokens the model's text encoders read"):
         masker.mask(torch.rand(1, 32, 32, 3), "lighthouse", prompt=prompt)
+
+
+def test_the_pipelines_scheduler_shift_is_part_of_the_prototype_cache_key(sd3_pipe):
+    """OVDiff samples with the pipeline's flow scheduler, so its shift keys the prototype cache."""
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from textmask.ovdiff.prototypes import fingerprint
+
+    other = copy.copy(sd3_pipe)
+    other.scheduler = FlowMatchEulerDiscreteScheduler(shift=6.0)
+    with torch.inference_mode():
+        plain = fingerprint(TextMasker.from_pipe(sd3_pipe, resolution=64).host)
+        assert fingerprint(TextMasker.from_pipe(sd3_pipe, resolution=64).host) == plain
+        assert fingerprint(TextMasker.from_pipe(other, resolution=64).host) != plain
+
+
+def test_latents_past_sd3s_position_table_are_one_line(sd3_pipe):
+    from textmask.errors import TextMaskError
+
+    masker = TextMasker.from_pipe(sd3_pipe, resolution=64)
+    with pytest.raises(TextMaskError, match="past what this model's positions cover \\(512\\)") as e:
+        masker.mask(torch.rand(1, 64, 528, 3), "car", latents=torch.randn(1, 16, 8, 66))
+    assert "\n" not in str(e.value)

@@ -187,3 +187,15 @@ def test_digits_and_split_characters(tok):
     for phrase in ("og", "do", "an"):
         with pytest.raises(PhraseNotFoundError):
             tm.find(phrase)
+
+
+def test_a_phrase_t5_reads_as_unknown_is_named_so_not_quoted_against_an_unknown_prompt():
+    """Flux reads the prompt through T5 alone, which has no pieces for CJK: the map holds <unk>, and the refusal says
+    so instead of quoting a prompt of '<unk>' the user never wrote."""
+    t5 = t5_tokenizer()
+    text = "the 红色汽车"
+    ids = t5(text, add_special_tokens=False)["input_ids"]
+    token_map = token_map_from_streams([[(t, t5.convert_ids_to_tokens(t), j) for j, t in enumerate(ids)]], 512)
+    with pytest.raises(PhraseNotFoundError, match="reads some of the prompt's characters as <unk>") as e:
+        token_map.find("红色汽车")
+    assert "\n" not in str(e.value)

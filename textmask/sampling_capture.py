@@ -109,11 +109,13 @@ class SamplingCapture:
         self._rows = context_matcher(cond.context)
         self.run: SamplingRun | None = None
 
-    def _block(self, context: torch.Tensor | None) -> slice | None:
-        """The call's rows that read this prompt, as a slice: ComfyUI batches each conditioning's rows together."""
+    def _block(self, context: torch.Tensor | None, positive: Sequence[bool] | None = None) -> slice | None:
+        """The call's rows that read this prompt, as a slice: ComfyUI batches each conditioning's rows together.
+        ``positive`` (one flag per row, where the host says): only the rows of the sampler's positive conditioning,
+        so the same text as a negative is not read."""
         if context is None or context.dim() != 3:
             return None
-        rows = self._rows(context).tolist()
+        rows = [r for r in self._rows(context).tolist() if positive is None or positive[r]]
         if not rows:
             return None
         end = 0
@@ -139,13 +141,14 @@ class SamplingCapture:
 
     @contextlib.contextmanager
     def forward(self, capture_for: Callable, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor | None,
-                schedule: torch.Tensor | None = None) -> Iterator[None]:
+                schedule: torch.Tensor | None = None, positive: Sequence[bool] | None = None) -> Iterator[None]:
         """Capture one denoiser call: ``x`` [rows, C, h, w], ``sigma`` [rows], ``context`` [rows, L, D] (the call's
         text contexts), ``schedule`` the run's σ table if the host has it; ``capture_for(latent_size, collectors)``
         makes the model's capture (a UNet's ``AttentionCapture``, an MM-DiT's joint one). Hooks come off when the
         call returns or raises; a call without this prompt's rows runs unhooked, and where it starts a new run, the
-        last run is forgotten: that run's images are not this one's (a sampler whose positive is another prompt)."""
-        rows = self._block(context)
+        last run is forgotten: that run's images are not this one's (a sampler whose positive is another prompt).
+        ``positive``: per row, whether it is the sampler's positive conditioning, where the host tells."""
+        rows = self._block(context, positive)
         if rows is None:
             if context is not None and context.dim() == 3 and not self._continues(self.run, float(sigma.max()),
                                                                                     schedule):
@@ -189,10 +192,10 @@ class SamplingCapture:
     # ---------------------------------------------------------------------------------------------------------
     def _finished_run(self) -> SamplingRun:
         run = self.run
-        if run is None or run.steps == 0:
+        if run is None:
             raise TextMaskError("no sampling step read this capture's prompt: connect the capture node's conditioning "
                                 "to the sampler's positive input, and its MODEL to the sampler")
-        if run.finished is False:
+        if run.steps == 0 or run.finished is False:  # a run starts with its first call; steps count finished ones
             raise TextMaskError("the last sampling run with this capture did not finish (cancelled?); queue it again")
         return run
 

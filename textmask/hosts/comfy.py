@@ -261,14 +261,23 @@ class ComfyHost(HostDefaults):
         return token_map_from_streams(streams, context_length, offset=registers)
 
     def _pad_t5(self, batch: list[dict]) -> None:
-        """Pad every prompt's T5 tokens to the longest with T5's pad token, as its tokenizer pads short prompts:
-        repeated keys (``pad_contexts``) would change an MM-DiT's joint softmax."""
-        longest = max(sum(len(c) for c in tokens.get("t5xxl") or []) for tokens in batch)
+        """Pad every prompt's T5 tokens with T5's pad token, as its tokenizer pads short prompts, so that every
+        prompt's whole context (SD3: its CLIP windows, then T5) is as long as the longest. Repeating contexts to a
+        common length (``pad_contexts``) would change an MM-DiT's joint softmax, and prompts of different CLIP window
+        counts would repeat to their least common multiple (a 37 524-token context for 159 and 236)."""
+        if not all(tokens.get("t5xxl") for tokens in batch):
+            return  # SD3 without T5: its contexts are CLIP's windows alone
+
+        def length(tokens: dict, keys: tuple[str, ...]) -> int:
+            return max((sum(len(c) for c in tokens.get(k) or []) for k in keys), default=0)
+
+        clip_keys = ("l", "g") if self.dit == "sd3" else ()  # Flux's context is T5's alone (CLIP gives the pooled)
+        longest = max(length(tokens, clip_keys) + length(tokens, ("t5xxl",)) for tokens in batch)
         pad = getattr(getattr(self.clip.tokenizer, "t5xxl", None), "pad_token", 0)
         for tokens in batch:
-            chunks = tokens.get("t5xxl")
-            if chunks:
-                chunks[-1] = list(chunks[-1]) + [(pad, 1.0, 0)] * (longest - sum(len(c) for c in chunks))
+            chunks = tokens["t5xxl"]
+            missing = longest - length(tokens, clip_keys) - length(tokens, ("t5xxl",))
+            chunks[-1] = list(chunks[-1]) + [(pad, 1.0, 0)] * missing
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         if self.dit is not None:
@@ -368,6 +377,15 @@ class ComfyHost(HostDefaults):
     def check_interrupt(self) -> None:
         model_management.throw_exception_if_processing_interrupted()
 
+    def sampler_identity(self) -> str:
+        """ComfyUI's sampler reads the MODEL's model_sampling (ModelSamplingSD3/Flux's shift), which a flow MODEL's
+        ``denoise`` at SD's noise levels does not show (a UNet's reads the schedule it samples with)."""
+        if self.dit is None:
+            return ""
+        self.load()  # ModelSamplingSD3/Flux are object patches, which loading applies
+        sampling = self.base.model_sampling
+        return repr((type(sampling).__name__, getattr(sampling, "shift", None), getattr(sampling, "multiplier", None)))
+
     def progress(self, total: int, desc: str) -> ComfyProgress:
         return ComfyProgress(total)  # the node's bar in ComfyUI's frontend
 
@@ -398,7 +416,12 @@ def capturing_model(host: "ComfyHost", capture):
     def wrapper(apply_model, args):
         x, sigma, c = args["input"], args["timestep"], args["c"]
         schedule = (c.get("transformer_options") or {}).get("sample_sigmas")  # newer ComfyUI passes the run's σ table
-        with capture.forward(capture_for, x, sigma, c.get("c_crossattn"), schedule):
+        chunks = args.get("cond_or_uncond")  # one entry per conditioning batched in this call: 0 positive, 1 negative
+        positive = None
+        if chunks and x.shape[0] % len(chunks) == 0:
+            per = x.shape[0] // len(chunks)
+            positive = [chunk == 0 for chunk in chunks for _ in range(per)]
+        with capture.forward(capture_for, x, sigma, c.get("c_crossattn"), schedule, positive):
             if previous is not None:
                 return previous(apply_model, args)
             return apply_model(x, sigma, **c)

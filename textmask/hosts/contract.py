@@ -14,7 +14,7 @@ A host is a k-diffusion denoiser over x = z + σ·ε plus its encoders:
 
 Noising (x = z + σ·ε) and ε = (x − denoised) / σ live in the core (``textmask.forward``), once. The optional
 services (``prepare``, ``attention_capture``, ``reads_text_as_keys``, ``input_scale``, ``self_attention_grid``,
-``progress``, ``check_interrupt``, ``latent_region``, ``sample``) have their defaults in ``HostDefaults``, which every adapter
+``progress``, ``check_interrupt``, ``latent_region``, ``sample``, ``sampler_identity``) have their defaults in ``HostDefaults``, which every adapter
 inherits; nothing outside this contract is asked of a host.
 """
 
@@ -133,6 +133,10 @@ class Host(Protocol):
         """``count`` square latents (host-scaled, ``resolution`` px, default native) from the host's own sampler
         (default: DPM-Solver++(2M) through ``denoise``)."""
 
+    def sampler_identity(self) -> str:
+        """What besides the model's forward changes ``sample``'s images (a flow model's shift), for the caches of
+        what was sampled; "" where ``denoise`` already shows all of it."""
+
 
 class HostDefaults:
     """The optional services' defaults; adapters inherit them and override what their host provides."""
@@ -181,3 +185,6 @@ class HostDefaults:
         from ..sampling import sample
 
         return sample(self, prompt, negative, count, steps=steps, cfg=cfg, seed=seed, resolution=resolution)
+
+    def sampler_identity(self) -> str:
+        return ""

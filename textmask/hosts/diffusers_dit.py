@@ -140,6 +140,12 @@ class DiffusersDiTHost(HostDefaults):
                 raise CheckpointError(f"the text encoders give a {what} width of {got}, the transformer reads {want}: "
                                       "the components come from different models")
 
+    def sampler_identity(self) -> str:
+        """The pipeline's flow scheduler settings (its shift), which ``sample`` reads and ``denoise`` does not."""
+        config = getattr(getattr(self.pipe, "scheduler", None), "config", {}) or {}
+        keys = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+        return repr({k: config.get(k) for k in keys})
+
     def _components(self) -> list[nn.Module]:
         return [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]
 

@@ -200,7 +200,8 @@ def fingerprint(host: Host) -> str:
         t = t.float().cpu()
         q = torch.round(t / t.abs().amax().clamp_min(1e-8) * 1000).to(torch.int16)  # robust to backend noise
         h.update(q.numpy().tobytes())
-    h.update(repr((type(host).__name__, tuple(latents.shape))).encode())
+    sampler = host.sampler_identity()  # only where it says something, so other models' cached prototypes stay valid
+    h.update(repr((type(host).__name__, tuple(latents.shape)) + ((sampler,) if sampler else ())).encode())
     return h.hexdigest()[:32]
 
 
