@@ -127,7 +127,7 @@ class TokenMap:
             if in_text:  # the text has it, but past the tokens the encoders keep
                 raise PhraseNotFoundError(f"'{short(phrase)}' comes after the tokens the model's text encoders read; "
                                           "shorten the prompt, or name it earlier")
-            if "<unk>" in self.tokens.text:  # a tokenizer without pieces for some characters (T5: CJK, emoji)
+            if "<unk>" in self.prompt:  # the prompt as read has characters its tokenizer lacks (Flux's T5: CJK, emoji)
                 raise PhraseNotFoundError(f"'{short(phrase)}' is not among the tokens the model's text encoder has: it "
                                           "reads some of the prompt's characters as <unk>; name it in words it knows")
             raise PhraseNotFoundError(f"'{short(phrase)}' is not in the prompt '{short(self.prompt)}'")
