@@ -46,7 +46,8 @@ class ReferringMask:
                              "alpha": ("FLOAT", {"default": defaults.REFER_ALPHA, "min": 0.0, "max": 1.0, "step": 0.05,
                                                  "tooltip": "Weight of the attention score against CLIP's (with clip_vision)."})}}
 
-    def run(self, model, clip, vae, image, expression, tau, timestep, seed, resolution=0, clip_vision=None, alpha=defaults.REFER_ALPHA):
+    def run(self, model, clip, vae, image, expression, tau, timestep, seed, resolution=0, clip_vision=None,
+            alpha=defaults.REFER_ALPHA):
         masker = TextMasker(ComfyHost(model, clip, vae))
         scorer = ComfyClipScorer(clip_vision, clip) if clip_vision is not None else None
         res = masker.refer(image, expression, clip=scorer, alpha=alpha, tau=tau, timestep=timestep, seed=seed,

@@ -264,7 +264,7 @@ class ComfyHost(HostDefaults):
         """Pad every prompt's T5 tokens with T5's pad token, as its tokenizer pads short prompts, so that every
         prompt's whole context (SD3: its CLIP windows, then T5) is as long as the longest. Repeating contexts to a
         common length (``pad_contexts``) would change an MM-DiT's joint softmax, and prompts of different CLIP window
-        counts would repeat to their least common multiple (a 37 524-token context for 159 and 236)."""
+        counts would repeat to their lengths' least common multiple, tens of thousands of tokens."""
         if not all(tokens.get("t5xxl") for tokens in batch):
             return  # SD3 without T5: its contexts are CLIP's windows alone
 

@@ -14,8 +14,8 @@ A host is a k-diffusion denoiser over x = z + σ·ε plus its encoders:
 
 Noising (x = z + σ·ε) and ε = (x − denoised) / σ live in the core (``textmask.forward``), once. The optional
 services (``prepare``, ``attention_capture``, ``reads_text_as_keys``, ``input_scale``, ``self_attention_grid``,
-``progress``, ``check_interrupt``, ``latent_region``, ``sample``, ``sampler_identity``) have their defaults in ``HostDefaults``, which every adapter
-inherits; nothing outside this contract is asked of a host.
+``progress``, ``check_interrupt``, ``latent_region``, ``sample``, ``sampler_identity``) have their defaults in
+``HostDefaults``, which every adapter inherits; nothing outside this contract is asked of a host.
 """
 
 from __future__ import annotations
