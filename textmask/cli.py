@@ -133,6 +133,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "'sequential' (the default) streams each layer (least GPU memory, slowest)")
 
 
+CACHE_HELP = "prototype cache folder (default: $TEXTMASK_CACHE/ovdiff, else ~/.cache/textmask/ovdiff)"
+
+
 def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
     images = checked(lambda v: options.count("images", v, options.MAX_SUPPORT_IMAGES), whole)
     steps = checked(lambda v: options.count("steps", v, options.MAX_STEPS), whole)
@@ -142,7 +145,7 @@ def add_ovdiff_options(p: argparse.ArgumentParser) -> None:
                    help=f"sampler steps per support image (default {defaults.OVDIFF_STEPS})")
     p.add_argument("--cfg", type=checked(options.cfg), default=defaults.OVDIFF_CFG,
                    help=f"guidance scale, 0-{options.MAX_CFG:g} (default {defaults.OVDIFF_CFG:g})")
-    p.add_argument("--cache", default=None, help="cache folder (default: $TEXTMASK_CACHE/ovdiff, else ~/.cache/textmask/ovdiff)")
+    p.add_argument("--cache", default=None, help=CACHE_HELP)
     add_seed_resolution(p, "support image size")
 
 
@@ -211,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ovdiff_options(build)
     add_model_options(build)
     lst = psub.add_parser("list", help="list cached prototypes")
-    lst.add_argument("--cache", default=None, help="cache folder (default: $TEXTMASK_CACHE/ovdiff, else ~/.cache/textmask/ovdiff)")
+    lst.add_argument("--cache", default=None, help=CACHE_HELP)
     ovd = sub.add_parser("ovdiff", help="segment images with OVDiff prototypes (built first if not cached)")
     ovd.add_argument("input", help="an image file or a folder of images")
     ovd.add_argument("--classes", required=True, help="comma-separated class names")

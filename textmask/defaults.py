@@ -35,7 +35,8 @@ OVDIFF_PARTS = 32
 # DiffSeg's KL merge threshold (the paper's and google/diffseg's τ).
 TAU = 1.1
 
-# Segments by DiffCut's normalised cuts: they find a scene's objects where DiffSeg at its τ merges them (docs/quality.md).
+# Segments by DiffCut's normalised cuts: they find a scene's objects where DiffSeg at its τ merges them
+# (docs/quality.md).
 SEGMENTER = "diffcut"
 # DiffCut's reference settings: cut while the normalised cut is under 0.5, affinities to the 10th power, features
 # from a forward at t=50 under the empty prompt.

@@ -172,8 +172,9 @@ class TextMasker:
         warnings.warn("TextMasker.semantic is now TextMasker.named_segments", DeprecationWarning, stacklevel=2)
         return self.named_segments(images, names, **kwargs)
 
-    def refer(self, images, expression: str, *, clip=None, alpha: float = defaults.REFER_ALPHA, tau: float = defaults.TAU,
-              timestep: int | None = defaults.REFER_TIMESTEP, seed: int = 0, resolution: int | None = None,
+    def refer(self, images, expression: str, *, clip=None, alpha: float = defaults.REFER_ALPHA,
+              tau: float = defaults.TAU, timestep: int | None = defaults.REFER_TIMESTEP, seed: int = 0,
+              resolution: int | None = None,
               batch_size: int = 1, use_spacy: bool = False) -> ReferResult:
         """The mask of the one object (or, for "every"/"all", the objects) a referring expression names.
 

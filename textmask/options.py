@@ -231,8 +231,9 @@ def latents(value: Any, images: int, geometry) -> Any:
                             f"{MAX_RESOLUTION}; mask the image at a resolution up to {MAX_RESOLUTION} instead")
     limit = geometry.max_side
     if limit is not None and side > limit:
-        raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover {side} pixels a side, past what "
-                            f"this model's positions cover ({limit}); encode the image at {limit} pixels a side or less")
+        raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells cover {side} pixels a side, "
+                            f"past what this model's positions cover ({limit}); encode the image at {limit} pixels "
+                            "a side or less")
     multiple = geometry.latent_multiple
     if value.shape[-2] % multiple or value.shape[-1] % multiple:
         raise TextMaskError(f"latents of {value.shape[-1]}x{value.shape[-2]} cells do not split into this model's "

@@ -111,7 +111,8 @@ class DiffusersDiTHost(HostDefaults):
         """One line, at load, for a pipeline whose parts cannot work together: a text encoder or tokenizer missing,
         or components of different models (the VAE's channels, the text encoders' widths)."""
         pipe, config = self.pipe, self.transformer.config
-        missing = [n for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if getattr(pipe, n, None) is None]
+        needed = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")  # SD3's T5 is optional
+        missing = [n for n in needed if getattr(pipe, n, None) is None]
         if missing:
             raise CheckpointError(f"this pipeline has no {', '.join(missing)}; textmask encodes the prompts with them")
         channels = int(self.vae.config.latent_channels) * (4 if self.is_flux else 1)

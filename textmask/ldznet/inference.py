@@ -136,7 +136,8 @@ class LDZNetMethod:
             raise TextMaskError(f"the prompt template needs exactly one '{{}}' for the phrase and no other braces, "
                                 f"got {template!r}")
         if not isinstance(ldznet, (str, Path, LDZNet)):
-            raise TextMaskError(f"ldznet must be an LD-ZNet or the path of its .safetensors, got {type(ldznet).__name__}")
+            raise TextMaskError(f"ldznet must be an LD-ZNet or the path of its .safetensors, got "
+                                f"{type(ldznet).__name__}")
         host.transformer_modules()  # a model LD-ZNet cannot read (an MM-DiT) is refused before its weights are judged
         model = load_on_host(ldznet, host) if isinstance(ldznet, (str, Path)) else ldznet
         conds = [forward.encode_prompts(host, [template.format(p)]) for p in phrases]

@@ -89,7 +89,8 @@ def load_ldznet(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
         # a config that no LD-ZNet fits, or tensors of other shapes: written by something else, or damaged
-        raise CheckpointError(f"{path.name} does not hold a valid LD-ZNet ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{path.name} does not hold a valid LD-ZNet ({type(e).__name__}: "
+                              f"{first_line(e)})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not match its own config: {_key_summary(missing, unexpected)}")
     model.architecture = meta.get("architecture", "unknown")
